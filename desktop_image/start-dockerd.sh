@@ -1,0 +1,122 @@
+#!/bin/sh
+# Start this level's own dockerd. One script for every level (sandbox and desktop):
+# the only input that differs between levels is ORCH_DEPTH.
+#
+#   start-dockerd --supervise   preflight, then run dockerd under a restart loop (foreground)
+#   start-dockerd --check       preflight only
+#
+# Environment:
+#   ORCH_DEPTH            nesting level of this dockerd (networks from 10.(212+depth).0.0/16)
+#   ORCH_EXTERNAL_SOCKET  extra unix socket for the level above (default
+#                         /run/orchestrator/docker.sock, inside a bind mount it can read)
+#   DOCKERD_LOG           log file of the restart loop and dockerd (default /var/log/dockerd.log)
+#   DOCKERD_EXTRA_ARGS    appended to dockerd's command line
+set -eu
+
+DEPTH=${ORCH_DEPTH:-1}
+DATA_ROOT=/var/lib/docker
+EXTERNAL_SOCKET=${ORCH_EXTERNAL_SOCKET:-/run/orchestrator/docker.sock}
+LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
+
+log() { printf '%s start-dockerd: %s\n' "$(date -u +%FT%TZ)" "$*" | tee -a "$LOG" >&2; }
+die() { log "error: $*"; exit 1; }
+
+preflight() {
+  case "$DEPTH" in ''|*[!0-9]*) die "ORCH_DEPTH must be a number, got '$DEPTH'";; esac
+  [ "$DEPTH" -ge 0 ] && [ "$DEPTH" -le 43 ] || die "ORCH_DEPTH $DEPTH is out of range 0..43"
+  # overlay2 cannot stack on the container's own overlay root: the data root must be a
+  # real filesystem (a Docker volume), or the inner daemon silently degrades to vfs.
+  mountpoint -q "$DATA_ROOT" || die "refusing to start: $DATA_ROOT is not a mount point (mount a volume there)"
+}
+
+remove_stale_state() {
+  # A killed daemon leaves pid files behind and the next dockerd refuses to start.
+  rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid "$DATA_ROOT/docker.pid"
+  rm -f /var/run/docker.sock "$EXTERNAL_SOCKET"
+}
+
+cgroup_v1_writable() { mkdir "$1/.orch-probe" 2>/dev/null && rmdir "$1/.orch-probe"; }
+
+prepare_cgroup_v1() {
+  # Without privileged mode the hierarchies are read-only binds: replace each with a
+  # fresh read-write mount, or the inner dockerd's containers fail to create cgroups.
+  for dir in /sys/fs/cgroup/*; do
+    [ -d "$dir" ] && [ ! -L "$dir" ] && mountpoint -q "$dir" || continue
+    cgroup_v1_writable "$dir" && continue
+    name=${dir##*/}
+    umount -l "$dir" 2>/dev/null || true
+    case "$name" in
+      unified) mount -t cgroup2 none "$dir" ;;
+      systemd) mount -t cgroup -o none,name=systemd cgroup "$dir" ;;
+      *) mount -t cgroup -o "$name" cgroup "$dir" ;;
+    esac || log "warning: could not remount cgroup $name read-write"
+  done
+}
+
+prepare_cgroup_v2() {
+  mount -o remount,rw /sys/fs/cgroup 2>/dev/null || true
+  # The root cgroup of the namespace may not have processes and enabled controllers at
+  # once: move everything into a child, then delegate all controllers (bounded retries,
+  # since processes can appear while we move them).
+  mkdir -p /sys/fs/cgroup/init
+  tries=0
+  until {
+    xargs -rn1 < /sys/fs/cgroup/cgroup.procs > /sys/fs/cgroup/init/cgroup.procs 2>/dev/null || :
+    sed -e 's/ / +/g' -e 's/^/+/' < /sys/fs/cgroup/cgroup.controllers > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+  }; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 20 ] || { log "warning: could not enable cgroup v2 controllers"; break; }
+    sleep 0.1
+  done
+}
+
+prepare_cgroups() {
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then prepare_cgroup_v2; else prepare_cgroup_v1; fi
+}
+
+write_daemon_json() {
+  octet=$((212 + DEPTH))
+  mkdir -p /etc/docker
+  # Each level takes its own /16 so nested networks never overlap; docker0 takes its first /24.
+  cat > /etc/docker/daemon.json <<JSON
+{
+  "default-address-pools": [{"base": "10.$octet.0.0/16", "size": 24}],
+  "bip": "10.$octet.0.1/24",
+  "storage-driver": "overlay2",
+  "log-driver": "json-file",
+  "log-opts": {"max-size": "10m", "max-file": "2"}
+}
+JSON
+}
+
+supervise() {
+  stopping=0 child=
+  trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null || :' TERM INT
+  delay=1
+  mkdir -p "$(dirname "$EXTERNAL_SOCKET")"
+  while :; do
+    remove_stale_state
+    started=$(date +%s)
+    log "starting dockerd (depth $DEPTH, pool 10.$((212 + DEPTH)).0.0/16)"
+    # shellcheck disable=SC2086
+    dockerd --host unix:///var/run/docker.sock --host "unix://$EXTERNAL_SOCKET" \
+      ${DOCKERD_EXTRA_ARGS:-} >>"$LOG" 2>&1 &
+    child=$!
+    status=0
+    wait "$child" || status=$?
+    # wait returns early when a trapped signal arrives; wait again for dockerd itself.
+    if [ "$stopping" = 1 ]; then wait "$child" 2>/dev/null || :; log "stopped"; exit 0; fi
+    log "dockerd exited with status $status; restarting in ${delay}s"
+    # Back off on crash loops, but a daemon that ran a while restarts fast.
+    [ $(( $(date +%s) - started )) -gt 30 ] && delay=1
+    sleep "$delay"
+    delay=$((delay * 2)); [ "$delay" -le 16 ] || delay=16
+  done
+}
+
+mkdir -p "$(dirname "$LOG")"
+case "${1:---supervise}" in
+  --check) preflight ;;
+  --supervise) preflight; prepare_cgroups; write_daemon_json; supervise ;;
+  *) die "usage: start-dockerd [--supervise|--check]" ;;
+esac

@@ -1,0 +1,260 @@
+"""The HTTP API (Litestar): validation at the edge, errors as {code, message}, SSE events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Annotated, Any
+
+import msgspec
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from litestar import Litestar, Request, Response, delete, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from . import __version__
+from .config import Settings
+from .events import EventBus
+from .names import Keys
+from .queue import JobQueue, job_deserializer, job_serializer
+from .schemas import ErrorBody, SandboxList, SessionCreate, SessionList, SessionRecord
+from .service import ServiceError, Sessions, check_session_id
+from .sse import EventFeed, parse_after
+from .states import SessionState
+from .store import SessionStore
+
+log = logging.getLogger("orchestrator.api")
+
+
+def _error(status: int, code: str, message: str, field: str | None = None) -> Response[ErrorBody]:
+    return Response(ErrorBody(code=code, message=message, field=field), status_code=status)
+
+
+def _service_error(_: Request[Any, Any, Any], exc: ServiceError) -> Response[ErrorBody]:
+    return _error(exc.status, exc.code, exc.message, exc.field)
+
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+
+
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    detail = extra[0] if extra and isinstance(extra[0], dict) else {}
+    message = str(detail.get("message") or exc.detail)
+    key = detail.get("key")
+    field = None if key in (None, "body", "data") else str(key)
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        field = unknown.group(1)
+    if field and field not in message:
+        message = f"{field}: {message}"
+    return _error(400, "invalid_request", message, field)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    detail = str(exc.detail)
+    if exc.status_code == 400 and "malformed" in detail.lower():
+        return _error(400, "invalid_json", detail)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 401: "unauthorized"}
+    code = codes.get(exc.status_code, "bad_request" if exc.status_code == 400 else "http_error")
+    if exc.status_code == 413:
+        detail = f"request body is larger than {_max_body_bytes} bytes"
+    return _error(exc.status_code, code, detail)
+
+
+def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    log.exception("unhandled error", exc_info=exc)
+    return _error(500, "internal_error", "internal error; the server log has the details")
+
+
+def _sessions(state: State) -> Sessions:
+    sessions: Sessions = state.sessions
+    return sessions
+
+
+@post("/v1/sessions", status_code=202, summary="Create a session")
+async def create_session(state: State, data: SessionCreate | None = None) -> Response[SessionRecord]:
+    # An empty body is a session with every default.
+    created, record = await _sessions(state).create(data or SessionCreate())
+    return Response(record, status_code=202 if created else 200)
+
+
+@get("/v1/sessions", summary="List sessions")
+async def list_sessions(
+    state: State,
+    session_state: Annotated[SessionState | None, Parameter(query="state")] = None,
+    label: Annotated[list[str] | None, Parameter(description="k=v; repeat to require several")] = None,
+) -> SessionList:
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ServiceError(
+                400, "invalid_label_filter", f"label filter {item!r} must look like key=value", "label"
+            )
+        labels[key] = value
+    return SessionList(sessions=await _sessions(state).list(session_state, labels))
+
+
+@get("/v1/sessions/{session_id:str}", summary="Get a session")
+async def get_session(session_id: str, state: State) -> SessionRecord:
+    return await _sessions(state).get(session_id)
+
+
+@post("/v1/sessions/{session_id:str}/stop", status_code=202, summary="Stop a session (keeps its volume)")
+async def stop_session(session_id: str, state: State) -> SessionRecord:
+    return await _sessions(state).stop(session_id)
+
+
+@post("/v1/sessions/{session_id:str}/start", status_code=202, summary="Start a stopped session again")
+async def start_session(session_id: str, state: State) -> SessionRecord:
+    return await _sessions(state).start(session_id)
+
+
+@delete("/v1/sessions/{session_id:str}", status_code=202, summary="Delete a session, its desktop and volume")
+async def delete_session(session_id: str, state: State) -> SessionRecord:
+    return await _sessions(state).delete(session_id)
+
+
+def _sse(feed: EventFeed) -> Stream:
+    return Stream(
+        feed.frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@get("/v1/events", summary="All events (Server-Sent Events)")
+async def firehose_events(
+    request: Request[Any, Any, Any],
+    state: State,
+    after: Annotated[str | None, Parameter(description="resume after this event id; 0 replays all")] = None,
+    follow: Annotated[bool, Parameter(description="false: send what is stored, then end")] = True,
+) -> Stream:
+    bus: EventBus = state.bus
+    stream = bus.stream_key(None)
+    start = parse_after(request.headers.get("last-event-id"), after)
+    if start is None:
+        start = await bus.last_id(stream) if follow else "0-0"
+    return _sse(EventFeed(bus, stream, start, state.settings.sse_keepalive_s, follow))
+
+
+@get("/v1/sessions/{session_id:str}/events", summary="A session's events (Server-Sent Events)")
+async def session_events(
+    session_id: str,
+    request: Request[Any, Any, Any],
+    state: State,
+    after: Annotated[str | None, Parameter(description="resume after this event id")] = None,
+    follow: Annotated[bool, Parameter(description="false: send what is stored, then end")] = True,
+) -> Stream:
+    check_session_id(session_id)
+    bus: EventBus = state.bus
+    # A session's stream starts from its beginning: a dashboard sees the whole history.
+    start = parse_after(request.headers.get("last-event-id"), after) or "0-0"
+    return _sse(EventFeed(bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow))
+
+
+@get("/v1/sandboxes", summary="Live sandboxes (from their heartbeats)")
+async def list_sandboxes(state: State) -> SandboxList:
+    return SandboxList(sandboxes=await _sessions(state).sandboxes())
+
+
+@get("/healthz", summary="Liveness and Redis reachability")
+async def healthz(state: State) -> Response[dict[str, Any]]:
+    try:
+        async with asyncio.timeout(2):
+            await state.redis.ping()
+    except Exception as e:
+        return Response({"status": "unhealthy", "redis": str(e)}, status_code=503)
+    return Response({"status": "ok", "version": __version__})
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(state: State) -> str:
+    sessions = await _sessions(state).list(None, {})
+    counts = dict.fromkeys((s.value for s in SessionState), 0)
+    for s in sessions:
+        counts[s.state.value] += 1
+    lines = ["# HELP orchestrator_sessions Sessions by state.", "# TYPE orchestrator_sessions gauge"]
+    lines += [f'orchestrator_sessions{{state="{k}"}} {v}' for k, v in counts.items()]
+    sandboxes = await _sessions(state).sandboxes()
+    lines += [
+        "# HELP orchestrator_sandboxes_live Sandboxes with a recent heartbeat.",
+        "# TYPE orchestrator_sandboxes_live gauge",
+        f"orchestrator_sandboxes_live {len(sandboxes)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@get("/openapi.json", include_in_schema=False)
+async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
+    schema = request.app.openapi_schema.to_schema()
+    return Response(msgspec.json.encode(schema), media_type="application/json")
+
+
+_max_body_bytes = Settings.max_body_bytes
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    global _max_body_bytes
+    settings = settings or Settings.from_env()
+    _max_body_bytes = settings.max_body_bytes
+
+    async def startup(app: Litestar) -> None:
+        keys = Keys(settings.key_prefix)
+        redis = aioredis.Redis.from_url(settings.redis_url)
+        arq: ArqRedis = await create_pool(
+            RedisSettings.from_dsn(settings.redis_url),
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+        )
+        bus = EventBus(
+            redis,
+            keys,
+            firehose_maxlen=settings.firehose_maxlen,
+            session_maxlen=settings.session_stream_maxlen,
+        )
+        store = SessionStore(redis, bus)
+        app.state.update(
+            settings=settings,
+            redis=redis,
+            arq=arq,
+            bus=bus,
+            sessions=Sessions(store, JobQueue(arq, keys), redis, keys, settings.sandbox_id),
+        )
+
+    async def shutdown(app: Litestar) -> None:
+        await app.state.arq.aclose()
+        await app.state.redis.aclose()
+
+    return Litestar(
+        route_handlers=[
+            create_session,
+            list_sessions,
+            get_session,
+            stop_session,
+            start_session,
+            delete_session,
+            firehose_events,
+            session_events,
+            list_sandboxes,
+            healthz,
+            metrics,
+            openapi_json,
+        ],
+        on_startup=[startup],
+        on_shutdown=[shutdown],
+        exception_handlers={
+            ServiceError: _service_error,
+            ValidationException: _validation_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        openapi_config=OpenAPIConfig(title="Nested desktop orchestrator", version=__version__, path="/docs"),
+        request_max_body_size=settings.max_body_bytes,
+    )

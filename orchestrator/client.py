@@ -1,0 +1,170 @@
+"""An async client of the HTTP API, used by the CLI and the tests."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+class SseParser:
+    """Incremental text/event-stream parser (the parts of the spec the API uses)."""
+
+    def __init__(self) -> None:
+        self._id: str | None = None
+        self._type = "message"
+        self._data: list[str] = []
+        self.last_id: str | None = None
+
+    def feed(self, line: str) -> ServerEvent | None:
+        if line == "":
+            if not self._data:
+                self._type = "message"
+                return None
+            event = ServerEvent(self._id or "", self._type, json.loads("\n".join(self._data)))
+            self.last_id = self._id or self.last_id
+            self._type, self._data = "message", []
+            return event
+        if line.startswith(":"):
+            return None
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "id":
+            self._id = value
+        elif field == "event":
+            self._type = value
+        elif field == "data":
+            self._data.append(value)
+        return None
+
+
+class Client:
+    def __init__(self, base_url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                raise ApiError(response.status_code, body.get("code", "error"), body.get("message", ""))
+            except (ValueError, AttributeError):
+                raise ApiError(response.status_code, "error", response.text[:200]) from None
+        return response.json()
+
+    async def create(
+        self, session_id: str | None = None, labels: dict[str, str] | None = None, sandbox: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"labels": labels or {}}
+        if session_id:
+            body["id"] = session_id
+        if sandbox:
+            body["sandbox"] = sandbox
+        result: dict[str, Any] = await self._call("POST", "/v1/sessions", json=body)
+        return result
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", f"/v1/sessions/{session_id}")
+        return result
+
+    async def list(self, state: str | None = None, labels: Iterable[str] = ()) -> list[dict[str, Any]]:
+        params: list[tuple[str, str]] = [("label", item) for item in labels]
+        if state:
+            params.append(("state", state))
+        result: list[dict[str, Any]] = (await self._call("GET", "/v1/sessions", params=params))["sessions"]
+        return result
+
+    async def stop(self, session_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/sessions/{session_id}/stop")
+        return result
+
+    async def start(self, session_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/sessions/{session_id}/start")
+        return result
+
+    async def delete(self, session_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("DELETE", f"/v1/sessions/{session_id}")
+        return result
+
+    async def sandboxes(self) -> builtins.list[dict[str, Any]]:
+        result: builtins.list[dict[str, Any]] = (await self._call("GET", "/v1/sandboxes"))["sandboxes"]
+        return result
+
+    async def events(
+        self, session_id: str | None = None, after: str | None = None, follow: bool = True
+    ) -> AsyncIterator[ServerEvent]:
+        """Events as they come; resumes after a dropped connection from the last id seen."""
+        path = f"/v1/sessions/{session_id}/events" if session_id else "/v1/events"
+        last_id = after
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            params = {} if follow else {"follow": "false"}
+            try:
+                async with self._http.stream(
+                    "GET", path, headers=headers, params=params, timeout=httpx.Timeout(30.0, read=None)
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        body = response.json()
+                        raise ApiError(response.status_code, body.get("code", ""), body.get("message", ""))
+                    parser = SseParser()
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is not None:
+                            last_id = event.id
+                            yield event
+                if not follow:
+                    return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                if not follow:
+                    raise
+                await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
+
+    async def wait_for(
+        self, session_id: str, types: set[str], *, timeout: float, after: str | None = None
+    ) -> builtins.list[ServerEvent]:
+        """Follow a session's events until one of ``types`` arrives; returns all seen, in order.
+        Raises TimeoutError naming what was awaited and what was seen."""
+        seen: builtins.list[ServerEvent] = []
+        try:
+            with anyio.fail_after(timeout):
+                async for event in self.events(session_id, after=after):
+                    seen.append(event)
+                    if event.type in types:
+                        return seen
+        except TimeoutError:
+            got = ", ".join(e.type for e in seen) or "nothing"
+            raise TimeoutError(
+                f"no {' or '.join(sorted(types))} for {session_id} within {timeout:g} s (saw: {got})"
+            ) from None
+        raise RuntimeError("event stream ended")

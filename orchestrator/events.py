@@ -1,0 +1,104 @@
+"""The event bus: Redis Streams, one firehose and one stream per session, both capped.
+
+An event written for a session goes to both streams with the *same* entry id (the
+firehose assigns it, the session stream reuses it: every entry of a session stream is
+also in the firehose, in the same order, so the id is always valid there). So an event
+has one id wherever a client reads it, and resuming works across both streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from .names import Keys
+from .schemas import Event, now_rfc3339
+
+# KEYS: firehose, session stream (optional). ARGV: event json, firehose maxlen, session maxlen.
+PUBLISH_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+if KEYS[2] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, 'event', ARGV[1])
+end
+return id
+"""
+
+_encode = msgspec.json.Encoder().encode
+_decode_event = msgspec.json.Decoder(Event).decode
+
+
+def make_event(
+    type: str,
+    *,
+    sandbox: str,
+    session: str | None = None,
+    generation: int | None = None,
+    data: dict[str, Any] | None = None,
+) -> Event:
+    return Event(
+        type=type, ts=now_rfc3339(), sandbox=sandbox, session=session, generation=generation, data=data or {}
+    )
+
+
+def encode_event(event: Event) -> bytes:
+    return _encode(event)
+
+
+class EventBus:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        firehose_maxlen: int = 100_000,
+        session_maxlen: int = 2_000,
+    ) -> None:
+        self._redis = redis
+        self.keys = keys
+        self.firehose_maxlen = firehose_maxlen
+        self.session_maxlen = session_maxlen
+        self._publish = redis.register_script(PUBLISH_LUA)
+
+    async def publish(self, event: Event) -> str:
+        keys = [self.keys.firehose]
+        if event.session is not None:
+            keys.append(self.keys.session_events(event.session))
+        entry_id = await self._publish(
+            keys=keys, args=[encode_event(event), self.firehose_maxlen, self.session_maxlen]
+        )
+        return _text(entry_id)
+
+    def stream_key(self, session_id: str | None) -> str:
+        return self.keys.firehose if session_id is None else self.keys.session_events(session_id)
+
+    async def last_id(self, stream: str) -> str:
+        """The newest entry id of ``stream`` ("0-0" when empty): reading after it means live only."""
+        entries = await self._redis.xrevrange(stream, count=1)
+        return _text(entries[0][0]) if entries else "0-0"
+
+    async def read(
+        self, stream: str, after: str, *, block_ms: int | None = None, count: int = 500
+    ) -> list[tuple[str, Event]]:
+        """Events with ids strictly greater than ``after``, oldest first."""
+        reply = await self._redis.xread({stream: after}, count=count, block=block_ms)
+        return decode_entries(reply[0][1]) if reply else []
+
+    async def history(self, stream: str) -> list[tuple[str, Event]]:
+        return decode_entries(await self._redis.xrange(stream))
+
+
+def decode_entries(entries: Sequence[tuple[Any, dict[Any, Any]]]) -> list[tuple[str, Event]]:
+    out = []
+    for entry_id, fields in entries:
+        raw = fields.get(b"event", fields.get("event"))
+        if raw is None:
+            continue
+        out.append((_text(entry_id), _decode_event(raw)))
+    return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

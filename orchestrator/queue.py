@@ -1,0 +1,51 @@
+"""Lifecycle jobs on arq, serialized as JSON so producers in any language can enqueue them.
+
+Layout (see docs/jobs.md): one arq queue per sandbox, ``<prefix>queue:<sandbox>``; job id
+``<operation>:<session>:<generation>``; job body ``{"t": 1, "f": <operation>, "a": [],
+"k": {"session": ..., "generation": ...}, "et": <enqueue ms>}``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.jobs import Job
+
+from .names import Keys, job_id
+from .schemas import LifecycleJob, to_data
+
+
+class Operation(enum.StrEnum):
+    CREATE = "create_session"
+    START = "start_session"
+    STOP = "stop_session"
+    DELETE = "delete_session"
+
+
+def job_serializer(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def job_deserializer(raw: bytes) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(raw)
+    return data
+
+
+class JobQueue:
+    def __init__(self, arq: ArqRedis, keys: Keys) -> None:
+        self._arq = arq
+        self.keys = keys
+
+    async def enqueue(self, operation: Operation, sandbox: str, session: str, generation: int) -> bool:
+        """Enqueue once: False when a job with the same id is queued, running or finished recently."""
+        payload = to_data(LifecycleJob(session=session, generation=generation))
+        job: Job | None = await self._arq.enqueue_job(
+            operation.value,
+            _job_id=job_id(operation.value, session, generation),
+            _queue_name=self.keys.queue(sandbox),
+            **payload,
+        )
+        return job is not None

@@ -1,0 +1,116 @@
+"""Wire types (msgspec): request bodies, records, job payloads, events, errors.
+
+Every external input is decoded into one of these at the edge; unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import msgspec
+
+from .states import SessionState
+
+SessionId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{2,62}$", max_length=63)]
+LabelKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
+LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
+Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SessionCreate(Strict):
+    """Body of ``POST /v1/sessions``."""
+
+    id: SessionId | None = None
+    labels: Labels = {}
+    # Pin the session to a sandbox; by default the API places it.
+    sandbox: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] | None = None
+
+
+class SessionSpec(Strict):
+    labels: Labels = {}
+
+
+class SessionError(Strict):
+    code: str
+    message: str
+
+
+class SessionRecord(Strict):
+    id: str
+    state: SessionState
+    generation: int
+    sandbox: str
+    spec: SessionSpec
+    created_at: str
+    updated_at: str
+    # Bumped on every stored change; the compare-and-set token.
+    revision: int = 0
+    error: SessionError | None = None
+
+
+class SessionList(Strict):
+    sessions: list[SessionRecord]
+
+
+class ErrorBody(Strict):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class LifecycleJob(Strict):
+    """Keyword arguments of every lifecycle job (arq, JSON). Non-Python producers send these."""
+
+    session: SessionId
+    generation: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Event(Strict):
+    """The envelope of everything on the event streams; the stream entry id is the event id."""
+
+    type: str
+    ts: str
+    sandbox: str
+    session: str | None = None
+    generation: int | None = None
+    data: dict[str, Any] = {}
+
+
+class DockerdReady(Strict):
+    duration_ms: int
+    storage_driver: str
+    backing_filesystem: str
+    server_version: str
+    depth: int
+    address_pool: str
+
+
+class SandboxInfo(Strict):
+    id: str
+    depth: int
+    version: str
+    hostname: str
+    sessions: int
+    capacity: int
+    load: float
+    free_disk_bytes: int
+    privilege: str
+    ts: str
+
+
+class SandboxList(Strict):
+    sandboxes: list[SandboxInfo]
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_data(obj: msgspec.Struct) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(obj)
+    return data

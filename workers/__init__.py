@@ -1,0 +1,1 @@
+"""Workers: run inside a sandbox, consume its lifecycle jobs, and drive its dockerd."""

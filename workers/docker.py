@@ -1,0 +1,321 @@
+"""Everything the worker does to Docker goes through here (aiodocker).
+
+Objects are found by their deterministic names, so every call is safe to repeat: creating
+what exists adopts it, removing what is gone succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.exceptions import DockerError
+
+from orchestrator.names import (
+    LABEL_DEPTH,
+    LABEL_GENERATION,
+    LABEL_ROLE,
+    LABEL_SANDBOX,
+    LABEL_SESSION,
+    address_pool,
+    desktop_name,
+    volume_name,
+)
+
+from .privilege import PrivilegeProfile
+
+
+class DesktopError(Exception):
+    """A failure with a stable code, recorded on the session as its error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Desktop:
+    name: str
+    id: str
+    running: bool
+    generation: int | None
+    exit_code: int | None
+
+
+@dataclass(frozen=True)
+class DockerdInfo:
+    duration_ms: int
+    storage_driver: str
+    backing_filesystem: str
+    server_version: str
+
+
+class DesktopRuntime:
+    def __init__(
+        self,
+        *,
+        docker_host: str | None,
+        image: str,
+        sandbox_id: str,
+        depth: int,
+        socket_dir: str,
+        profile: PrivilegeProfile,
+    ) -> None:
+        self._docker = aiodocker.Docker(url=docker_host)
+        self.image = image
+        self.sandbox_id = sandbox_id
+        self.depth = depth  # of the sandbox; desktops run at depth + 1
+        self.socket_dir = socket_dir
+        self.profile = profile
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> None:
+        async with self._docker._query(path, method, **kwargs):
+            pass
+
+    # -- naming ---------------------------------------------------------------------------
+
+    def labels(self, session_id: str, generation: int | None = None) -> dict[str, str]:
+        labels = {
+            LABEL_SESSION: session_id,
+            LABEL_SANDBOX: self.sandbox_id,
+            LABEL_DEPTH: str(self.depth + 1),
+            LABEL_ROLE: "desktop",
+        }
+        if generation is not None:
+            labels[LABEL_GENERATION] = str(generation)
+        return labels
+
+    def socket_path(self, session_id: str) -> str:
+        return os.path.join(self.socket_dir, session_id, "docker.sock")
+
+    # -- volume ---------------------------------------------------------------------------
+
+    async def ensure_volume(self, session_id: str) -> bool:
+        """Create the session's volume unless it exists; True when it was created now."""
+        if await self.volume_exists(session_id):
+            return False
+        body = {"Name": volume_name(session_id), "Labels": self.labels(session_id)}
+        try:
+            await self._docker._query_json("volumes/create", "POST", data=json.dumps(body))
+        except DockerError as e:
+            raise DesktopError("volume_create_failed", f"could not create the volume: {e.message}") from e
+        return True
+
+    async def remove_volume(self, session_id: str) -> bool:
+        try:
+            await self._request("DELETE", f"volumes/{volume_name(session_id)}")
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise DesktopError("volume_remove_failed", f"could not remove the volume: {e.message}") from e
+        return True
+
+    async def volume_exists(self, session_id: str) -> bool:
+        try:
+            await self._docker._query_json(f"volumes/{volume_name(session_id)}")
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    # -- desktop container ----------------------------------------------------------------
+
+    async def inspect_desktop(self, session_id: str) -> Desktop | None:
+        try:
+            info = await self._docker._query_json(f"containers/{desktop_name(session_id)}/json")
+        except DockerError as e:
+            if e.status == 404:
+                return None
+            raise
+        state = info.get("State") or {}
+        raw_generation = (info.get("Config") or {}).get("Labels", {}).get(LABEL_GENERATION)
+        return Desktop(
+            name=desktop_name(session_id),
+            id=info["Id"],
+            running=bool(state.get("Running")),
+            generation=int(raw_generation) if raw_generation and raw_generation.isdigit() else None,
+            exit_code=state.get("ExitCode"),
+        )
+
+    def desktop_config(self, session_id: str, generation: int) -> dict[str, Any]:
+        sockets = os.path.dirname(self.socket_path(session_id))
+        host_config: dict[str, Any] = {
+            "Binds": [f"{volume_name(session_id)}:/var/lib/docker", f"{sockets}:/run/orchestrator"],
+            "RestartPolicy": {"Name": "no"},
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
+            **self.profile.host_config(),
+        }
+        return {
+            "Image": self.image,
+            "Hostname": desktop_name(session_id)[:63],
+            "Env": [
+                f"ORCH_DEPTH={self.depth + 1}",
+                f"ORCH_SESSION={session_id}",
+                "ORCH_EXTERNAL_SOCKET=/run/orchestrator/docker.sock",
+            ],
+            "Labels": self.labels(session_id, generation),
+            "HostConfig": host_config,
+        }
+
+    async def create_desktop(self, session_id: str, generation: int) -> Desktop:
+        """Create the desktop for ``generation``; adopt one that exists for it, replace an older one."""
+        existing = await self.inspect_desktop(session_id)
+        if existing is not None and existing.generation == generation:
+            return existing
+        if existing is not None:
+            await self.remove_desktop(session_id)
+        os.makedirs(os.path.dirname(self.socket_path(session_id)), exist_ok=True)
+        try:
+            await self._docker._query_json(
+                "containers/create",
+                "POST",
+                params={"name": desktop_name(session_id)},
+                data=json.dumps(self.desktop_config(session_id, generation)),
+            )
+        except DockerError as e:
+            if e.status == 409:  # created concurrently by a retry of this job: adopt it
+                pass
+            elif e.status == 404:
+                raise DesktopError("image_missing", f"desktop image {self.image!r} is missing") from e
+            else:
+                raise DesktopError(
+                    "desktop_create_failed", f"could not create the desktop: {e.message}"
+                ) from e
+        created = await self.inspect_desktop(session_id)
+        if created is None:
+            raise DesktopError("desktop_create_failed", "the desktop vanished right after it was created")
+        return created
+
+    async def start_desktop(self, session_id: str) -> None:
+        try:
+            await self._request("POST", f"containers/{desktop_name(session_id)}/start")
+        except DockerError as e:
+            if e.status == 304:  # already running
+                return
+            raise DesktopError("desktop_start_failed", f"could not start the desktop: {e.message}") from e
+
+    async def remove_desktop(self, session_id: str, stop_timeout: int = 20) -> bool:
+        """Stop (gracefully, so the inner dockerd shuts down cleanly) and remove the desktop."""
+        name = desktop_name(session_id)
+        try:
+            with contextlib.suppress(DockerError):
+                await self._request(
+                    "POST", f"containers/{name}/stop", params={"t": stop_timeout}, timeout=stop_timeout + 30
+                )
+            await self._request("DELETE", f"containers/{name}", params={"force": "true"})
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise DesktopError("desktop_remove_failed", f"could not remove the desktop: {e.message}") from e
+        return True
+
+    def remove_socket_dir(self, session_id: str) -> None:
+        shutil.rmtree(os.path.dirname(self.socket_path(session_id)), ignore_errors=True)
+
+    async def desktop_logs(self, session_id: str, tail: int = 20) -> str:
+        try:
+            container = self._docker.containers.container(desktop_name(session_id))
+            lines = await container.log(stdout=True, stderr=True, tail=tail)
+        except DockerError:
+            return ""
+        return "".join(lines).strip()
+
+    # -- the desktop's own dockerd -------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def inner_docker(self, session_id: str) -> AsyncIterator[aiodocker.Docker]:
+        """A client of the desktop's dockerd, through the socket it exposes to us."""
+        client = aiodocker.Docker(url=f"unix://{self.socket_path(session_id)}")
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    async def wait_dockerd(self, session_id: str, started_at: float, limit_s: float) -> DockerdInfo:
+        """Wait until the desktop's dockerd answers ``/_ping``, then read what it reports.
+
+        Fails fast (``desktop_exited``) when the desktop stops, e.g. because start-dockerd
+        refused to run; fails with ``dockerd_timeout`` after ``limit_s`` seconds.
+        """
+        path = self.socket_path(session_id)
+        deadline = started_at + limit_s
+        connector = aiohttp.UnixConnector(path=path)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            next_check = time.monotonic() + 0.5
+            while True:
+                if await _ping(http):
+                    duration_ms = int((time.monotonic() - started_at) * 1000)
+                    break
+                now = time.monotonic()
+                if now >= deadline:
+                    raise DesktopError(
+                        "dockerd_timeout",
+                        f"the desktop's dockerd did not answer within {limit_s:g} s",
+                    )
+                if now >= next_check:
+                    next_check = now + 0.5
+                    desktop = await self.inspect_desktop(session_id)
+                    if desktop is None or not desktop.running:
+                        logs = await self.desktop_logs(session_id)
+                        code = "?" if desktop is None else desktop.exit_code
+                        raise DesktopError(
+                            "desktop_exited",
+                            f"the desktop exited (status {code}) before its dockerd was ready: {logs[-500:]}",
+                        )
+                await asyncio.sleep(0.02)
+        async with self.inner_docker(session_id) as inner:
+            info = await inner.system.info()
+        driver_status = dict(info.get("DriverStatus") or [])
+        return DockerdInfo(
+            duration_ms=duration_ms,
+            storage_driver=info.get("Driver", ""),
+            backing_filesystem=driver_status.get("Backing Filesystem", ""),
+            server_version=info.get("ServerVersion", ""),
+        )
+
+    def desktop_address_pool(self) -> str:
+        return address_pool(self.depth + 1)
+
+    async def load_image(self, session_id: str, image: str) -> int:
+        """Copy ``image`` from the sandbox's daemon into the desktop's; returns bytes moved."""
+        moved = 0
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal moved
+            async with self._docker.images.export_image(image) as tar:
+                async for chunk in tar.iter_chunked(1 << 20):
+                    moved += len(chunk)
+                    yield chunk
+
+        async with self.inner_docker(session_id) as inner:
+            await inner.images.import_image(chunks())
+        return moved
+
+    async def list_desktops(self) -> list[dict[str, Any]]:
+        filters = json.dumps({"label": [f"{LABEL_ROLE}=desktop", f"{LABEL_SANDBOX}={self.sandbox_id}"]})
+        result: list[dict[str, Any]] = await self._docker._query_json(
+            "containers/json", params={"all": "true", "filters": filters}
+        )
+        return result
+
+
+async def _ping(http: aiohttp.ClientSession) -> bool:
+    try:
+        async with http.get("http://dockerd/_ping", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            return resp.status == 200
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False

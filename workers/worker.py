@@ -1,0 +1,157 @@
+"""The arq worker of one sandbox: its queue, its job functions, its heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from orchestrator import __version__
+from orchestrator.config import Settings
+from orchestrator.events import EventBus, make_event
+from orchestrator.names import Keys
+from orchestrator.queue import Operation, job_deserializer, job_serializer
+from orchestrator.schemas import LifecycleJob, SandboxInfo, now_rfc3339, to_data
+from orchestrator.store import SessionStore
+
+from .docker import DesktopRuntime
+from .lifecycle import Lifecycle
+from .privilege import choose_profile, read_bounding_set
+
+log = logging.getLogger("workers.worker")
+
+
+def _job(operation: Operation) -> Any:
+    async def run(ctx: dict[str, Any], **kwargs: Any) -> str:
+        # Producers in other languages enqueue these: validate like any external input.
+        try:
+            job = msgspec.convert(kwargs, LifecycleJob)
+        except msgspec.ValidationError as e:
+            log.error("refusing %s job with invalid arguments %r: %s", operation.value, kwargs, e)
+            return f"invalid job: {e}"
+        lifecycle: Lifecycle = ctx["lifecycle"]
+        handler = getattr(lifecycle, operation.value.removesuffix("_session"))
+        result: str = await handler(job.session, job.generation)
+        log.info("%s %s generation %d: %s", operation.value, job.session, job.generation, result)
+        return result
+
+    run.__name__ = operation.value
+    return func(run, name=operation.value)
+
+
+class SandboxWorker:
+    """Owns the connections of one worker process and the arq Worker that uses them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url)
+        self.bus = EventBus(
+            self.redis,
+            self.keys,
+            firehose_maxlen=settings.firehose_maxlen,
+            session_maxlen=settings.session_stream_maxlen,
+        )
+        self.store = SessionStore(self.redis, self.bus)
+        self.profile = choose_profile(settings.privilege, *read_bounding_set())
+        self.runtime = DesktopRuntime(
+            docker_host=settings.docker_host,
+            image=settings.desktop_image,
+            sandbox_id=settings.sandbox_id,
+            depth=settings.depth,
+            socket_dir=settings.socket_dir,
+            profile=self.profile,
+        )
+        self.lifecycle = Lifecycle(
+            self.store,
+            self.bus,
+            self.runtime,
+            sandbox_id=settings.sandbox_id,
+            ready_timeout_s=settings.ready_timeout_s,
+            stop_timeout_s=settings.stop_timeout_s,
+        )
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.arq = Worker(
+            functions=[_job(op) for op in Operation],
+            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            queue_name=self.keys.queue(settings.sandbox_id),
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+            poll_delay=settings.poll_delay_s,
+            max_jobs=settings.max_jobs,
+            job_timeout=int(settings.ready_timeout_s) + 2 * settings.stop_timeout_s + 60,
+            # Jobs are idempotent, so a finished job may run again when re-requested; arq's
+            # job key still suppresses duplicates while one is queued or running.
+            keep_result=0,
+            max_tries=3,
+            ctx={"lifecycle": self.lifecycle},
+            on_startup=self._on_startup,
+            on_shutdown=self._on_shutdown,
+            handle_signals=False,
+        )
+
+    async def _on_startup(self, ctx: dict[str, Any]) -> None:
+        log.info(
+            "sandbox %s (depth %d) serving queue %s; desktops get privilege profile: %s",
+            self.settings.sandbox_id,
+            self.settings.depth,
+            self.keys.queue(self.settings.sandbox_id),
+            self.profile.describe(),
+        )
+        await self.beat()
+        self._heartbeat = asyncio.create_task(self._beat_forever())
+
+    async def _on_shutdown(self, ctx: dict[str, Any]) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+
+    async def run(self) -> None:
+        try:
+            await self.arq.main()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        await self.arq.close()
+        await self.runtime.close()
+        await self.redis.aclose()
+
+    async def beat(self) -> SandboxInfo:
+        desktops = await self.runtime.list_desktops()
+        info = SandboxInfo(
+            id=self.settings.sandbox_id,
+            depth=self.settings.depth,
+            version=__version__,
+            hostname=self.settings.hostname,
+            sessions=len(desktops),
+            capacity=self.settings.max_sessions,
+            load=os.getloadavg()[0],
+            free_disk_bytes=(await asyncio.to_thread(shutil.disk_usage, "/")).free,
+            privilege=self.profile.describe(),
+            ts=now_rfc3339(),
+        )
+        ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.sandbox(info.id), msgspec.json.encode(info), ex=ttl)
+            pipe.sadd(self.keys.sandbox_index, info.id)
+            await pipe.execute()
+        await self.bus.publish(make_event("sandbox.heartbeat", sandbox=info.id, data=to_data(info)))
+        return info
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self.beat()
+            except Exception:
+                log.exception("heartbeat failed")
