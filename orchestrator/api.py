@@ -14,7 +14,7 @@ from litestar import Litestar, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from . import __version__
@@ -78,7 +78,7 @@ def _sessions(state: State) -> Sessions:
 
 
 @post("/v1/sessions", status_code=202, summary="Create a session")
-async def create_session(state: State, data: SessionCreate | None = None) -> Response[SessionRecord]:
+async def create_session(state: State, data: JSONBody[SessionCreate | None] = None) -> Response[SessionRecord]:
     # An empty body is a session with every default.
     created, record = await _sessions(state).create(data or SessionCreate())
     return Response(record, status_code=202 if created else 200)
@@ -87,37 +87,35 @@ async def create_session(state: State, data: SessionCreate | None = None) -> Res
 @get("/v1/sessions", summary="List sessions")
 async def list_sessions(
     state: State,
-    session_state: Annotated[SessionState | None, Parameter(query="state")] = None,
-    label: Annotated[list[str] | None, Parameter(description="k=v; repeat to require several")] = None,
+    session_state: Annotated[SessionState | None, QueryParameter(name="state")] = None,
+    label: Annotated[list[str] | None, QueryParameter(description="k=v; repeat to require several")] = None,
 ) -> SessionList:
     labels: dict[str, str] = {}
     for item in label or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ServiceError(
-                400, "invalid_label_filter", f"label filter {item!r} must look like key=value", "label"
-            )
+            raise ServiceError(400, "invalid_label_filter", f"label filter {item!r} must look like key=value", "label")
         labels[key] = value
     return SessionList(sessions=await _sessions(state).list(session_state, labels))
 
 
 @get("/v1/sessions/{session_id:str}", summary="Get a session")
-async def get_session(session_id: str, state: State) -> SessionRecord:
+async def get_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).get(session_id)
 
 
 @post("/v1/sessions/{session_id:str}/stop", status_code=202, summary="Stop a session (keeps its volume)")
-async def stop_session(session_id: str, state: State) -> SessionRecord:
+async def stop_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).stop(session_id)
 
 
 @post("/v1/sessions/{session_id:str}/start", status_code=202, summary="Start a stopped session again")
-async def start_session(session_id: str, state: State) -> SessionRecord:
+async def start_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).start(session_id)
 
 
 @delete("/v1/sessions/{session_id:str}", status_code=202, summary="Delete a session, its desktop and volume")
-async def delete_session(session_id: str, state: State) -> SessionRecord:
+async def delete_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).delete(session_id)
 
 
@@ -133,8 +131,8 @@ def _sse(feed: EventFeed) -> Stream:
 async def firehose_events(
     request: Request[Any, Any, Any],
     state: State,
-    after: Annotated[str | None, Parameter(description="resume after this event id; 0 replays all")] = None,
-    follow: Annotated[bool, Parameter(description="false: send what is stored, then end")] = True,
+    after: Annotated[str | None, QueryParameter(description="resume after this event id; 0 replays all")] = None,
+    follow: Annotated[bool, QueryParameter(description="false: send what is stored, then end")] = True,
 ) -> Stream:
     bus: EventBus = state.bus
     stream = bus.stream_key(None)
@@ -146,11 +144,11 @@ async def firehose_events(
 
 @get("/v1/sessions/{session_id:str}/events", summary="A session's events (Server-Sent Events)")
 async def session_events(
-    session_id: str,
+    session_id: FromPath[str],
     request: Request[Any, Any, Any],
     state: State,
-    after: Annotated[str | None, Parameter(description="resume after this event id")] = None,
-    follow: Annotated[bool, Parameter(description="false: send what is stored, then end")] = True,
+    after: Annotated[str | None, QueryParameter(description="resume after this event id")] = None,
+    follow: Annotated[bool, QueryParameter(description="false: send what is stored, then end")] = True,
 ) -> Stream:
     check_session_id(session_id)
     bus: EventBus = state.bus

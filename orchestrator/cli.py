@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -56,9 +55,7 @@ def _describe(event_type: str, data: dict[str, Any]) -> str:
     return ""
 
 
-async def _follow(
-    client: Client, session_id: str, done: set[str], timeout: float, after: str | None = None
-) -> int:
+async def _follow(client: Client, session_id: str, done: set[str], timeout: float, after: str | None = None) -> int:
     """Print a session's events as they arrive, timed from the first, until one of ``done``."""
     first: datetime | None = None
     try:
@@ -155,12 +152,11 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         worker = SandboxWorker(Settings.from_env())
-        task = asyncio.create_task(worker.run())
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            loop.add_signal_handler(sig, stop.set)
+        await worker.serve(stop)
 
     asyncio.run(main())
     return 0

@@ -38,9 +38,7 @@ def make_event(
     generation: int | None = None,
     data: dict[str, Any] | None = None,
 ) -> Event:
-    return Event(
-        type=type, ts=now_rfc3339(), sandbox=sandbox, session=session, generation=generation, data=data or {}
-    )
+    return Event(type=type, ts=now_rfc3339(), sandbox=sandbox, session=session, generation=generation, data=data or {})
 
 
 def encode_event(event: Event) -> bytes:
@@ -66,9 +64,7 @@ class EventBus:
         keys = [self.keys.firehose]
         if event.session is not None:
             keys.append(self.keys.session_events(event.session))
-        entry_id = await self._publish(
-            keys=keys, args=[encode_event(event), self.firehose_maxlen, self.session_maxlen]
-        )
+        entry_id = await self._publish(keys=keys, args=[encode_event(event), self.firehose_maxlen, self.session_maxlen])
         return _text(entry_id)
 
     def stream_key(self, session_id: str | None) -> str:

@@ -99,8 +99,7 @@ class Sessions:
         return [
             r
             for r in await self.store.list()
-            if (state is None or r.state is state)
-            and all(r.spec.labels.get(k) == v for k, v in labels.items())
+            if (state is None or r.state is state) and all(r.spec.labels.get(k) == v for k, v in labels.items())
         ]
 
     async def stop(self, session_id: str) -> SessionRecord:

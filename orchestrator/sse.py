@@ -32,9 +32,7 @@ def frame(entry_id: str, type: str, data: bytes) -> bytes:
 
 
 class EventFeed:
-    def __init__(
-        self, bus: EventBus, stream: str, after: str, keepalive_s: float, follow: bool = True
-    ) -> None:
+    def __init__(self, bus: EventBus, stream: str, after: str, keepalive_s: float, follow: bool = True) -> None:
         self.bus = bus
         self.stream = stream
         self.after = after
@@ -46,9 +44,7 @@ class EventFeed:
         # Tell the client how long to wait before reconnecting, then stream.
         yield b"retry: 1000\n\n"
         while True:
-            entries = await self.bus.read(
-                self.stream, self.after, block_ms=self.keepalive_ms if self.follow else None
-            )
+            entries = await self.bus.read(self.stream, self.after, block_ms=self.keepalive_ms if self.follow else None)
             if not entries:
                 if not self.follow:
                     return

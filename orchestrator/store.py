@@ -142,9 +142,7 @@ class SessionStore:
             session_id, SessionState.FAILED, generation=generation, mutate=lambda _: {"error": error}
         )
 
-    def _state_event(
-        self, record: SessionRecord, previous: SessionState | None, data: dict[str, Any]
-    ) -> bytes:
+    def _state_event(self, record: SessionRecord, previous: SessionState | None, data: dict[str, Any]) -> bytes:
         if previous is not None:
             data = {"from": previous.value, **data}
         event = make_event(

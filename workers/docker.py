@@ -192,9 +192,7 @@ class DesktopRuntime:
             elif e.status == 404:
                 raise DesktopError("image_missing", f"desktop image {self.image!r} is missing") from e
             else:
-                raise DesktopError(
-                    "desktop_create_failed", f"could not create the desktop: {e.message}"
-                ) from e
+                raise DesktopError("desktop_create_failed", f"could not create the desktop: {e.message}") from e
         created = await self.inspect_desktop(session_id)
         if created is None:
             raise DesktopError("desktop_create_failed", "the desktop vanished right after it was created")

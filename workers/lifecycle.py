@@ -69,9 +69,7 @@ class Lifecycle:
 
     async def _event(self, record: SessionRecord, type: str, data: dict[str, Any]) -> None:
         await self.bus.publish(
-            make_event(
-                type, sandbox=self.sandbox_id, session=record.id, generation=record.generation, data=data
-            )
+            make_event(type, sandbox=self.sandbox_id, session=record.id, generation=record.generation, data=data)
         )
 
     # -- jobs -------------------------------------------------------------------------------

@@ -110,9 +110,7 @@ def choose_profile(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> Pr
     if setting != "auto":
         raise ValueError(f"privilege must be auto, privileged, caps or runtime:<name>, got {setting!r}")
     if missing:
-        return PrivilegeProfile(
-            "caps", "capability bounding set lacks " + ", ".join(missing), missing_caps=missing
-        )
+        return PrivilegeProfile("caps", "capability bounding set lacks " + ", ".join(missing), missing_caps=missing)
     return PrivilegeProfile("privileged", "capability bounding set is complete")
 
 

@@ -115,16 +115,34 @@ class SandboxWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
 
-    async def run(self) -> None:
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Consume jobs until ``stop`` is set (or arq fails), then shut down gracefully."""
+        run = asyncio.create_task(self.arq.async_run())
+        stopping = asyncio.create_task(stop.wait())
         try:
-            await self.arq.main()
+            await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            stopping.cancel()
             await self.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
 
     async def close(self) -> None:
-        await self.arq.close()
-        await self.runtime.close()
-        await self.redis.aclose()
+        """Let running jobs finish (bounded), then stop consuming and close connections."""
+        try:
+            running = [t for t in self.arq.tasks.values() if not t.done()]
+            if running:
+                await asyncio.wait(running, timeout=self.settings.stop_timeout_s + 10)
+            try:
+                await self.arq.close()
+            except asyncio.CancelledError:
+                # arq re-raises the cancellation of the job tasks it cancels; only ours propagates.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+        finally:
+            await self.runtime.close()
+            await self.redis.aclose()
 
     async def beat(self) -> SandboxInfo:
         desktops = await self.runtime.list_desktops()

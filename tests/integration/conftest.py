@@ -1,0 +1,140 @@
+"""Fixtures that run the real API (uvicorn on a loopback port) and a real worker in the test's
+event loop, each test in its own key prefix and sandbox id so nothing is shared."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+
+from orchestrator.api import create_app
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.events import EventBus
+from orchestrator.names import LABEL_SANDBOX, Keys
+from tests.conftest import free_port
+from workers.worker import SandboxWorker
+
+DESKTOP_IMAGE = os.environ.get("ORCH_DESKTOP_IMAGE", "orchestrator/desktop:dev")
+TEST_IMAGE = os.environ.get("ORCH_TEST_IMAGE", "orchestrator/test-busybox:dev")
+
+
+def docker(*args: str, host: str, check: bool = True, stderr: bool = False) -> str:
+    """Run the docker CLI against ``host``; returns stdout (and stderr after it, if asked)."""
+    result = subprocess.run(
+        ["docker", *args],
+        env={**os.environ, "DOCKER_HOST": host},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
+    return (result.stdout + (result.stderr if stderr else "")).strip()
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        redis_url=redis_url,
+        key_prefix=f"test-{tag}:",
+        sandbox_id=f"t{tag}",
+        depth=1,
+        desktop_image=DESKTOP_IMAGE,
+        socket_dir=str(tmp_path_factory.mktemp("desktops")),
+        heartbeat_interval_s=1.0,
+        sse_keepalive_s=1.0,
+        ready_timeout_s=60.0,
+        stop_timeout_s=10,
+        poll_delay_s=0.01,
+    )
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def bus(redis: aioredis.Redis, settings: Settings) -> EventBus:
+    return EventBus(redis, Keys(settings.key_prefix))
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[str]:
+    """The real API on a loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(20):
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture
+async def client(api: str) -> AsyncIterator[Client]:
+    async with Client(api) as c:
+        yield c
+
+
+@pytest.fixture
+def images(docker_host: str) -> str:
+    for image in (DESKTOP_IMAGE, TEST_IMAGE):
+        if not docker("image", "inspect", "--format", "{{.Id}}", image, host=docker_host, check=False):
+            pytest.fail(f"image {image} is missing: run `make images` (scripts/build-images.sh --test)")
+    return docker_host
+
+
+@pytest.fixture
+def docker_settings(settings: Settings, images: str) -> Iterator[Settings]:
+    """Settings for a worker on the real Docker Engine; removes whatever the test's sandbox made."""
+    yield replace(settings, docker_host=images)
+    label = f"label={LABEL_SANDBOX}={settings.sandbox_id}"
+    containers = docker("ps", "-aq", "--filter", label, host=images).split()
+    if containers:
+        docker("rm", "-f", *containers, host=images, check=False)
+    volumes = docker("volume", "ls", "-q", "--filter", label, host=images).split()
+    if volumes:
+        docker("volume", "rm", "-f", *volumes, host=images, check=False)
+
+
+@pytest.fixture
+async def worker(docker_settings: Settings) -> AsyncIterator[SandboxWorker]:
+    """A real worker for the test's sandbox, consuming its queue in this event loop."""
+    sandbox = SandboxWorker(docker_settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sandbox.serve(stop))
+    yield sandbox
+    stop.set()
+    await asyncio.wait_for(task, 60)
+
+
+def labels_of(host: str, kind: str, name: str) -> dict[str, str]:
+    out = docker(
+        kind,
+        "inspect",
+        "--format",
+        "{{json .Labels}}" if kind == "volume" else "{{json .Config.Labels}}",
+        name,
+        host=host,
+    )
+    result: dict[str, str] = json.loads(out)
+    return result

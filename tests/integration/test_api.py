@@ -1,0 +1,119 @@
+"""The API's edge with a real Redis and no worker: validation, idempotency, queueing."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.names import Keys
+
+BAD_BODIES = [
+    (b"{bad", "invalid_json", None),
+    (b'{"id": "ok-id", "colour": "red"}', "invalid_request", "colour"),
+    (b'{"id": "Not_Valid!"}', "invalid_request", "id"),
+    (b'{"id": "ab"}', "invalid_request", "id"),
+    (b'{"labels": {"team": 7}}', "invalid_request", "labels[...]"),
+    (b'{"labels": "x"}', "invalid_request", "labels"),
+    (b"[1, 2]", "invalid_request", None),
+    (b'{"id": 12345}', "invalid_request", "id"),
+]
+
+
+async def nothing_stored(redis: aioredis.Redis, settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    assert await redis.scard(keys.session_index) == 0  # type: ignore[misc]
+    assert await redis.zcard(keys.queue(settings.sandbox_id)) == 0
+    assert await redis.xlen(keys.firehose) == 0
+
+
+@pytest.mark.parametrize(("body", "code", "field"), BAD_BODIES)
+async def test_bad_create_bodies_get_a_precise_4xx_and_create_nothing(
+    api: str, redis: aioredis.Redis, settings: Settings, body: bytes, code: str, field: str | None
+) -> None:
+    async with httpx.AsyncClient(base_url=api) as http:
+        response = await http.post("/v1/sessions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["code"] == code
+    assert error["message"]
+    assert error["field"] == field
+    await nothing_stored(redis, settings)
+
+
+async def test_oversized_body_is_refused_with_413(api: str, redis: aioredis.Redis, settings: Settings) -> None:
+    body = b'{"labels": {"a": "' + b"x" * (settings.max_body_bytes + 10) + b'"}}'
+    async with httpx.AsyncClient(base_url=api) as http:
+        response = await http.post("/v1/sessions", content=body)
+    assert response.status_code == 413
+    assert response.json()["code"] == "body_too_large"
+    await nothing_stored(redis, settings)
+
+
+@pytest.mark.parametrize("path", ["/v1/sessions/BAD_ID", "/v1/sessions/a", "/v1/sessions/x%20y/events"])
+async def test_invalid_session_id_in_path_is_400(api: str, path: str) -> None:
+    async with httpx.AsyncClient(base_url=api) as http:
+        response = await http.get(path)
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_session_id"
+
+
+async def test_unknown_session_is_404_for_every_verb(client: Client) -> None:
+    for call in (client.get, client.stop, client.start, client.delete):
+        with pytest.raises(Exception, match="404 session_not_found"):
+            await call("no-such-session")
+
+
+async def test_create_enqueues_one_json_job_and_is_idempotent_by_id(
+    client: Client, redis: aioredis.Redis, settings: Settings
+) -> None:
+    first = await client.create("same-id", labels={"team": "a"})
+    again = await client.create("same-id", labels={"team": "a"})
+    assert first == again
+    keys = Keys(settings.key_prefix)
+    queued = await redis.zrange(keys.queue(settings.sandbox_id), 0, -1)
+    assert queued == [b"create_session:same-id:1"]
+    raw = await redis.get(b"arq:job:create_session:same-id:1")
+    assert raw is not None
+    import json
+
+    job = json.loads(raw)  # JSON, not pickle: other languages can produce and read jobs
+    assert job["f"] == "create_session"
+    assert job["k"] == {"session": "same-id", "generation": 1}
+
+    with pytest.raises(Exception, match="409 session_exists"):
+        await client.create("same-id", labels={"team": "b"})
+
+
+async def test_state_conflicts_are_409_and_change_nothing(client: Client) -> None:
+    record = await client.create("conflict-me")
+    with pytest.raises(Exception, match="409 invalid_state"):
+        await client.start(record["id"])  # pending cannot be started
+    after = await client.get(record["id"])
+    assert after["state"] == "pending" and after["revision"] == record["revision"]
+
+
+async def test_list_filters_by_state_and_label(client: Client) -> None:
+    await client.create("lab-one", labels={"team": "a", "tier": "gold"})
+    await client.create("lab-two", labels={"team": "b"})
+    assert [s["id"] for s in await client.list(labels=["team=a"])] == ["lab-one"]
+    assert [s["id"] for s in await client.list(labels=["team=a", "tier=gold"])] == ["lab-one"]
+    assert [s["id"] for s in await client.list(labels=["team=c"])] == []
+    assert {s["id"] for s in await client.list(state="pending")} == {"lab-one", "lab-two"}
+    assert await client.list(state="ready") == []
+    with pytest.raises(Exception, match="400"):
+        await client.list(state="sleeping")
+
+
+async def test_healthz_openapi_and_metrics(api: str, client: Client) -> None:
+    await client.create("metric-me")
+    async with httpx.AsyncClient(base_url=api) as http:
+        assert (await http.get("/healthz")).json()["status"] == "ok"
+        spec = (await http.get("/openapi.json")).json()
+        assert spec["openapi"].startswith("3.1")
+        assert "/v1/sessions" in spec["paths"]
+        assert "SessionCreate" in spec["components"]["schemas"]
+        metrics = (await http.get("/metrics")).text
+    assert 'orchestrator_sessions{state="pending"} 1' in metrics

@@ -1,0 +1,184 @@
+"""A real session end to end: real API, real worker, real Docker Engine, real Redis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.names import (
+    LABEL_GENERATION,
+    LABEL_ROLE,
+    LABEL_SANDBOX,
+    LABEL_SESSION,
+    desktop_name,
+    volume_name,
+)
+from workers.worker import SandboxWorker
+
+from .conftest import TEST_IMAGE, docker, labels_of
+
+pytestmark = pytest.mark.docker
+
+READY_TIMEOUT = 90.0
+
+
+def types(events: list) -> list[str]:  # type: ignore[type-arg]
+    return [e.type for e in events]
+
+
+async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    record = await client.create(labels={"purpose": "test"})
+    assert record["state"] == "pending"
+    assert record["sandbox"] == docker_settings.sandbox_id
+    sid = record["id"]
+
+    events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY_TIMEOUT)
+    assert types(events) == [
+        "session.pending",
+        "session.creating",
+        "volume.created",
+        "session.starting",
+        "desktop.started",
+        "dockerd.ready",
+        "session.ready",
+    ], [e.data for e in events]
+    ready = events[5].data
+    assert ready["session"] == sid and ready["generation"] == 1
+    data = ready["data"]
+    assert data["storage_driver"] == "overlay2"
+    assert data["backing_filesystem"] == "extfs"
+    assert data["depth"] == 2
+    assert data["address_pool"] == "10.214.0.0/16"
+    assert data["duration_ms"] > 0
+    assert data["server_version"]
+
+    # Deterministic names and labels on what was made.
+    container_labels = labels_of(host, "container", desktop_name(sid))
+    assert container_labels[LABEL_SESSION] == sid
+    assert container_labels[LABEL_GENERATION] == "1"
+    assert container_labels[LABEL_SANDBOX] == docker_settings.sandbox_id
+    assert container_labels[LABEL_ROLE] == "desktop"
+    assert labels_of(host, "volume", volume_name(sid))[LABEL_SESSION] == sid
+
+    # Inside the desktop: its own dockerd, overlay2 on the volume's ext4, not vfs.
+    info = json.loads(docker("exec", desktop_name(sid), "docker", "info", "--format", "{{json .}}", host=host))
+    assert info["Driver"] == "overlay2"
+    assert dict(info["DriverStatus"])["Backing Filesystem"] == "extfs"
+
+    # An image from the sandbox's daemon, loaded through the desktop's socket, runs inside it.
+    moved = await worker.runtime.load_image(sid, TEST_IMAGE)
+    assert moved > 100_000
+    out = docker(
+        "exec",
+        desktop_name(sid),
+        "docker",
+        "run",
+        "--rm",
+        TEST_IMAGE,
+        "echo",
+        "hello from depth 3",
+        host=host,
+    )
+    assert out == "hello from depth 3"
+
+    assert (await client.get(sid))["state"] == "ready"
+
+
+async def test_stop_then_start_keeps_the_inner_images(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    sid = (await client.create("keep-me"))["id"]
+    await client.wait_for(sid, {"session.ready"}, timeout=READY_TIMEOUT)
+    await worker.runtime.load_image(sid, TEST_IMAGE)
+
+    stopping = await client.stop(sid)
+    assert stopping["state"] == "stopping"
+    events = await client.wait_for(sid, {"session.stopped", "session.failed"}, timeout=READY_TIMEOUT)
+    assert events[-1].type == "session.stopped"
+    assert docker("ps", "-aq", "--filter", f"name=^{desktop_name(sid)}$", host=host) == ""
+    assert docker("volume", "ls", "-q", "--filter", f"name=^{volume_name(sid)}$", host=host) == volume_name(sid)
+
+    last = events[-1].id
+    started = await client.start(sid)
+    assert started["state"] == "starting"
+    assert started["generation"] == 2
+    events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY_TIMEOUT, after=last)
+    assert types(events) == ["session.starting", "desktop.started", "dockerd.ready", "session.ready"]
+    assert all(e.data["generation"] == 2 for e in events)
+    assert labels_of(host, "container", desktop_name(sid))[LABEL_GENERATION] == "2"
+
+    images = docker("exec", desktop_name(sid), "docker", "images", "--format", "{{.Repository}}:{{.Tag}}", host=host)
+    assert TEST_IMAGE in images.split()
+    out = docker("exec", desktop_name(sid), "docker", "run", "--rm", TEST_IMAGE, "echo", "still here", host=host)
+    assert out == "still here"
+
+
+async def test_delete_leaves_no_container_volume_or_record(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    sid = (await client.create())["id"]
+    await client.wait_for(sid, {"session.ready"}, timeout=READY_TIMEOUT)
+
+    deleting = await client.delete(sid)
+    assert deleting["state"] == "deleting"
+    events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=READY_TIMEOUT)
+    assert events[-1].type == "session.deleted"
+
+    assert docker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+    assert docker("volume", "ls", "-q", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+    assert await worker.store.get(sid) is None
+    assert sid not in [s["id"] for s in await client.list()]
+    with pytest.raises(Exception, match="session_not_found"):
+        await client.get(sid)
+
+
+async def test_delete_while_creating_converges_to_nothing(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    sid = (await client.create())["id"]
+    await client.wait_for(sid, {"desktop.started"}, timeout=READY_TIMEOUT)
+    await client.delete(sid)
+    events = await client.wait_for(sid, {"session.deleted"}, timeout=READY_TIMEOUT)
+    assert "session.ready" not in types(events)
+    assert docker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+    assert docker("volume", "ls", "-q", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+
+
+async def test_desktop_refuses_to_start_without_a_volume(docker_settings: Settings) -> None:
+    """start-dockerd must not run dockerd on the container's overlay root (it would fall back to vfs)."""
+    host = docker_settings.docker_host
+    assert host
+    name = f"{docker_settings.sandbox_id}-novolume"
+    docker(
+        "create",
+        "--name",
+        name,
+        "--label",
+        f"{LABEL_SANDBOX}={docker_settings.sandbox_id}",
+        "--cap-add",
+        "ALL",
+        "--cap-drop",
+        "SYS_RESOURCE",
+        "--security-opt",
+        "seccomp=unconfined",
+        docker_settings.desktop_image,
+        host=host,
+    )
+    docker("start", name, host=host)
+    status = docker("wait", name, host=host)
+    assert status == "1"
+    logs = docker("logs", name, host=host, stderr=True)
+    assert "/var/lib/docker is not a mount point" in logs

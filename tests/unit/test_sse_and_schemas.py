@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from orchestrator.client import SseParser
+from orchestrator.schemas import LifecycleJob, SessionCreate
+from orchestrator.service import ServiceError
+from orchestrator.sse import frame, parse_after
+
+
+def test_frames_round_trip_through_the_parser() -> None:
+    raw = frame("1-0", "session.ready", b'{"a": 1}') + b": keep-alive\n\n" + frame("2-5", "x", b"{}")
+    parser = SseParser()
+    events = [e for line in raw.decode().split("\n") if (e := parser.feed(line)) is not None]
+    assert [(e.id, e.type, e.data) for e in events] == [("1-0", "session.ready", {"a": 1}), ("2-5", "x", {})]
+    assert parser.last_id == "2-5"
+
+
+def test_parse_after_prefers_the_header_and_validates() -> None:
+    assert parse_after("5-1", "9-9") == "5-1"
+    assert parse_after(None, "7") == "7-0"
+    assert parse_after(None, None) is None
+    with pytest.raises(ServiceError) as e:
+        parse_after("abc", None)
+    assert e.value.code == "invalid_event_id" and e.value.field == "Last-Event-ID"
+
+
+def test_create_body_refuses_unknown_fields_and_bad_ids() -> None:
+    with pytest.raises(msgspec.ValidationError, match="unknown field `x`"):
+        msgspec.json.decode(b'{"x": 1}', type=SessionCreate)
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.id"):
+        msgspec.json.decode(b'{"id": "NO"}', type=SessionCreate)
+    assert msgspec.json.decode(b"{}", type=SessionCreate) == SessionCreate()
+
+
+def test_job_payload_is_validated() -> None:
+    assert msgspec.convert({"session": "abc", "generation": 2}, LifecycleJob).generation == 2
+    for bad in ({"session": "abc"}, {"session": "abc", "generation": 0}, {"session": "A", "generation": 1}):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert(bad, LifecycleJob)
