@@ -29,7 +29,10 @@ install_missing() {
   command -v debootstrap >/dev/null || pkgs+=(debootstrap)
   command -v docker >/dev/null || pkgs+=(docker.io)
   [ -x /bin/busybox ] || pkgs+=(busybox-static)
-  command -v python3 >/dev/null || pkgs+=(python3 python3-venv)
+  command -v python3 >/dev/null || pkgs+=(python3)
+  python3 -c 'import ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+  command -v curl >/dev/null || pkgs+=(curl)
+  command -v make >/dev/null || pkgs+=(make)
   if [ ${#pkgs[@]} -gt 0 ]; then
     need_root
     log "installing: ${pkgs[*]}"
