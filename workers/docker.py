@@ -285,6 +285,37 @@ class DesktopRuntime:
             server_version=info.get("ServerVersion", ""),
         )
 
+    async def probe_profile(self, profile: PrivilegeProfile) -> str | None:
+        """Run a throwaway container of the desktop image with ``profile``: None if it runs,
+        else why not (runc refuses e.g. --privileged where CAP_SYS_RESOURCE is missing)."""
+        name = f"privilege-probe-{self.sandbox_id}-{os.getpid()}"
+        config = {
+            "Image": self.image,
+            "Entrypoint": ["true"],
+            "Cmd": [],
+            "Labels": {LABEL_SANDBOX: self.sandbox_id, LABEL_ROLE: "probe"},
+            "HostConfig": profile.host_config(),
+        }
+        try:
+            await self._remove_container(name)
+            await self._docker._query_json("containers/create", "POST", params={"name": name}, data=json.dumps(config))
+            await self._request("POST", f"containers/{name}/start")
+            result = await self._docker._query_json(f"containers/{name}/wait", "POST", timeout=30)
+            status = result.get("StatusCode")
+            return None if status == 0 else f"the probe exited with status {status}"
+        except DockerError as e:
+            return e.message
+        finally:
+            with contextlib.suppress(DockerError):
+                await self._remove_container(name)
+
+    async def _remove_container(self, name: str) -> None:
+        try:
+            await self._request("DELETE", f"containers/{name}", params={"force": "true"})
+        except DockerError as e:
+            if e.status != 404:
+                raise
+
     def desktop_address_pool(self) -> str:
         return address_pool(self.depth + 1)
 

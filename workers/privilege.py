@@ -114,6 +114,23 @@ def choose_profile(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> Pr
     return PrivilegeProfile("privileged", "capability bounding set is complete")
 
 
+def candidates(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> list[PrivilegeProfile]:
+    """Profiles to try, best first. Explicit settings give one; ``auto`` gives what the bounding
+    set suggests, then the fallbacks that matter when this process's set is not the daemon's
+    (a worker in a container sees its own, smaller set): the daemon decides by trying."""
+    if setting != "auto":
+        return [choose_profile(setting, cap_bounding_hex, cap_last_cap)]
+    found = [
+        PrivilegeProfile("privileged", "probe"),
+        PrivilegeProfile("caps", "probe: all capabilities", missing_caps=()),
+        PrivilegeProfile("caps", "probe: all but SYS_RESOURCE", missing_caps=("SYS_RESOURCE",)),
+    ]
+    own = choose_profile("auto", cap_bounding_hex, cap_last_cap)
+    if own.kind == "caps" and own.missing_caps not in {p.missing_caps for p in found[1:]}:
+        found.append(own)
+    return found
+
+
 def read_bounding_set() -> tuple[str, int]:
     """This process's bounding set; the sandbox's dockerd shares this machine or container."""
     with open("/proc/self/status") as f:

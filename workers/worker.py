@@ -24,7 +24,7 @@ from orchestrator.store import SessionStore
 
 from .docker import DesktopRuntime
 from .lifecycle import Lifecycle
-from .privilege import choose_profile, read_bounding_set
+from .privilege import PrivilegeProfile, candidates, read_bounding_set
 
 log = logging.getLogger("workers.worker")
 
@@ -61,7 +61,8 @@ class SandboxWorker:
             session_maxlen=settings.session_stream_maxlen,
         )
         self.store = SessionStore(self.redis, self.bus)
-        self.profile = choose_profile(settings.privilege, *read_bounding_set())
+        # Decided for real at start-up (see choose_privilege); this is the first candidate.
+        self.profile = candidates(settings.privilege, *read_bounding_set())[0]
         self.runtime = DesktopRuntime(
             docker_host=settings.docker_host,
             image=settings.desktop_image,
@@ -98,7 +99,21 @@ class SandboxWorker:
             handle_signals=False,
         )
 
+    async def choose_privilege(self) -> PrivilegeProfile:
+        """Try the candidate profiles on the sandbox's daemon; the first that runs is used."""
+        options = candidates(self.settings.privilege, *read_bounding_set())
+        if len(options) == 1:
+            return options[0]
+        for profile in options:
+            why = await self.runtime.probe_profile(profile)
+            if why is None:
+                return profile
+            log.info("privilege profile %s does not work here: %s", profile.describe(), why)
+        log.warning("no privilege profile passed the probe; using %s", options[-1].describe())
+        return options[-1]
+
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
+        self.profile = self.runtime.profile = await self.choose_privilege()
         log.info(
             "sandbox %s (depth %d) serving queue %s; desktops get privilege profile: %s",
             self.settings.sandbox_id,

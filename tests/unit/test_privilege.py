@@ -35,3 +35,14 @@ def test_explicit_settings_win() -> None:
 def test_unknown_settings_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match=r"privilege|runtime"):
         choose_profile(bad, FULL, 40)
+
+
+def test_auto_candidates_go_from_most_to_least_capable() -> None:
+    from workers.privilege import candidates
+
+    kinds = [(p.kind, p.missing_caps) for p in candidates("auto", NO_SYS_RESOURCE, 40)]
+    assert kinds == [("privileged", ()), ("caps", ()), ("caps", ("SYS_RESOURCE",))]
+    # A worker inside a default container sees a small bounding set: that guess comes last.
+    small = candidates("auto", "00000000a80425fb", 40)
+    assert small[-1].kind == "caps" and "SYS_ADMIN" in small[-1].missing_caps
+    assert [p.kind for p in candidates("caps", FULL, 40)] == ["caps"]
