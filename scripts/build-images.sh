@@ -3,7 +3,7 @@
 # pulled (no registry reachable), make it offline from Debian's packages (debootstrap +
 # docker import) and tag it with the name the Dockerfiles expect.
 #
-#   scripts/build-images.sh            desktop image
+#   scripts/build-images.sh            desktop and sandbox images
 #   scripts/build-images.sh --test     also the small test image (busybox, FROM scratch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 STATE_DIR=${ORCH_STATE_DIR:-/var/lib/orchestrator-dev}
 BASE_IMAGE=${ORCH_BASE_IMAGE:-debian:bookworm-slim}
 DESKTOP_IMAGE=${ORCH_DESKTOP_IMAGE:-orchestrator/desktop:dev}
+SANDBOX_IMAGE=${ORCH_SANDBOX_IMAGE:-orchestrator/sandbox:dev}
 TEST_IMAGE=${ORCH_TEST_IMAGE:-orchestrator/test-busybox:dev}
+PYTHON=${PYTHON:-python3}
 DEBIAN_MIRROR=${ORCH_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 log() { printf '[images] %s\n' "$*" >&2; }
@@ -42,16 +44,35 @@ ensure_base() {
   docker import --change 'CMD ["bash"]' "$tarball" "$BASE_IMAGE" >/dev/null
 }
 
-build_desktop() {
-  log "building $DESKTOP_IMAGE"
-  local out
+build() {  # image, dockerfile, build args...
+  local image=$1 dockerfile=$2 out; shift 2
+  log "building $image"
   out=$(mktemp)
   # The legacy builder is what Debian's docker.io 20.10 has; BuildKit is not required.
-  if ! DOCKER_BUILDKIT=0 docker build -f desktop_image/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-      -t "$DESKTOP_IMAGE" . >"$out" 2>&1; then
-    tail -n 30 "$out" >&2; rm -f "$out"; die "building $DESKTOP_IMAGE failed"
+  if ! DOCKER_BUILDKIT=0 docker build -f "$dockerfile" "$@" -t "$image" . >"$out" 2>&1; then
+    tail -n 30 "$out" >&2; rm -f "$out"; die "building $image failed"
   fi
   rm -f "$out"
+}
+
+# Wheels for the image's Python (Debian bookworm: CPython 3.11.2, which matters for markers such as
+# redis's async-timeout), whatever Python runs here.
+build_wheels() {
+  local dir=build/wheels arch
+  arch=$(uname -m)
+  rm -rf "$dir"; mkdir -p "$dir"
+  log "building wheels for the sandbox image"
+  "$PYTHON" -m pip wheel -q --no-deps . -w "$dir" >/dev/null 2>&1 || die "pip wheel . failed"
+  "$PYTHON" - <<'PY' > build/requirements.txt
+import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
+# pip download does not evaluate python_full_version markers for the target: redis needs
+# async-timeout below CPython 3.11.3, which is what bookworm has.
+print("async-timeout>=4.0.3")
+PY
+  "$PYTHON" -m pip download -q -d "$dir" --only-binary=:all: --python-version 3.11.2 --implementation cp \
+    --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" --platform "manylinux_2_28_$arch" \
+    -r build/requirements.txt >/dev/null 2>&1 || die "pip download of the dependencies failed"
 }
 
 # A few-MB image for tests: a static busybox FROM scratch, loaded into inner daemons.
@@ -69,6 +90,8 @@ build_test_image() {
 }
 
 ensure_base
-build_desktop
+build "$DESKTOP_IMAGE" desktop_image/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE"
+build_wheels
+build "$SANDBOX_IMAGE" sandbox_image/Dockerfile --build-arg "DESKTOP_IMAGE=$DESKTOP_IMAGE"
 if [ "${1:-}" = "--test" ]; then build_test_image; fi
 log "done"

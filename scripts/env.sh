@@ -28,6 +28,8 @@ install_missing() {
   command -v redis-cli >/dev/null || pkgs+=(redis-tools)
   command -v debootstrap >/dev/null || pkgs+=(debootstrap)
   command -v docker >/dev/null || pkgs+=(docker.io)
+  # Compose v2 is not in Debian 12; its v1 (docker-compose 1.29) reads our compose file too.
+  docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || pkgs+=(docker-compose)
   [ -x /bin/busybox ] || pkgs+=(busybox-static)
   command -v python3 >/dev/null || pkgs+=(python3)
   python3 -c 'import ensurepip' 2>/dev/null || pkgs+=(python3-venv)

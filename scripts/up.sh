@@ -52,6 +52,6 @@ The stack is up. Try:
   export ORCH_API_URL=$ORCH_API_URL DOCKER_HOST=$DOCKER_HOST
   $BIN sessions ls
   $BIN events --follow
-  docker exec -it desktop-<id> docker run --rm hello-world   # any image you load into it
+  docker exec -it desktop-<id> docker info   # the desktop's own dockerd
 Logs: $LOG_DIR. Stop everything: make down.
 TXT

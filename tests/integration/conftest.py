@@ -107,13 +107,18 @@ def images(docker_host: str) -> str:
 def docker_settings(settings: Settings, images: str) -> Iterator[Settings]:
     """Settings for a worker on the real Docker Engine; removes whatever the test's sandbox made."""
     yield replace(settings, docker_host=images)
-    label = f"label={LABEL_SANDBOX}={settings.sandbox_id}"
-    containers = docker("ps", "-aq", "--filter", label, host=images).split()
+    remove_sandbox_objects(images, settings.sandbox_id)
+
+
+def remove_sandbox_objects(host: str, sandbox_id: str) -> None:
+    """Remove every container and volume labelled with ``sandbox_id``, whatever a test left."""
+    label = f"label={LABEL_SANDBOX}={sandbox_id}"
+    containers = docker("ps", "-aq", "--filter", label, host=host).split()
     if containers:
-        docker("rm", "-f", *containers, host=images, check=False)
-    volumes = docker("volume", "ls", "-q", "--filter", label, host=images).split()
+        docker("rm", "-f", *containers, host=host, check=False)
+    volumes = docker("volume", "ls", "-q", "--filter", label, host=host).split()
     if volumes:
-        docker("volume", "rm", "-f", *volumes, host=images, check=False)
+        docker("volume", "rm", "-f", *volumes, host=host, check=False)
 
 
 @pytest.fixture
