@@ -104,6 +104,8 @@ class Sessions:
 
     async def stop(self, session_id: str) -> SessionRecord:
         record = await self.get(session_id)
+        if record.state is S.STOPPED:  # already where the caller wants it
+            return record
         if record.state is not S.STOPPING:
             record = await self._transition(record, S.STOPPING, "stop")
         await self._enqueue(Operation.STOP, record)

@@ -34,6 +34,7 @@ install_missing() {
   command -v python3 >/dev/null || pkgs+=(python3)
   python3 -c 'import ensurepip' 2>/dev/null || pkgs+=(python3-venv)
   command -v curl >/dev/null || pkgs+=(curl)
+  command -v ip >/dev/null || pkgs+=(iproute2)
   command -v make >/dev/null || pkgs+=(make)
   if [ ${#pkgs[@]} -gt 0 ]; then
     need_root
@@ -66,24 +67,26 @@ start_dockerd() {
     for _ in $(seq 50); do pid_alive "$pid" || break; sleep 0.2; done
     pid_alive "$pid" && kill -9 "$(cat "$pid")" 2>/dev/null || true
   fi
-  # A dead daemon leaves its pid file, socket and containerd state; remove them.
+  # A dead daemon leaves its pid file and socket, and the next one refuses to start over them.
   rm -f "$pid" "$sock"
-  rm -rf "$STATE_DIR/docker/containerd/daemon/io.containerd.runtime.v2.task" 2>/dev/null || true
   mkdir -p "$RUN_DIR" "$STATE_DIR/docker" "$STATE_DIR/docker-exec"
   local pool=10.$((212 + DEPTH)).0.0/16 bip=10.$((212 + DEPTH)).0.1/24
   cat > "$RUN_DIR/daemon.json" <<JSON
-{"default-address-pools": [{"base": "$pool", "size": 24}], "bip": "$bip", "log-driver": "json-file", "log-opts": {"max-size": "10m", "max-file": "2"}}
+{"default-address-pools": [{"base": "$pool", "size": 24}], "bip": "$bip",
+ "log-driver": "json-file", "log-opts": {"max-size": "10m", "max-file": "2"}}
 JSON
   log "starting dockerd (data root $STATE_DIR/docker, socket $sock, pool $pool)"
   nohup dockerd --config-file "$RUN_DIR/daemon.json" --data-root "$STATE_DIR/docker" \
     --exec-root "$STATE_DIR/docker-exec" --host "$host" --pidfile "$pid" \
     >>"$RUN_DIR/dockerd.log" 2>&1 </dev/null &
+  local child=$!
   for _ in $(seq 300); do
     docker_ok "$host" && { log "dockerd ready"; echo "$host"; return; }
+    kill -0 "$child" 2>/dev/null || break  # it died: say why now, not after the timeout
     sleep 0.1
   done
-  tail -n 30 "$RUN_DIR/dockerd.log" >&2 || true
-  die "dockerd did not answer within 30 s (log: $RUN_DIR/dockerd.log)"
+  grep -v '\[core\]' "$RUN_DIR/dockerd.log" | tail -n 15 >&2 || true
+  die "dockerd did not come up (log: $RUN_DIR/dockerd.log)"
 }
 
 redis_ok() { timeout 5 redis-cli -u "$1" ping 2>/dev/null | grep -q PONG; }

@@ -4,6 +4,7 @@ event loop, each test in its own key prefix and sandbox id so nothing is shared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -121,15 +122,23 @@ def remove_sandbox_objects(host: str, sandbox_id: str) -> None:
         docker("volume", "rm", "-f", *volumes, host=host, check=False)
 
 
-@pytest.fixture
-async def worker(docker_settings: Settings) -> AsyncIterator[SandboxWorker]:
-    """A real worker for the test's sandbox, consuming its queue in this event loop."""
-    sandbox = SandboxWorker(docker_settings)
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[SandboxWorker]:
+    """A real worker for ``settings``' sandbox, consuming its queue in this event loop."""
+    sandbox = SandboxWorker(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(sandbox.serve(stop))
-    yield sandbox
-    stop.set()
-    await asyncio.wait_for(task, 60)
+    try:
+        yield sandbox
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@pytest.fixture
+async def worker(docker_settings: Settings) -> AsyncIterator[SandboxWorker]:
+    async with running_worker(docker_settings) as sandbox:
+        yield sandbox
 
 
 def labels_of(host: str, kind: str, name: str) -> dict[str, str]:

@@ -117,3 +117,16 @@ async def test_healthz_openapi_and_metrics(api: str, client: Client) -> None:
         assert "SessionCreate" in spec["components"]["schemas"]
         metrics = (await http.get("/metrics")).text
     assert 'orchestrator_sessions{state="pending"} 1' in metrics
+
+
+async def test_repeated_lifecycle_requests_are_idempotent(
+    client: Client, redis: aioredis.Redis, settings: Settings
+) -> None:
+    """Without a worker: a second delete re-enqueues nothing new and changes nothing."""
+    record = await client.create("twice-del")
+    first = await client.delete(record["id"])
+    second = await client.delete(record["id"])
+    assert first["state"] == second["state"] == "deleting"
+    assert first["revision"] == second["revision"]
+    queued = await redis.zrange(Keys(settings.key_prefix).queue(settings.sandbox_id), 0, -1)
+    assert queued == [b"create_session:twice-del:1", b"delete_session:twice-del:1"]
