@@ -29,12 +29,16 @@ def _api_url(args: argparse.Namespace) -> str:
     return str(args.api or os.environ.get("ORCH_API_URL") or "http://127.0.0.1:8080")
 
 
+class UsageError(Exception):
+    pass
+
+
 def _labels(items: Sequence[str]) -> dict[str, str]:
     labels = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"orchestrator: label {item!r} must look like key=value")
+            raise UsageError(f"label {item!r} must look like key=value")
         labels[key] = value
     return labels
 
@@ -215,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sessions":
             return asyncio.run(_sessions(args))
         return asyncio.run(_events(args))
+    except UsageError as e:
+        print(f"orchestrator: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ApiError as e:
         print(f"orchestrator: {e.code}: {e.message}", file=sys.stderr)
         return EXIT_API

@@ -81,6 +81,25 @@ class Event(Strict):
     data: dict[str, Any] = {}
 
 
+class SessionChanged(Strict, omit_defaults=True):
+    """``data`` of ``session.<state>``: where it came from; for ``session.failed``, why."""
+
+    from_: str | None = msgspec.field(default=None, name="from")
+    code: str | None = None
+    message: str | None = None
+    volume_removed: bool | None = None
+
+
+class VolumeCreated(Strict):
+    name: str
+
+
+class DesktopStarted(Strict):
+    container: str
+    id: str
+    privilege: str
+
+
 class DockerdReady(Strict):
     duration_ms: int
     storage_driver: str

@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.events import EventBus, make_event
 from orchestrator.names import volume_name
-from orchestrator.schemas import DockerdReady, SessionRecord, to_data
+from orchestrator.schemas import DesktopStarted, DockerdReady, SessionRecord, VolumeCreated, to_data
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
@@ -150,7 +150,7 @@ class Lifecycle:
         try:
             if record.state is S.CREATING:
                 if await self.runtime.ensure_volume(session_id):
-                    await self._event(record, "volume.created", {"name": volume_name(session_id)})
+                    await self._event(record, "volume.created", to_data(VolumeCreated(name=volume_name(session_id))))
             elif not await self.runtime.volume_exists(session_id):
                 # A resume must find the volume: a new empty one would silently lose the session's data.
                 raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
@@ -162,7 +162,9 @@ class Lifecycle:
             await self._event(
                 record,
                 "desktop.started",
-                {"container": desktop.name, "id": desktop.id[:12], "privilege": self.runtime.profile.kind},
+                to_data(
+                    DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind)
+                ),
             )
             info = await self.runtime.wait_dockerd(session_id, started_at, self.ready_timeout_s)
             ready = DockerdReady(

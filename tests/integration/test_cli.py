@@ -1,0 +1,57 @@
+"""The CLI as scripts use it: output, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from tests.conftest import free_port
+
+
+async def cli(api: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "--api",
+        api,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_create_list_get_and_events(api: str) -> None:
+    code, out, _ = await cli(api, "sessions", "create", "--id", "cli-one", "--label", "team=x")
+    assert code == 0
+    assert "session cli-one on sandbox" in out and "pending" in out
+
+    code, out, _ = await cli(api, "sessions", "ls", "--label", "team=x", "--json")
+    assert code == 0
+    assert [s["id"] for s in json.loads(out)] == ["cli-one"]
+
+    code, out, _ = await cli(api, "sessions", "ls")
+    assert code == 0 and "cli-one" in out and "pending" in out
+
+    code, out, _ = await cli(api, "events", "--session", "cli-one", "--json")
+    assert code == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in events] == ["session.pending"]
+    assert events[0]["session"] == "cli-one" and events[0]["id"]
+
+
+async def test_exit_codes_scripts_can_rely_on(api: str) -> None:
+    code, _, err = await cli(api, "sessions", "get", "no-such-one")
+    assert code == 1 and "session_not_found" in err
+    code, _, err = await cli(api, "sessions", "start", "BAD")
+    assert code == 1 and "invalid_session_id" in err
+    code, _, err = await cli(f"http://127.0.0.1:{free_port()}", "sessions", "ls")
+    assert code == 5 and "cannot reach the API" in err
+    code, _, err = await cli(api, "sessions", "create", "--label", "no-equals-sign")
+    assert code == 2 and "key=value" in err
