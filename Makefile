@@ -8,7 +8,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 WITH_ENV := set -a; . $(RUN_DIR)/env; set +a;
 
-.PHONY: help up down test env images venv lint unit clean-sessions
+.PHONY: help up down test env images venv lint unit bench
 
 help:
 	@echo "make up      bring the stack up and run one real session to dockerd.ready"
@@ -47,3 +47,6 @@ unit: venv
 
 test: venv images lint
 	$(WITH_ENV) ORCH_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -ra tests
+
+bench: venv images
+	$(WITH_ENV) $(PY) -m bench.cold -n $${N:-20}
