@@ -223,7 +223,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             redis=redis,
             arq=arq,
             bus=bus,
-            sessions=Sessions(store, JobQueue(arq, keys), redis, keys, settings.sandbox_id),
+            sessions=Sessions(store, JobQueue(arq, keys), redis, keys, settings),
         )
 
     async def shutdown(app: Litestar) -> None:

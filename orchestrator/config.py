@@ -17,6 +17,14 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("MemTotal:"))) // 1024
+    except (OSError, StopIteration, ValueError):
+        return 1024
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -53,10 +61,31 @@ class Settings:
     heartbeat_interval_s: float = 5.0
     sse_keepalive_s: float = 15.0
     max_sessions: int = 50
+    # What one desktop may ask for on this sandbox.
+    max_cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
+    max_memory_mb: int = field(default_factory=_memory_mb)
+    max_pids: int = 65536
+    # TTL for sessions that do not set one (0: none) and what happens when it runs out.
+    default_ttl_s: int = 0
+    default_ttl_action: str = "stop"
+    # Deadline for making the volume and the desktop container (readiness has its own).
+    provision_timeout_s: float = 60.0
+    # The reconciler: how often it runs, and how old an object of an unknown or deleted
+    # session must be before it is removed (a create may be between its steps).
+    reconcile_interval_s: float = 10.0
+    orphan_grace_s: float = 300.0
+    # A worker holds a session's lock while it works on it; a dead worker's lock lapses after this.
+    lock_lease_s: float = 15.0
+    # Test-only fault hook: the worker SIGKILLs itself on reaching this step (see workers/lifecycle.py).
+    fault_kill_at: str | None = None
     # arq polls Redis for new jobs; its default 0.5 s dominates a sub-second session start.
     poll_delay_s: float = 0.02
     max_jobs: int = 16
     hostname: str = field(default_factory=socket.gethostname)
+
+    def __post_init__(self) -> None:
+        if self.default_ttl_action not in ("stop", "delete"):
+            raise ValueError(f"ORCH_DEFAULT_TTL_ACTION must be stop or delete, got {self.default_ttl_action!r}")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -78,6 +107,16 @@ class Settings:
             heartbeat_interval_s=_env_float("ORCH_HEARTBEAT_INTERVAL", cls.heartbeat_interval_s),
             sse_keepalive_s=_env_float("ORCH_SSE_KEEPALIVE", cls.sse_keepalive_s),
             max_sessions=_env_int("ORCH_MAX_SESSIONS", cls.max_sessions),
+            max_cpus=_env_float("ORCH_MAX_CPUS", float(os.cpu_count() or 1)),
+            max_memory_mb=_env_int("ORCH_MAX_MEMORY_MB", _memory_mb()),
+            max_pids=_env_int("ORCH_MAX_PIDS", cls.max_pids),
+            default_ttl_s=_env_int("ORCH_DEFAULT_TTL", cls.default_ttl_s),
+            default_ttl_action=env("ORCH_DEFAULT_TTL_ACTION") or cls.default_ttl_action,
+            provision_timeout_s=_env_float("ORCH_PROVISION_TIMEOUT", cls.provision_timeout_s),
+            reconcile_interval_s=_env_float("ORCH_RECONCILE_INTERVAL", cls.reconcile_interval_s),
+            orphan_grace_s=_env_float("ORCH_ORPHAN_GRACE", cls.orphan_grace_s),
+            lock_lease_s=_env_float("ORCH_LOCK_LEASE", cls.lock_lease_s),
+            fault_kill_at=env("ORCH_FAULT_KILL_AT") or None,
             poll_delay_s=_env_float("ORCH_POLL_DELAY", cls.poll_delay_s),
             max_jobs=_env_int("ORCH_MAX_JOBS", cls.max_jobs),
         )

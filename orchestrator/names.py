@@ -55,6 +55,12 @@ class Keys:
     def session(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
 
+    def session_env(self, session_id: str) -> str:
+        return f"{self.prefix}session-env:{session_id}"
+
+    def lock(self, session_id: str) -> str:
+        return f"{self.prefix}lock:{session_id}"
+
     @property
     def session_index(self) -> str:
         return f"{self.prefix}sessions"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .schemas import SandboxInfo
+from .schemas import Resources, SandboxInfo
 
 
 class NoSandbox(Exception):
@@ -25,3 +25,16 @@ def choose_sandbox(live: Sequence[SandboxInfo], requested: str | None, default: 
     if live:
         raise NoSandbox("every live sandbox is at capacity")
     return default
+
+
+def resource_problem(
+    resources: Resources, max_cpus: float, max_memory_mb: int, max_pids: int
+) -> tuple[str, str] | None:
+    """(field, message) for the first limit a session asks beyond the sandbox's maximum."""
+    if resources.cpus is not None and max_cpus and resources.cpus > max_cpus:
+        return "resources.cpus", f"cpus {resources.cpus:g} exceeds this sandbox's maximum of {max_cpus:g}"
+    if resources.memory_mb is not None and max_memory_mb and resources.memory_mb > max_memory_mb:
+        return "resources.memory_mb", f"memory_mb {resources.memory_mb} exceeds the maximum of {max_memory_mb}"
+    if resources.pids is not None and max_pids and resources.pids > max_pids:
+        return "resources.pids", f"pids {resources.pids} exceeds this sandbox's maximum of {max_pids}"
+    return None

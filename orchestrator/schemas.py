@@ -6,7 +6,7 @@ Every external input is decoded into one of these at the edge; unknown fields ar
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -22,6 +22,21 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
+EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvValue = Annotated[str, msgspec.Meta(max_length=8192, pattern=r"^[^\x00]*$")]
+Env = Annotated[dict[EnvKey, EnvValue], msgspec.Meta(max_length=128)]
+TtlAction = Literal["stop", "delete"]
+
+
+class Resources(Strict, omit_defaults=True):
+    """Limits applied to the desktop; each must fit the sandbox's maximum."""
+
+    cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] | None = None
+    # The desktop runs a dockerd: less than 128 MiB is not a working desktop.
+    memory_mb: Annotated[int, msgspec.Meta(ge=128, le=4 * 1024 * 1024)] | None = None
+    pids: Annotated[int, msgspec.Meta(ge=64, le=4 * 1024 * 1024)] | None = None
+
+
 class SessionCreate(Strict):
     """Body of ``POST /v1/sessions``."""
 
@@ -29,10 +44,20 @@ class SessionCreate(Strict):
     labels: Labels = {}
     # Pin the session to a sandbox; by default the API places it.
     sandbox: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] | None = None
+    resources: Resources = msgspec.field(default_factory=Resources)
+    # Environment of the desktop: stored apart from the record, never echoed in events, logs or lists.
+    env: Env = {}
+    # Stop (or delete) the session this long after it was (re)started; default from configuration.
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=365 * 86400)] | None = None
+    ttl_action: TtlAction | None = None
 
 
 class SessionSpec(Strict):
     labels: Labels = {}
+    resources: Resources = msgspec.field(default_factory=Resources)
+    env_keys: list[str] = []
+    ttl_seconds: int | None = None
+    ttl_action: TtlAction = "stop"
 
 
 class SessionError(Strict):
@@ -51,6 +76,8 @@ class SessionRecord(Strict):
     # Bumped on every stored change; the compare-and-set token.
     revision: int = 0
     error: SessionError | None = None
+    # When the TTL runs out (Unix seconds), counted from the last create or start.
+    expires_at: float | None = None
 
 
 class SessionList(Strict):
@@ -120,6 +147,9 @@ class SandboxInfo(Strict):
     free_disk_bytes: int
     privilege: str
     ts: str
+    max_cpus: float = 0.0
+    max_memory_mb: int = 0
+    max_pids: int = 0
 
 
 class SandboxList(Strict):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from . import states
+from .config import Settings
 from .names import Keys, is_valid_session_id, new_session_id
-from .placement import NoSandbox, choose_sandbox
+from .placement import NoSandbox, choose_sandbox, resource_problem
 from .queue import JobQueue, Operation
 from .schemas import SandboxInfo, SessionCreate, SessionRecord, SessionSpec, now_rfc3339
 from .states import SessionState
@@ -44,13 +47,13 @@ def check_session_id(session_id: str) -> None:
 
 class Sessions:
     def __init__(
-        self, store: SessionStore, queue: JobQueue, redis: aioredis.Redis, keys: Keys, default_sandbox: str
+        self, store: SessionStore, queue: JobQueue, redis: aioredis.Redis, keys: Keys, settings: Settings
     ) -> None:
         self.store = store
         self.queue = queue
         self._redis = redis
         self.keys = keys
-        self.default_sandbox = default_sandbox
+        self.settings = settings
 
     async def sandboxes(self) -> list[SandboxInfo]:
         ids = sorted(i.decode() for i in await self._redis.smembers(self.keys.sandbox_index))  # type: ignore[misc]
@@ -61,11 +64,29 @@ class Sessions:
 
     async def create(self, request: SessionCreate) -> tuple[bool, SessionRecord]:
         """Returns (created, record). The same id with the same spec returns the existing session."""
-        spec = SessionSpec(labels=request.labels)
+        ttl = request.ttl_seconds if request.ttl_seconds is not None else self.settings.default_ttl_s
+        spec = SessionSpec(
+            labels=request.labels,
+            resources=request.resources,
+            env_keys=sorted(request.env),
+            ttl_seconds=ttl or None,
+            ttl_action=request.ttl_action or ("delete" if self.settings.default_ttl_action == "delete" else "stop"),
+        )
+        live = await self.sandboxes()
         try:
-            sandbox = choose_sandbox(await self.sandboxes(), request.sandbox, self.default_sandbox)
+            sandbox = choose_sandbox(live, request.sandbox, self.settings.sandbox_id)
         except NoSandbox as e:
             raise ServiceError(503, "no_sandbox", str(e)) from None
+        # Check limits against the chosen sandbox's own maximums when it has reported them.
+        info = next((s for s in live if s.id == sandbox), None)
+        problem = resource_problem(
+            request.resources,
+            info.max_cpus if info else self.settings.max_cpus,
+            info.max_memory_mb if info else self.settings.max_memory_mb,
+            info.max_pids if info else self.settings.max_pids,
+        )
+        if problem:
+            raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
         now = now_rfc3339()
         record = SessionRecord(
             id=request.id or new_session_id(),
@@ -75,8 +96,9 @@ class Sessions:
             spec=spec,
             created_at=now,
             updated_at=now,
+            expires_at=time.time() + ttl if ttl else None,
         )
-        created, stored = await self.store.create(record)
+        created, stored = await self.store.create(record, request.env)
         if not created:
             if stored.spec != spec or (request.sandbox is not None and stored.sandbox != request.sandbox):
                 raise ServiceError(
@@ -130,12 +152,12 @@ class Sessions:
     async def _transition(
         self, record: SessionRecord, target: SessionState, verb: str, bump_generation: bool = False
     ) -> SessionRecord:
+        def restart(r: SessionRecord) -> dict[str, Any]:
+            ttl = r.spec.ttl_seconds
+            return {"generation": r.generation + 1, "expires_at": time.time() + ttl if ttl else None}
+
         try:
-            return await self.store.transition(
-                record.id,
-                target,
-                mutate=(lambda r: {"generation": r.generation + 1}) if bump_generation else None,
-            )
+            return await self.store.transition(record.id, target, mutate=restart if bump_generation else None)
         except states.TransitionError as e:
             raise ServiceError(
                 409, "invalid_state", f"cannot {verb} session {record.id!r} while it is {e.current.value}"

@@ -49,7 +49,8 @@ def allowed(current: SessionState, target: SessionState) -> bool:
     if target is S.DELETING:
         return current is not S.DELETING
     if target is S.FAILED:
-        return current in IN_PROGRESS
+        # A ready session fails too when its desktop is lost (the reconciler finds it gone).
+        return current in IN_PROGRESS or current is S.READY
     return target in _FORWARD[current]
 
 

@@ -16,9 +16,10 @@ from .names import Keys
 from .schemas import SessionError, SessionRecord, now_rfc3339
 from .states import SessionState
 
-# KEYS: record, index, firehose, session stream.
-# ARGV: expected revision (-1: must not exist), new record json ('' deletes it), session id,
-#       event json, firehose maxlen, session maxlen, session stream ttl after deletion (0: none).
+# KEYS: record, index, firehose, session stream, session env.
+# ARGV: expected revision (-1: must not exist), new record json ('' deletes it and its env),
+#       session id, event json, firehose maxlen, session maxlen, session stream ttl after
+#       deletion (0: none), env json to store with the record ('': leave as is).
 # Returns {1, entry id} or {0, current record json or ''}.
 CAS_LUA = """
 local cur = redis.call('GET', KEYS[1])
@@ -30,11 +31,12 @@ else
   if cjson.decode(cur)['revision'] ~= expected then return {0, cur} end
 end
 if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[5])
   redis.call('SREM', KEYS[2], ARGV[3])
 else
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
+  if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8]) end
 end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], id, 'event', ARGV[4])
@@ -44,6 +46,7 @@ return {1, id}
 
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
+_decode_env = msgspec.json.Decoder(dict[str, str]).decode
 
 # How long a deleted session's event stream stays readable (a dashboard may still be following).
 DELETED_STREAM_TTL_S = 3600
@@ -89,9 +92,15 @@ class SessionStore:
         raws = await self._redis.mget([self.keys.session(i) for i in ids])
         return [_decode_record(raw) for raw in raws if raw is not None]
 
-    async def create(self, record: SessionRecord) -> tuple[bool, SessionRecord]:
-        """Store a new record and emit ``session.<state>``; if one exists, return it instead."""
-        ok, payload = await self._write(record.id, -1, record, self._state_event(record, None, {}))
+    async def get_env(self, session_id: str) -> dict[str, str]:
+        """The desktop's environment, kept apart from the record so no listing shows it."""
+        raw = await self._redis.get(self.keys.session_env(session_id))
+        return {} if raw is None else _decode_env(raw)
+
+    async def create(self, record: SessionRecord, env: dict[str, str] | None = None) -> tuple[bool, SessionRecord]:
+        """Store a new record (and its env) and emit ``session.<state>``; if one exists, return it."""
+        event = self._state_event(record, None, {})
+        ok, payload = await self._write(record.id, -1, record, event, env=env)
         if ok:
             return True, record
         assert payload
@@ -155,7 +164,12 @@ class SessionStore:
         return encode_event(event)
 
     async def _write(
-        self, session_id: str, expected_revision: int, record: SessionRecord | None, event: bytes
+        self,
+        session_id: str,
+        expected_revision: int,
+        record: SessionRecord | None,
+        event: bytes,
+        env: dict[str, str] | None = None,
     ) -> tuple[bool, bytes | None]:
         keys = self.keys
         reply = await self._cas(
@@ -164,6 +178,7 @@ class SessionStore:
                 keys.session_index,
                 keys.firehose,
                 keys.session_events(session_id),
+                keys.session_env(session_id),
             ],
             args=[
                 expected_revision,
@@ -173,6 +188,7 @@ class SessionStore:
                 self.bus.firehose_maxlen,
                 self.bus.session_maxlen,
                 DELETED_STREAM_TTL_S if record is None else 0,
+                _encode(env) if env else b"",
             ],
         )
         ok = int(reply[0]) == 1

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiodocker
@@ -30,6 +31,7 @@ from orchestrator.names import (
     desktop_name,
     volume_name,
 )
+from orchestrator.schemas import Resources
 
 from .privilege import PrivilegeProfile
 
@@ -50,6 +52,18 @@ class Desktop:
     running: bool
     generation: int | None
     exit_code: int | None
+
+
+@dataclass(frozen=True)
+class DockerObject:
+    """A labelled desktop or volume, as the reconciler sees it."""
+
+    kind: str  # desktop | volume
+    name: str
+    session: str
+    generation: int | None
+    running: bool
+    created_at: float  # Unix seconds
 
 
 @dataclass(frozen=True)
@@ -151,7 +165,13 @@ class DesktopRuntime:
             exit_code=state.get("ExitCode"),
         )
 
-    def desktop_config(self, session_id: str, generation: int) -> dict[str, Any]:
+    def desktop_config(
+        self,
+        session_id: str,
+        generation: int,
+        resources: Resources | None = None,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         sockets = os.path.dirname(self.socket_path(session_id))
         host_config: dict[str, Any] = {
             "Binds": [f"{volume_name(session_id)}:/var/lib/docker", f"{sockets}:/run/orchestrator"],
@@ -159,19 +179,35 @@ class DesktopRuntime:
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
             **self.profile.host_config(),
         }
+        if resources is not None:
+            if resources.cpus is not None:
+                host_config["NanoCpus"] = int(resources.cpus * 1e9)
+            if resources.memory_mb is not None:
+                host_config["Memory"] = resources.memory_mb * 1024 * 1024
+            if resources.pids is not None:
+                host_config["PidsLimit"] = resources.pids
+        # The session's own variables first: ours come last and win.
+        variables = [f"{k}={v}" for k, v in sorted((env or {}).items())]
+        variables += [
+            f"ORCH_DEPTH={self.depth + 1}",
+            f"ORCH_SESSION={session_id}",
+            "ORCH_EXTERNAL_SOCKET=/run/orchestrator/docker.sock",
+        ]
         return {
             "Image": self.image,
             "Hostname": desktop_name(session_id)[:63],
-            "Env": [
-                f"ORCH_DEPTH={self.depth + 1}",
-                f"ORCH_SESSION={session_id}",
-                "ORCH_EXTERNAL_SOCKET=/run/orchestrator/docker.sock",
-            ],
+            "Env": variables,
             "Labels": self.labels(session_id, generation),
             "HostConfig": host_config,
         }
 
-    async def create_desktop(self, session_id: str, generation: int) -> Desktop:
+    async def create_desktop(
+        self,
+        session_id: str,
+        generation: int,
+        resources: Resources | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Desktop:
         """Create the desktop for ``generation``; adopt one that exists for it, replace an older one."""
         existing = await self.inspect_desktop(session_id)
         if existing is not None and existing.generation == generation:
@@ -184,7 +220,7 @@ class DesktopRuntime:
                 "containers/create",
                 "POST",
                 params={"name": desktop_name(session_id)},
-                data=json.dumps(self.desktop_config(session_id, generation)),
+                data=json.dumps(self.desktop_config(session_id, generation, resources, env)),
             )
         except DockerError as e:
             if e.status == 409:  # created concurrently by a retry of this job: adopt it
@@ -334,12 +370,57 @@ class DesktopRuntime:
             await inner.images.import_image(chunks())
         return moved
 
-    async def list_desktops(self) -> list[dict[str, Any]]:
+    async def list_desktops(self) -> list[DockerObject]:
+        """This sandbox's desktops, found by label (an unlabelled container is never ours)."""
         filters = json.dumps({"label": [f"{LABEL_ROLE}=desktop", f"{LABEL_SANDBOX}={self.sandbox_id}"]})
-        result: list[dict[str, Any]] = await self._docker._query_json(
-            "containers/json", params={"all": "true", "filters": filters}
-        )
-        return result
+        found = await self._docker._query_json("containers/json", params={"all": "true", "filters": filters})
+        out = []
+        for c in found:
+            labels = c.get("Labels") or {}
+            raw_generation = labels.get(LABEL_GENERATION, "")
+            out.append(
+                DockerObject(
+                    kind="desktop",
+                    name=(c.get("Names") or ["/?"])[0].lstrip("/"),
+                    session=labels.get(LABEL_SESSION, ""),
+                    generation=int(raw_generation) if raw_generation.isdigit() else None,
+                    running=c.get("State") == "running",
+                    created_at=float(c.get("Created") or 0),
+                )
+            )
+        return out
+
+    async def list_volumes(self) -> list[DockerObject]:
+        filters = json.dumps({"label": [f"{LABEL_SANDBOX}={self.sandbox_id}", LABEL_SESSION]})
+        found = await self._docker._query_json("volumes", params={"filters": filters})
+        out = []
+        for v in found.get("Volumes") or []:
+            created = v.get("CreatedAt") or ""
+            try:
+                created_at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                created_at = 0.0
+            out.append(
+                DockerObject(
+                    kind="volume",
+                    name=v["Name"],
+                    session=(v.get("Labels") or {}).get(LABEL_SESSION, ""),
+                    generation=None,
+                    running=False,
+                    created_at=created_at,
+                )
+            )
+        return out
+
+    async def remove_container_by_name(self, name: str) -> None:
+        await self._remove_container(name)
+
+    async def remove_volume_by_name(self, name: str) -> None:
+        try:
+            await self._request("DELETE", f"volumes/{name}")
+        except DockerError as e:
+            if e.status != 404:
+                raise DesktopError("volume_remove_failed", f"could not remove volume {name}: {e.message}") from e
 
 
 async def _ping(http: aiohttp.ClientSession) -> bool:

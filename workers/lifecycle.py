@@ -1,22 +1,26 @@
 """Lifecycle jobs: what a worker does for create, start, stop and delete.
 
-Each job re-reads the session, acts only if the record is at the job's generation and in
-a state the job is for, and moves it on with compare-and-set transitions. So a job run
-twice, or after a crash at any point, converges instead of duplicating anything.
+Each operation holds the session's lease (one operation per session at a time, across all
+workers), re-reads the record, acts only if the record is at the job's generation and in a
+state the job is for, and moves it on with compare-and-set transitions. Every Docker step
+is idempotent by name. So a job run twice, or resumed by the reconciler after a crash at
+any point, converges instead of duplicating anything.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
+import signal
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
+
 from orchestrator.events import EventBus, make_event
+from orchestrator.locks import SessionLocks
 from orchestrator.names import volume_name
+from orchestrator.placement import resource_problem
 from orchestrator.schemas import DesktopStarted, DockerdReady, SessionRecord, VolumeCreated, to_data
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
@@ -25,6 +29,18 @@ from .docker import DesktopError, DesktopRuntime
 
 log = logging.getLogger("workers.lifecycle")
 S = SessionState
+SUPERSEDED = (StaleGeneration, TransitionError, SessionNotFound)
+
+# Steps where the test-only fault hook (ORCH_FAULT_KILL_AT) can kill the worker.
+FAULT_POINTS = (
+    "create:after_volume",
+    "create:after_container",
+    "create:after_start",
+    "create:before_ready_event",
+    "create:after_ready_event",
+    "delete:after_desktop_removed",
+    "delete:after_volume_removed",
+)
 
 
 class Lifecycle:
@@ -33,29 +49,30 @@ class Lifecycle:
         store: SessionStore,
         bus: EventBus,
         runtime: DesktopRuntime,
+        locks: SessionLocks,
         *,
         sandbox_id: str,
+        provision_timeout_s: float,
         ready_timeout_s: float,
         stop_timeout_s: int,
+        limits: tuple[float, int, int] = (0.0, 0, 0),
+        fault_kill_at: str | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
         self.runtime = runtime
+        self.locks = locks
         self.sandbox_id = sandbox_id
+        self.provision_timeout_s = provision_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        # One operation per session at a time within this worker; jobs queue behind it (FIFO).
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.limits = limits
+        self.fault_kill_at = fault_kill_at
 
-    @asynccontextmanager
-    async def _exclusive(self, session_id: str) -> AsyncIterator[None]:
-        lock = self._locks[session_id]
-        async with lock:
-            try:
-                yield
-            finally:
-                if not lock._waiters:  # drop idle locks so the dict does not grow forever
-                    self._locks.pop(session_id, None)
+    def _fault(self, point: str) -> None:
+        if point == self.fault_kill_at:
+            log.warning("fault hook: killing this worker at %s", point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _current(self, session_id: str, generation: int) -> SessionRecord | None:
         record = await self.store.get(session_id)
@@ -72,100 +89,99 @@ class Lifecycle:
             make_event(type, sandbox=self.sandbox_id, session=record.id, generation=record.generation, data=data)
         )
 
-    # -- jobs -------------------------------------------------------------------------------
-
-    async def create(self, session_id: str, generation: int) -> str:
-        async with self._exclusive(session_id):
+    async def run(self, operation: str, session_id: str, generation: int) -> str:
+        """Run ``operation`` (create | start | stop | delete) under the session's lease.
+        Raises locks.Busy when another operation holds it (the caller retries later)."""
+        handler = {"create": self._create, "start": self._start, "stop": self._stop, "delete": self._delete}[operation]
+        async with self.locks.hold(session_id, operation):
             record = await self._current(session_id, generation)
             if record is None:
                 return "skipped"
             try:
-                if record.state is S.PENDING:
-                    record = await self.store.transition(session_id, S.CREATING, generation=generation)
-                if record.state not in (S.CREATING, S.STARTING):
-                    return f"nothing to do in state {record.state.value}"
-                return await self._bring_up(record)
-            except (StaleGeneration, TransitionError, SessionNotFound) as e:
+                return await handler(record)
+            except SUPERSEDED as e:
                 return f"superseded: {e}"
 
-    async def start(self, session_id: str, generation: int) -> str:
-        async with self._exclusive(session_id):
-            record = await self._current(session_id, generation)
-            if record is None:
-                return "skipped"
-            if record.state is not S.STARTING:
-                return f"nothing to do in state {record.state.value}"
-            try:
-                return await self._bring_up(record)
-            except (StaleGeneration, TransitionError, SessionNotFound) as e:
-                return f"superseded: {e}"
+    # -- operations (called with the lease held) --------------------------------------------
 
-    async def stop(self, session_id: str, generation: int) -> str:
-        async with self._exclusive(session_id):
-            record = await self._current(session_id, generation)
-            if record is None:
-                return "skipped"
-            try:
-                if record.state in (S.READY, S.FAILED):
-                    record = await self.store.transition(session_id, S.STOPPING, generation=generation)
-                if record.state is not S.STOPPING:
-                    return f"nothing to do in state {record.state.value}"
-                try:
-                    await self.runtime.remove_desktop(session_id, self.stop_timeout_s)
-                    self.runtime.remove_socket_dir(session_id)
-                except DesktopError as e:
-                    await self.store.fail(session_id, generation, e.code, e.message)
-                    return f"failed: {e.code}"
-                await self.store.transition(session_id, S.STOPPED, generation=generation)
-                return "stopped"
-            except (StaleGeneration, TransitionError, SessionNotFound) as e:
-                return f"superseded: {e}"
+    async def _create(self, record: SessionRecord) -> str:
+        if record.state is S.PENDING:
+            record = await self.store.transition(record.id, S.CREATING, generation=record.generation)
+        if record.state not in (S.CREATING, S.STARTING):
+            return f"nothing to do in state {record.state.value}"
+        return await self._bring_up(record)
 
-    async def delete(self, session_id: str, generation: int) -> str:
-        async with self._exclusive(session_id):
-            record = await self._current(session_id, generation)
-            if record is None:
-                return "skipped"
-            if record.state is not S.DELETING:
-                return f"nothing to do in state {record.state.value}"
-            try:
-                try:
-                    await self.runtime.remove_desktop(session_id, self.stop_timeout_s)
-                    self.runtime.remove_socket_dir(session_id)
-                    removed = await self.runtime.remove_volume(session_id)
-                except DesktopError as e:
-                    await self.store.fail(session_id, generation, e.code, e.message)
-                    return f"failed: {e.code}"
-                await self.store.transition(
-                    session_id, S.DELETED, generation=generation, event_data={"volume_removed": removed}
-                )
-                return "deleted"
-            except (StaleGeneration, TransitionError, SessionNotFound) as e:
-                return f"superseded: {e}"
+    async def _start(self, record: SessionRecord) -> str:
+        if record.state is not S.STARTING:
+            return f"nothing to do in state {record.state.value}"
+        return await self._bring_up(record)
+
+    async def _stop(self, record: SessionRecord) -> str:
+        session_id, generation = record.id, record.generation
+        if record.state in (S.READY, S.FAILED):
+            record = await self.store.transition(session_id, S.STOPPING, generation=generation)
+        if record.state is not S.STOPPING:
+            return f"nothing to do in state {record.state.value}"
+        try:
+            await self.runtime.remove_desktop(session_id, self.stop_timeout_s)
+            self.runtime.remove_socket_dir(session_id)
+        except DesktopError as e:
+            await self.store.fail(session_id, generation, e.code, e.message)
+            return f"failed: {e.code}"
+        await self.store.transition(session_id, S.STOPPED, generation=generation)
+        return "stopped"
+
+    async def _delete(self, record: SessionRecord) -> str:
+        session_id, generation = record.id, record.generation
+        if record.state is not S.DELETING:
+            return f"nothing to do in state {record.state.value}"
+        try:
+            await self.runtime.remove_desktop(session_id, self.stop_timeout_s)
+            self.runtime.remove_socket_dir(session_id)
+            self._fault("delete:after_desktop_removed")
+            removed = await self.runtime.remove_volume(session_id)
+            self._fault("delete:after_volume_removed")
+        except DesktopError as e:
+            await self.store.fail(session_id, generation, e.code, e.message)
+            return f"failed: {e.code}"
+        await self.store.transition(
+            session_id, S.DELETED, generation=generation, event_data={"volume_removed": removed}
+        )
+        return "deleted"
 
     # -- the shared path of create and start ----------------------------------------------
 
     async def _bring_up(self, record: SessionRecord) -> str:
         session_id, generation = record.id, record.generation
         try:
-            if record.state is S.CREATING:
-                if await self.runtime.ensure_volume(session_id):
-                    await self._event(record, "volume.created", to_data(VolumeCreated(name=volume_name(session_id))))
-            elif not await self.runtime.volume_exists(session_id):
-                # A resume must find the volume: a new empty one would silently lose the session's data.
-                raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
-            desktop = await self.runtime.create_desktop(session_id, generation)
+            problem = resource_problem(record.spec.resources, *self.limits)
+            if problem:
+                raise DesktopError("resources_exceed_sandbox", problem[1])
+            env = await self.store.get_env(session_id) if record.spec.env_keys else {}
+            try:
+                with anyio.fail_after(self.provision_timeout_s):
+                    if record.state is S.CREATING:
+                        if await self.runtime.ensure_volume(session_id):
+                            data = to_data(VolumeCreated(name=volume_name(session_id)))
+                            await self._event(record, "volume.created", data)
+                        self._fault("create:after_volume")
+                    elif not await self.runtime.volume_exists(session_id):
+                        # A resume must find the volume: a new empty one would silently lose the data.
+                        raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
+                    desktop = await self.runtime.create_desktop(session_id, generation, record.spec.resources, env)
+                    self._fault("create:after_container")
+            except TimeoutError:
+                raise DesktopError(
+                    "provision_timeout",
+                    f"making the volume and the desktop took longer than {self.provision_timeout_s:g} s",
+                ) from None
             if record.state is S.CREATING:
                 record = await self.store.transition(session_id, S.STARTING, generation=generation)
             started_at = time.monotonic()
             await self.runtime.start_desktop(session_id)
-            await self._event(
-                record,
-                "desktop.started",
-                to_data(
-                    DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind)
-                ),
-            )
+            self._fault("create:after_start")
+            started = DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind)
+            await self._event(record, "desktop.started", to_data(started))
             info = await self.runtime.wait_dockerd(session_id, started_at, self.ready_timeout_s)
             ready = DockerdReady(
                 duration_ms=info.duration_ms,
@@ -175,13 +191,15 @@ class Lifecycle:
                 depth=self.runtime.depth + 1,
                 address_pool=self.runtime.desktop_address_pool(),
             )
+            self._fault("create:before_ready_event")
             await self._event(record, "dockerd.ready", to_data(ready))
+            self._fault("create:after_ready_event")
             await self.store.transition(session_id, S.READY, generation=generation)
             return "ready"
         except DesktopError as e:
             await self._fail(record, e.code, e.message)
             return f"failed: {e.code}"
-        except (StaleGeneration, TransitionError, SessionNotFound):
+        except SUPERSEDED:
             raise
         except Exception as e:  # never leave a session silently stuck in creating/starting
             log.exception("bringing up %s failed", session_id)
@@ -189,13 +207,13 @@ class Lifecycle:
             return "failed: internal_error"
 
     async def _fail(self, record: SessionRecord, code: str, message: str) -> None:
-        # A desktop that never became ready is useless: remove it, keep the volume (it goes
-        # with the session on delete), and record why.
+        # Rule: a desktop that never became ready is removed; the volume stays with the
+        # session (its data may matter) until the session is deleted.
         try:
             await self.runtime.remove_desktop(record.id, stop_timeout=2)
         except DesktopError:
             log.exception("could not remove the failed desktop of %s", record.id)
         try:
             await self.store.fail(record.id, record.generation, code, message)
-        except (StaleGeneration, TransitionError, SessionNotFound) as e:
+        except SUPERSEDED as e:
             log.info("not marking %s failed: %s", record.id, e)

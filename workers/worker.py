@@ -12,19 +12,21 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from arq.connections import RedisSettings
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
 
 from orchestrator import __version__
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
+from orchestrator.locks import Busy, SessionLocks
 from orchestrator.names import Keys
-from orchestrator.queue import Operation, job_deserializer, job_serializer
+from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from orchestrator.schemas import LifecycleJob, SandboxInfo, now_rfc3339, to_data
 from orchestrator.store import SessionStore
 
 from .docker import DesktopRuntime
 from .lifecycle import Lifecycle
 from .privilege import PrivilegeProfile, candidates, read_bounding_set
+from .reconciler import Reconciler
 
 log = logging.getLogger("workers.worker")
 
@@ -38,8 +40,11 @@ def _job(operation: Operation) -> Any:
             log.error("refusing %s job with invalid arguments %r: %s", operation.value, kwargs, e)
             return f"invalid job: {e}"
         lifecycle: Lifecycle = ctx["lifecycle"]
-        handler = getattr(lifecycle, operation.value.removesuffix("_session"))
-        result: str = await handler(job.session, job.generation)
+        try:
+            result = await lifecycle.run(operation.value.removesuffix("_session"), job.session, job.generation)
+        except Busy:
+            # Another operation on this session runs now: queue behind it.
+            raise Retry(defer=0.25) from None
         log.info("%s %s generation %d: %s", operation.value, job.session, job.generation, result)
         return result
 
@@ -71,14 +76,22 @@ class SandboxWorker:
             socket_dir=settings.socket_dir,
             profile=self.profile,
         )
+        self.worker_id = f"{settings.sandbox_id}@{settings.hostname}:{os.getpid()}"
+        self.locks = SessionLocks(self.redis, self.keys, settings.lock_lease_s, self.worker_id)
         self.lifecycle = Lifecycle(
             self.store,
             self.bus,
             self.runtime,
+            self.locks,
             sandbox_id=settings.sandbox_id,
+            provision_timeout_s=settings.provision_timeout_s,
             ready_timeout_s=settings.ready_timeout_s,
             stop_timeout_s=settings.stop_timeout_s,
+            limits=(settings.max_cpus, settings.max_memory_mb, settings.max_pids),
+            fault_kill_at=settings.fault_kill_at,
         )
+        self.reconciler: Reconciler | None = None
+        self._reconcile_loop: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self.arq = Worker(
             functions=[_job(op) for op in Operation],
@@ -92,7 +105,8 @@ class SandboxWorker:
             # Jobs are idempotent, so a finished job may run again when re-requested; arq's
             # job key still suppresses duplicates while one is queued or running.
             keep_result=0,
-            max_tries=3,
+            # A job waiting for a busy session is retried (deferred), not failed.
+            max_tries=10_000,
             ctx={"lifecycle": self.lifecycle},
             on_startup=self._on_startup,
             on_shutdown=self._on_shutdown,
@@ -114,6 +128,19 @@ class SandboxWorker:
 
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
         self.profile = self.runtime.profile = await self.choose_privilege()
+        self.reconciler = Reconciler(
+            self.store,
+            self.bus,
+            self.runtime,
+            self.locks,
+            self.lifecycle,
+            JobQueue(ctx["redis"], self.keys),
+            sandbox_id=self.settings.sandbox_id,
+            grace_s=self.settings.orphan_grace_s,
+        )
+        # Before any job is consumed: adopt, finish and clean up what an earlier run left.
+        await self.reconciler.pass_once()
+        self._reconcile_loop = asyncio.create_task(self._reconcile_forever(self.reconciler))
         log.info(
             "sandbox %s (depth %d) serving queue %s; desktops get privilege profile: %s",
             self.settings.sandbox_id,
@@ -125,10 +152,21 @@ class SandboxWorker:
         self._heartbeat = asyncio.create_task(self._beat_forever())
 
     async def _on_shutdown(self, ctx: dict[str, Any]) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._reconcile_loop):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.reconciler is not None:
+            await self.reconciler.close()
+
+    async def _reconcile_forever(self, reconciler: Reconciler) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval_s)
+            try:
+                await reconciler.pass_once()
+            except Exception:
+                log.exception("reconcile pass failed")
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Consume jobs until ``stop`` is set (or arq fails), then shut down gracefully."""
@@ -172,6 +210,9 @@ class SandboxWorker:
             free_disk_bytes=(await asyncio.to_thread(shutil.disk_usage, "/")).free,
             privilege=self.profile.describe(),
             ts=now_rfc3339(),
+            max_cpus=self.settings.max_cpus,
+            max_memory_mb=self.settings.max_memory_mb,
+            max_pids=self.settings.max_pids,
         )
         ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -42,8 +42,8 @@ def test_deleted_is_final(target: SessionState) -> None:
 
 
 @given(st.sampled_from(ALL))
-def test_only_in_progress_states_can_fail(current: SessionState) -> None:
-    assert states.allowed(current, S.FAILED) == (current in IN_PROGRESS)
+def test_only_in_progress_and_ready_states_can_fail(current: SessionState) -> None:
+    assert states.allowed(current, S.FAILED) == (current in IN_PROGRESS or current is S.READY)
 
 
 @given(st.lists(st.sampled_from(ALL), max_size=60))

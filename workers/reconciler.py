@@ -1,0 +1,199 @@
+"""The reconciler: converge what Redis says to what Docker has, on this sandbox.
+
+``plan`` is pure: from the session records, the labelled desktops and volumes, the sessions
+whose lease is held, and the clock, it decides corrections. ``Reconciler`` carries them out,
+each with an event. It runs at worker start-up (before jobs are consumed) and periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from orchestrator.events import EventBus, make_event
+from orchestrator.locks import Busy, SessionLocks
+from orchestrator.queue import JobQueue, Operation
+from orchestrator.schemas import SessionRecord
+from orchestrator.states import SessionState, TransitionError
+from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
+
+from .docker import DesktopError, DesktopRuntime, DockerObject
+from .lifecycle import Lifecycle
+
+log = logging.getLogger("workers.reconciler")
+S = SessionState
+
+# The operation that finishes a session found in each in-progress state.
+RESUME = {S.CREATING: "create", S.STARTING: "start", S.STOPPING: "stop", S.DELETING: "delete"}
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # enqueue_create | resume | desktop_lost | expire | remove_desktop | remove_volume
+    session: str
+    reason: str
+    operation: str | None = None  # resume: create|start|stop|delete; expire: stop|delete
+    name: str | None = None  # the Docker object, for removals
+    generation: int | None = None
+
+
+def plan(
+    records: Iterable[SessionRecord],
+    desktops: Iterable[DockerObject],
+    volumes: Iterable[DockerObject],
+    *,
+    busy: set[str],
+    now: float,
+    grace_s: float,
+) -> list[Action]:
+    """Corrections for one sandbox. ``records`` are this sandbox's sessions; ``busy`` are those
+    whose lease is held (some worker is on it: leave them alone)."""
+    by_id = {r.id: r for r in records}
+    desktop_of = {d.session: d for d in desktops}
+    actions: list[Action] = []
+    for r in by_id.values():
+        if r.id in busy:
+            continue
+        desktop = desktop_of.get(r.id)
+        if r.state is S.PENDING:
+            # The API may have died between storing the record and enqueueing its job.
+            actions.append(Action("enqueue_create", r.id, "pending without a running job", generation=r.generation))
+        elif r.state in RESUME:
+            actions.append(
+                Action(
+                    "resume", r.id, f"{r.state.value} with no worker on it", RESUME[r.state], generation=r.generation
+                )
+            )
+        elif r.state is S.READY:
+            if desktop is None or not desktop.running or desktop.generation != r.generation:
+                why = "is gone" if desktop is None else "is not running" if not desktop.running else "is stale"
+                actions.append(Action("desktop_lost", r.id, f"the desktop {why}", generation=r.generation))
+            elif r.expires_at is not None and now >= r.expires_at:
+                actions.append(Action("expire", r.id, "ttl expired", r.spec.ttl_action, generation=r.generation))
+        elif r.state in (S.STOPPED, S.FAILED):
+            if (
+                r.state is S.STOPPED
+                and r.spec.ttl_action == "delete"
+                and r.expires_at is not None
+                and now >= r.expires_at
+            ):
+                actions.append(Action("expire", r.id, "ttl expired", "delete", generation=r.generation))
+            elif desktop is not None and now - desktop.created_at >= grace_s:
+                actions.append(
+                    Action("remove_desktop", r.id, f"left over by a {r.state.value} session", name=desktop.name)
+                )
+    for d in desktops:
+        if d.session not in by_id and now - d.created_at >= grace_s:
+            actions.append(Action("remove_desktop", d.session, "its session is unknown or deleted", name=d.name))
+    for v in volumes:
+        if v.session not in by_id and now - v.created_at >= grace_s:
+            actions.append(Action("remove_volume", v.session, "its session is unknown or deleted", name=v.name))
+    return actions
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: SessionStore,
+        bus: EventBus,
+        runtime: DesktopRuntime,
+        locks: SessionLocks,
+        lifecycle: Lifecycle,
+        queue: JobQueue,
+        *,
+        sandbox_id: str,
+        grace_s: float,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.runtime = runtime
+        self.locks = locks
+        self.lifecycle = lifecycle
+        self.queue = queue
+        self.sandbox_id = sandbox_id
+        self.grace_s = grace_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def pass_once(self) -> list[Action]:
+        records = [r for r in await self.store.list() if r.sandbox == self.sandbox_id]
+        desktops = await self.runtime.list_desktops()
+        volumes = await self.runtime.list_volumes()
+        busy = await self.locks.held([r.id for r in records])
+        actions = plan(records, desktops, volumes, busy=busy, now=time.time(), grace_s=self.grace_s)
+        for action in actions:
+            try:
+                await self._apply(action)
+            except (StaleGeneration, TransitionError, SessionNotFound) as e:
+                log.info("reconcile %s %s: superseded (%s)", action.kind, action.session, e)
+            except Exception:
+                log.exception("reconcile %s %s failed; the next pass retries", action.kind, action.session)
+        return actions
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _event(self, type: str, action: Action, **data: object) -> None:
+        # Removals are about objects whose session may be unknown: firehose only.
+        session = None if action.kind.startswith("remove_") else action.session
+        payload = {"reason": action.reason, **data}
+        if session is None:
+            payload["session"] = action.session
+        await self.bus.publish(
+            make_event(type, sandbox=self.sandbox_id, session=session, generation=action.generation, data=payload)
+        )
+
+    async def _apply(self, action: Action) -> None:
+        log.info("reconcile: %s %s (%s)", action.kind, action.session, action.reason)
+        if action.kind == "enqueue_create":
+            assert action.generation is not None
+            # arq refuses a job id that is queued or running: only a lost job is enqueued again.
+            if await self.queue.enqueue(Operation.CREATE, self.sandbox_id, action.session, action.generation):
+                await self._event("reconcile.requeued", action, operation="create")
+        elif action.kind == "resume":
+            assert action.operation and action.generation is not None
+            await self._event("reconcile.resumed", action, operation=action.operation)
+            self._spawn(self._resume(action.operation, action.session, action.generation))
+        elif action.kind == "desktop_lost":
+            with contextlib.suppress(DesktopError):
+                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+            await self.store.fail(
+                action.session, action.generation, "desktop_lost", f"the desktop {action.reason[12:]}"
+            )
+        elif action.kind == "expire":
+            assert action.operation and action.generation is not None
+            await self._event("session.expired", action, then=action.operation)
+            target, operation = (
+                (S.STOPPING, Operation.STOP) if action.operation == "stop" else (S.DELETING, Operation.DELETE)
+            )
+            record = await self.store.transition(action.session, target, generation=action.generation)
+            await self.queue.enqueue(operation, self.sandbox_id, record.id, record.generation)
+        elif action.kind == "remove_desktop":
+            assert action.name
+            await self.runtime.remove_container_by_name(action.name)
+            await self._event("reconcile.removed", action, kind="desktop", name=action.name)
+        elif action.kind == "remove_volume":
+            assert action.name
+            await self.runtime.remove_volume_by_name(action.name)
+            await self._event("reconcile.removed", action, kind="volume", name=action.name)
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resume(self, operation: str, session_id: str, generation: int) -> None:
+        try:
+            result = await self.lifecycle.run(operation, session_id, generation)
+            log.info("reconcile: resumed %s of %s: %s", operation, session_id, result)
+        except Busy:
+            log.info("reconcile: %s of %s is already being worked on", operation, session_id)
+        except Exception:
+            log.exception("reconcile: resuming %s of %s failed", operation, session_id)
