@@ -93,6 +93,8 @@ class SandboxWorker:
         self.reconciler: Reconciler | None = None
         self._reconcile_loop: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
+        self.started = asyncio.Event()
         self.arq = Worker(
             functions=[_job(op) for op in Operation],
             redis_settings=RedisSettings.from_dsn(settings.redis_url),
@@ -128,13 +130,14 @@ class SandboxWorker:
 
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
         self.profile = self.runtime.profile = await self.choose_privilege()
+        self.lifecycle_queue = JobQueue(ctx["redis"], self.keys)
         self.reconciler = Reconciler(
             self.store,
             self.bus,
             self.runtime,
             self.locks,
             self.lifecycle,
-            JobQueue(ctx["redis"], self.keys),
+            self.lifecycle_queue,
             sandbox_id=self.settings.sandbox_id,
             grace_s=self.settings.orphan_grace_s,
         )
@@ -150,6 +153,7 @@ class SandboxWorker:
         )
         await self.beat()
         self._heartbeat = asyncio.create_task(self._beat_forever())
+        self.started.set()
 
     async def _on_shutdown(self, ctx: dict[str, Any]) -> None:
         for task in (self._heartbeat, self._reconcile_loop):

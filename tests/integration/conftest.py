@@ -20,7 +20,7 @@ from orchestrator.api import create_app
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
-from orchestrator.names import LABEL_SANDBOX, Keys
+from orchestrator.names import LABEL_SANDBOX, LABEL_SESSION, Keys
 from tests.conftest import free_port
 from workers.worker import SandboxWorker
 
@@ -57,6 +57,9 @@ def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settin
         ready_timeout_s=60.0,
         stop_timeout_s=10,
         poll_delay_s=0.01,
+        reconcile_interval_s=0.5,
+        lock_lease_s=2.0,
+        orphan_grace_s=3600.0,
     )
 
 
@@ -129,6 +132,11 @@ async def running_worker(settings: Settings) -> AsyncIterator[SandboxWorker]:
     stop = asyncio.Event()
     task = asyncio.create_task(sandbox.serve(stop))
     try:
+        started = asyncio.create_task(sandbox.started.wait())
+        await asyncio.wait({started, task}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # start-up failed: raise its error here
+        assert sandbox.started.is_set(), "the worker did not finish start-up within 60 s"
         yield sandbox
     finally:
         stop.set()
@@ -152,3 +160,33 @@ def labels_of(host: str, kind: str, name: str) -> dict[str, str]:
     )
     result: dict[str, str] = json.loads(out)
     return result
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes `orchestrator worker` (a real process) use ``settings``."""
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "ORCH_KEY_PREFIX": settings.key_prefix,
+        "ORCH_SANDBOX_ID": settings.sandbox_id,
+        "ORCH_SOCKET_DIR": settings.socket_dir,
+        "ORCH_DESKTOP_IMAGE": settings.desktop_image,
+        "ORCH_RECONCILE_INTERVAL": str(settings.reconcile_interval_s),
+        "ORCH_LOCK_LEASE": str(settings.lock_lease_s),
+        "ORCH_ORPHAN_GRACE": str(settings.orphan_grace_s),
+        "ORCH_POLL_DELAY": str(settings.poll_delay_s),
+        "ORCH_READY_TIMEOUT": str(settings.ready_timeout_s),
+        "ORCH_STOP_TIMEOUT": str(settings.stop_timeout_s),
+        **extra,
+    }
+    if settings.docker_host:
+        env["DOCKER_HOST"] = settings.docker_host
+    return env
+
+
+def count_objects(host: str, session_id: str) -> tuple[int, int]:
+    """(containers, volumes) labelled for ``session_id``."""
+    label = f"label={LABEL_SESSION}={session_id}"
+    containers = docker("ps", "-aq", "--filter", label, host=host).split()
+    volumes = docker("volume", "ls", "-q", "--filter", label, host=host).split()
+    return len(containers), len(volumes)

@@ -1,0 +1,83 @@
+"""Crash injection: the worker process is SIGKILLed at each step of create and of delete
+(a test-only fault hook, ORCH_FAULT_KILL_AT, in a real worker process on the real dockerd).
+After a restart, every session converges: ready with exactly one desktop and one volume,
+or deleted with none."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from workers.lifecycle import FAULT_POINTS
+
+from .conftest import count_objects, running_worker, worker_env
+
+pytestmark = pytest.mark.docker
+CREATE_FAULTS = [p for p in FAULT_POINTS if p.startswith("create:")]
+DELETE_FAULTS = [p for p in FAULT_POINTS if p.startswith("delete:")]
+
+
+async def start_worker(settings: Settings, fault: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "worker",
+        env=worker_env(settings, ORCH_FAULT_KILL_AT=fault),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def killed_by_fault(proc: asyncio.subprocess.Process) -> None:
+    code = await asyncio.wait_for(proc.wait(), 120)
+    assert code == -signal.SIGKILL, f"the worker exited with {code}, not by the fault hook"
+
+
+@pytest.mark.parametrize("fault", CREATE_FAULTS)
+async def test_create_converges_after_the_worker_dies_at(client: Client, docker_settings: Settings, fault: str) -> None:
+    host = docker_settings.docker_host
+    assert host
+    proc = await start_worker(docker_settings, fault)
+    try:
+        sid = (await client.create())["id"]
+        await killed_by_fault(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    async with running_worker(docker_settings):
+        events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=120)
+    assert events[-1].type == "session.ready", [(e.type, e.data.get("data")) for e in events]
+    assert (await client.get(sid))["state"] == "ready"
+    assert count_objects(host, sid) == (1, 1)
+    types = [e.type for e in events]
+    assert types.count("session.ready") == 1
+    assert "dockerd.ready" in types
+
+
+@pytest.mark.parametrize("fault", DELETE_FAULTS)
+async def test_delete_converges_after_the_worker_dies_at(client: Client, docker_settings: Settings, fault: str) -> None:
+    host = docker_settings.docker_host
+    assert host
+    proc = await start_worker(docker_settings, fault)
+    try:
+        sid = (await client.create())["id"]
+        ready = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=120)
+        assert ready[-1].type == "session.ready"
+        await client.delete(sid)
+        await killed_by_fault(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert (await client.get(sid))["state"] == "deleting"
+    async with running_worker(docker_settings):
+        events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=120, after=ready[-1].id)
+    assert events[-1].type == "session.deleted", [(e.type, e.data.get("data")) for e in events]
+    assert count_objects(host, sid) == (0, 0)

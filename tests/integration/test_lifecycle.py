@@ -1,0 +1,188 @@
+"""Generation fencing, the reconciler (orphans, lost desktops, TTL), resources and env."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+import redis.asyncio as aioredis
+
+from orchestrator.client import Client, ServerEvent
+from orchestrator.config import Settings
+from orchestrator.events import EventBus
+from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, LABEL_SESSION, Keys, desktop_name, job_id
+from orchestrator.queue import Operation
+from workers.worker import SandboxWorker
+
+from .conftest import TEST_IMAGE, count_objects, docker, running_worker
+
+pytestmark = pytest.mark.docker
+READY = 90.0
+
+
+async def ready_session(client: Client, **kwargs: object) -> tuple[str, list[ServerEvent]]:
+    sid = (await client.create(**kwargs))["id"]  # type: ignore[arg-type]
+    events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
+    assert events[-1].type == "session.ready", [e.data for e in events]
+    return sid, events
+
+
+async def job_finished(redis: aioredis.Redis, queue: str, job: str, timeout: float = 30) -> None:
+    """Wait until arq has run ``job``: gone from the queue and not in progress."""
+    async with asyncio.timeout(timeout):
+        while await redis.zscore(queue, job) is not None or await redis.exists(f"arq:in-progress:{job}"):
+            await asyncio.sleep(0.02)
+
+
+async def test_a_stale_stop_never_touches_a_newer_incarnation(
+    client: Client, worker: SandboxWorker, docker_settings: Settings, redis: aioredis.Redis
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    sid, events = await ready_session(client)
+    await client.stop(sid)
+    stopped = await client.wait_for(sid, {"session.stopped"}, timeout=READY, after=events[-1].id)
+    assert (await client.start(sid))["generation"] == 2
+    restarted = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY, after=stopped[-1].id)
+    assert restarted[-1].type == "session.ready"
+
+    # A stop for generation 1 arrives late (a retried request, a slow producer).
+    await worker.lifecycle_queue.enqueue(Operation.STOP, docker_settings.sandbox_id, sid, 1)
+    queue = Keys(docker_settings.key_prefix).queue(docker_settings.sandbox_id)
+    await job_finished(redis, queue, job_id(Operation.STOP.value, sid, 1))
+
+    record = await client.get(sid)
+    assert record["state"] == "ready" and record["generation"] == 2
+    state = docker(
+        "inspect",
+        "--format",
+        '{{.State.Running}} {{index .Config.Labels "orchestrator.generation"}}',
+        desktop_name(sid),
+        host=host,
+    )
+    assert state == "true 2"
+
+
+async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
+    client: Client, docker_settings: Settings, bus: EventBus
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    sandbox = docker_settings.sandbox_id
+    ours = ["--label", f"{LABEL_SANDBOX}={sandbox}", "--label", f"{LABEL_SESSION}=ghost-{sandbox}"]
+    docker("volume", "create", *ours, f"docker-data-ghost-{sandbox}", host=host)
+    docker(
+        "create",
+        "--name",
+        f"desktop-ghost-{sandbox}",
+        *ours,
+        "--label",
+        f"{LABEL_ROLE}=desktop",
+        TEST_IMAGE,
+        "sleep",
+        "600",
+        host=host,
+    )
+    # Not ours: no labels at all, and another sandbox's desktop. Neither may be touched.
+    docker("create", "--name", f"bystander-{sandbox}", TEST_IMAGE, "sleep", "600", host=host)
+    other = [
+        "--label",
+        f"{LABEL_SANDBOX}=other-{sandbox}",
+        "--label",
+        f"{LABEL_SESSION}=ghost2-{sandbox}",
+        "--label",
+        f"{LABEL_ROLE}=desktop",
+    ]
+    docker("create", "--name", f"desktop-other-{sandbox}", *other, TEST_IMAGE, "sleep", "600", host=host)
+    try:
+        # Within the grace period nothing is removed (a create may be between its steps).
+        async with running_worker(docker_settings) as patient:
+            assert patient.reconciler is not None
+            actions = await patient.reconciler.pass_once()
+            assert not [a for a in actions if a.kind.startswith("remove_")]
+        assert count_objects(host, f"ghost-{sandbox}") == (1, 1)
+
+        after = await bus.last_id(bus.keys.firehose)
+        async with running_worker(replace(docker_settings, orphan_grace_s=0.0)):
+            removed: list[dict[str, object]] = []
+            async with asyncio.timeout(30):
+                while len(removed) < 2:
+                    for entry_id, event in await bus.read(bus.keys.firehose, after, block_ms=1000):
+                        after = entry_id
+                        if event.type == "reconcile.removed":
+                            removed.append(event.data)
+        assert {(d["kind"], d["name"]) for d in removed} == {
+            ("desktop", f"desktop-ghost-{sandbox}"),
+            ("volume", f"docker-data-ghost-{sandbox}"),
+        }
+        assert count_objects(host, f"ghost-{sandbox}") == (0, 0)
+        assert docker("ps", "-aq", "--filter", f"name=^bystander-{sandbox}$", host=host)
+        assert docker("ps", "-aq", "--filter", f"name=^desktop-other-{sandbox}$", host=host)
+    finally:
+        docker("rm", "-f", f"bystander-{sandbox}", f"desktop-other-{sandbox}", host=host, check=False)
+
+
+async def test_a_desktop_removed_from_outside_marks_the_session_desktop_lost(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    sid, events = await ready_session(client)
+    docker("rm", "-f", desktop_name(sid), host=host)
+    lost = await client.wait_for(sid, {"session.failed"}, timeout=30, after=events[-1].id)
+    assert lost[-1].data["data"]["code"] == "desktop_lost"
+    assert "gone" in lost[-1].data["data"]["message"]
+    record = await client.get(sid)
+    assert record["state"] == "failed" and record["error"]["code"] == "desktop_lost"
+    # A failed session can still be deleted, and then nothing is left.
+    await client.delete(sid)
+    await client.wait_for(sid, {"session.deleted"}, timeout=READY, after=lost[-1].id)
+    assert count_objects(host, sid) == (0, 0)
+
+
+async def test_ttl_stops_the_session_with_its_events(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    record = await client._call("POST", "/v1/sessions", json={"ttl_seconds": 1})
+    assert record["spec"]["ttl_seconds"] == 1 and record["spec"]["ttl_action"] == "stop"
+    assert record["expires_at"] > 0
+    events = await client.wait_for(record["id"], {"session.stopped", "session.failed"}, timeout=READY)
+    types = [e.type for e in events]
+    assert types[-3:] == ["session.expired", "session.stopping", "session.stopped"], types
+    assert count_objects(host, record["id"]) == (0, 1)  # stopped: desktop gone, volume kept
+
+
+async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
+    client: Client, worker: SandboxWorker, docker_settings: Settings, redis: aioredis.Redis
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    secret = "s3cr3t-value-that-must-not-leak"
+    body = {"resources": {"cpus": 0.5, "memory_mb": 512, "pids": 512}, "env": {"API_TOKEN": secret}}
+    record = await client._call("POST", "/v1/sessions", json=body)
+    sid = record["id"]
+    events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
+    assert events[-1].type == "session.ready", [e.data for e in events]
+
+    host_config = json.loads(docker("inspect", "--format", "{{json .HostConfig}}", desktop_name(sid), host=host))
+    assert host_config["NanoCpus"] == 500_000_000
+    assert host_config["Memory"] == 512 * 1024 * 1024
+    assert host_config["PidsLimit"] == 512
+    assert f"API_TOKEN={secret}" in docker("exec", desktop_name(sid), "env", host=host).splitlines()
+
+    assert record["spec"]["env_keys"] == ["API_TOKEN"]
+    listing = json.dumps(await client.list()) + json.dumps(await client.get(sid))
+    firehose = await redis.xrange(Keys(docker_settings.key_prefix).firehose)
+    assert secret not in listing
+    assert all(secret.encode() not in b"".join(fields[b"event"] for _, fields in [entry]) for entry in firehose)
+
+
+async def test_limits_beyond_the_sandbox_are_refused_with_422(client: Client, settings: Settings) -> None:
+    body = {"resources": {"cpus": settings.max_cpus + 1}}
+    with pytest.raises(Exception, match="422 resources_exceed_sandbox"):
+        await client._call("POST", "/v1/sessions", json=body)
+    assert await client.list() == []
