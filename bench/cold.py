@@ -23,11 +23,13 @@ from pathlib import Path
 
 import httpx
 
+from orchestrator.auth import hash_token, new_token
 from orchestrator.client import Client
 from workers.docker import DesktopRuntime
 from workers.privilege import candidates, read_bounding_set
 
 RESULTS = Path(__file__).parent / "results"
+BENCH_TOKEN = new_token()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,6 +88,7 @@ def main() -> int:
         "ORCH_SANDBOX_ID": f"bench{tag}",
         "ORCH_SOCKET_DIR": socket_dir,
         "ORCH_API_PORT": str(port),
+        "ORCH_TOKENS": f"bench:{hash_token(BENCH_TOKEN)}:admin",
     }
     procs = [
         subprocess.Popen([sys.executable, "-m", "orchestrator.cli", role], env=env, stderr=subprocess.DEVNULL)
@@ -123,7 +126,7 @@ async def measure(n: int, tag: str, port: int, socket_dir: str) -> tuple[list[fl
                     await asyncio.sleep(0.05)
         project: list[float] = []
         bare: list[float] = []
-        async with Client(base_url) as client:
+        async with Client(base_url, token=BENCH_TOKEN) as client:
             await project_once(client)  # warm-up: first image use, worker's privilege probe
             await bare_once(runtime)
             for i in range(n):

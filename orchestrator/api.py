@@ -10,14 +10,18 @@ from typing import Annotated, Any
 import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from litestar import Litestar, Request, Response, delete, get, post
+from litestar import Litestar, Request, Response, Router, delete, get, post
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from . import __version__
+from . import __version__, auth
+from .auth import AuthError, authenticate, authorize
 from .config import Settings
 from .events import EventBus
 from .names import Keys
@@ -72,19 +76,44 @@ def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Error
     return _error(500, "internal_error", "internal error; the server log has the details")
 
 
+def _auth_error(_: Request[Any, Any, Any], exc: AuthError) -> Response[ErrorBody]:
+    response = _error(exc.status, exc.code, exc.message)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="orchestrator"'
+    return response
+
+
+def require(*any_of: str) -> Any:
+    """A guard: the request's bearer token must hold one of these scopes (any valid token if none)."""
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        token = authenticate(connection.headers.get("authorization"), connection.app.state.tokens)
+        if any_of:
+            authorize(token, *any_of)
+
+    return guard
+
+
+WRITE = [require(auth.SESSIONS_WRITE)]
+READ = [require(auth.SESSIONS_WRITE, auth.EVENTS_READ)]
+EVENTS = [require(auth.EVENTS_READ)]
+ADMIN = [require(auth.ADMIN)]
+ANY_TOKEN = [require()]
+
+
 def _sessions(state: State) -> Sessions:
     sessions: Sessions = state.sessions
     return sessions
 
 
-@post("/v1/sessions", status_code=202, summary="Create a session")
+@post("/v1/sessions", status_code=202, summary="Create a session", guards=WRITE)
 async def create_session(state: State, data: JSONBody[SessionCreate | None] = None) -> Response[SessionRecord]:
     # An empty body is a session with every default.
     created, record = await _sessions(state).create(data or SessionCreate())
     return Response(record, status_code=202 if created else 200)
 
 
-@get("/v1/sessions", summary="List sessions")
+@get("/v1/sessions", summary="List sessions", guards=READ)
 async def list_sessions(
     state: State,
     session_state: Annotated[SessionState | None, QueryParameter(name="state")] = None,
@@ -99,22 +128,27 @@ async def list_sessions(
     return SessionList(sessions=await _sessions(state).list(session_state, labels))
 
 
-@get("/v1/sessions/{session_id:str}", summary="Get a session")
+@get("/v1/sessions/{session_id:str}", summary="Get a session", guards=READ)
 async def get_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).get(session_id)
 
 
-@post("/v1/sessions/{session_id:str}/stop", status_code=202, summary="Stop a session (keeps its volume)")
+@post("/v1/sessions/{session_id:str}/stop", status_code=202, summary="Stop a session (keeps its volume)", guards=WRITE)
 async def stop_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).stop(session_id)
 
 
-@post("/v1/sessions/{session_id:str}/start", status_code=202, summary="Start a stopped session again")
+@post("/v1/sessions/{session_id:str}/start", status_code=202, summary="Start a stopped session again", guards=WRITE)
 async def start_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).start(session_id)
 
 
-@delete("/v1/sessions/{session_id:str}", status_code=202, summary="Delete a session, its desktop and volume")
+@delete(
+    "/v1/sessions/{session_id:str}",
+    status_code=202,
+    summary="Delete a session, its desktop and volume",
+    guards=WRITE,
+)
 async def delete_session(session_id: FromPath[str], state: State) -> SessionRecord:
     return await _sessions(state).delete(session_id)
 
@@ -127,7 +161,7 @@ def _sse(feed: EventFeed) -> Stream:
     )
 
 
-@get("/v1/events", summary="All events (Server-Sent Events)")
+@get("/v1/events", summary="All events (Server-Sent Events)", guards=EVENTS)
 async def firehose_events(
     request: Request[Any, Any, Any],
     state: State,
@@ -142,7 +176,7 @@ async def firehose_events(
     return _sse(EventFeed(bus, stream, start, state.settings.sse_keepalive_s, follow))
 
 
-@get("/v1/sessions/{session_id:str}/events", summary="A session's events (Server-Sent Events)")
+@get("/v1/sessions/{session_id:str}/events", summary="A session's events (Server-Sent Events)", guards=EVENTS)
 async def session_events(
     session_id: FromPath[str],
     request: Request[Any, Any, Any],
@@ -157,7 +191,7 @@ async def session_events(
     return _sse(EventFeed(bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow))
 
 
-@get("/v1/sandboxes", summary="Live sandboxes (from their heartbeats)")
+@get("/v1/sandboxes", summary="Live sandboxes (from their heartbeats)", guards=ADMIN)
 async def list_sandboxes(state: State) -> SandboxList:
     return SandboxList(sandboxes=await _sessions(state).sandboxes())
 
@@ -172,7 +206,7 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
     return Response({"status": "ok", "version": __version__})
 
 
-@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
     sessions = await _sessions(state).list(None, {})
     counts = dict.fromkeys((s.value for s in SessionState), 0)
@@ -189,7 +223,7 @@ async def metrics(state: State) -> str:
     return "\n".join(lines) + "\n"
 
 
-@get("/openapi.json", include_in_schema=False)
+@get("/openapi.json", include_in_schema=False, guards=ANY_TOKEN)
 async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     schema = request.app.openapi_schema.to_schema()
     return Response(msgspec.json.encode(schema), media_type="application/json")
@@ -202,6 +236,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     global _max_body_bytes
     settings = settings or Settings.from_env()
     _max_body_bytes = settings.max_body_bytes
+
+    tokens = auth.parse_tokens(settings.tokens)
+    if not tokens:
+        log.warning("no API tokens configured (ORCH_TOKENS): every request but /healthz will get 401")
 
     async def startup(app: Litestar) -> None:
         keys = Keys(settings.key_prefix)
@@ -219,6 +257,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         store = SessionStore(redis, bus)
         app.state.update(
+            tokens=tokens,
             settings=settings,
             redis=redis,
             arq=arq,
@@ -249,10 +288,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
         on_shutdown=[shutdown],
         exception_handlers={
             ServiceError: _service_error,
+            AuthError: _auth_error,
             ValidationException: _validation_error,
             HTTPException: _http_error,
             Exception: _internal_error,
         },
-        openapi_config=OpenAPIConfig(title="Nested desktop orchestrator", version=__version__, path="/docs"),
+        openapi_config=OpenAPIConfig(
+            title="Nested desktop orchestrator",
+            version=__version__,
+            # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
+            openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
+            security=[{"bearer": []}],
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+            ),
+        ),
         request_max_body_size=settings.max_body_bytes,
     )

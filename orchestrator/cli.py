@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import httpx
 
+from .auth import SCOPES, hash_token, new_token
 from .client import ApiError, Client
 
 EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
@@ -27,6 +28,10 @@ EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 
 
 def _api_url(args: argparse.Namespace) -> str:
     return str(args.api or os.environ.get("ORCH_API_URL") or "http://127.0.0.1:8080")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(_api_url(args), token=args.token or os.environ.get("ORCH_TOKEN"))
 
 
 class UsageError(Exception):
@@ -82,7 +87,7 @@ async def _follow(client: Client, session_id: str, done: set[str], timeout: floa
 
 
 async def _sessions(args: argparse.Namespace) -> int:
-    async with Client(_api_url(args)) as client:
+    async with _client(args) as client:
         if args.action == "create":
             record = await client.create(args.id, _labels(args.label), args.sandbox)
             print(f"session {record['id']} on sandbox {record['sandbox']}: {record['state']}")
@@ -118,7 +123,7 @@ async def _sessions(args: argparse.Namespace) -> int:
 
 
 async def _events(args: argparse.Namespace) -> int:
-    async with Client(_api_url(args)) as client:
+    async with _client(args) as client:
         async for event in client.events(args.session, after=args.after, follow=args.follow):
             if args.json:
                 print(json.dumps({"id": event.id, **event.data}), flush=True)
@@ -169,6 +174,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.split("\n")[0])
     parser.add_argument("--api", help="API base URL (default $ORCH_API_URL or http://127.0.0.1:8080)")
+    parser.add_argument("--token", help="API token (default $ORCH_TOKEN)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -196,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true")
         p.add_argument("--timeout", type=float, default=180.0)
 
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    new = token.add_parser("new", help="make a token; prints it and the ORCH_TOKENS entry holding its hash")
+    new.add_argument("--name", required=True)
+    new.add_argument("--scope", action="append", required=True, choices=sorted(SCOPES))
+
     events = sub.add_parser("events", help="print events")
     events.add_argument("--session")
     events.add_argument("--after", help="start after this event id")
@@ -218,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_worker(args)
         if args.command == "sessions":
             return asyncio.run(_sessions(args))
+        if args.command == "token":
+            raw = new_token()
+            print(f"token:       {raw}")
+            print(f"ORCH_TOKENS: {args.name}:{hash_token(raw)}:{'+'.join(args.scope)}")
+            return 0
         return asyncio.run(_events(args))
     except UsageError as e:
         print(f"orchestrator: {e}", file=sys.stderr)

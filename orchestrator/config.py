@@ -25,6 +25,15 @@ def _memory_mb() -> int:
         return 1024
 
 
+def _tokens_from_env() -> str:
+    inline = os.environ.get("ORCH_TOKENS", "")
+    path = os.environ.get("ORCH_TOKENS_FILE")
+    if path:
+        with open(path) as f:
+            inline = f"{inline};{f.read()}"
+    return inline
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -76,6 +85,8 @@ class Settings:
     orphan_grace_s: float = 300.0
     # A worker holds a session's lock while it works on it; a dead worker's lock lapses after this.
     lock_lease_s: float = 15.0
+    # API tokens: "name:sha256hex:scope+scope;..." (see orchestrator/auth.py).
+    tokens: str = ""
     # Test-only fault hook: the worker SIGKILLs itself on reaching this step (see workers/lifecycle.py).
     fault_kill_at: str | None = None
     # arq polls Redis for new jobs; its default 0.5 s dominates a sub-second session start.
@@ -117,6 +128,7 @@ class Settings:
             orphan_grace_s=_env_float("ORCH_ORPHAN_GRACE", cls.orphan_grace_s),
             lock_lease_s=_env_float("ORCH_LOCK_LEASE", cls.lock_lease_s),
             fault_kill_at=env("ORCH_FAULT_KILL_AT") or None,
+            tokens=_tokens_from_env(),
             poll_delay_s=_env_float("ORCH_POLL_DELAY", cls.poll_delay_s),
             max_jobs=_env_int("ORCH_MAX_JOBS", cls.max_jobs),
         )

@@ -39,6 +39,13 @@ if [ "${1:-}" = down ]; then stop; exit 0; fi
 
 [ -f "$RUN_DIR/env" ] || { log "run scripts/env.sh first (make up does)"; exit 1; }
 set -a; . "$RUN_DIR/env"; set +a
+# A local admin token, made once; the API gets only its hash.
+if [ ! -s "$RUN_DIR/token" ]; then
+  (umask 077; "$BIN" token new --name local --scope admin > "$RUN_DIR/token.new" && mv "$RUN_DIR/token.new" "$RUN_DIR/token")
+fi
+export ORCH_TOKEN ORCH_TOKENS
+ORCH_TOKEN=$(sed -n 's/^token: *//p' "$RUN_DIR/token")
+ORCH_TOKENS=$(sed -n 's/^ORCH_TOKENS: *//p' "$RUN_DIR/token")
 mkdir -p "$LOG_DIR"
 start api "$BIN" api
 start worker "$BIN" worker
@@ -48,8 +55,9 @@ log "API at $ORCH_API_URL; creating a session"
 "$BIN" sessions create --wait --label created-by=make-up
 cat <<TXT
 
-The stack is up. Try:
-  export ORCH_API_URL=$ORCH_API_URL DOCKER_HOST=$DOCKER_HOST
+The stack is up. Your admin token is in $RUN_DIR/token. Try:
+  export ORCH_API_URL=$ORCH_API_URL DOCKER_HOST=$DOCKER_HOST ORCH_TOKEN=\$(sed -n 's/^token: *//p' $RUN_DIR/token)
+  curl -H "Authorization: Bearer \$ORCH_TOKEN" \$ORCH_API_URL/v1/sessions
   $BIN sessions ls
   $BIN events --follow
   docker exec -it desktop-<id> docker info   # the desktop's own dockerd

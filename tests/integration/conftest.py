@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from orchestrator.api import create_app
+from orchestrator.auth import hash_token
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
@@ -26,6 +27,10 @@ from workers.worker import SandboxWorker
 
 DESKTOP_IMAGE = os.environ.get("ORCH_DESKTOP_IMAGE", "orchestrator/desktop:dev")
 TEST_IMAGE = os.environ.get("ORCH_TEST_IMAGE", "orchestrator/test-busybox:dev")
+
+# Test tokens, one per scope; the API is configured with their hashes only.
+TOKENS = {scope: f"test-token-{scope.replace(':', '-')}" for scope in ("admin", "sessions:write", "events:read")}
+ADMIN = {"Authorization": f"Bearer {TOKENS['admin']}"}
 
 
 def docker(*args: str, host: str, check: bool = True, stderr: bool = False) -> str:
@@ -60,6 +65,7 @@ def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settin
         reconcile_interval_s=0.5,
         lock_lease_s=2.0,
         orphan_grace_s=3600.0,
+        tokens=";".join(f"{scope.replace(':', '-')}:{hash_token(raw)}:{scope}" for scope, raw in TOKENS.items()),
     )
 
 
@@ -95,7 +101,7 @@ async def api(settings: Settings) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def client(api: str) -> AsyncIterator[Client]:
-    async with Client(api) as c:
+    async with Client(api, token=TOKENS["admin"]) as c:
         yield c
 
 

@@ -10,6 +10,8 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.names import Keys
 
+from .conftest import ADMIN
+
 BAD_BODIES = [
     (b"{bad", "invalid_json", None),
     (b'{"id": "ok-id", "colour": "red"}', "invalid_request", "colour"),
@@ -33,7 +35,7 @@ async def nothing_stored(redis: aioredis.Redis, settings: Settings) -> None:
 async def test_bad_create_bodies_get_a_precise_4xx_and_create_nothing(
     api: str, redis: aioredis.Redis, settings: Settings, body: bytes, code: str, field: str | None
 ) -> None:
-    async with httpx.AsyncClient(base_url=api) as http:
+    async with httpx.AsyncClient(base_url=api, headers=ADMIN) as http:
         response = await http.post("/v1/sessions", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()
@@ -45,7 +47,7 @@ async def test_bad_create_bodies_get_a_precise_4xx_and_create_nothing(
 
 async def test_oversized_body_is_refused_with_413(api: str, redis: aioredis.Redis, settings: Settings) -> None:
     body = b'{"labels": {"a": "' + b"x" * (settings.max_body_bytes + 10) + b'"}}'
-    async with httpx.AsyncClient(base_url=api) as http:
+    async with httpx.AsyncClient(base_url=api, headers=ADMIN) as http:
         response = await http.post("/v1/sessions", content=body)
     assert response.status_code == 413
     assert response.json()["code"] == "body_too_large"
@@ -54,7 +56,7 @@ async def test_oversized_body_is_refused_with_413(api: str, redis: aioredis.Redi
 
 @pytest.mark.parametrize("path", ["/v1/sessions/BAD_ID", "/v1/sessions/a", "/v1/sessions/x%20y/events"])
 async def test_invalid_session_id_in_path_is_400(api: str, path: str) -> None:
-    async with httpx.AsyncClient(base_url=api) as http:
+    async with httpx.AsyncClient(base_url=api, headers=ADMIN) as http:
         response = await http.get(path)
     assert response.status_code == 400
     assert response.json()["code"] == "invalid_session_id"
@@ -109,7 +111,7 @@ async def test_list_filters_by_state_and_label(client: Client) -> None:
 
 async def test_healthz_openapi_and_metrics(api: str, client: Client) -> None:
     await client.create("metric-me")
-    async with httpx.AsyncClient(base_url=api) as http:
+    async with httpx.AsyncClient(base_url=api, headers=ADMIN) as http:
         assert (await http.get("/healthz")).json()["status"] == "ok"
         spec = (await http.get("/openapi.json")).json()
         assert spec["openapi"].startswith("3.1")
@@ -130,3 +132,41 @@ async def test_repeated_lifecycle_requests_are_idempotent(
     assert first["revision"] == second["revision"]
     queued = await redis.zrange(Keys(settings.key_prefix).queue(settings.sandbox_id), 0, -1)
     assert queued == [b"create_session:twice-del:1", b"delete_session:twice-del:1"]
+
+
+async def test_every_endpoint_but_healthz_needs_a_token_with_the_right_scope(api: str) -> None:
+    from .conftest import TOKENS
+
+    def bearer(scope: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKENS[scope]}"}
+
+    async with httpx.AsyncClient(base_url=api) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        for path in (
+            "/v1/sessions",
+            "/v1/events?follow=false",
+            "/v1/sandboxes",
+            "/metrics",
+            "/openapi.json",
+            "/docs/openapi.json",
+        ):
+            missing = await http.get(path)
+            assert missing.status_code == 401, path
+            assert missing.json()["code"] == "unauthorized"
+            assert missing.headers["www-authenticate"].startswith("Bearer")
+            wrong = await http.get(path, headers={"Authorization": "Bearer not-a-token"})
+            assert wrong.status_code == 401 and wrong.json()["message"] == "the token is not valid", path
+        basic = await http.get("/v1/sessions", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        assert basic.status_code == 401
+
+        # Dashboards read, they do not write; producers write; only operators see sandboxes.
+        dashboard, producer = bearer("events:read"), bearer("sessions:write")
+        assert (await http.get("/v1/sessions", headers=dashboard)).status_code == 200
+        refused = await http.post("/v1/sessions", json={}, headers=dashboard)
+        assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+        assert "sessions:write" in refused.json()["message"]
+        assert (await http.post("/v1/sessions", json={"id": "by-producer"}, headers=producer)).status_code == 202
+        assert (await http.get("/v1/sandboxes", headers=producer)).status_code == 403
+        assert (await http.get("/v1/events?follow=false", headers=producer)).status_code == 403
+        assert (await http.get("/v1/events?follow=false", headers=dashboard)).status_code == 200
+        assert (await http.get("/v1/sandboxes", headers=bearer("admin"))).status_code == 200

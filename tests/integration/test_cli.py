@@ -9,6 +9,8 @@ import sys
 
 from tests.conftest import free_port
 
+from .conftest import TOKENS
+
 
 async def cli(api: str, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
@@ -20,7 +22,7 @@ async def cli(api: str, *args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=dict(os.environ),
+        env={**os.environ, "ORCH_TOKEN": TOKENS["admin"]},
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
@@ -28,8 +30,8 @@ async def cli(api: str, *args: str) -> tuple[int, str, str]:
 
 
 async def test_create_list_get_and_events(api: str) -> None:
-    code, out, _ = await cli(api, "sessions", "create", "--id", "cli-one", "--label", "team=x")
-    assert code == 0
+    code, out, err = await cli(api, "sessions", "create", "--id", "cli-one", "--label", "team=x")
+    assert code == 0, err
     assert "session cli-one on sandbox" in out and "pending" in out
 
     code, out, _ = await cli(api, "sessions", "ls", "--label", "team=x", "--json")

@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from orchestrator.auth import hash_token
 from orchestrator.client import Client
 from tests.conftest import free_port
 
-from .conftest import docker, remove_sandbox_objects
+from .conftest import TOKENS, docker, remove_sandbox_objects
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +51,7 @@ def stack(images: str) -> Iterator[tuple[str, str]]:
         "ORCH_API_PORT": str(port),
         "ORCH_SANDBOX_ID": f"c{tag}",
         "ORCH_SOCKET_DIR": socket_dir,
+        "ORCH_TOKENS": f"compose:{hash_token(TOKENS['admin'])}:admin",
     }
     compose = [*compose_command(), "-f", str(ROOT / "docker-compose.yml")]
     up = subprocess.run([*compose, "up", "-d"], env=env, capture_output=True, text=True, timeout=300)
@@ -79,7 +81,7 @@ async def wait_healthy(base_url: str) -> None:
 async def test_compose_stack_runs_a_session_to_dockerd_ready(stack: tuple[str, str]) -> None:
     base_url, sandbox = stack
     await wait_healthy(base_url)
-    async with Client(base_url) as client:
+    async with Client(base_url, token=TOKENS["admin"]) as client:
         record = await client.create(labels={"via": "compose"})
         events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=120)
         assert events[-1].type == "session.ready", [e.data for e in events]

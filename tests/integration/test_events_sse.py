@@ -7,6 +7,8 @@ import httpx
 from orchestrator.client import Client, SseParser
 from orchestrator.events import EventBus, make_event
 
+from .conftest import ADMIN
+
 
 async def publish(bus: EventBus, session: str, n: int, start: int = 0) -> list[str]:
     return [
@@ -42,7 +44,7 @@ async def test_reconnect_with_last_event_id_gets_exactly_the_missed_events_in_or
 async def test_last_event_id_header_resumes_the_firehose_with_the_same_ids(api: str, bus: EventBus) -> None:
     ids = await publish(bus, "sse-two", 5)
     async with (
-        httpx.AsyncClient(base_url=api) as http,
+        httpx.AsyncClient(base_url=api, headers=ADMIN) as http,
         http.stream("GET", "/v1/events", headers={"Last-Event-ID": ids[1]}, params={"follow": "false"}) as response,
     ):
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -65,7 +67,7 @@ async def test_live_events_arrive_while_following(client: Client, bus: EventBus)
 
 
 async def test_invalid_last_event_id_is_400(api: str) -> None:
-    async with httpx.AsyncClient(base_url=api) as http:
+    async with httpx.AsyncClient(base_url=api, headers=ADMIN) as http:
         response = await http.get("/v1/events", headers={"Last-Event-ID": "yesterday"})
     assert response.status_code == 400
     assert response.json()["code"] == "invalid_event_id"

@@ -39,3 +39,23 @@ def test_job_payload_is_validated() -> None:
     for bad in ({"session": "abc"}, {"session": "abc", "generation": 0}, {"session": "A", "generation": 1}):
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert(bad, LifecycleJob)
+
+
+def test_tokens_parse_hash_and_check_scopes() -> None:
+    from orchestrator.auth import AuthError, authenticate, authorize, hash_token, parse_tokens
+
+    tokens = parse_tokens(f"ci:{hash_token('abc')}:sessions:write+events:read; ops:{hash_token('xyz')}:admin")
+    assert [t.name for t in tokens] == ["ci", "ops"]
+    ci = authenticate("Bearer abc", tokens)
+    authorize(ci, "events:read")
+    with pytest.raises(AuthError) as e:
+        authorize(ci, "admin")
+    assert e.value.status == 403
+    authorize(authenticate("bearer xyz", tokens), "anything")  # admin may do everything
+    for header in (None, "", "Bearer", "Basic abc", "Bearer wrong"):
+        with pytest.raises(AuthError) as e:
+            authenticate(header, tokens)
+        assert e.value.status == 401
+    for bad in ("x:nothex:admin", f"x:{hash_token('a')}:root", f"x:{hash_token('a')}", f"x:{hash_token('a')}:"):
+        with pytest.raises(ValueError):
+            parse_tokens(bad)
