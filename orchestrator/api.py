@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from . import __version__, auth
@@ -28,7 +28,7 @@ from .names import Keys
 from .queue import JobQueue, job_deserializer, job_serializer
 from .schemas import ErrorBody, SandboxList, SessionCreate, SessionList, SessionRecord
 from .service import ServiceError, Sessions, check_session_id
-from .sse import EventFeed, parse_after
+from .sse import EventFeed, EventFilter, parse_after
 from .states import SessionState
 from .store import SessionStore
 
@@ -107,9 +107,15 @@ def _sessions(state: State) -> Sessions:
 
 
 @post("/v1/sessions", status_code=202, summary="Create a session", guards=WRITE)
-async def create_session(state: State, data: JSONBody[SessionCreate | None] = None) -> Response[SessionRecord]:
+async def create_session(
+    state: State,
+    data: JSONBody[SessionCreate | None] = None,
+    idempotency_key: Annotated[
+        str | None, HeaderParameter(name="Idempotency-Key", description="a retried create returns the same session")
+    ] = None,
+) -> Response[SessionRecord]:
     # An empty body is a session with every default.
-    created, record = await _sessions(state).create(data or SessionCreate())
+    created, record = await _sessions(state).create(data or SessionCreate(), idempotency_key)
     return Response(record, status_code=202 if created else 200)
 
 
@@ -119,13 +125,7 @@ async def list_sessions(
     session_state: Annotated[SessionState | None, QueryParameter(name="state")] = None,
     label: Annotated[list[str] | None, QueryParameter(description="k=v; repeat to require several")] = None,
 ) -> SessionList:
-    labels: dict[str, str] = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ServiceError(400, "invalid_label_filter", f"label filter {item!r} must look like key=value", "label")
-        labels[key] = value
-    return SessionList(sessions=await _sessions(state).list(session_state, labels))
+    return SessionList(sessions=await _sessions(state).list(session_state, _label_pairs(label)))
 
 
 @get("/v1/sessions/{session_id:str}", summary="Get a session", guards=READ)
@@ -161,19 +161,63 @@ def _sse(feed: EventFeed) -> Stream:
     )
 
 
+def _filter(types: list[str] | None, sessions: list[str] | None, labels: list[str] | None) -> EventFilter:
+    for session_id in sessions or []:
+        check_session_id(session_id)
+    return EventFilter(types=tuple(types or ()), sessions=frozenset(sessions or ()), labels=_label_pairs(labels))
+
+
+def _label_pairs(items: list[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ServiceError(400, "invalid_label_filter", f"label filter {item!r} must look like key=value", "label")
+        labels[key] = value
+    return labels
+
+
+async def _labels_of(state: State, session_id: str) -> dict[str, str] | None:
+    record = await _sessions(state).store.get(session_id)
+    return None if record is None else record.spec.labels
+
+
+TypeFilter = Annotated[
+    list[str] | None, QueryParameter(name="type", description="event type, or prefix with *; repeatable")
+]
+LabelFilter = Annotated[list[str] | None, QueryParameter(description="k=v of the session's labels; repeatable")]
+After = Annotated[str | None, QueryParameter(description="resume after this event id (or Last-Event-ID)")]
+Follow = Annotated[bool, QueryParameter(description="false: send what is stored, then end")]
+
+
 @get("/v1/events", summary="All events (Server-Sent Events)", guards=EVENTS)
 async def firehose_events(
     request: Request[Any, Any, Any],
     state: State,
-    after: Annotated[str | None, QueryParameter(description="resume after this event id; 0 replays all")] = None,
-    follow: Annotated[bool, QueryParameter(description="false: send what is stored, then end")] = True,
+    after: After = None,
+    follow: Follow = True,
+    type_: TypeFilter = None,
+    session: Annotated[list[str] | None, QueryParameter(description="session id; repeatable")] = None,
+    label: LabelFilter = None,
 ) -> Stream:
+    """Live by default; ``?after=0`` replays what is kept."""
     bus: EventBus = state.bus
     stream = bus.stream_key(None)
+    feed_filter = _filter(type_, session, label)
     start = parse_after(request.headers.get("last-event-id"), after)
     if start is None:
         start = await bus.last_id(stream) if follow else "0-0"
-    return _sse(EventFeed(bus, stream, start, state.settings.sse_keepalive_s, follow))
+    return _sse(
+        EventFeed(
+            bus,
+            stream,
+            start,
+            state.settings.sse_keepalive_s,
+            follow,
+            feed_filter,
+            labels_of=lambda sid: _labels_of(state, sid),
+        )
+    )
 
 
 @get("/v1/sessions/{session_id:str}/events", summary="A session's events (Server-Sent Events)", guards=EVENTS)
@@ -181,14 +225,16 @@ async def session_events(
     session_id: FromPath[str],
     request: Request[Any, Any, Any],
     state: State,
-    after: Annotated[str | None, QueryParameter(description="resume after this event id")] = None,
-    follow: Annotated[bool, QueryParameter(description="false: send what is stored, then end")] = True,
+    after: After = None,
+    follow: Follow = True,
+    type_: TypeFilter = None,
 ) -> Stream:
+    """From the session's beginning by default: a dashboard sees the whole history."""
     check_session_id(session_id)
     bus: EventBus = state.bus
-    # A session's stream starts from its beginning: a dashboard sees the whole history.
     start = parse_after(request.headers.get("last-event-id"), after) or "0-0"
-    return _sse(EventFeed(bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow))
+    feed_filter = _filter(type_, None, None)
+    return _sse(EventFeed(bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow, feed_filter))
 
 
 @get("/v1/sandboxes", summary="Live sandboxes (from their heartbeats)", guards=ADMIN)

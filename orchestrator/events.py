@@ -75,6 +75,10 @@ class EventBus:
         entries = await self._redis.xrevrange(stream, count=1)
         return _text(entries[0][0]) if entries else "0-0"
 
+    async def first_id(self, stream: str) -> str | None:
+        entries = await self._redis.xrange(stream, count=1)
+        return _text(entries[0][0]) if entries else None
+
     async def read(
         self, stream: str, after: str, *, block_ms: int | None = None, count: int = 500
     ) -> list[tuple[str, Event]]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -14,7 +17,7 @@ from .config import Settings
 from .names import Keys, is_valid_session_id, new_session_id
 from .placement import NoSandbox, choose_sandbox, resource_problem
 from .queue import JobQueue, Operation
-from .schemas import SandboxInfo, SessionCreate, SessionRecord, SessionSpec, now_rfc3339
+from .schemas import SandboxInfo, SessionCreate, SessionRecord, SessionSpec, TtlAction, now_rfc3339
 from .states import SessionState
 from .store import SessionNotFound, SessionStore
 
@@ -45,6 +48,46 @@ def check_session_id(session_id: str) -> None:
         )
 
 
+def new_record(request: SessionCreate, sandbox: str, settings: Settings) -> SessionRecord:
+    """The `pending` record a create request makes (the API's, or a job's from another producer)."""
+    ttl = request.ttl_seconds if request.ttl_seconds is not None else settings.default_ttl_s
+    default_action: TtlAction = "delete" if settings.default_ttl_action == "delete" else "stop"
+    spec = SessionSpec(
+        labels=request.labels,
+        resources=request.resources,
+        env_keys=sorted(request.env),
+        ttl_seconds=ttl or None,
+        ttl_action=request.ttl_action or default_action,
+    )
+    now = now_rfc3339()
+    return SessionRecord(
+        id=request.id or new_session_id(),
+        state=S.PENDING,
+        generation=1,
+        sandbox=sandbox,
+        spec=spec,
+        created_at=now,
+        updated_at=now,
+        expires_at=time.time() + ttl if ttl else None,
+    )
+
+
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def id_from_idempotency_key(key: str) -> str:
+    """A retried create with the same Idempotency-Key names the same session."""
+    if not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ServiceError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 200 visible ASCII characters",
+            field="Idempotency-Key",
+        )
+    digest = base64.b32encode(hashlib.sha256(key.encode()).digest()).decode().lower()
+    return "k-" + digest[:24]
+
+
 class Sessions:
     def __init__(
         self, store: SessionStore, queue: JobQueue, redis: aioredis.Redis, keys: Keys, settings: Settings
@@ -62,16 +105,11 @@ class Sessions:
         raws = await self._redis.mget([self.keys.sandbox(i) for i in ids])
         return [_decode_sandbox(raw) for raw in raws if raw is not None]
 
-    async def create(self, request: SessionCreate) -> tuple[bool, SessionRecord]:
-        """Returns (created, record). The same id with the same spec returns the existing session."""
-        ttl = request.ttl_seconds if request.ttl_seconds is not None else self.settings.default_ttl_s
-        spec = SessionSpec(
-            labels=request.labels,
-            resources=request.resources,
-            env_keys=sorted(request.env),
-            ttl_seconds=ttl or None,
-            ttl_action=request.ttl_action or ("delete" if self.settings.default_ttl_action == "delete" else "stop"),
-        )
+    async def create(self, request: SessionCreate, idempotency_key: str | None = None) -> tuple[bool, SessionRecord]:
+        """Returns (created, record). The same id (or Idempotency-Key) with the same spec
+        returns the existing session instead of making another."""
+        if request.id is None and idempotency_key is not None:
+            request = msgspec.structs.replace(request, id=id_from_idempotency_key(idempotency_key))
         live = await self.sandboxes()
         try:
             sandbox = choose_sandbox(live, request.sandbox, self.settings.sandbox_id)
@@ -87,20 +125,10 @@ class Sessions:
         )
         if problem:
             raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
-        now = now_rfc3339()
-        record = SessionRecord(
-            id=request.id or new_session_id(),
-            state=S.PENDING,
-            generation=1,
-            sandbox=sandbox,
-            spec=spec,
-            created_at=now,
-            updated_at=now,
-            expires_at=time.time() + ttl if ttl else None,
-        )
+        record = new_record(request, sandbox, self.settings)
         created, stored = await self.store.create(record, request.env)
         if not created:
-            if stored.spec != spec or (request.sandbox is not None and stored.sandbox != request.sandbox):
+            if stored.spec != record.spec or (request.sandbox is not None and stored.sandbox != request.sandbox):
                 raise ServiceError(
                     409, "session_exists", f"session {stored.id!r} exists with a different spec", field="id"
                 )

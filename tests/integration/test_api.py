@@ -170,3 +170,19 @@ async def test_every_endpoint_but_healthz_needs_a_token_with_the_right_scope(api
         assert (await http.get("/v1/events?follow=false", headers=producer)).status_code == 403
         assert (await http.get("/v1/events?follow=false", headers=dashboard)).status_code == 200
         assert (await http.get("/v1/sandboxes", headers=bearer("admin"))).status_code == 200
+
+
+async def test_idempotency_key_makes_a_retried_create_return_the_same_session(
+    api: str, redis: aioredis.Redis, settings: Settings
+) -> None:
+    async with httpx.AsyncClient(base_url=api, headers=ADMIN) as http:
+        first = await http.post("/v1/sessions", json={"labels": {"a": "b"}}, headers={"Idempotency-Key": "order-42"})
+        again = await http.post("/v1/sessions", json={"labels": {"a": "b"}}, headers={"Idempotency-Key": "order-42"})
+        other = await http.post("/v1/sessions", json={"labels": {"a": "b"}}, headers={"Idempotency-Key": "order-43"})
+        clash = await http.post("/v1/sessions", json={"labels": {"a": "c"}}, headers={"Idempotency-Key": "order-42"})
+        bad = await http.post("/v1/sessions", json={}, headers={"Idempotency-Key": "has space"})
+    assert (first.status_code, again.status_code, other.status_code) == (202, 200, 202)
+    assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+    assert clash.status_code == 409
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_idempotency_key"
+    assert await redis.zcard(Keys(settings.key_prefix).queue(settings.sandbox_id)) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from orchestrator.client import Client, SseParser
@@ -71,3 +73,74 @@ async def test_invalid_last_event_id_is_400(api: str) -> None:
         response = await http.get("/v1/events", headers={"Last-Event-ID": "yesterday"})
     assert response.status_code == 400
     assert response.json()["code"] == "invalid_event_id"
+
+
+async def collect(api: str, path: str, headers: dict[str, str] | None = None, **params: object) -> list:  # type: ignore[type-arg]
+    async with (
+        httpx.AsyncClient(base_url=api, headers=ADMIN) as http,
+        http.stream("GET", path, headers=headers or {}, params={"follow": "false", **params}) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        parser = SseParser()
+        return [e async for line in response.aiter_lines() if (e := parser.feed(line)) is not None]
+
+
+async def test_firehose_filters_by_type_session_and_label(api: str, client: Client, bus: EventBus) -> None:
+    await client.create("filt-a", labels={"team": "red"})
+    await client.create("filt-b", labels={"team": "blue"})
+    await publish(bus, "filt-a", 2)
+    await publish(bus, "filt-b", 2)
+    by_type = await collect(api, "/v1/events", after="0", type="test.1")
+    assert [(e.type, e.data["session"]) for e in by_type] == [("test.1", "filt-a"), ("test.1", "filt-b")]
+    by_prefix = await collect(api, "/v1/events", after="0", type="session.*")
+    assert {e.type for e in by_prefix} == {"session.pending"}
+    by_session = await collect(api, "/v1/events", after="0", session="filt-b")
+    assert [e.type for e in by_session] == ["session.pending", "test.0", "test.1"]
+    by_label = await collect(api, "/v1/events", after="0", label="team=red")
+    assert {e.data["session"] for e in by_label} == {"filt-a"} and len(by_label) == 3
+
+
+async def test_a_resume_point_that_was_trimmed_away_gets_a_reset_event(api: str, bus: EventBus) -> None:
+    small = EventBus(bus._redis, bus.keys, firehose_maxlen=10, session_maxlen=10)
+    first = await publish(small, "trim-me", 1)
+    for _ in range(4):  # approximate trimming works in whole nodes of 100 entries
+        await publish(small, "trim-me", 150)
+    events = []
+    async with (
+        httpx.AsyncClient(base_url=api, headers=ADMIN) as http,
+        http.stream(
+            "GET", "/v1/sessions/trim-me/events", headers={"Last-Event-ID": first[0]}, params={"follow": "false"}
+        ) as response,
+    ):
+        lines = [line async for line in response.aiter_lines()]
+    assert "event: reset" in lines
+    reset_data = lines[lines.index("event: reset") + 1]
+    assert '"trimmed"' in reset_data and first[0] in reset_data
+    parser = SseParser()
+    events = [e for line in lines if (e := parser.feed(line)) is not None and e.type != "reset"]
+    assert events, "after the reset, everything still kept follows"
+    ids = [e.id for e in events]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+
+async def test_a_stalled_client_does_not_delay_the_others(api: str, client: Client, bus: EventBus) -> None:
+    host, port = api.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"GET /v1/sessions/slow-one/events HTTP/1.1\r\nHost: x\r\nAuthorization: {ADMIN['Authorization']}"
+    writer.write(request.encode() + b"\r\n\r\n")
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")  # it connected, then never reads again
+    try:
+        big = "x" * 4000
+        for i in range(300):  # ~1.2 MB for the stalled client, far past socket buffers
+            await bus.publish(make_event("test.big", sandbox="s", session="slow-one", data={"i": i, "pad": big}))
+        ids = await publish(bus, "fast-one", 3)
+        received = []
+        async with asyncio.timeout(10):
+            async for event in client.events("fast-one"):
+                received.append(event.id)
+                if len(received) == 3:
+                    break
+        assert received == ids
+    finally:
+        writer.close()
