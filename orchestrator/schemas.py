@@ -95,6 +95,9 @@ class LifecycleJob(Strict):
 
     session: SessionId
     generation: Annotated[int, msgspec.Meta(ge=1)]
+    # create_session only: a producer that enqueues directly (not through the API) sends the
+    # request here; the worker then stores the session record itself.
+    spec: SessionCreate | None = None
 
 
 class Event(Strict):

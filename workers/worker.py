@@ -19,8 +19,10 @@ from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.locks import Busy, SessionLocks
 from orchestrator.names import Keys
+from orchestrator.placement import resource_problem
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from orchestrator.schemas import LifecycleJob, SandboxInfo, now_rfc3339, to_data
+from orchestrator.service import new_record
 from orchestrator.store import SessionStore
 
 from .docker import DesktopRuntime
@@ -40,6 +42,11 @@ def _job(operation: Operation) -> Any:
             log.error("refusing %s job with invalid arguments %r: %s", operation.value, kwargs, e)
             return f"invalid job: {e}"
         lifecycle: Lifecycle = ctx["lifecycle"]
+        if operation is Operation.CREATE and job.spec is not None:
+            problem = await ctx["sandbox_worker"].store_requested(job)
+            if problem:
+                log.error("refusing create_session for %s: %s", job.session, problem)
+                return f"invalid job: {problem}"
         try:
             result = await lifecycle.run(operation.value.removesuffix("_session"), job.session, job.generation)
         except Busy:
@@ -109,11 +116,30 @@ class SandboxWorker:
             keep_result=0,
             # A job waiting for a busy session is retried (deferred), not failed.
             max_tries=10_000,
-            ctx={"lifecycle": self.lifecycle},
+            ctx={"lifecycle": self.lifecycle, "sandbox_worker": self},
             on_startup=self._on_startup,
             on_shutdown=self._on_shutdown,
             handle_signals=False,
         )
+
+    async def store_requested(self, job: LifecycleJob) -> str | None:
+        """A create job from a producer that bypassed the API: store the session it asks for
+        (idempotently: the same id twice is one session). Returns why not, if it cannot."""
+        assert job.spec is not None
+        if job.generation != 1:
+            return "a create job carrying a spec must be for generation 1"
+        if job.spec.id not in (None, job.session):
+            return f"spec.id {job.spec.id!r} differs from the job's session {job.session!r}"
+        if job.spec.sandbox not in (None, self.settings.sandbox_id):
+            return f"spec.sandbox {job.spec.sandbox!r} is not this sandbox ({self.settings.sandbox_id!r})"
+        problem = resource_problem(
+            job.spec.resources, self.settings.max_cpus, self.settings.max_memory_mb, self.settings.max_pids
+        )
+        if problem:
+            return problem[1]
+        request = msgspec.structs.replace(job.spec, id=job.session)
+        await self.store.create(new_record(request, self.settings.sandbox_id, self.settings), request.env)
+        return None
 
     async def choose_privilege(self) -> PrivilegeProfile:
         """Try the candidate profiles on the sandbox's daemon; the first that runs is used."""
