@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,11 +20,16 @@ from typing import Any
 
 import anyio
 import httpx
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from .auth import SCOPES, hash_token, new_token
 from .client import ApiError, Client
 
 EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
+# Colors and the spinner only on a terminal; pipes and scripts get plain text.
+console = Console(highlight=False)
 
 
 def _api_url(args: argparse.Namespace) -> str:
@@ -64,26 +70,62 @@ def _describe(event_type: str, data: dict[str, Any]) -> str:
     return ""
 
 
+STYLES = {
+    "ready": "bold green",
+    "started": "green",
+    "created": "green",
+    "failed": "bold red",
+    "expired": "yellow",
+    "stopped": "yellow",
+    "deleted": "yellow",
+    "heartbeat": "dim",
+}
+
+
+def _style(event_type: str) -> str:
+    return STYLES.get(event_type.rsplit(".", 1)[-1], "cyan")
+
+
 async def _follow(client: Client, session_id: str, done: set[str], timeout: float, after: str | None = None) -> int:
-    """Print a session's events as they arrive, timed from the first, until one of ``done``."""
+    """Print a session's events as they arrive, timed from the first, until one of ``done``.
+    On a terminal a spinner shows the phase in progress."""
     first: datetime | None = None
-    try:
-        with anyio.fail_after(timeout):
-            async for event in client.events(session_id, after=after):
-                ts = datetime.fromisoformat(event.data["ts"])
-                first = first or ts
-                elapsed = (ts - first).total_seconds()
-                details = _describe(event.type, event.data.get("data", {}))
-                print(f"  +{elapsed:6.3f}s  {event.type:18} {details}", flush=True)
-                if event.type == "session.failed":
-                    return EXIT_FAILED
-                if event.type in done:
-                    return 0
-    except TimeoutError:
-        wanted = " or ".join(sorted(done))
-        print(f"orchestrator: no {wanted} for {session_id} within {timeout:g} s", file=sys.stderr)
-        return EXIT_TIMEOUT
+    with contextlib.ExitStack() as stack:
+        status = stack.enter_context(console.status("waiting for the worker")) if console.is_terminal else None
+        try:
+            with anyio.fail_after(timeout):
+                async for event in client.events(session_id, after=after):
+                    ts = datetime.fromisoformat(event.data["ts"])
+                    first = first or ts
+                    elapsed = (ts - first).total_seconds()
+                    details = _describe(event.type, event.data.get("data", {}))
+                    console.print(
+                        f"  +{elapsed:6.3f}s  [{_style(event.type)}]{event.type:18}[/] {escape(details)}",
+                        highlight=False,
+                    )
+                    if status is not None:
+                        status.update(f"{event.type} (+{elapsed:.3f}s)")
+                    if event.type == "session.failed":
+                        return EXIT_FAILED
+                    if event.type in done:
+                        return 0
+        except TimeoutError:
+            wanted = " or ".join(sorted(done))
+            print(f"orchestrator: no {wanted} for {session_id} within {timeout:g} s", file=sys.stderr)
+            return EXIT_TIMEOUT
     return EXIT_UNREACHABLE
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> None:
+    if console.is_terminal:
+        table = Table(*columns, box=None, header_style="bold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    for row in [columns, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 async def _sessions(args: argparse.Namespace) -> int:
@@ -99,11 +141,20 @@ async def _sessions(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(rows)
                 return 0
-            print(f"{'ID':24} {'STATE':10} {'GEN':>4} {'SANDBOX':12} {'UPDATED':25} LABELS")
-            for r in rows:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(r["spec"]["labels"].items()))
-                row = f"{r['id']:24} {r['state']:10} {r['generation']:>4} {r['sandbox']:12}"
-                print(f"{row} {r['updated_at']:25} {labels}")
+            _table(
+                ["ID", "STATE", "GEN", "SANDBOX", "UPDATED", "LABELS"],
+                [
+                    [
+                        r["id"],
+                        r["state"],
+                        str(r["generation"]),
+                        r["sandbox"],
+                        r["updated_at"],
+                        ",".join(f"{k}={v}" for k, v in sorted(r["spec"]["labels"].items())),
+                    ]
+                    for r in rows
+                ],
+            )
             return 0
         if args.action == "get":
             _print_json(await client.get(args.id))
@@ -122,6 +173,31 @@ async def _sessions(args: argparse.Namespace) -> int:
         return 0
 
 
+async def _sandboxes(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        rows = await client.sandboxes()
+    if args.json:
+        _print_json(rows)
+        return 0
+    _table(
+        ["ID", "DEPTH", "SESSIONS", "CAPACITY", "LOAD", "FREE DISK", "PRIVILEGE", "SEEN"],
+        [
+            [
+                s["id"],
+                str(s["depth"]),
+                str(s["sessions"]),
+                str(s["capacity"]),
+                f"{s['load']:.2f}",
+                f"{s['free_disk_bytes'] / 2**30:.1f} GiB",
+                s["privilege"],
+                s["ts"],
+            ]
+            for s in rows
+        ],
+    )
+    return 0
+
+
 async def _events(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         async for event in client.events(args.session, after=args.after, follow=args.follow):
@@ -129,10 +205,12 @@ async def _events(args: argparse.Namespace) -> int:
                 print(json.dumps({"id": event.id, **event.data}), flush=True)
             else:
                 env = event.data
-                print(
-                    f"{event.id:18} {env.get('ts', ''):24} {event.type:18} {env.get('session') or '-':24} "
-                    f"{json.dumps(env.get('data', {}), sort_keys=True)}",
-                    flush=True,
+                data = escape(json.dumps(env.get("data", {}), sort_keys=True))
+                console.print(
+                    f"{event.id:18} {env.get('ts', ''):24} [{_style(event.type)}]{event.type:18}[/] "
+                    f"{env.get('session') or '-':24} {data}",
+                    highlight=False,
+                    soft_wrap=True,
                 )
     return 0
 
@@ -150,6 +228,8 @@ def _serve_api(args: argparse.Namespace) -> int:
         port=args.port or settings.api_port,
         log_level="info",
         access_log=False,
+        # Open event streams never end by themselves: cut them after this on shutdown.
+        timeout_graceful_shutdown=5,
     )
     return 0
 
@@ -202,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true")
         p.add_argument("--timeout", type=float, default=180.0)
 
+    sandboxes = sub.add_parser("sandboxes", help="sandboxes").add_subparsers(dest="action", required=True)
+    sandboxes.add_parser("ls", help="live sandboxes").add_argument("--json", action="store_true")
+
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
     new = token.add_parser("new", help="make a token; prints it and the ORCH_TOKENS entry holding its hash")
     new.add_argument("--name", required=True)
@@ -229,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_worker(args)
         if args.command == "sessions":
             return asyncio.run(_sessions(args))
+        if args.command == "sandboxes":
+            return asyncio.run(_sandboxes(args))
         if args.command == "token":
             raw = new_token()
             print(f"token:       {raw}")

@@ -12,6 +12,14 @@ import anyio
 import httpx
 
 
+class SessionFailed(Exception):
+    def __init__(self, session_id: str, code: str, message: str) -> None:
+        super().__init__(f"session {session_id} failed: {code}: {message}")
+        self.session_id = session_id
+        self.code = code
+        self.message = message
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
@@ -149,6 +157,15 @@ class Client:
                 if not follow:
                     raise
                 await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
+
+    async def wait_ready(self, session_id: str, *, timeout: float = 180.0) -> dict[str, Any]:
+        """Wait until the session is ready; returns its record. Raises SessionFailed or TimeoutError."""
+        events = await self.wait_for(session_id, {"session.ready", "session.failed"}, timeout=timeout)
+        last = events[-1]
+        if last.type == "session.failed":
+            data = last.data.get("data", {})
+            raise SessionFailed(session_id, data.get("code", ""), data.get("message", ""))
+        return await self.get(session_id)
 
     async def wait_for(
         self, session_id: str, types: set[str], *, timeout: float, after: str | None = None

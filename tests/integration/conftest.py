@@ -86,7 +86,9 @@ async def api(settings: Settings) -> AsyncIterator[str]:
     """The real API on a loopback port; yields its base URL."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+        )
     )
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(20):

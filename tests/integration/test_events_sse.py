@@ -7,6 +7,7 @@ import asyncio
 import httpx
 
 from orchestrator.client import Client, SseParser
+from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 
 from .conftest import ADMIN
@@ -144,3 +145,44 @@ async def test_a_stalled_client_does_not_delay_the_others(api: str, client: Clie
         assert received == ids
     finally:
         writer.close()
+
+
+async def test_the_client_resumes_by_itself_across_an_api_restart(settings: Settings, bus: EventBus) -> None:
+    import uvicorn
+
+    from orchestrator.api import create_app
+    from tests.conftest import free_port
+
+    from .conftest import TOKENS
+
+    port = free_port()
+
+    async def serve() -> tuple[uvicorn.Server, asyncio.Task[None]]:
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        async with asyncio.timeout(20):
+            while not server.started:
+                await asyncio.sleep(0.01)
+        return server, task
+
+    server, task = await serve()
+    first = await publish(bus, "resume-me", 2)
+    received: list[str] = []
+    async with Client(f"http://127.0.0.1:{port}", token=TOKENS["admin"]) as client:
+        events = client.events("resume-me")
+        async with asyncio.timeout(30):
+            received.append((await anext(events)).id)
+            received.append((await anext(events)).id)
+            server.should_exit = True  # the API goes away mid-stream...
+            await task
+            missed = await publish(bus, "resume-me", 3, start=2)  # ...events happen meanwhile...
+            server, task = await serve()  # ...and it comes back
+            for _ in range(3):
+                received.append((await anext(events)).id)
+        await events.aclose()
+    server.should_exit = True
+    await task
+    assert received == first + missed
