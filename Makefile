@@ -46,6 +46,7 @@ unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
 test: venv images lint
+	bash scripts/env.sh up --test >/dev/null
 	$(WITH_ENV) ORCH_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -ra tests
 
 bench: venv images

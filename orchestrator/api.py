@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -33,6 +34,7 @@ from .states import SessionState
 from .store import SessionStore
 
 log = logging.getLogger("orchestrator.api")
+DASHBOARD = (Path(__file__).parent / "static" / "dashboard.html").read_bytes()
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> Response[ErrorBody]:
@@ -87,7 +89,11 @@ def require(*any_of: str) -> Any:
     """A guard: the request's bearer token must hold one of these scopes (any valid token if none)."""
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        token = authenticate(connection.headers.get("authorization"), connection.app.state.tokens)
+        header = connection.headers.get("authorization")
+        # Browsers' EventSource cannot send headers: GETs may carry the token as ?access_token=.
+        if header is None and connection.scope.get("method") == "GET" and "access_token" in connection.query_params:
+            header = "Bearer " + connection.query_params["access_token"]
+        token = authenticate(header, connection.app.state.tokens)
         if any_of:
             authorize(token, *any_of)
 
@@ -269,6 +275,12 @@ async def metrics(state: State) -> str:
     return "\n".join(lines) + "\n"
 
 
+@get("/dashboard", include_in_schema=False, guards=ANY_TOKEN, media_type="text/html")
+async def dashboard() -> bytes:
+    """Sandboxes, sessions and a live event feed; open as /dashboard?access_token=<token>."""
+    return DASHBOARD
+
+
 @get("/openapi.json", include_in_schema=False, guards=ANY_TOKEN)
 async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     schema = request.app.openapi_schema.to_schema()
@@ -329,6 +341,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             healthz,
             metrics,
             openapi_json,
+            dashboard,
         ],
         on_startup=[startup],
         on_shutdown=[shutdown],

@@ -35,6 +35,8 @@ install_missing() {
   python3 -c 'import ensurepip' 2>/dev/null || pkgs+=(python3-venv)
   command -v curl >/dev/null || pkgs+=(curl)
   command -v ip >/dev/null || pkgs+=(iproute2)
+  # The dashboard's browser test drives Debian's chromium (no browser download).
+  if [ "$WITH_TEST_DEPS" = 1 ]; then command -v chromium >/dev/null || pkgs+=(chromium); fi
   command -v make >/dev/null || pkgs+=(make)
   if [ ${#pkgs[@]} -gt 0 ]; then
     need_root
@@ -123,6 +125,9 @@ stop_all() {
   done
 }
 
+WITH_TEST_DEPS=0
+[ "${2:-}" = --test ] && WITH_TEST_DEPS=1
+
 case "${1:-up}" in
   up)
     install_missing
@@ -134,5 +139,5 @@ case "${1:-up}" in
     cat "$RUN_DIR/env"
     ;;
   down) stop_all ;;
-  *) die "usage: $0 [up|down]" ;;
+  *) die "usage: $0 [up [--test]|down]" ;;
 esac

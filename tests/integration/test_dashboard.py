@@ -1,0 +1,73 @@
+"""The dashboard in a real headless browser (Debian's chromium driven by Playwright): a session
+created through the API turns `ready` on the page, live, and its stop button works."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator.client import Client
+from workers.worker import SandboxWorker
+
+from .conftest import TOKENS
+
+pytestmark = pytest.mark.docker
+CHROMIUM = os.environ.get("ORCH_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parents[2] / "build" / "dashboard.png"
+
+
+async def test_a_session_turns_ready_on_the_dashboard_and_stops_from_it(
+    api: str, client: Client, worker: SandboxWorker
+) -> None:
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `scripts/env.sh up --test` installs Debian's chromium")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            await page.goto(f"{api}/dashboard?access_token={TOKENS['admin']}")
+            await page.wait_for_selector("#status:text('live')", timeout=20_000)
+
+            record = await client.create(labels={"seen-by": "browser"})
+            row = f"tr[data-session-id='{record['id']}']"
+            await page.wait_for_selector(row, timeout=20_000)
+            await page.wait_for_selector(f"{row}[data-state='ready']", timeout=90_000)
+            assert "seen-by=browser" in await page.inner_text(row)
+            # The sandbox's heartbeat shows on the page too.
+            await page.wait_for_selector(f"tr[data-sandbox-id='{worker.settings.sandbox_id}']", timeout=20_000)
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            await page.click(f"{row} button[data-action='stop']")
+            await page.wait_for_selector(f"{row}[data-state='stopped']", timeout=90_000)
+            assert (await client.get(record["id"]))["state"] == "stopped"
+            events = await page.inner_text("#events")
+            assert "dockerd.ready" in events and "session.stopped" in events
+        finally:
+            await browser.close()
+
+
+async def test_the_dashboard_needs_a_token(api: str) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=api) as http:
+        assert (await http.get("/dashboard")).status_code == 401
+        assert (await http.get("/dashboard", params={"access_token": "wrong"})).status_code == 401
+        page = await http.get("/dashboard", params={"access_token": TOKENS["events:read"]})
+    assert page.status_code == 200 and '<table id="sessions">' in page.text
