@@ -13,6 +13,11 @@ REDIS_PORT=${ORCH_REDIS_PORT:-6391}
 # The machine's own project daemon is the depth-1 sandbox: its networks come from 10.213.0.0/16.
 DEPTH=${ORCH_DEPTH:-1}
 
+# Our own socket and port in DOCKER_HOST / REDIS_URL (say, from an earlier run's env file) mean
+# "the project's daemons", which this script manages, not "a user's".
+[ "${DOCKER_HOST:-}" = "unix://$RUN_DIR/docker.sock" ] && unset DOCKER_HOST
+[ "${REDIS_URL:-}" = "redis://127.0.0.1:$REDIS_PORT/0" ] && unset REDIS_URL
+
 log() { printf '[env] %s\n' "$*" >&2; }
 die() { printf '[env] error: %s\n' "$*" >&2; exit 1; }
 
