@@ -70,6 +70,14 @@ prepare_cgroup_v2() {
   done
 }
 
+prepare_proc_sys() {
+  # Without privileged mode (or systempaths=unconfined) /proc/sys is read-only, and dockerd
+  # cannot turn on IP forwarding for its containers. With CAP_SYS_ADMIN it can be remounted.
+  if ! touch /proc/sys/net/ipv4/ip_forward 2>/dev/null; then
+    mount -o remount,rw /proc/sys 2>/dev/null || log "warning: /proc/sys is read-only; nested networking may be limited"
+  fi
+}
+
 prepare_cgroups() {
   if [ -f /sys/fs/cgroup/cgroup.controllers ]; then prepare_cgroup_v2; else prepare_cgroup_v1; fi
 }
@@ -117,6 +125,6 @@ supervise() {
 mkdir -p "$(dirname "$LOG")"
 case "${1:---supervise}" in
   --check) preflight ;;
-  --supervise) preflight; prepare_cgroups; write_daemon_json; supervise ;;
+  --supervise) preflight; prepare_proc_sys; prepare_cgroups; write_daemon_json; supervise ;;
   *) die "usage: start-dockerd [--supervise|--check]" ;;
 esac

@@ -90,7 +90,7 @@ class ErrorBody(Strict):
     field: str | None = None
 
 
-class LifecycleJob(Strict):
+class LifecycleJob(Strict, omit_defaults=True):
     """Keyword arguments of every lifecycle job (arq, JSON). Non-Python producers send these."""
 
     session: SessionId
@@ -153,6 +153,8 @@ class SandboxInfo(Strict):
     max_cpus: float = 0.0
     max_memory_mb: int = 0
     max_pids: int = 0
+    # The sandbox's own dockerd's networks; its desktops take the next depth's.
+    address_pool: str = ""
 
 
 class SandboxList(Strict):

@@ -89,9 +89,21 @@ build_test_image() {
   rm -rf "$ctx"
 }
 
+# `docker save` tarballs for sandboxes to load (docker-compose.yml mounts build/images), rewritten
+# only when the image changed.
+save_for_sandboxes() {  # image, file name
+  local image=$1 out=build/images/$2 id
+  id=$(docker image inspect --format '{{.Id}}' "$image")
+  mkdir -p build/images
+  [ -s "$out" ] && [ "$(cat "$out.id" 2>/dev/null)" = "$id" ] && return
+  log "saving $image to $out"
+  docker save "$image" -o "$out.tmp" && mv "$out.tmp" "$out" && echo "$id" > "$out.id"
+}
+
 ensure_base
 build "$DESKTOP_IMAGE" desktop_image/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE"
 build_wheels
 build "$SANDBOX_IMAGE" sandbox_image/Dockerfile --build-arg "DESKTOP_IMAGE=$DESKTOP_IMAGE"
+save_for_sandboxes "$DESKTOP_IMAGE" desktop.tar
 if [ "${1:-}" = "--test" ]; then build_test_image; fi
 log "done"

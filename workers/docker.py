@@ -340,6 +340,9 @@ class DesktopRuntime:
             status = result.get("StatusCode")
             return None if status == 0 else f"the probe exited with status {status}"
         except DockerError as e:
+            if e.status == 404 and "image" in e.message.lower():
+                # Nothing learnt about privileges: the image is not here (yet).
+                raise DesktopError("image_missing", f"desktop image {self.image!r} is missing") from e
             return e.message
         finally:
             with contextlib.suppress(DockerError):

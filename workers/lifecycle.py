@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -68,6 +69,8 @@ class Lifecycle:
         self.stop_timeout_s = stop_timeout_s
         self.limits = limits
         self.fault_kill_at = fault_kill_at
+        # Called before each desktop is made (the worker settles its privilege profile there).
+        self.before_bring_up: Callable[[], Awaitable[None]] | None = None
 
     def _fault(self, point: str) -> None:
         if point == self.fault_kill_at:
@@ -158,6 +161,8 @@ class Lifecycle:
             if problem:
                 raise DesktopError("resources_exceed_sandbox", problem[1])
             env = await self.store.get_env(session_id) if record.spec.env_keys else {}
+            if self.before_bring_up is not None:
+                await self.before_bring_up()
             try:
                 with anyio.fail_after(self.provision_timeout_s):
                     if record.state is S.CREATING:

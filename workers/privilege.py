@@ -89,9 +89,14 @@ class PrivilegeProfile:
         }
 
 
+# Docker 20.10 (Debian 12's) knows capabilities up to AUDIT_READ (37): its "ALL" never adds the
+# newer ones, and it refuses to drop a name it does not know. So only these are ever dropped.
+DOCKER_KNOWN = 38
+
+
 def missing_capabilities(cap_bounding_hex: str, cap_last_cap: int) -> tuple[str, ...]:
     bounding = int(cap_bounding_hex, 16)
-    last = min(cap_last_cap, len(CAPABILITIES) - 1)
+    last = min(cap_last_cap, DOCKER_KNOWN - 1)
     return tuple(CAPABILITIES[n] for n in range(last + 1) if not bounding >> n & 1)
 
 

@@ -18,14 +18,14 @@ from orchestrator import __version__
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.locks import Busy, SessionLocks
-from orchestrator.names import Keys
+from orchestrator.names import Keys, address_pool
 from orchestrator.placement import resource_problem
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from orchestrator.schemas import LifecycleJob, SandboxInfo, now_rfc3339, to_data
 from orchestrator.service import new_record
 from orchestrator.store import SessionStore
 
-from .docker import DesktopRuntime
+from .docker import DesktopError, DesktopRuntime
 from .lifecycle import Lifecycle
 from .privilege import PrivilegeProfile, candidates, read_bounding_set
 from .reconciler import Reconciler
@@ -97,6 +97,9 @@ class SandboxWorker:
             limits=(settings.max_cpus, settings.max_memory_mb, settings.max_pids),
             fault_kill_at=settings.fault_kill_at,
         )
+        self.lifecycle.before_bring_up = self._before_bring_up
+        self.privilege_decided = False
+        self._privilege_lock = asyncio.Lock()
         self.reconciler: Reconciler | None = None
         self._reconcile_loop: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -142,17 +145,30 @@ class SandboxWorker:
         return None
 
     async def choose_privilege(self) -> PrivilegeProfile:
-        """Try the candidate profiles on the sandbox's daemon; the first that runs is used."""
-        options = candidates(self.settings.privilege, *read_bounding_set())
-        if len(options) == 1:
-            return options[0]
-        for profile in options:
-            why = await self.runtime.probe_profile(profile)
-            if why is None:
-                return profile
-            log.info("privilege profile %s does not work here: %s", profile.describe(), why)
-        log.warning("no privilege profile passed the probe; using %s", options[-1].describe())
-        return options[-1]
+        """Try the candidate profiles on the sandbox's daemon; the first that runs is used.
+        Without the desktop image nothing can be tried: the choice waits for the first desktop."""
+        async with self._privilege_lock:
+            options = candidates(self.settings.privilege, *read_bounding_set())
+            self.privilege_decided = True
+            if len(options) == 1:
+                return options[0]
+            for profile in options:
+                try:
+                    why = await self.runtime.probe_profile(profile)
+                except DesktopError as e:
+                    log.warning("cannot probe privilege profiles yet (%s); will try before the first desktop", e)
+                    self.privilege_decided = False
+                    return options[-1]
+                if why is None:
+                    return profile
+                log.info("privilege profile %s does not work here: %s", profile.describe(), why)
+            log.warning("no privilege profile passed the probe; using %s", options[-1].describe())
+            return options[-1]
+
+    async def _before_bring_up(self) -> None:
+        if not self.privilege_decided:
+            self.profile = self.runtime.profile = await self.choose_privilege()
+            log.info("desktops get privilege profile: %s", self.profile.describe())
 
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
         self.profile = self.runtime.profile = await self.choose_privilege()
@@ -243,6 +259,7 @@ class SandboxWorker:
             max_cpus=self.settings.max_cpus,
             max_memory_mb=self.settings.max_memory_mb,
             max_pids=self.settings.max_pids,
+            address_pool=address_pool(self.settings.depth),
         )
         ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
         async with self.redis.pipeline(transaction=True) as pipe:

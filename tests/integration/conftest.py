@@ -84,6 +84,12 @@ def bus(redis: aioredis.Redis, settings: Settings) -> EventBus:
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[str]:
     """The real API on a loopback port; yields its base URL."""
+    async with running_api(settings) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def running_api(settings: Settings) -> AsyncIterator[str]:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
@@ -96,9 +102,11 @@ async def api(settings: Settings) -> AsyncIterator[str]:
             if task.done():
                 task.result()
             await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await asyncio.wait_for(task, 20)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)
 
 
 @pytest.fixture

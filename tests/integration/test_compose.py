@@ -1,5 +1,5 @@
-"""docker-compose.yml brings up a working stack: Redis, the API and a containerized worker
-that drives the machine's dockerd as its sandbox, to a real dockerd.ready."""
+"""docker-compose.yml brings up a working stack: Redis, the API and two sandboxes (each its own
+dockerd and worker, loading the desktop image from build/images), to a real dockerd.ready."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,14 @@ import pytest
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
 from tests.conftest import free_port
+from workers.privilege import missing_capabilities, read_bounding_set
 
-from .conftest import TOKENS, docker, remove_sandbox_objects
+from .conftest import TOKENS, docker
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_IMAGE = os.environ.get("ORCH_SANDBOX_IMAGE", "orchestrator/sandbox:dev")
+IMAGE_DIR = ROOT / "build" / "images"
 
 
 def compose_command() -> list[str]:
@@ -35,59 +36,63 @@ def compose_command() -> list[str]:
 
 
 @pytest.fixture
-def stack(images: str) -> Iterator[tuple[str, str]]:
-    if not images.startswith("unix://"):
-        pytest.skip(f"the compose test mounts the daemon's unix socket; DOCKER_HOST is {images}")
+def stack(images: str) -> Iterator[str]:
     if not docker("image", "inspect", "--format", "{{.Id}}", SANDBOX_IMAGE, host=images, check=False):
         pytest.fail(f"image {SANDBOX_IMAGE} is missing: run `make images`")
+    if not (IMAGE_DIR / "desktop.tar").is_file():
+        pytest.fail(f"{IMAGE_DIR}/desktop.tar is missing: run `make images`")
     tag = uuid.uuid4().hex[:8]
     port = free_port()
-    socket_dir = tempfile.mkdtemp(prefix="orch-compose-")
+    files = ["docker-compose.yml"]
+    if missing_capabilities(*read_bounding_set()):  # this machine refuses --privileged
+        files.append("docker-compose.caps.yml")
     env = {
         **os.environ,
         "DOCKER_HOST": images,
         "COMPOSE_PROJECT_NAME": f"orchtest{tag}",
-        "ORCH_DOCKER_SOCKET": images.removeprefix("unix://"),
+        "COMPOSE_FILE": ":".join(str(ROOT / f) for f in files),
         "ORCH_API_PORT": str(port),
-        "ORCH_SANDBOX_ID": f"c{tag}",
-        "ORCH_SOCKET_DIR": socket_dir,
+        "ORCH_IMAGE_DIR": str(IMAGE_DIR),
         "ORCH_TOKENS": f"compose:{hash_token(TOKENS['admin'])}:admin",
     }
-    compose = [*compose_command(), "-f", str(ROOT / "docker-compose.yml")]
-    up = subprocess.run([*compose, "up", "-d"], env=env, capture_output=True, text=True, timeout=300)
+    compose = compose_command()
+    up = subprocess.run(
+        [*compose, "up", "-d", "--scale", "sandbox=2"], env=env, capture_output=True, text=True, timeout=300
+    )
     try:
         assert up.returncode == 0, up.stderr
-        yield f"http://127.0.0.1:{port}", f"c{tag}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         logs = subprocess.run([*compose, "logs", "--no-color"], env=env, capture_output=True, text=True)
         print(logs.stdout[-4000:])
-        subprocess.run([*compose, "down", "-v", "-t", "5"], env=env, capture_output=True, timeout=300)
-        remove_sandbox_objects(images, f"c{tag}")
-        shutil.rmtree(socket_dir, ignore_errors=True)
+        subprocess.run([*compose, "down", "-v", "-t", "10"], env=env, capture_output=True, timeout=300)
 
 
-async def wait_healthy(base_url: str) -> None:
-    async with httpx.AsyncClient(base_url=base_url) as http:
-        for _ in range(300):
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"the composed API at {base_url} did not become healthy in 30 s")
-
-
-async def test_compose_stack_runs_a_session_to_dockerd_ready(stack: tuple[str, str]) -> None:
-    base_url, sandbox = stack
-    await wait_healthy(base_url)
-    async with Client(base_url, token=TOKENS["admin"]) as client:
+async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: str) -> None:
+    async with httpx.AsyncClient(base_url=stack) as http:
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+    async with Client(stack, token=TOKENS["admin"]) as client:
+        async with asyncio.timeout(180):  # each sandbox starts its dockerd and loads the desktop image
+            while len(sandboxes := await client.sandboxes()) < 2:
+                await asyncio.sleep(0.5)
+        assert len({s["id"] for s in sandboxes}) == 2
+        assert all(s["depth"] == 1 and s["address_pool"] == "10.213.0.0/16" for s in sandboxes)
         record = await client.create(labels={"via": "compose"})
-        events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=120)
+        assert record["sandbox"] in {s["id"] for s in sandboxes}
+        events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=180)
         assert events[-1].type == "session.ready", [e.data for e in events]
-        ready = next(e for e in events if e.type == "dockerd.ready")
-        assert ready.data["sandbox"] == sandbox
-        assert ready.data["data"]["storage_driver"] == "overlay2"
+        ready = next(e for e in events if e.type == "dockerd.ready").data["data"]
+        assert ready["storage_driver"] == "overlay2" and ready["backing_filesystem"] == "extfs"
+        assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
         await client.delete(record["id"])
-        events = await client.wait_for(record["id"], {"session.deleted", "session.failed"}, timeout=120)
+        events = await client.wait_for(
+            record["id"], {"session.deleted", "session.failed"}, timeout=120, after=events[-1].id
+        )
         assert events[-1].type == "session.deleted"
