@@ -95,6 +95,32 @@ class DesktopRuntime:
     async def close(self) -> None:
         await self._docker.close()
 
+    @property
+    def network(self) -> str:
+        return f"desktops-{self.sandbox_id}"
+
+    async def ensure_network(self, icc: bool = False) -> None:
+        """The bridge network desktops join: outbound works, but with inter-container traffic
+        off, so no desktop reaches another's ports (sessions are isolated from each other)."""
+        try:
+            await self._docker._query_json(f"networks/{self.network}")
+            return
+        except DockerError as e:
+            if e.status != 404:
+                raise
+        body = {
+            "Name": self.network,
+            "Driver": "bridge",
+            "CheckDuplicate": True,
+            "Options": {"com.docker.network.bridge.enable_icc": "true" if icc else "false"},
+            "Labels": {LABEL_SANDBOX: self.sandbox_id, LABEL_ROLE: "desktop-network"},
+        }
+        try:
+            await self._docker._query_json("networks/create", "POST", data=json.dumps(body))
+        except DockerError as e:
+            if e.status != 409:  # another worker of this sandbox made it first
+                raise
+
     async def _request(self, method: str, path: str, **kwargs: Any) -> None:
         async with self._docker._query(path, method, **kwargs):
             pass
@@ -175,6 +201,7 @@ class DesktopRuntime:
         sockets = os.path.dirname(self.socket_path(session_id))
         host_config: dict[str, Any] = {
             "Binds": [f"{volume_name(session_id)}:/var/lib/docker", f"{sockets}:/run/orchestrator"],
+            "NetworkMode": self.network,
             "RestartPolicy": {"Name": "no"},
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
             **self.profile.host_config(),

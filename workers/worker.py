@@ -171,6 +171,7 @@ class SandboxWorker:
             log.info("desktops get privilege profile: %s", self.profile.describe())
 
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
+        await self.runtime.ensure_network()
         self.profile = self.runtime.profile = await self.choose_privilege()
         self.lifecycle_queue = JobQueue(ctx["redis"], self.keys)
         self.reconciler = Reconciler(

@@ -139,6 +139,9 @@ def remove_sandbox_objects(host: str, sandbox_id: str) -> None:
     volumes = docker("volume", "ls", "-q", "--filter", label, host=host).split()
     if volumes:
         docker("volume", "rm", "-f", *volumes, host=host, check=False)
+    networks = docker("network", "ls", "-q", "--filter", label, host=host).split()
+    if networks:  # each takes a /24 of the daemon's pool: leaking them would exhaust it
+        docker("network", "rm", *networks, host=host, check=False)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,132 @@
+"""Networking inside desktops: service-name DNS (what compose relies on), `-p` publishing on the
+desktop's localhost, and no way from one session's desktop to another's containers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from workers.worker import SandboxWorker
+
+from .conftest import TEST_IMAGE, docker
+
+pytestmark = pytest.mark.docker
+SERVE = "busybox mkdir -p /www && echo hello-from-{name} > /www/index.html && exec busybox httpd -f -p 80 -h /www"
+
+
+async def ready_desktop(client: Client, worker: SandboxWorker) -> str:
+    record = await client.create()
+    await client.wait_ready(record["id"], timeout=90)
+    await worker.runtime.load_image(record["id"], TEST_IMAGE)
+    return f"desktop-{record['id']}"
+
+
+def in_desktop(host: str, desktop: str, *args: str, check: bool = True) -> str:
+    return docker("exec", desktop, *args, host=host, check=check)
+
+
+async def fetch_until(host: str, desktop: str, *wget: str, timeout: float = 20) -> str:
+    """Run wget in a throwaway container in ``desktop`` until it answers (servers take a moment)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            out = in_desktop(host, desktop, "docker", "run", "--rm", *wget, check=False)
+            if out.startswith("hello-from-"):
+                return out
+            await asyncio.sleep(0.2)
+
+
+async def test_service_names_resolve_and_published_ports_answer_on_localhost(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    desktop = await ready_desktop(client, worker)
+    in_desktop(host, desktop, "docker", "network", "create", "app")
+    in_desktop(
+        host,
+        desktop,
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "app",
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        SERVE.format(name="web"),
+    )
+    # Like a compose stack: another container on the network reaches it by its service name.
+    out = await fetch_until(host, desktop, "--network", "app", TEST_IMAGE, "wget", "-qO-", "http://web/")
+    assert out == "hello-from-web"
+    # The inner networks come from the desktop's own pool (depth 2).
+    subnet = in_desktop(
+        host, desktop, "docker", "network", "inspect", "app", "--format", "{{(index .IPAM.Config 0).Subnet}}"
+    )
+    assert subnet.startswith("10.214.")
+
+    in_desktop(
+        host,
+        desktop,
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        "published",
+        "-p",
+        "8000:80",
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        SERVE.format(name="published"),
+    )
+    out = await fetch_until(host, desktop, "--network", "host", TEST_IMAGE, "wget", "-qO-", "http://localhost:8000/")
+    assert out == "hello-from-published"
+
+
+async def test_one_sessions_desktop_cannot_reach_anothers(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    a, b = await ready_desktop(client, worker), await ready_desktop(client, worker)
+    in_desktop(host, a, "docker", "run", "-d", "-p", "8000:80", TEST_IMAGE, "sh", "-c", SERVE.format(name="a"))
+    await fetch_until(host, a, "--network", "host", TEST_IMAGE, "wget", "-qO-", "http://localhost:8000/")
+    a_ip = docker("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", a, host=host)
+    assert a_ip
+
+    # busybox's `wget -T` crashes in this static build, so the wait is bounded from outside; the
+    # same command is first shown to work inside a, so a failure from b means isolation.
+    def fetch(desktop: str, url: str) -> str:
+        command = [
+            "docker",
+            "exec",
+            desktop,
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            TEST_IMAGE,
+            "wget",
+            "-qO-",
+            url,
+        ]
+        try:
+            done = subprocess.run(
+                command, env={**os.environ, "DOCKER_HOST": host}, capture_output=True, text=True, timeout=10
+            )
+        except subprocess.TimeoutExpired:
+            return "(no answer within 10 s)"
+        return done.stdout.strip()
+
+    assert fetch(a, "http://localhost:8000/") == "hello-from-a"
+    # From b: neither a's desktop address nor a's inner container network is reachable.
+    for target in (f"http://{a_ip}:8000/", "http://10.214.0.2/"):
+        assert "hello-from-a" not in fetch(b, target), target
