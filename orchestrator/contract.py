@@ -18,6 +18,7 @@ from .schemas import (
     DockerdReady,
     ErrorBody,
     Event,
+    ImagesLoaded,
     LifecycleJob,
     SandboxInfo,
     SessionChanged,
@@ -35,6 +36,7 @@ SCHEMAS: dict[str, Any] = {
     "event-data-volume-created": VolumeCreated,
     "event-data-desktop-started": DesktopStarted,
     "event-data-dockerd-ready": DockerdReady,
+    "event-data-images-loaded": ImagesLoaded,
     "event-data-sandbox-heartbeat": SandboxInfo,
     "error": ErrorBody,
 }

@@ -26,6 +26,8 @@ EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 EnvValue = Annotated[str, msgspec.Meta(max_length=8192, pattern=r"^[^\x00]*$")]
 Env = Annotated[dict[EnvKey, EnvValue], msgspec.Meta(max_length=128)]
 TtlAction = Literal["stop", "delete"]
+# An image reference as Docker names it; never starts with '-' (no flag injection).
+ImageRef = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")]
 
 
 class Resources(Strict, omit_defaults=True):
@@ -50,6 +52,8 @@ class SessionCreate(Strict):
     # Stop (or delete) the session this long after it was (re)started; default from configuration.
     ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=365 * 86400)] | None = None
     ttl_action: TtlAction | None = None
+    # Images copied from the sandbox's daemon into the desktop's before it is ready.
+    preload_images: Annotated[list[ImageRef], msgspec.Meta(max_length=16)] = []
 
 
 class SessionSpec(Strict):
@@ -58,6 +62,7 @@ class SessionSpec(Strict):
     env_keys: list[str] = []
     ttl_seconds: int | None = None
     ttl_action: TtlAction = "stop"
+    preload_images: list[str] = []
 
 
 class SessionError(Strict):
@@ -128,6 +133,12 @@ class DesktopStarted(Strict):
     container: str
     id: str
     privilege: str
+
+
+class ImagesLoaded(Strict):
+    images: list[str]
+    bytes: int
+    seconds: float
 
 
 class DockerdReady(Strict):

@@ -58,6 +58,7 @@ def new_record(request: SessionCreate, sandbox: str, settings: Settings) -> Sess
         env_keys=sorted(request.env),
         ttl_seconds=ttl or None,
         ttl_action=request.ttl_action or default_action,
+        preload_images=request.preload_images,
     )
     now = now_rfc3339()
     return SessionRecord(

@@ -385,8 +385,24 @@ class DesktopRuntime:
     def desktop_address_pool(self) -> str:
         return address_pool(self.depth + 1)
 
+    async def inner_has_image(self, session_id: str, image: str) -> bool:
+        async with self.inner_docker(session_id) as inner:
+            try:
+                await inner._query_json(f"images/{image}/json")
+            except DockerError as e:
+                if e.status == 404:
+                    return False
+                raise
+        return True
+
     async def load_image(self, session_id: str, image: str) -> int:
         """Copy ``image`` from the sandbox's daemon into the desktop's; returns bytes moved."""
+        try:
+            await self._docker._query_json(f"images/{image}/json")
+        except DockerError as e:
+            if e.status == 404:
+                raise DesktopError("image_missing", f"image {image!r} is not in the sandbox's daemon") from e
+            raise
         moved = 0
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -396,8 +412,12 @@ class DesktopRuntime:
                     moved += len(chunk)
                     yield chunk
 
-        async with self.inner_docker(session_id) as inner:
-            await inner.images.import_image(chunks())
+        try:
+            async with self.inner_docker(session_id) as inner:
+                await inner.images.import_image(chunks())
+        except DockerError as e:
+            code = "image_missing" if e.status == 404 else "preload_failed"
+            raise DesktopError(code, f"could not copy image {image!r} into the desktop: {e.message}") from e
         return moved
 
     async def list_desktops(self) -> list[DockerObject]:

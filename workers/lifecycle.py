@@ -22,7 +22,7 @@ from orchestrator.events import EventBus, make_event
 from orchestrator.locks import SessionLocks
 from orchestrator.names import volume_name
 from orchestrator.placement import resource_problem
-from orchestrator.schemas import DesktopStarted, DockerdReady, SessionRecord, VolumeCreated, to_data
+from orchestrator.schemas import DesktopStarted, DockerdReady, ImagesLoaded, SessionRecord, VolumeCreated, to_data
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
@@ -199,6 +199,8 @@ class Lifecycle:
             self._fault("create:before_ready_event")
             await self._event(record, "dockerd.ready", to_data(ready))
             self._fault("create:after_ready_event")
+            if record.spec.preload_images:
+                await self._preload(record)
             await self.store.transition(session_id, S.READY, generation=generation)
             return "ready"
         except DesktopError as e:
@@ -210,6 +212,19 @@ class Lifecycle:
             log.exception("bringing up %s failed", session_id)
             await self._fail(record, "internal_error", f"{type(e).__name__}: {e}")
             return "failed: internal_error"
+
+    async def _preload(self, record: SessionRecord) -> None:
+        """Copy the requested images from the sandbox's daemon into the desktop's (a resumed
+        desktop keeps them on its volume: only missing ones move)."""
+        started = time.monotonic()
+        moved, loaded = 0, []
+        for image in record.spec.preload_images:
+            if await self.runtime.inner_has_image(record.id, image):
+                continue
+            moved += await self.runtime.load_image(record.id, image)
+            loaded.append(image)
+        data = ImagesLoaded(images=loaded, bytes=moved, seconds=round(time.monotonic() - started, 3))
+        await self._event(record, "images.loaded", to_data(data))
 
     async def _fail(self, record: SessionRecord, code: str, message: str) -> None:
         # Rule: a desktop that never became ready is removed; the volume stays with the

@@ -186,3 +186,30 @@ async def test_limits_beyond_the_sandbox_are_refused_with_422(client: Client, se
     with pytest.raises(Exception, match="422 resources_exceed_sandbox"):
         await client._call("POST", "/v1/sessions", json=body)
     assert await client.list() == []
+
+
+async def test_preload_images_arrive_before_ready_with_their_event(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    record = await client._call("POST", "/v1/sessions", json={"preload_images": [TEST_IMAGE]})
+    events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=READY)
+    types = [e.type for e in events]
+    assert types[-3:] == ["dockerd.ready", "images.loaded", "session.ready"], types
+    loaded = events[-2].data["data"]
+    assert loaded["images"] == [TEST_IMAGE] and loaded["bytes"] > 100_000 and loaded["seconds"] >= 0
+    out = docker(
+        "exec", desktop_name(record["id"]), "docker", "run", "--rm", TEST_IMAGE, "echo", "preloaded", host=host
+    )
+    assert out == "preloaded"
+
+    missing = await client._call("POST", "/v1/sessions", json={"preload_images": ["orchestrator/none:missing"]})
+    events = await client.wait_for(missing["id"], {"session.ready", "session.failed"}, timeout=READY)
+    assert events[-1].type == "session.failed" and events[-1].data["data"]["code"] == "image_missing"
+
+
+async def test_image_names_that_look_like_flags_are_refused(client: Client) -> None:
+    for bad in ("--privileged", "../x", "a b", ""):
+        with pytest.raises(Exception, match="400 invalid_request"):
+            await client._call("POST", "/v1/sessions", json={"preload_images": [bad]})

@@ -209,3 +209,23 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
     out = docker(*in_dind, "docker", "run", "--rm", TEST_IMAGE, "echo", "hello from depth 4", host=host)
     assert out == "hello from depth 4"
     print("\nnesting timings (s): " + ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
+
+
+async def test_the_sandbox_restarts_a_crashed_worker_and_dockerd(
+    images: str, sandbox_stack: tuple[str, Settings]
+) -> None:
+    host = images
+    sandbox, _ = sandbox_stack
+    await wait_until(["exec", sandbox, "pgrep", "-f", "orchestrator worker"], host)
+    worker_pid = docker("exec", sandbox, "pgrep", "-f", "orchestrator worker", host=host)
+    docker("exec", sandbox, "kill", "-KILL", worker_pid, host=host)
+    await wait_until(["exec", sandbox, "sh", "-c", f"pgrep -f 'orchestrator worker' | grep -vx {worker_pid}"], host)
+
+    dockerd_pid = docker("exec", sandbox, "pgrep", "-x", "dockerd", host=host)
+    docker("exec", sandbox, "kill", "-KILL", dockerd_pid, host=host)
+    await wait_until(["exec", sandbox, "sh", "-c", f"pgrep -x dockerd | grep -vx {dockerd_pid}"], host)
+    await wait_until(["exec", sandbox, "docker", "version"], host)
+    logs = docker("logs", sandbox, host=host, stderr=True)
+    assert "the worker exited with status" in logs
+    dockerd_log = docker("exec", sandbox, "cat", "/var/log/dockerd.log", host=host)
+    assert "dockerd exited with status" in dockerd_log
