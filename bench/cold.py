@@ -89,6 +89,7 @@ def main() -> int:
         "ORCH_SOCKET_DIR": socket_dir,
         "ORCH_API_PORT": str(port),
         "ORCH_TOKENS": f"bench:{hash_token(BENCH_TOKEN)}:admin",
+        "ORCH_DEFAULT_SANDBOX": f"bench{tag}",
     }
     procs = [
         subprocess.Popen([sys.executable, "-m", "orchestrator.cli", role], env=env, stderr=subprocess.DEVNULL)

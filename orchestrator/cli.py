@@ -102,6 +102,7 @@ async def _follow(client: Client, session_id: str, done: set[str], timeout: floa
                     console.print(
                         f"  +{elapsed:6.3f}s  [{_style(event.type)}]{event.type:18}[/] {escape(details)}",
                         highlight=False,
+                        soft_wrap=True,  # one event, one line, whatever the width: scripts read it
                     )
                     if status is not None:
                         status.update(f"{event.type} (+{elapsed:.3f}s)")

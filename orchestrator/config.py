@@ -49,8 +49,11 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Every Redis key the project writes starts with this (arq's own job keys excepted: arq fixes them).
     key_prefix: str = "orchestrator:"
-    # This process's sandbox (worker) or the sandbox used when none has reported yet (API).
+    # This worker's sandbox.
     sandbox_id: str = "local"
+    # API: where sessions go while no sandbox has reported (e.g. make up, whose worker is "local"
+    # and may start after the API). Unset: a create with no live sandbox is refused (503).
+    default_sandbox: str | None = None
     # Depth of the sandbox's dockerd; its desktops run one level deeper.
     depth: int = 1
     docker_host: str | None = None
@@ -105,6 +108,7 @@ class Settings:
             redis_url=env("REDIS_URL") or cls.redis_url,
             key_prefix=env("ORCH_KEY_PREFIX") or cls.key_prefix,
             sandbox_id=env("ORCH_SANDBOX_ID") or cls.sandbox_id,
+            default_sandbox=env("ORCH_DEFAULT_SANDBOX") or None,
             depth=_env_int("ORCH_DEPTH", cls.depth),
             docker_host=env("DOCKER_HOST") or None,
             desktop_image=env("ORCH_DESKTOP_IMAGE") or cls.desktop_image,

@@ -11,10 +11,10 @@ class NoSandbox(Exception):
     pass
 
 
-def choose_sandbox(live: Sequence[SandboxInfo], requested: str | None, default: str) -> str:
+def choose_sandbox(live: Sequence[SandboxInfo], requested: str | None, default: str | None) -> str:
     """A requested sandbox must be live; otherwise the live one with the most free room wins
-    (ties by id, so placement is deterministic). With none live, the configured default takes
-    the job: its queue holds it until that sandbox's worker comes up."""
+    (ties by id, so placement is deterministic). With none live, the configured default (if
+    any) takes the job: its queue holds it until that sandbox's worker comes up."""
     if requested is not None:
         if live and requested not in {s.id for s in live}:
             raise NoSandbox(f"sandbox {requested!r} is not running (live: {', '.join(s.id for s in live)})")
@@ -24,6 +24,8 @@ def choose_sandbox(live: Sequence[SandboxInfo], requested: str | None, default: 
         return min(candidates, key=lambda s: (s.sessions / max(s.capacity, 1), s.id)).id
     if live:
         raise NoSandbox("every live sandbox is at capacity")
+    if default is None:
+        raise NoSandbox("no sandbox is running (none has sent a heartbeat recently)")
     return default
 
 

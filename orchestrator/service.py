@@ -113,7 +113,7 @@ class Sessions:
             request = msgspec.structs.replace(request, id=id_from_idempotency_key(idempotency_key))
         live = await self.sandboxes()
         try:
-            sandbox = choose_sandbox(live, request.sandbox, self.settings.sandbox_id)
+            sandbox = choose_sandbox(live, request.sandbox, self.settings.default_sandbox)
         except NoSandbox as e:
             raise ServiceError(503, "no_sandbox", str(e)) from None
         # Check limits against the chosen sandbox's own maximums when it has reported them.

@@ -47,7 +47,8 @@ export ORCH_TOKEN ORCH_TOKENS
 ORCH_TOKEN=$(sed -n 's/^token: *//p' "$RUN_DIR/token")
 ORCH_TOKENS=$(sed -n 's/^ORCH_TOKENS: *//p' "$RUN_DIR/token")
 mkdir -p "$LOG_DIR"
-start api "$BIN" api
+# The worker below is sandbox "local": sessions wait in its queue even if it reports after the API starts.
+ORCH_DEFAULT_SANDBOX=local start api "$BIN" api
 start worker "$BIN" worker
 for _ in $(seq 150); do curl -fsS "$ORCH_API_URL/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
 curl -fsS "$ORCH_API_URL/healthz" >/dev/null || { tail -n 30 "$LOG_DIR/api.log" >&2; log "the API did not come up"; exit 1; }

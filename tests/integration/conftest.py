@@ -54,6 +54,7 @@ def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settin
         redis_url=redis_url,
         key_prefix=f"test-{tag}:",
         sandbox_id=f"t{tag}",
+        default_sandbox=f"t{tag}",
         depth=1,
         desktop_image=DESKTOP_IMAGE,
         socket_dir=str(tmp_path_factory.mktemp("desktops")),

@@ -4,6 +4,7 @@ dockerd and worker, loading the desktop image from build/images), to a real dock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -35,49 +36,63 @@ def compose_command() -> list[str]:
     pytest.fail("neither `docker compose` nor `docker-compose` is installed (scripts/env.sh installs it)")
 
 
-@pytest.fixture
-def stack(images: str) -> Iterator[str]:
-    if not docker("image", "inspect", "--format", "{{.Id}}", SANDBOX_IMAGE, host=images, check=False):
+@contextlib.contextmanager
+def compose_stack(host: str, scale: int) -> Iterator[tuple[str, str]]:
+    """Bring docker-compose.yml up on ``host`` (a project of its own); yields (API URL, project)."""
+    if not docker("image", "inspect", "--format", "{{.Id}}", SANDBOX_IMAGE, host=host, check=False):
         pytest.fail(f"image {SANDBOX_IMAGE} is missing: run `make images`")
     if not (IMAGE_DIR / "desktop.tar").is_file():
         pytest.fail(f"{IMAGE_DIR}/desktop.tar is missing: run `make images`")
-    tag = uuid.uuid4().hex[:8]
+    project = f"orchtest{uuid.uuid4().hex[:8]}"
     port = free_port()
-    files = ["docker-compose.yml"]
-    if missing_capabilities(*read_bounding_set()):  # this machine refuses --privileged
-        files.append("docker-compose.caps.yml")
     env = {
         **os.environ,
-        "DOCKER_HOST": images,
-        "COMPOSE_PROJECT_NAME": f"orchtest{tag}",
-        "COMPOSE_FILE": ":".join(str(ROOT / f) for f in files),
+        "DOCKER_HOST": host,
+        "COMPOSE_PROJECT_NAME": project,
+        "COMPOSE_FILE": ":".join(str(ROOT / f) for f in compose_files()),
         "ORCH_API_PORT": str(port),
         "ORCH_IMAGE_DIR": str(IMAGE_DIR),
         "ORCH_TOKENS": f"compose:{hash_token(TOKENS['admin'])}:admin",
     }
     compose = compose_command()
     up = subprocess.run(
-        [*compose, "up", "-d", "--scale", "sandbox=2"], env=env, capture_output=True, text=True, timeout=300
+        [*compose, "up", "-d", "--scale", f"sandbox={scale}"], env=env, capture_output=True, text=True, timeout=300
     )
     try:
         assert up.returncode == 0, up.stderr
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", project
     finally:
         logs = subprocess.run([*compose, "logs", "--no-color"], env=env, capture_output=True, text=True)
         print(logs.stdout[-4000:])
         subprocess.run([*compose, "down", "-v", "-t", "10"], env=env, capture_output=True, timeout=300)
 
 
+def compose_files() -> list[str]:
+    files = ["docker-compose.yml"]
+    if missing_capabilities(*read_bounding_set()):  # this machine refuses --privileged
+        files.append("docker-compose.caps.yml")
+    return files
+
+
+@pytest.fixture
+def stack(images: str) -> Iterator[str]:
+    with compose_stack(images, scale=2) as (url, _):
+        yield url
+
+
+async def wait_healthy(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url) as http, asyncio.timeout(60):
+        while True:
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+
 async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: str) -> None:
-    async with httpx.AsyncClient(base_url=stack) as http:
-        async with asyncio.timeout(60):
-            while True:
-                try:
-                    if (await http.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
+    await wait_healthy(stack)
     async with Client(stack, token=TOKENS["admin"]) as client:
         async with asyncio.timeout(180):  # each sandbox starts its dockerd and loads the desktop image
             while len(sandboxes := await client.sandboxes()) < 2:

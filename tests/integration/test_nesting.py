@@ -114,7 +114,9 @@ async def sandbox_stack(images: str, settings: Settings) -> AsyncIterator[tuple[
             "",
             host=host,
         )
-        sandbox_settings = replace(settings, redis_url=f"redis://127.0.0.1:{port}/0", sandbox_id=f"nest{tag}")
+        sandbox_settings = replace(
+            settings, redis_url=f"redis://127.0.0.1:{port}/0", sandbox_id=f"nest{tag}", default_sandbox=None
+        )
         docker(
             "run",
             "-d",

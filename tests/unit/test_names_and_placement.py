@@ -66,6 +66,8 @@ def test_placement_prefers_the_emptiest_live_sandbox() -> None:
     assert choose_sandbox([sandbox("a", 5), sandbox("b", 2)], None, "local") == "b"
     assert choose_sandbox([sandbox("a", 2), sandbox("b", 2)], None, "local") == "a"  # ties by id
     assert choose_sandbox([], None, "local") == "local"
+    with pytest.raises(NoSandbox, match="no sandbox is running"):
+        choose_sandbox([], None, None)
 
 
 def test_placement_refuses_a_full_fleet_and_unknown_sandboxes() -> None:
