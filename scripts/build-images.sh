@@ -106,4 +106,6 @@ build_wheels
 build "$SANDBOX_IMAGE" sandbox_image/Dockerfile --build-arg "DESKTOP_IMAGE=$DESKTOP_IMAGE"
 save_for_sandboxes "$DESKTOP_IMAGE" desktop.tar
 if [ "${1:-}" = "--test" ]; then build_test_image; fi
+# Rebuilt tags leave their old images dangling (hundreds of MB each): drop those, nothing else.
+docker image prune -f --filter label=orchestrator.image >/dev/null
 log "done"
