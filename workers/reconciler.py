@@ -96,25 +96,15 @@ def plan(
 
 
 class Reconciler:
-    def __init__(
-        self,
-        store: SessionStore,
-        bus: EventBus,
-        runtime: DesktopRuntime,
-        locks: SessionLocks,
-        lifecycle: Lifecycle,
-        queue: JobQueue,
-        *,
-        sandbox_id: str,
-        grace_s: float,
-    ) -> None:
-        self.store = store
-        self.bus = bus
-        self.runtime = runtime
-        self.locks = locks
+    def __init__(self, lifecycle: Lifecycle, queue: JobQueue, *, grace_s: float) -> None:
+        # The same store, bus, Docker runtime and leases the lifecycle jobs use.
         self.lifecycle = lifecycle
+        self.store: SessionStore = lifecycle.store
+        self.bus: EventBus = lifecycle.bus
+        self.runtime: DesktopRuntime = lifecycle.runtime
+        self.locks: SessionLocks = lifecycle.locks
+        self.sandbox_id = lifecycle.sandbox_id
         self.queue = queue
-        self.sandbox_id = sandbox_id
         self.grace_s = grace_s
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -174,16 +174,7 @@ class SandboxWorker:
         await self.runtime.ensure_network()
         self.profile = self.runtime.profile = await self.choose_privilege()
         self.lifecycle_queue = JobQueue(ctx["redis"], self.keys)
-        self.reconciler = Reconciler(
-            self.store,
-            self.bus,
-            self.runtime,
-            self.locks,
-            self.lifecycle,
-            self.lifecycle_queue,
-            sandbox_id=self.settings.sandbox_id,
-            grace_s=self.settings.orphan_grace_s,
-        )
+        self.reconciler = Reconciler(self.lifecycle, self.lifecycle_queue, grace_s=self.settings.orphan_grace_s)
         # Before any job is consumed: adopt, finish and clean up what an earlier run left.
         await self.reconciler.pass_once()
         self._reconcile_loop = asyncio.create_task(self._reconcile_forever(self.reconciler))

@@ -20,11 +20,10 @@ from orchestrator.client import Client
 from tests.conftest import free_port
 from workers.privilege import missing_capabilities, read_bounding_set
 
-from .conftest import TOKENS, docker
+from .conftest import SANDBOX_IMAGE, TOKENS, docker
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
-SANDBOX_IMAGE = os.environ.get("ORCH_SANDBOX_IMAGE", "orchestrator/sandbox:dev")
 IMAGE_DIR = ROOT / "build" / "images"
 
 

@@ -20,23 +20,9 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from tests.conftest import free_port
 
-from .conftest import DESKTOP_IMAGE, TEST_IMAGE, TOKENS, docker
+from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, docker
 
 pytestmark = pytest.mark.docker
-SANDBOX_IMAGE = "orchestrator/sandbox:dev"
-# What runc accepts here (no CAP_SYS_RESOURCE); start-dockerd remounts cgroups read-write.
-CAPS = [
-    "--cap-add",
-    "ALL",
-    "--cap-drop",
-    "SYS_RESOURCE",
-    "--security-opt",
-    "seccomp=unconfined",
-    "--security-opt",
-    "apparmor=unconfined",
-    "--security-opt",
-    "systempaths=unconfined",
-]
 
 
 def info(host: str, *exec_chain: str) -> dict[str, object]:

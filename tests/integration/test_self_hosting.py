@@ -15,8 +15,8 @@ import pytest
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
 
-from .conftest import TOKENS, docker
-from .test_compose import IMAGE_DIR, ROOT, SANDBOX_IMAGE, compose_files, compose_stack, wait_healthy
+from .conftest import SANDBOX_IMAGE, TOKENS, docker
+from .test_compose import IMAGE_DIR, ROOT, compose_files, compose_stack, wait_healthy
 
 pytestmark = pytest.mark.docker
 

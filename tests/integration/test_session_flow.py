@@ -18,7 +18,7 @@ from orchestrator.names import (
 )
 from workers.worker import SandboxWorker
 
-from .conftest import TEST_IMAGE, docker, labels_of
+from .conftest import CAPS, TEST_IMAGE, docker, labels_of
 
 pytestmark = pytest.mark.docker
 
@@ -168,12 +168,7 @@ async def test_desktop_refuses_to_start_without_a_volume(docker_settings: Settin
         name,
         "--label",
         f"{LABEL_SANDBOX}={docker_settings.sandbox_id}",
-        "--cap-add",
-        "ALL",
-        "--cap-drop",
-        "SYS_RESOURCE",
-        "--security-opt",
-        "seccomp=unconfined",
+        *CAPS,
         docker_settings.desktop_image,
         host=host,
     )
