@@ -186,3 +186,52 @@ async def test_idempotency_key_makes_a_retried_create_return_the_same_session(
     assert clash.status_code == 409
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_idempotency_key"
     assert await redis.zcard(Keys(settings.key_prefix).queue(settings.sandbox_id)) == 2
+
+
+ENDPOINTS = [  # (method, path, scope that may call it)
+    ("POST", "/v1/sessions", "sessions:write"),
+    ("GET", "/v1/sessions", "events:read"),
+    ("GET", "/v1/sessions/scope-probe", "events:read"),
+    ("POST", "/v1/sessions/scope-probe/stop", "sessions:write"),
+    ("POST", "/v1/sessions/scope-probe/start", "sessions:write"),
+    ("DELETE", "/v1/sessions/scope-probe", "sessions:write"),
+    ("GET", "/v1/events?follow=false", "events:read"),
+    ("GET", "/v1/sessions/scope-probe/events?follow=false", "events:read"),
+    ("GET", "/v1/sandboxes", "admin"),
+    ("GET", "/metrics", "admin"),
+    ("GET", "/openapi.json", "admin"),
+    ("GET", "/docs/openapi.json", "admin"),
+    ("GET", "/dashboard", "admin"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "scope"), ENDPOINTS)
+async def test_each_endpoint_is_401_without_a_token_and_403_with_a_wrong_scope(
+    api: str, method: str, path: str, scope: str
+) -> None:
+    from .conftest import TOKENS
+
+    async with httpx.AsyncClient(base_url=api) as http:
+        response = await http.request(method, path)
+        assert response.status_code == 401, (method, path)
+        assert response.json()["code"] == "unauthorized"
+        wrong = {"sessions:write": "events:read", "events:read": None, "admin": "sessions:write"}[scope]
+        if wrong is not None:  # (every valid token may read; docs and dashboard need any valid token)
+            response = await http.request(method, path, headers={"Authorization": f"Bearer {TOKENS[wrong]}"})
+            if path in ("/openapi.json", "/docs/openapi.json", "/dashboard"):
+                assert response.status_code == 200, (method, path)
+            else:
+                assert response.status_code == 403, (method, path)
+                assert response.json()["code"] == "forbidden"
+
+
+async def test_the_openapi_document_validates(api: str) -> None:
+    from openapi_spec_validator import validate
+
+    async with httpx.AsyncClient(base_url=api, headers=ADMIN) as http:
+        spec = (await http.get("/openapi.json")).json()
+    validate(spec)
+    assert spec["openapi"].startswith("3.1")
+    for path in ("/v1/sessions", "/v1/sessions/{session_id}", "/v1/events", "/v1/sandboxes"):
+        assert path in spec["paths"], path
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
