@@ -62,14 +62,14 @@ def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Re
     return _error(400, "invalid_request", message, field)
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
     detail = str(exc.detail)
     if exc.status_code == 400 and "malformed" in detail.lower():
         return _error(400, "invalid_json", detail)
     codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 401: "unauthorized"}
     code = codes.get(exc.status_code, "bad_request" if exc.status_code == 400 else "http_error")
     if exc.status_code == 413:
-        detail = f"request body is larger than {_max_body_bytes} bytes"
+        detail = f"request body is larger than {request.app.request_max_body_size} bytes"
     return _error(exc.status_code, code, detail)
 
 
@@ -287,13 +287,8 @@ async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(msgspec.json.encode(schema), media_type="application/json")
 
 
-_max_body_bytes = Settings.max_body_bytes
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
-    global _max_body_bytes
     settings = settings or Settings.from_env()
-    _max_body_bytes = settings.max_body_bytes
 
     tokens = auth.parse_tokens(settings.tokens)
     if not tokens:
