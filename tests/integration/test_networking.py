@@ -30,6 +30,11 @@ def in_desktop(host: str, desktop: str, *args: str, check: bool = True) -> str:
     return docker("exec", desktop, *args, host=host, check=check)
 
 
+def serve(host: str, desktop: str, name: str, *options: str) -> None:
+    """A tiny web server in ``desktop``'s own dockerd answering hello-from-<name>."""
+    in_desktop(host, desktop, "docker", "run", "-d", *options, TEST_IMAGE, "sh", "-c", SERVE.format(name=name))
+
+
 async def fetch_until(host: str, desktop: str, *wget: str, timeout: float = 20) -> str:
     """Run wget in a throwaway container in ``desktop`` until it answers (servers take a moment)."""
     async with asyncio.timeout(timeout):
@@ -47,21 +52,7 @@ async def test_service_names_resolve_and_published_ports_answer_on_localhost(
     assert host
     desktop = await ready_desktop(client, worker)
     in_desktop(host, desktop, "docker", "network", "create", "app")
-    in_desktop(
-        host,
-        desktop,
-        "docker",
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "--network",
-        "app",
-        TEST_IMAGE,
-        "sh",
-        "-c",
-        SERVE.format(name="web"),
-    )
+    serve(host, desktop, "web", "--name", "web", "--network", "app")
     # Like a compose stack: another container on the network reaches it by its service name.
     out = await fetch_until(host, desktop, "--network", "app", TEST_IMAGE, "wget", "-qO-", "http://web/")
     assert out == "hello-from-web"
@@ -71,21 +62,7 @@ async def test_service_names_resolve_and_published_ports_answer_on_localhost(
     )
     assert subnet.startswith("10.214.")
 
-    in_desktop(
-        host,
-        desktop,
-        "docker",
-        "run",
-        "-d",
-        "--name",
-        "published",
-        "-p",
-        "8000:80",
-        TEST_IMAGE,
-        "sh",
-        "-c",
-        SERVE.format(name="published"),
-    )
+    serve(host, desktop, "published", "-p", "8000:80")
     out = await fetch_until(host, desktop, "--network", "host", TEST_IMAGE, "wget", "-qO-", "http://localhost:8000/")
     assert out == "hello-from-published"
 
@@ -96,7 +73,7 @@ async def test_one_sessions_desktop_cannot_reach_anothers(
     host = docker_settings.docker_host
     assert host
     a, b = await ready_desktop(client, worker), await ready_desktop(client, worker)
-    in_desktop(host, a, "docker", "run", "-d", "-p", "8000:80", TEST_IMAGE, "sh", "-c", SERVE.format(name="a"))
+    serve(host, a, "a", "-p", "8000:80")
     await fetch_until(host, a, "--network", "host", TEST_IMAGE, "wget", "-qO-", "http://localhost:8000/")
     a_ip = docker("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", a, host=host)
     assert a_ip
