@@ -224,3 +224,17 @@ def count_objects(host: str, session_id: str) -> tuple[int, int]:
     containers = docker("ps", "-aq", "--filter", label, host=host).split()
     volumes = docker("volume", "ls", "-q", "--filter", label, host=host).split()
     return len(containers), len(volumes)
+
+
+def pipe_in(host: str, chain: list[str], command: str, source: str) -> None:
+    """Run ``command`` at the end of the exec ``chain`` (e.g. ["exec", "-i", box]) with ``source``,
+    a shell pipeline on this machine, as its stdin: how images and files travel between levels."""
+    inner = " ".join(["docker", *chain, "sh", "-c", f"'{command}'"])
+    subprocess.run(
+        f"{source} | {inner}",
+        shell=True,
+        check=True,
+        capture_output=True,
+        env={"DOCKER_HOST": host, "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )

@@ -6,8 +6,10 @@ or deleted with none."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -39,18 +41,25 @@ async def killed_by_fault(proc: asyncio.subprocess.Process) -> None:
     assert code == -signal.SIGKILL, f"the worker exited with {code}, not by the fault hook"
 
 
-@pytest.mark.parametrize("fault", CREATE_FAULTS)
-async def test_create_converges_after_the_worker_dies_at(client: Client, docker_settings: Settings, fault: str) -> None:
-    host = docker_settings.docker_host
-    assert host
-    proc = await start_worker(docker_settings, fault)
+@contextlib.asynccontextmanager
+async def faulty_worker(settings: Settings, fault: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A worker process that kills itself at ``fault``; never left running after the block."""
+    proc = await start_worker(settings, fault)
     try:
-        sid = (await client.create())["id"]
-        await killed_by_fault(proc)
+        yield proc
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize("fault", CREATE_FAULTS)
+async def test_create_converges_after_the_worker_dies_at(client: Client, docker_settings: Settings, fault: str) -> None:
+    host = docker_settings.docker_host
+    assert host
+    async with faulty_worker(docker_settings, fault) as proc:
+        sid = (await client.create())["id"]
+        await killed_by_fault(proc)
     async with running_worker(docker_settings):
         events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=120)
     assert events[-1].type == "session.ready", [(e.type, e.data.get("data")) for e in events]
@@ -65,17 +74,12 @@ async def test_create_converges_after_the_worker_dies_at(client: Client, docker_
 async def test_delete_converges_after_the_worker_dies_at(client: Client, docker_settings: Settings, fault: str) -> None:
     host = docker_settings.docker_host
     assert host
-    proc = await start_worker(docker_settings, fault)
-    try:
+    async with faulty_worker(docker_settings, fault) as proc:
         sid = (await client.create())["id"]
         ready = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=120)
         assert ready[-1].type == "session.ready"
         await client.delete(sid)
         await killed_by_fault(proc)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert (await client.get(sid))["state"] == "deleting"
     async with running_worker(docker_settings):
         events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=120, after=ready[-1].id)

@@ -20,7 +20,7 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from tests.conftest import free_port
 
-from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, docker
+from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, docker, pipe_in
 
 pytestmark = pytest.mark.docker
 
@@ -48,18 +48,6 @@ def succeeds(host: str, *args: str) -> bool:
             ["docker", *args], env={"DOCKER_HOST": host, "PATH": "/usr/bin:/bin"}, capture_output=True
         ).returncode
         == 0
-    )
-
-
-def copy_image(host: str, image: str, *into: str) -> None:
-    """`docker save` on the machine's daemon piped into `docker load` behind ``into`` (docker exec ...)."""
-    load = " ".join(["docker", *into, "docker", "load", "-q"])
-    subprocess.run(
-        f"docker save {image} | {load}",
-        shell=True,
-        check=True,
-        capture_output=True,
-        env={"DOCKER_HOST": host, "PATH": "/usr/bin:/bin"},
     )
 
 
@@ -145,7 +133,7 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
     check_level(info(host, "exec", sandbox), 1)
     t = time.monotonic()
     for image in (DESKTOP_IMAGE, TEST_IMAGE):
-        copy_image(host, image, "exec", "-i", sandbox)
+        pipe_in(host, ["exec", "-i", sandbox], "docker load -q", f"docker save {image}")
     timings["images into the sandbox"] = time.monotonic() - t
 
     # Level 2: a session through the API, placed on that sandbox by its worker's heartbeat.

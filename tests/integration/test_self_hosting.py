@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 
 import pytest
 
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
 
-from .conftest import SANDBOX_IMAGE, TOKENS, docker
+from .conftest import SANDBOX_IMAGE, TOKENS, docker, pipe_in
 from .test_compose import IMAGE_DIR, ROOT, compose_files, compose_stack, wait_healthy
 
 pytestmark = pytest.mark.docker
-
-
-def pipe_in(host: str, chain: list[str], command: str, source: str) -> None:
-    """Run ``command`` at the end of the exec ``chain`` with ``source`` (a host shell pipeline) as stdin."""
-    inner = " ".join(["docker", *chain, "sh", "-c", f"'{command}'"])
-    subprocess.run(
-        f"{source} | {inner}",
-        shell=True,
-        check=True,
-        capture_output=True,
-        env={"DOCKER_HOST": host, "PATH": "/usr/bin:/bin"},
-        timeout=600,
-    )
 
 
 @pytest.mark.timeout(1200)
