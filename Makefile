@@ -12,7 +12,7 @@ WITH_ENV := set -a; . $(RUN_DIR)/env; set +a;
 
 help:
 	@echo "make up      bring the stack up and run one real session to dockerd.ready"
-	@echo "make down    stop the API, the worker and the project's dockerd and Redis"
+	@echo "make down    stop the compose stack and the project's dockerd and Redis"
 	@echo "make test    the whole suite: lint, unit, and integration on a real dockerd and Redis"
 
 $(VENV)/.installed: pyproject.toml

@@ -10,6 +10,8 @@
 #   ORCH_EXTERNAL_SOCKET  extra unix socket for the level above (default
 #                         /run/orchestrator/docker.sock, inside a bind mount it can read)
 #   DOCKERD_LOG           log file of the restart loop and dockerd (default /var/log/dockerd.log)
+#   ORCH_REGISTRY         this level's registry (host:port, plain HTTP; several: comma-separated),
+#                         listed in insecure-registries so the daemon can pull from it
 #   DOCKERD_EXTRA_ARGS    appended to dockerd's command line
 set -eu
 
@@ -84,6 +86,11 @@ prepare_cgroups() {
 
 write_daemon_json() {
   octet=$((212 + DEPTH))
+  registries=
+  for registry in $(printf '%s' "${ORCH_REGISTRY:-}" | tr ',' ' '); do
+    case "$registry" in *[!A-Za-z0-9.:_-]*) die "ORCH_REGISTRY: '$registry' is not host:port";; esac
+    registries="$registries${registries:+, }\"$registry\""
+  done
   mkdir -p /etc/docker
   # Each level takes its own /16 so nested networks never overlap; docker0 takes its first /24.
   cat > /etc/docker/daemon.json <<JSON
@@ -91,6 +98,7 @@ write_daemon_json() {
   "default-address-pools": [{"base": "10.$octet.0.0/16", "size": 24}],
   "bip": "10.$octet.0.1/24",
   "storage-driver": "overlay2",
+  "insecure-registries": [$registries],
   "log-driver": "json-file",
   "log-opts": {"max-size": "10m", "max-file": "2"}
 }

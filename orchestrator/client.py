@@ -91,9 +91,15 @@ class Client:
         return response.json()
 
     async def create(
-        self, session_id: str | None = None, labels: dict[str, str] | None = None, sandbox: str | None = None
+        self,
+        session_id: str | None = None,
+        labels: dict[str, str] | None = None,
+        sandbox: str | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"labels": labels or {}}
+        """``options``: the other fields of ``POST /v1/sessions`` (resources, env, ttl_seconds,
+        ttl_action, preload_images), sent as given; the server validates them."""
+        body: dict[str, Any] = {"labels": labels or {}, **options}
         if session_id:
             body["id"] = session_id
         if sandbox:

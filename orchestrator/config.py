@@ -58,6 +58,9 @@ class Settings:
     depth: int = 1
     docker_host: str | None = None
     desktop_image: str = "orchestrator/desktop:dev"
+    # This level's registry (host:port, plain HTTP): when the desktop image is missing, the
+    # worker pulls it from there. start-dockerd lists it in the daemon's insecure-registries.
+    registry: str | None = None
     # Host directory under which each desktop gets a bind-mounted folder holding its dockerd's
     # socket, so the worker reaches the inner daemon without `docker exec`.
     socket_dir: str = "/run/orchestrator/desktops"
@@ -112,6 +115,7 @@ class Settings:
             depth=_env_int("ORCH_DEPTH", cls.depth),
             docker_host=env("DOCKER_HOST") or None,
             desktop_image=env("ORCH_DESKTOP_IMAGE") or cls.desktop_image,
+            registry=(env("ORCH_REGISTRY") or "").split(",")[0].strip() or None,
             socket_dir=env("ORCH_SOCKET_DIR") or cls.socket_dir,
             privilege=env("ORCH_PRIVILEGE") or cls.privilege,
             api_host=env("ORCH_API_HOST") or cls.api_host,

@@ -2,15 +2,23 @@
 # A sandbox: its own dockerd (started by start-dockerd, the very script the desktops use) on
 # the volume at /var/lib/docker, and the worker that drives it, each supervised: a crash of
 # either is logged and restarted. Depth comes from ORCH_DEPTH; desktops run one level deeper.
-#
-# Images for its desktops: any *.tar under $ORCH_IMAGE_DIR (default /images) is loaded into
-# this dockerd at start when its images are missing (`docker save` output).
+# The worker pulls the desktop image from this level's registry (ORCH_REGISTRY) when missing.
 set -eu
-IMAGE_DIR=${ORCH_IMAGE_DIR:-/images}
 WORKER_LOG=${ORCH_WORKER_LOG:-/var/log/worker.log}
 export DOCKER_HOST=unix:///var/run/docker.sock
-# Replicas of one compose service differ by hostname: that names the sandbox unless set.
-export ORCH_SANDBOX_ID="${ORCH_SANDBOX_ID:-$(hostname)}"
+# The sandbox's id, unless set: the hostname of its first start (replicas of one compose service
+# differ by hostname), kept on its dockerd's volume, so a recreated container (compose keeps
+# anonymous volumes) is the same sandbox, with the same queue, sessions and desktops.
+ID_FILE=/var/lib/docker/orchestrator/sandbox-id
+if [ -z "${ORCH_SANDBOX_ID:-}" ]; then
+  if [ -s "$ID_FILE" ]; then
+    ORCH_SANDBOX_ID=$(cat "$ID_FILE")
+  else
+    ORCH_SANDBOX_ID=$(hostname)
+    mkdir -p "${ID_FILE%/*}" && printf '%s\n' "$ORCH_SANDBOX_ID" > "$ID_FILE"
+  fi
+fi
+export ORCH_SANDBOX_ID
 
 log() { printf '%s sandbox-init: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
 
@@ -35,12 +43,6 @@ until docker version >/dev/null 2>&1; do
   sleep 0.1
 done
 log "dockerd ready (depth ${ORCH_DEPTH:-1})"
-
-for tarball in "$IMAGE_DIR"/*.tar; do
-  [ -f "$tarball" ] || continue
-  log "loading $tarball"
-  docker load -q -i "$tarball" >&2 || log "warning: loading $tarball failed"
-done
 
 supervise_worker() {
   delay=1

@@ -62,7 +62,10 @@ build_wheels() {
   arch=$(uname -m)
   rm -rf "$dir"; mkdir -p "$dir"
   log "building wheels for the sandbox image"
-  "$PYTHON" -m pip wheel -q --no-deps . -w "$dir" >/dev/null 2>&1 || die "pip wheel . failed"
+  # Reproducible: the same sources give the same wheel bytes, so the image's layer cache holds
+  # and an unchanged checkout rebuilds to the same image (compose then recreates nothing).
+  SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+    "$PYTHON" -m pip wheel -q --no-deps . -w "$dir" >/dev/null 2>&1 || die "pip wheel . failed"
   "$PYTHON" - <<'PY' > build/requirements.txt
 import tomllib
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
@@ -89,22 +92,10 @@ build_test_image() {
   rm -rf "$ctx"
 }
 
-# `docker save` tarballs for sandboxes to load (docker-compose.yml mounts build/images), rewritten
-# only when the image changed.
-save_for_sandboxes() {  # image, file name
-  local image=$1 out=build/images/$2 id
-  id=$(docker image inspect --format '{{.Id}}' "$image")
-  mkdir -p build/images
-  [ -s "$out" ] && [ "$(cat "$out.id" 2>/dev/null)" = "$id" ] && return
-  log "saving $image to $out"
-  docker save "$image" -o "$out.tmp" && mv "$out.tmp" "$out" && echo "$id" > "$out.id"
-}
-
 ensure_base
 build "$DESKTOP_IMAGE" desktop_image/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE"
 build_wheels
 build "$SANDBOX_IMAGE" sandbox_image/Dockerfile --build-arg "DESKTOP_IMAGE=$DESKTOP_IMAGE"
-save_for_sandboxes "$DESKTOP_IMAGE" desktop.tar
 if [ "${1:-}" = "--test" ]; then build_test_image; fi
 # Rebuilt tags leave their old images dangling (hundreds of MB each): drop those, nothing else.
 docker image prune -f --filter label=orchestrator.image >/dev/null

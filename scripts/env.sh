@@ -33,8 +33,6 @@ install_missing() {
   command -v redis-cli >/dev/null || pkgs+=(redis-tools)
   command -v debootstrap >/dev/null || pkgs+=(debootstrap)
   command -v docker >/dev/null || pkgs+=(docker.io)
-  # Compose v2 is not in Debian 12; its v1 (docker-compose 1.29) reads our compose file too.
-  docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || pkgs+=(docker-compose)
   [ -x /bin/busybox ] || pkgs+=(busybox-static)
   command -v python3 >/dev/null || pkgs+=(python3)
   python3 -c 'import ensurepip' 2>/dev/null || pkgs+=(python3-venv)
@@ -50,6 +48,32 @@ install_missing() {
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1 || die "apt-get install ${pkgs[*]} failed"
   fi
+}
+
+# Compose v2 is not in Debian 12: take the plugin from Debian 13's package (a static Go binary,
+# pinned by checksum). Where that cannot be fetched, Debian 12's docker-compose (v1) reads our
+# compose file too.
+COMPOSE_DEB=pool/main/d/docker-compose/docker-compose_2.26.1-4_amd64.deb
+COMPOSE_DEB_SHA256=47681197cb2b1ab88206b42a1a92fc75f50d9530a6322d03494a473eed0408ea
+install_compose() {
+  docker compose version >/dev/null 2>&1 && return
+  need_root
+  local tmp plugin_dir=/usr/local/lib/docker/cli-plugins
+  tmp=$(mktemp -d)
+  log "installing compose v2 (Debian's docker-compose 2.26 package)"
+  if [ "$(dpkg --print-architecture 2>/dev/null)" = amd64 ] \
+    && curl -fsS --max-time 120 -o "$tmp/compose.deb" "${ORCH_DEBIAN_MIRROR:-http://deb.debian.org/debian}/$COMPOSE_DEB" \
+    && echo "$COMPOSE_DEB_SHA256  $tmp/compose.deb" | sha256sum -c --quiet - \
+    && dpkg-deb -x "$tmp/compose.deb" "$tmp/root"; then
+    mkdir -p "$plugin_dir"
+    install -m 0755 "$tmp/root/usr/libexec/docker/cli-plugins/docker-compose" "$plugin_dir/docker-compose"
+  fi
+  rm -rf "$tmp"
+  docker compose version >/dev/null 2>&1 && return
+  command -v docker-compose >/dev/null && return
+  log "compose v2 unavailable: installing Debian's docker-compose (v1)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null 2>&1 \
+    || die "apt-get install docker-compose failed"
 }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -136,6 +160,7 @@ WITH_TEST_DEPS=0
 case "${1:-up}" in
   up)
     install_missing
+    install_compose
     docker_host=$(start_dockerd)
     redis_url=$(start_redis)
     mkdir -p "$RUN_DIR"

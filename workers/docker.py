@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,8 +85,11 @@ class DesktopRuntime:
         depth: int,
         socket_dir: str,
         profile: PrivilegeProfile,
+        registry: str | None = None,
     ) -> None:
         self._docker = aiodocker.Docker(url=docker_host)
+        # This level's registry: images missing from the sandbox's daemon are pulled from it.
+        self.registry = registry
         self.image = image
         self.sandbox_id = sandbox_id
         self.depth = depth  # of the sandbox; desktops run at depth + 1
@@ -382,6 +386,46 @@ class DesktopRuntime:
             if e.status != 404:
                 raise
 
+    async def has_image(self, image: str) -> bool:
+        try:
+            await self._docker._query_json(f"images/{image}/json")
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    async def ensure_image(self, image: str) -> bool:
+        """True if the sandbox's daemon has ``image``, pulling it from the registry if needed."""
+        if await self.has_image(image):
+            return True
+        return self.registry is not None and await self.pull_from_registry(self.registry, image)
+
+    async def pull_from_registry(self, registry: str, image: str) -> bool:
+        """Pull ``image`` from this level's registry (``registry/image``) and tag it under its
+        own name, which is what desktops are created from. False if the registry lacks it."""
+        remote = f"{registry}/{image}"
+        repository, tag = split_reference(remote)
+        try:
+            # The pull answers 200 and reports failure inside its progress stream.
+            async with self._docker._query(
+                "images/create", "POST", params={"fromImage": repository, "tag": tag}, timeout=None
+            ) as response:
+                body = await response.read()
+        except DockerError as e:
+            if e.status == 404:
+                return False
+            raise DesktopError("image_pull_failed", f"pulling {remote}: {e.message}") from e
+        for line in body.splitlines():
+            error = json.loads(line).get("error") if line.strip() else None
+            if error:
+                if "not found" in error or "manifest unknown" in error:
+                    return False
+                raise DesktopError("image_pull_failed", f"pulling {remote}: {error}")
+        own_repository, own_tag = split_reference(image)
+        await self._request("POST", f"images/{remote}/tag", params={"repo": own_repository, "tag": own_tag})
+        return True
+
     def desktop_address_pool(self) -> str:
         return address_pool(self.depth + 1)
 
@@ -395,20 +439,20 @@ class DesktopRuntime:
                 raise
         return True
 
-    async def load_image(self, session_id: str, image: str) -> int:
-        """Copy ``image`` from the sandbox's daemon into the desktop's; returns bytes moved."""
-        try:
-            await self._docker._query_json(f"images/{image}/json")
-        except DockerError as e:
-            if e.status == 404:
-                raise DesktopError("image_missing", f"image {image!r} is not in the sandbox's daemon") from e
-            raise
+    async def load_images(self, session_id: str, images: list[str]) -> int:
+        """Copy ``images`` from the sandbox's daemon (pulled from the registry if missing
+        there) into the desktop's, in one archive so shared layers move once. Returns bytes."""
+        for image in images:
+            if not await self.ensure_image(image):
+                where = f"the sandbox's daemon nor {self.registry}" if self.registry else "the sandbox's daemon"
+                raise DesktopError("image_missing", f"image {image!r} is neither in {where}")
         moved = 0
 
         async def chunks() -> AsyncIterator[bytes]:
             nonlocal moved
-            async with self._docker.images.export_image(image) as tar:
-                async for chunk in tar.iter_chunked(1 << 20):
+            query = urllib.parse.urlencode([("names", image) for image in images])
+            async with self._docker._query(f"images/get?{query}", timeout=None) as tar:
+                async for chunk in tar.content.iter_chunked(1 << 20):
                     moved += len(chunk)
                     yield chunk
 
@@ -417,7 +461,7 @@ class DesktopRuntime:
                 await inner.images.import_image(chunks())
         except DockerError as e:
             code = "image_missing" if e.status == 404 else "preload_failed"
-            raise DesktopError(code, f"could not copy image {image!r} into the desktop: {e.message}") from e
+            raise DesktopError(code, f"could not copy {', '.join(images)} into the desktop: {e.message}") from e
         return moved
 
     async def list_desktops(self) -> list[DockerObject]:
@@ -471,6 +515,15 @@ class DesktopRuntime:
         except DockerError as e:
             if e.status != 404:
                 raise DesktopError("volume_remove_failed", f"could not remove volume {name}: {e.message}") from e
+
+
+def split_reference(image: str) -> tuple[str, str]:
+    """``host:5000/name:tag`` → (``host:5000/name``, ``tag``); the tag defaults to latest."""
+    last = image.rsplit("/", 1)[-1]
+    if ":" in last:
+        repository, _, tag = image.rpartition(":")
+        return repository, tag
+    return image, "latest"
 
 
 async def _ping(http: aiohttp.ClientSession) -> bool:

@@ -217,12 +217,8 @@ class Lifecycle:
         """Copy the requested images from the sandbox's daemon into the desktop's (a resumed
         desktop keeps them on its volume: only missing ones move)."""
         started = time.monotonic()
-        moved, loaded = 0, []
-        for image in record.spec.preload_images:
-            if await self.runtime.inner_has_image(record.id, image):
-                continue
-            moved += await self.runtime.load_image(record.id, image)
-            loaded.append(image)
+        loaded = [i for i in record.spec.preload_images if not await self.runtime.inner_has_image(record.id, i)]
+        moved = await self.runtime.load_images(record.id, loaded) if loaded else 0
         data = ImagesLoaded(images=loaded, bytes=moved, seconds=round(time.monotonic() - started, 3))
         await self._event(record, "images.loaded", to_data(data))
 

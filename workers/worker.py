@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import msgspec
@@ -82,6 +83,7 @@ class SandboxWorker:
             depth=settings.depth,
             socket_dir=settings.socket_dir,
             profile=self.profile,
+            registry=settings.registry,
         )
         self.worker_id = f"{settings.sandbox_id}@{settings.hostname}:{os.getpid()}"
         self.locks = SessionLocks(self.redis, self.keys, settings.lock_lease_s, self.worker_id)
@@ -165,13 +167,33 @@ class SandboxWorker:
             log.warning("no privilege profile passed the probe; using %s", options[-1].describe())
             return options[-1]
 
+    async def ensure_desktop_image(self) -> None:
+        """Pull the desktop image from this level's registry if the daemon lacks it (a new
+        sandbox's daemon starts empty). Without a registry the image must be loaded otherwise."""
+        registry, image = self.settings.registry, self.settings.desktop_image
+        if registry is None or await self.runtime.has_image(image):
+            return
+        log.info("pulling the desktop image %s from %s", image, registry)
+        started = time.monotonic()
+        try:
+            found = await self.runtime.ensure_image(image)
+        except DesktopError as e:
+            log.warning("could not pull the desktop image: %s (will retry before the next desktop)", e)
+            return
+        if found:
+            log.info("pulled %s from %s in %.1f s", image, registry, time.monotonic() - started)
+        else:
+            log.warning("%s has no %s yet (push it: make images); will retry before the next desktop", registry, image)
+
     async def _before_bring_up(self) -> None:
+        await self.ensure_desktop_image()
         if not self.privilege_decided:
             self.profile = self.runtime.profile = await self.choose_privilege()
             log.info("desktops get privilege profile: %s", self.profile.describe())
 
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
         await self.runtime.ensure_network()
+        await self.ensure_desktop_image()
         self.profile = self.runtime.profile = await self.choose_privilege()
         self.lifecycle_queue = JobQueue(ctx["redis"], self.keys)
         self.reconciler = Reconciler(self.lifecycle, self.lifecycle_queue, grace_s=self.settings.orphan_grace_s)
@@ -197,6 +219,10 @@ class SandboxWorker:
                     await task
         if self.reconciler is not None:
             await self.reconciler.close()
+        # Stop being a placement target now rather than when the heartbeat lapses; jobs already
+        # queued stay queued for the next worker of this sandbox (same id: see sandbox-init).
+        with contextlib.suppress(Exception):
+            await self.redis.delete(self.keys.sandbox(self.settings.sandbox_id))
 
     async def _reconcile_forever(self, reconciler: Reconciler) -> None:
         while True:

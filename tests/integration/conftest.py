@@ -47,14 +47,14 @@ TOKENS = {scope: f"test-token-{scope.replace(':', '-')}" for scope in ("admin", 
 ADMIN = {"Authorization": f"Bearer {TOKENS['admin']}"}
 
 
-def docker(*args: str, host: str, check: bool = True, stderr: bool = False) -> str:
+def docker(*args: str, host: str, check: bool = True, stderr: bool = False, timeout: float = 120) -> str:
     """Run the docker CLI against ``host``; returns stdout (and stderr after it, if asked)."""
     result = subprocess.run(
         ["docker", *args],
         env={**os.environ, "DOCKER_HOST": host},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} failed: {result.stderr.strip()}")

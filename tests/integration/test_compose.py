@@ -1,16 +1,18 @@
-"""docker-compose.yml brings up a working stack: Redis, the API and two sandboxes (each its own
-dockerd and worker, loading the desktop image from build/images), to a real dockerd.ready."""
+"""docker-compose.yml, run by scripts/stack.sh the way `make up` runs it, brings up a working stack:
+Redis, the API, the registry (holding the images the build pushed) and two sandboxes (each its
+own dockerd and worker, pulling the desktop image from the registry), to a real dockerd.ready."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,65 +20,75 @@ import pytest
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
 from tests.conftest import free_port
-from workers.privilege import missing_capabilities, read_bounding_set
 
-from .conftest import SANDBOX_IMAGE, TOKENS, docker
+from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, docker
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
-IMAGE_DIR = ROOT / "build" / "images"
+STACK = ROOT / "scripts" / "stack.sh"
 
 
-def compose_command() -> list[str]:
-    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    pytest.fail("neither `docker compose` nor `docker-compose` is installed (scripts/env.sh installs it)")
+def stack_files() -> list[Path]:
+    """What a stack needs at any level: the compose files and the script that runs them."""
+    return [ROOT / "docker-compose.yml", ROOT / "docker-compose.caps.yml", STACK]
+
+
+@dataclass(frozen=True)
+class Stack:
+    url: str
+    project: str
+    env: dict[str, str]
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """``scripts/stack.sh ARGS`` for this stack (same files, project and .env)."""
+        return subprocess.run(
+            ["bash", str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def container(self, service: str) -> str:
+        return docker(
+            "ps",
+            "-q",
+            "--filter",
+            f"label=com.docker.compose.project={self.project}",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+            host=self.env["DOCKER_HOST"],
+        )
 
 
 @contextlib.contextmanager
-def compose_stack(host: str, scale: int) -> Iterator[tuple[str, str]]:
-    """Bring docker-compose.yml up on ``host`` (a project of its own); yields (API URL, project)."""
-    if not docker("image", "inspect", "--format", "{{.Id}}", SANDBOX_IMAGE, host=host, check=False):
-        pytest.fail(f"image {SANDBOX_IMAGE} is missing: run `make images`")
-    if not (IMAGE_DIR / "desktop.tar").is_file():
-        pytest.fail(f"{IMAGE_DIR}/desktop.tar is missing: run `make images`")
+def compose_stack(host: str, scale: int) -> Iterator[Stack]:
+    """``scripts/stack.sh up`` on ``host`` (a compose project of its own)."""
+    for image in (SANDBOX_IMAGE, DESKTOP_IMAGE):
+        if not docker("image", "inspect", "--format", "{{.Id}}", image, host=host, check=False):
+            pytest.fail(f"image {image} is missing: run `make images`")
     project = f"orchtest{uuid.uuid4().hex[:8]}"
     port = free_port()
     env = {
         **os.environ,
         "DOCKER_HOST": host,
         "COMPOSE_PROJECT_NAME": project,
-        "COMPOSE_FILE": ":".join(str(ROOT / f) for f in compose_files()),
         "ORCH_API_PORT": str(port),
-        "ORCH_IMAGE_DIR": str(IMAGE_DIR),
+        "ORCH_REGISTRY_PORT": str(free_port()),
         "ORCH_TOKENS": f"compose:{hash_token(TOKENS['admin'])}:admin",
     }
-    compose = compose_command()
-    up = subprocess.run(
-        [*compose, "up", "-d", "--scale", f"sandbox={scale}"], env=env, capture_output=True, text=True, timeout=300
-    )
+    env.pop("ORCH_DEPTH", None)
+    stack = Stack(f"http://127.0.0.1:{port}", project, env)
+    up = stack.run("up", "--scale", str(scale), timeout=600)
     try:
         assert up.returncode == 0, up.stderr
-        yield f"http://127.0.0.1:{port}", project
+        assert f"pushed {DESKTOP_IMAGE} to this level's registry" in up.stderr
+        yield stack
     finally:
-        logs = subprocess.run([*compose, "logs", "--no-color"], env=env, capture_output=True, text=True)
-        print(logs.stdout[-4000:])
-        subprocess.run([*compose, "down", "-v", "-t", "10"], env=env, capture_output=True, timeout=300)
-
-
-def compose_files() -> list[str]:
-    files = ["docker-compose.yml"]
-    if missing_capabilities(*read_bounding_set()):  # this machine refuses --privileged
-        files.append("docker-compose.caps.yml")
-    return files
+        print(stack.run("compose", "logs", "--no-color").stdout[-4000:])
+        stack.run("down", "-v", "-t", "10")
 
 
 @pytest.fixture
-def stack(images: str) -> Iterator[str]:
-    with compose_stack(images, scale=2) as (url, _):
-        yield url
+def stack(images: str) -> Iterator[Stack]:
+    with compose_stack(images, scale=2) as stack:
+        yield stack
 
 
 async def wait_healthy(url: str) -> None:
@@ -90,13 +102,26 @@ async def wait_healthy(url: str) -> None:
             await asyncio.sleep(0.1)
 
 
-async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: str) -> None:
-    await wait_healthy(stack)
-    async with Client(stack, token=TOKENS["admin"]) as client:
-        async with asyncio.timeout(180):  # each sandbox starts its dockerd and loads the desktop image
-            while len(sandboxes := await client.sandboxes()) < 2:
-                await asyncio.sleep(0.5)
-        assert len({s["id"] for s in sandboxes}) == 2
+async def wait_sandboxes(client: Client, ids: set[str] | int) -> list[dict[str, Any]]:
+    """Until the live sandboxes are ``ids`` (or that many): each starts its dockerd and pulls the
+    desktop image from the registry first."""
+    async with asyncio.timeout(180):
+        while True:
+            sandboxes = await client.sandboxes()
+            found = {s["id"] for s in sandboxes}
+            if found == ids or len(found) == ids:
+                return sandboxes
+            await asyncio.sleep(0.5)
+
+
+async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -> None:
+    # The host runs compose v2 (scripts/env.sh installs it); v1 runs inside a desktop in the
+    # self-hosting test (Debian 12's docker-compose, in the desktop image).
+    version = stack.run("compose", "version").stdout
+    assert "version 2." in version, f"stack.sh did not use compose v2 ({version}): scripts/env.sh installs it"
+    await wait_healthy(stack.url)
+    async with Client(stack.url, token=TOKENS["admin"]) as client:
+        sandboxes = await wait_sandboxes(client, 2)
         assert all(s["depth"] == 1 and s["address_pool"] == "10.213.0.0/16" for s in sandboxes)
         record = await client.create(labels={"via": "compose"})
         assert record["sandbox"] in {s["id"] for s in sandboxes}
@@ -110,3 +135,20 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: str) -> 
             record["id"], {"session.deleted", "session.failed"}, timeout=120, after=events[-1].id
         )
         assert events[-1].type == "session.deleted"
+
+        # The desktop image came through the registry (the sandboxes' daemons started empty).
+        for box in stack.container("sandbox").split():
+            pulled = docker(
+                "exec", box, "docker", "images", "-q", f"registry:5000/{DESKTOP_IMAGE}", host=stack.env["DOCKER_HOST"]
+            )
+            assert pulled, f"sandbox {box} did not pull {DESKTOP_IMAGE} from the registry"
+
+        # Recreated containers (a new image, changed settings) are the same sandboxes: the id
+        # lives on the dockerd volume compose keeps, so queues and sessions carry over.
+        ids = {s["id"] for s in sandboxes}
+        recreate = stack.run("compose", "up", "-d", "--no-deps", "--force-recreate", "--scale", "sandbox=2", "sandbox")
+        assert recreate.returncode == 0, recreate.stderr
+        await wait_sandboxes(client, ids)
+        record = await client.create(labels={"via": "compose", "after": "recreate"})
+        assert record["sandbox"] in ids
+        assert (await client.wait_ready(record["id"], timeout=180))["state"] == "ready"

@@ -14,8 +14,8 @@ import pytest
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
 
-from .conftest import SANDBOX_IMAGE, TOKENS, docker, pipe_in
-from .test_compose import IMAGE_DIR, ROOT, compose_files, compose_stack, wait_healthy
+from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, docker, pipe_in
+from .test_compose import ROOT, compose_stack, stack_files, wait_healthy, wait_sandboxes
 
 pytestmark = pytest.mark.docker
 
@@ -23,46 +23,33 @@ pytestmark = pytest.mark.docker
 @pytest.mark.timeout(1200)
 async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
     host = images
-    with compose_stack(host, scale=1) as (url, project):
-        await wait_healthy(url)
-        async with Client(url, token=TOKENS["admin"]) as outer:
-            async with asyncio.timeout(180):  # the sandbox starts its dockerd and loads the desktop image
-                while not await outer.sandboxes():
-                    await asyncio.sleep(0.5)
-            record = await outer.create(labels={"role": "self-hosting"})
-            await outer.wait_ready(record["id"], timeout=240)
-        sandbox = docker(
-            "ps",
-            "-q",
-            "--filter",
-            f"label=com.docker.compose.project={project}",
-            "--filter",
-            "label=com.docker.compose.service=sandbox",
-            host=host,
-        )
+    with compose_stack(host, scale=1) as stack:
+        await wait_healthy(stack.url)
+        async with Client(stack.url, token=TOKENS["admin"]) as outer:
+            await wait_sandboxes(outer, 1)
+            # The platform's images, into the outer desktop the way any image gets there: the
+            # sandbox pulls them from its level's registry and copies them in before session.ready.
+            record = await outer.create(labels={"role": "self-hosting"}, preload_images=[DESKTOP_IMAGE, SANDBOX_IMAGE])
+            events = await outer.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=400)
+            assert events[-1].type == "session.ready", [e.data for e in events]
+            loaded = next(e.data["data"] for e in events if e.type == "images.loaded")
+            assert set(loaded["images"]) == {DESKTOP_IMAGE, SANDBOX_IMAGE} and loaded["bytes"] > 100_000_000
         desktop = f"desktop-{record['id']}"
-        chain = ["exec", "-i", sandbox, "docker", "exec", "-i", desktop]
+        chain = ["exec", "-i", stack.container("sandbox"), "docker", "exec", "-i", desktop]
 
-        # The same images and compose files, into the outer desktop (no registry needed).
-        pipe_in(host, chain, "docker load -q", f"docker save {SANDBOX_IMAGE}")
-        pipe_in(
-            host, chain, "mkdir -p /stack/images && cat > /stack/images/desktop.tar", f"cat {IMAGE_DIR / 'desktop.tar'}"
-        )
-        for name in compose_files():
-            pipe_in(host, chain, f"cat > /stack/{name}", f"cat {ROOT / name}")
-        # The only difference: the .env.
+        # The same compose files and script; the only difference is the .env.
+        for path in stack_files():
+            target = f"/stack/{path.relative_to(ROOT)}"
+            pipe_in(host, chain, f"mkdir -p {target.rsplit('/', 1)[0]} && cat > {target}", f"cat {path}")
         dotenv = "\n".join(
-            [
-                "ORCH_SANDBOX_DEPTH=3",
-                "ORCH_API_PORT=8080",
-                "ORCH_IMAGE_DIR=/stack/images",
-                f"ORCH_TOKENS=inner:{hash_token(TOKENS['admin'])}:admin",
-                f"COMPOSE_FILE={':'.join(compose_files())}",
-            ]
+            ["ORCH_SANDBOX_DEPTH=3", "ORCH_API_PORT=8080", f"ORCH_TOKENS=inner:{hash_token(TOKENS['admin'])}:admin"]
         )
         pipe_in(host, chain, "cat > /stack/.env", f"printf '%s\\n' '{dotenv}'")
-        docker(*chain, "sh", "-c", "cd /stack && docker-compose -p inner up -d", host=host)
-
+        inner_up = docker(*chain, "bash", "/stack/scripts/stack.sh", "up", host=host, stderr=True, timeout=600)
+        # Inside the desktop: Debian 12's compose v1 (the host test covers v2), this level's own
+        # registry, the caps override chosen by the same bounding-set check.
+        assert "docker-compose version 1." in docker(*chain, "docker-compose", "version", host=host)
+        assert f"pushed {SANDBOX_IMAGE} to this level's registry" in inner_up, inner_up
         # From outside, through the outer desktop: the inner API, with the same CLI.
         cli = [
             *chain,

@@ -14,6 +14,7 @@ from orchestrator.names import (
 )
 from orchestrator.placement import NoSandbox, choose_sandbox
 from orchestrator.schemas import SandboxInfo
+from workers.docker import split_reference
 
 
 def test_names_are_deterministic() -> None:
@@ -76,3 +77,16 @@ def test_placement_refuses_a_full_fleet_and_unknown_sandboxes() -> None:
     with pytest.raises(NoSandbox, match="'zzz'"):
         choose_sandbox([sandbox("a", 1)], "zzz", "local")
     assert choose_sandbox([sandbox("a", 1)], "a", "local") == "a"
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("orchestrator/desktop:dev", ("orchestrator/desktop", "dev")),
+        ("registry:5000/orchestrator/desktop:dev", ("registry:5000/orchestrator/desktop", "dev")),
+        ("registry:5000/orchestrator/desktop", ("registry:5000/orchestrator/desktop", "latest")),
+        ("busybox", ("busybox", "latest")),
+    ],
+)
+def test_image_references_split_into_repository_and_tag(image: str, expected: tuple[str, str]) -> None:
+    assert split_reference(image) == expected
