@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -23,10 +24,17 @@ pytestmark = pytest.mark.docker
 @pytest.mark.timeout(1200)
 async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
     host = images
+    began = time.monotonic()
+
+    def mark(step: str) -> None:  # the time each level took, for the record (pytest -s)
+        print(f"self-hosting: {step} at +{time.monotonic() - began:.1f} s")
+
     with compose_stack(host, scale=1) as stack:
+        mark("outer stack up (registry, push, compose up)")
         await wait_healthy(stack.url)
         async with Client(stack.url, token=TOKENS["admin"]) as outer:
             await wait_sandboxes(outer, 1)
+            mark("outer sandbox (depth 1) reporting, desktop image pulled")
             # The platform's images, into the outer desktop the way any image gets there: the
             # sandbox pulls them from its level's registry and copies them in before session.ready.
             record = await outer.create(labels={"role": "self-hosting"}, preload_images=[DESKTOP_IMAGE, SANDBOX_IMAGE])
@@ -34,6 +42,7 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
             assert events[-1].type == "session.ready", [e.data for e in events]
             loaded = next(e.data["data"] for e in events if e.type == "images.loaded")
             assert set(loaded["images"]) == {DESKTOP_IMAGE, SANDBOX_IMAGE} and loaded["bytes"] > 100_000_000
+            mark(f"outer session (depth 2) ready; preload {loaded['bytes'] / 1e6:.0f} MB in {loaded['seconds']} s")
         desktop = f"desktop-{record['id']}"
         chain = ["exec", "-i", stack.container("sandbox"), "docker", "exec", "-i", desktop]
 
@@ -50,6 +59,7 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
         # registry, the caps override chosen by the same bounding-set check.
         assert "docker-compose version 1." in docker(*chain, "docker-compose", "version", host=host)
         assert f"pushed {SANDBOX_IMAGE} to this level's registry" in inner_up, inner_up
+        mark("inner stack up inside the desktop (registry, push, compose up)")
         # From outside, through the outer desktop: the inner API, with the same CLI.
         cli = [
             *chain,
@@ -71,6 +81,7 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
             ):
                 await asyncio.sleep(1)
         assert json.loads(listed)
+        mark("inner sandbox (depth 3) reporting, desktop image pulled from the inner registry")
         created = docker(*cli, "sessions", "create", "--label", "level=inner", "--wait", "--timeout", "400", host=host)
         assert "dockerd.ready" in created and "depth 4, pool 10.216.0.0/16" in created, created
         inner_id = created.split()[1]
@@ -81,3 +92,4 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
         assert events[-1]["type"] == "session.ready"
         sandboxes = json.loads(docker(*cli, "sandboxes", "ls", "--json", host=host))
         assert [s["depth"] for s in sandboxes] == [3]
+        mark(f"inner session's dockerd (depth 4) ready, {ready['data']['duration_ms']} ms after its desktop started")
