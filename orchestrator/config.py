@@ -98,6 +98,8 @@ class Settings:
     # arq polls Redis for new jobs; its default 0.5 s dominates a sub-second session start.
     poll_delay_s: float = 0.02
     max_jobs: int = 16
+    # Warm desktops each sandbox keeps ready for creates that take the defaults (0: no pool).
+    pool_size: int = 0
     hostname: str = field(default_factory=socket.gethostname)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,7 @@ class Settings:
             depth=_env_int("ORCH_DEPTH", cls.depth),
             docker_host=env("DOCKER_HOST") or None,
             desktop_image=env("ORCH_DESKTOP_IMAGE") or cls.desktop_image,
+            pool_size=_env_int("ORCH_POOL_SIZE", cls.pool_size),
             registry=(env("ORCH_REGISTRY") or "").split(",")[0].strip() or None,
             socket_dir=env("ORCH_SOCKET_DIR") or cls.socket_dir,
             privilege=env("ORCH_PRIVILEGE") or cls.privilege,

@@ -81,3 +81,7 @@ class Keys:
 
     def queue(self, sandbox_id: str) -> str:
         return f"{self.prefix}queue:{sandbox_id}"
+
+    def pool(self, sandbox_id: str) -> str:
+        """The sandbox's warm desktops, ready and unclaimed: a list of their (pre-chosen) session ids."""
+        return f"{self.prefix}pool:{sandbox_id}"

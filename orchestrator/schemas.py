@@ -166,6 +166,9 @@ class SandboxInfo(Strict):
     max_pids: int = 0
     # The sandbox's own dockerd's networks; its desktops take the next depth's.
     address_pool: str = ""
+    # Warm pool: desktops it keeps ready (target) and how many are ready and unclaimed now.
+    pool_target: int = 0
+    pool_ready: int = 0
 
 
 class SandboxList(Strict):

@@ -17,7 +17,7 @@ from .config import Settings
 from .names import Keys, is_valid_session_id, new_session_id
 from .placement import NoSandbox, choose_sandbox, resource_problem
 from .queue import JobQueue, Operation
-from .schemas import SandboxInfo, SessionCreate, SessionRecord, SessionSpec, TtlAction, now_rfc3339
+from .schemas import Resources, SandboxInfo, SessionCreate, SessionRecord, SessionSpec, TtlAction, now_rfc3339
 from .states import SessionState
 from .store import SessionNotFound, SessionStore
 
@@ -71,6 +71,14 @@ def new_record(request: SessionCreate, sandbox: str, settings: Settings) -> Sess
         updated_at=now,
         expires_at=time.time() + ttl if ttl else None,
     )
+
+
+def warm_eligible(request: SessionCreate) -> bool:
+    """Whether a warm desktop can serve ``request``: pooled desktops are made ahead with the
+    sandbox's defaults and their own pre-chosen id, so a request that names its id (or derives
+    it from an Idempotency-Key), sets env or resources, or preloads images is made cold."""
+    no_limits = request.resources is None or request.resources == Resources()
+    return request.id is None and not request.env and no_limits and not request.preload_images
 
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -127,6 +135,10 @@ class Sessions:
         if problem:
             raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
         record = new_record(request, sandbox, self.settings)
+        if warm_eligible(request):
+            warm = await self.store.claim_warm(record)
+            if warm is not None:
+                return True, warm
         created, stored = await self.store.create(record, request.env)
         if not created:
             if stored.spec != record.spec or (request.sandbox is not None and stored.sandbox != request.sandbox):

@@ -44,6 +44,25 @@ if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[4], ARGV[7]) end
 return {1, id}
 """
 
+# A warm claim: pop a ready desktop's session id from the pool and, in the same script, store
+# the session's record (born ready) with its event. Atomic, so two creates never get the same
+# desktop and no reconciler pass ever sees a claimed desktop without its record.
+# KEYS: pool list, session index, firehose. ARGV: record key, session stream key, record json,
+# event json (all with PLACEHOLDER where the id goes), firehose maxlen, session maxlen.
+# Returns the claimed id, or false when the pool is empty.
+CLAIM_LUA = """
+local id = redis.call('LPOP', KEYS[1])
+if not id then return false end
+local function with_id(s) return (string.gsub(s, '@@session@@', id)) end
+redis.call('SET', with_id(ARGV[1]), with_id(ARGV[3]))
+redis.call('SADD', KEYS[2], id)
+local event = with_id(ARGV[4])
+local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', event)
+redis.call('XADD', with_id(ARGV[2]), 'MAXLEN', '~', ARGV[6], entry, 'event', event)
+return id
+"""
+PLACEHOLDER = "@@session@@"
+
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
 _decode_env = msgspec.json.Decoder(dict[str, str]).decode
@@ -80,6 +99,7 @@ class SessionStore:
         self.bus = bus
         self.keys: Keys = bus.keys
         self._cas = redis.register_script(CAS_LUA)
+        self._claim = redis.register_script(CLAIM_LUA)
 
     async def get(self, session_id: str) -> SessionRecord | None:
         raw = await self._redis.get(self.keys.session(session_id))
@@ -105,6 +125,27 @@ class SessionStore:
             return True, record
         assert payload
         return False, _decode_record(payload)
+
+    async def claim_warm(self, record: SessionRecord) -> SessionRecord | None:
+        """Claim a warm desktop of ``record.sandbox`` for ``record`` (its id is ignored: the
+        desktop's pre-chosen id is the session's). Returns the stored, ready record, or None
+        when the pool is empty."""
+        template = msgspec.structs.replace(record, id=PLACEHOLDER, state=SessionState.READY)
+        event = self._state_event(template, None, {"warm": True})
+        claimed = await self._claim(
+            keys=[self.keys.pool(record.sandbox), self.keys.session_index, self.keys.firehose],
+            args=[
+                self.keys.session(PLACEHOLDER),
+                self.keys.session_events(PLACEHOLDER),
+                _encode(template),
+                event,
+                self.bus.firehose_maxlen,
+                self.bus.session_maxlen,
+            ],
+        )
+        if not claimed:
+            return None
+        return msgspec.structs.replace(template, id=_text(claimed))
 
     async def transition(
         self,

@@ -285,8 +285,23 @@ class DesktopRuntime:
         except DockerError as e:
             if e.status == 404:
                 return False
+            if e.status == 409 and "in progress" in e.message:
+                # Someone else (a reconciler, a second worker) is removing it: done when it is gone.
+                return await self._wait_gone(name, stop_timeout + 30)
             raise DesktopError("desktop_remove_failed", f"could not remove the desktop: {e.message}") from e
         return True
+
+    async def _wait_gone(self, name: str, limit_s: float) -> bool:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            try:
+                await self._docker._query_json(f"containers/{name}/json")
+            except DockerError as e:
+                if e.status == 404:
+                    return True
+                raise DesktopError("desktop_remove_failed", f"could not remove the desktop: {e.message}") from e
+            await asyncio.sleep(0.05)
+        raise DesktopError("desktop_remove_failed", f"{name} was still being removed after {limit_s:g} s")
 
     def remove_socket_dir(self, session_id: str) -> None:
         shutil.rmtree(os.path.dirname(self.socket_path(session_id)), ignore_errors=True)

@@ -23,6 +23,7 @@ from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
 from .docker import DesktopError, DesktopRuntime, DockerObject
 from .lifecycle import Lifecycle
+from .pool import WarmPool
 
 log = logging.getLogger("workers.reconciler")
 S = SessionState
@@ -49,9 +50,11 @@ def plan(
     busy: set[str],
     now: float,
     grace_s: float,
+    pooled: frozenset[str] = frozenset(),
 ) -> list[Action]:
     """Corrections for one sandbox. ``records`` are this sandbox's sessions; ``busy`` are those
-    whose lease is held (some worker is on it: leave them alone)."""
+    whose lease is held (some worker is on it: leave them alone); ``pooled`` are the warm
+    pool's desktops (no record yet, and none of the reconciler's business)."""
     by_id = {r.id: r for r in records}
     desktop_of = {d.session: d for d in desktops}
     actions: list[Action] = []
@@ -87,16 +90,16 @@ def plan(
                     Action("remove_desktop", r.id, f"left over by a {r.state.value} session", name=desktop.name)
                 )
     for d in desktops:
-        if d.session not in by_id and now - d.created_at >= grace_s:
+        if d.session not in by_id and d.session not in pooled and now - d.created_at >= grace_s:
             actions.append(Action("remove_desktop", d.session, "its session is unknown or deleted", name=d.name))
     for v in volumes:
-        if v.session not in by_id and now - v.created_at >= grace_s:
+        if v.session not in by_id and v.session not in pooled and now - v.created_at >= grace_s:
             actions.append(Action("remove_volume", v.session, "its session is unknown or deleted", name=v.name))
     return actions
 
 
 class Reconciler:
-    def __init__(self, lifecycle: Lifecycle, queue: JobQueue, *, grace_s: float) -> None:
+    def __init__(self, lifecycle: Lifecycle, queue: JobQueue, *, grace_s: float, pool: WarmPool | None = None) -> None:
         # The same store, bus, Docker runtime and leases the lifecycle jobs use.
         self.lifecycle = lifecycle
         self.store: SessionStore = lifecycle.store
@@ -106,14 +109,18 @@ class Reconciler:
         self.sandbox_id = lifecycle.sandbox_id
         self.queue = queue
         self.grace_s = grace_s
+        self.pool = pool
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def pass_once(self) -> list[Action]:
+        # The pool first: a claim turns a pooled id into a record atomically, so read in this
+        # order no claimed desktop is ever seen with neither.
+        pooled = frozenset(await self.pool.known()) if self.pool is not None else frozenset()
         records = [r for r in await self.store.list() if r.sandbox == self.sandbox_id]
         desktops = await self.runtime.list_desktops()
         volumes = await self.runtime.list_volumes()
         busy = await self.locks.held([r.id for r in records])
-        actions = plan(records, desktops, volumes, busy=busy, now=time.time(), grace_s=self.grace_s)
+        actions = plan(records, desktops, volumes, busy=busy, now=time.time(), grace_s=self.grace_s, pooled=pooled)
         for action in actions:
             try:
                 await self._apply(action)

@@ -28,6 +28,7 @@ from orchestrator.store import SessionStore
 
 from .docker import DesktopError, DesktopRuntime
 from .lifecycle import Lifecycle
+from .pool import WarmPool
 from .privilege import PrivilegeProfile, candidates, read_bounding_set
 from .reconciler import Reconciler
 
@@ -100,6 +101,16 @@ class SandboxWorker:
             fault_kill_at=settings.fault_kill_at,
         )
         self.lifecycle.before_bring_up = self._before_bring_up
+        self.pool = WarmPool(
+            self.runtime,
+            self.redis,
+            self.keys,
+            settings.sandbox_id,
+            target=settings.pool_size,
+            ready_timeout_s=settings.ready_timeout_s,
+            prepare=self._before_bring_up,
+        )
+        self._pool_loop: asyncio.Task[None] | None = None
         self.privilege_decided = False
         self._privilege_lock = asyncio.Lock()
         self.reconciler: Reconciler | None = None
@@ -196,10 +207,13 @@ class SandboxWorker:
         await self.ensure_desktop_image()
         self.profile = self.runtime.profile = await self.choose_privilege()
         self.lifecycle_queue = JobQueue(ctx["redis"], self.keys)
-        self.reconciler = Reconciler(self.lifecycle, self.lifecycle_queue, grace_s=self.settings.orphan_grace_s)
+        self.reconciler = Reconciler(
+            self.lifecycle, self.lifecycle_queue, grace_s=self.settings.orphan_grace_s, pool=self.pool
+        )
         # Before any job is consumed: adopt, finish and clean up what an earlier run left.
         await self.reconciler.pass_once()
         self._reconcile_loop = asyncio.create_task(self._reconcile_forever(self.reconciler))
+        self._pool_loop = asyncio.create_task(self.pool.run_forever())
         log.info(
             "sandbox %s (depth %d) serving queue %s; desktops get privilege profile: %s",
             self.settings.sandbox_id,
@@ -212,7 +226,7 @@ class SandboxWorker:
         self.started.set()
 
     async def _on_shutdown(self, ctx: dict[str, Any]) -> None:
-        for task in (self._heartbeat, self._reconcile_loop):
+        for task in (self._heartbeat, self._reconcile_loop, self._pool_loop):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -262,7 +276,8 @@ class SandboxWorker:
             await self.redis.aclose()
 
     async def beat(self) -> SandboxInfo:
-        desktops = await self.runtime.list_desktops()
+        pooled = await self.pool.known()
+        desktops = [d for d in await self.runtime.list_desktops() if d.session not in pooled]
         info = SandboxInfo(
             id=self.settings.sandbox_id,
             depth=self.settings.depth,
@@ -278,6 +293,8 @@ class SandboxWorker:
             max_memory_mb=self.settings.max_memory_mb,
             max_pids=self.settings.max_pids,
             address_pool=address_pool(self.settings.depth),
+            pool_target=self.pool.target,
+            pool_ready=len(await self.pool.pooled()),
         )
         ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
         async with self.redis.pipeline(transaction=True) as pipe:

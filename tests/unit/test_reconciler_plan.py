@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from orchestrator.schemas import SessionRecord, SessionSpec
 from orchestrator.states import SessionState
 from workers.docker import DockerObject
+from workers.pool import plan_pool
 from workers.reconciler import plan
 
 S = SessionState
@@ -80,3 +84,32 @@ def test_ttl_expiry_follows_the_spec_action() -> None:
         ("expire", "t2", "delete"),
         ("expire", "t4", "delete"),
     }
+
+
+def test_the_warm_pools_desktops_are_not_orphans() -> None:
+    objects = ([desktop("w1"), desktop("x")], [volume("w1"), volume("x")])
+    actions = plan([], *objects, busy=set(), now=NOW, grace_s=0, pooled=frozenset({"w1"}))
+    assert sorted(kinds(actions)) == [("remove_desktop", "x"), ("remove_volume", "x")]
+
+
+@given(
+    target=st.integers(0, 6),
+    pooled=st.lists(st.sampled_from("abcdefgh"), unique=True, max_size=8),
+    running=st.none() | st.sets(st.sampled_from("abcdefgh")),
+    making=st.integers(0, 3),
+)
+def test_the_pool_plan_converges_to_its_target(
+    target: int, pooled: list[str], running: set[str] | None, making: int
+) -> None:
+    p = plan_pool(target, pooled, running, making)
+    dropped = set(p.drop)
+    assert dropped <= set(pooled) and len(p.drop) == len(dropped)
+    if running is not None:
+        assert {i for i in pooled if i not in running} <= dropped  # dead ones always go
+    kept = [i for i in pooled if i not in dropped]
+    assert len(kept) <= target  # never over target once carried out...
+    assert len(kept) + making + p.make >= target  # ...and never short of it
+    assert p.make == max(0, target - len(kept) - making)
+    # The oldest live desktops are kept (they are claimed first).
+    live = [i for i in pooled if running is None or i in running]
+    assert kept == live[: len(kept)]

@@ -1,0 +1,149 @@
+"""The warm pool: desktops made ahead of demand, dockerd ready, for creates that take the
+sandbox's defaults (see ``orchestrator.service.warm_eligible``).
+
+Each pooled desktop is made under a session id chosen in advance, with a fresh volume named
+for it, so a claim renames nothing: the API pops the id from ``<prefix>pool:<sandbox>`` and
+stores that session's record in the same Lua script (``SessionStore.claim_warm``), and every
+later operation finds the desktop and volume by the usual names. A pooled desktop never served
+anyone before: each is made new, and a claimed one leaves the pool for good.
+
+The plan is pure (``plan_pool``); ``WarmPool`` is the thin loop that carries it out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from orchestrator.names import Keys, new_session_id
+
+from .docker import DesktopError, DesktopRuntime
+
+log = logging.getLogger("workers.pool")
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    make: int
+    # Pooled ids to drop: their desktop is gone or stopped, or the pool is over its target.
+    drop: tuple[str, ...]
+
+
+def plan_pool(target: int, pooled: list[str], running: set[str] | None, making: int) -> PoolPlan:
+    """``pooled``: the pool list, oldest first; ``running``: session ids whose desktop runs
+    (None: not looked at this time); ``making``: desktops being made now."""
+    dead = [i for i in pooled if running is not None and i not in running]
+    alive = [i for i in pooled if i not in dead]
+    # Over target (it was lowered): drop the newest, keep the oldest (first to be claimed).
+    extra = alive[target:] if len(alive) > target else []
+    return PoolPlan(make=max(0, target - len(alive) - making), drop=tuple(dead + extra))
+
+
+class WarmPool:
+    def __init__(
+        self,
+        runtime: DesktopRuntime,
+        redis: aioredis.Redis,
+        keys: Keys,
+        sandbox_id: str,
+        *,
+        target: int,
+        ready_timeout_s: float,
+        check_interval_s: float = 0.1,
+        audit_interval_s: float = 5.0,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.redis = redis
+        self.key = keys.pool(sandbox_id)
+        self.target = target
+        self.ready_timeout_s = ready_timeout_s
+        self.check_interval_s = check_interval_s
+        self.audit_interval_s = audit_interval_s
+        # Run before making a desktop (the worker's: image pulled, privilege profile decided).
+        self.prepare = prepare
+        self.making: set[str] = set()
+        self.removing: set[str] = set()
+        self.made = 0
+        self.failures = 0
+
+    async def pooled(self) -> list[str]:
+        return [i.decode() if isinstance(i, bytes) else i for i in await self.redis.lrange(self.key, 0, -1)]  # type: ignore[misc]
+
+    async def known(self) -> set[str]:
+        """Ids the pool owns (ready or being made): the reconciler must not take them for orphans.
+        Read this before the session records: a claim moves an id from here to a record atomically."""
+        return set(await self.pooled()) | self.making | self.removing
+
+    async def run_forever(self) -> None:
+        last_audit = 0.0
+        backoff = self.check_interval_s
+        while True:
+            try:
+                audit = time.monotonic() - last_audit >= self.audit_interval_s
+                running = None
+                if audit:
+                    last_audit = time.monotonic()
+                    running = {d.session for d in await self.runtime.list_desktops() if d.running}
+                plan = plan_pool(self.target, await self.pooled(), running, len(self.making))
+                for session_id in plan.drop:
+                    await self._drop(session_id)
+                if plan.make:
+                    # One at a time: refilling should not starve the creates that emptied the pool.
+                    await self._make_one()
+                    backoff = self.check_interval_s
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failures += 1
+                log.exception("warm pool: pass failed; retrying in %.1f s", backoff)
+                backoff = min(30.0, backoff * 4)
+                await asyncio.sleep(backoff)
+                continue
+            # With the pool off, only the (rare) audit has work: dropping what an earlier run left.
+            await asyncio.sleep(self.check_interval_s if self.target else self.audit_interval_s)
+
+    async def _make_one(self) -> None:
+        if self.prepare is not None:
+            await self.prepare()
+        session_id = new_session_id()
+        self.making.add(session_id)
+        try:
+            await self.runtime.ensure_volume(session_id)
+            await self.runtime.create_desktop(session_id, 1)
+            started = time.monotonic()
+            await self.runtime.start_desktop(session_id)
+            info = await self.runtime.wait_dockerd(session_id, started, self.ready_timeout_s)
+            await self.redis.rpush(self.key, session_id)  # type: ignore[misc]
+            self.made += 1
+            log.info("warm pool: %s ready (dockerd %d ms)", session_id, info.duration_ms)
+        except BaseException:
+            # Never leave a half-made desktop behind (the reconciler would, after its grace).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._remove(session_id))
+            raise
+        finally:
+            self.making.discard(session_id)
+
+    async def _drop(self, session_id: str) -> None:
+        # Only if still unclaimed: LREM says whether this id was in the list.
+        if await self.redis.lrem(self.key, 1, session_id):  # type: ignore[misc]
+            log.info("warm pool: dropping %s", session_id)
+            await self._remove(session_id)
+
+    async def _remove(self, session_id: str) -> None:
+        self.removing.add(session_id)  # still ours until gone: not an orphan for the reconciler
+        try:
+            await self.runtime.remove_desktop(session_id, stop_timeout=2)
+            await self.runtime.remove_volume(session_id)
+        except DesktopError:
+            log.exception("warm pool: could not remove %s; the reconciler will", session_id)
+        finally:
+            self.removing.discard(session_id)
+        self.runtime.remove_socket_dir(session_id)
