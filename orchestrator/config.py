@@ -97,7 +97,8 @@ class Settings:
     fault_kill_at: str | None = None
     # arq polls Redis for new jobs; its default 0.5 s dominates a sub-second session start.
     poll_delay_s: float = 0.02
-    max_jobs: int = 16
+    # Jobs mostly wait on Docker: enough to run a burst of creates at once (bench: 20).
+    max_jobs: int = 32
     # Warm desktops each sandbox keeps ready for creates that take the defaults (0: no pool).
     pool_size: int = 0
     hostname: str = field(default_factory=socket.gethostname)

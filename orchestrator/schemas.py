@@ -123,6 +123,10 @@ class SessionChanged(Strict, omit_defaults=True):
     code: str | None = None
     message: str | None = None
     volume_removed: bool | None = None
+    # session.ready: where the bring-up's time went (ms: queue, prepare, volume, create, start,
+    # dockerd, preload, total); or warm=true when a pooled desktop was claimed (no bring-up).
+    phases_ms: dict[str, int] | None = None
+    warm: bool | None = None
 
 
 class VolumeCreated(Strict):

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -42,6 +43,31 @@ FAULT_POINTS = (
     "delete:after_desktop_removed",
     "delete:after_volume_removed",
 )
+
+
+class Phases:
+    """Where a bring-up's time went, in ms, for the ``session.ready`` event: ``queue`` (from
+    the request to the job's start), then each step, and ``total`` from the request."""
+
+    def __init__(self, requested_at: str) -> None:
+        self._requested = _epoch(requested_at)
+        self._last = time.time()
+        self._ms: dict[str, int] = {"queue": max(0, round((self._last - self._requested) * 1000))}
+
+    def mark(self, name: str) -> None:
+        now = time.time()
+        self._ms[name] = round((now - self._last) * 1000)
+        self._last = now
+
+    def result(self) -> dict[str, int]:
+        return {**self._ms, "total": max(0, round((self._last - self._requested) * 1000))}
+
+
+def _epoch(rfc3339: str) -> float:
+    try:
+        return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
 
 
 class Lifecycle:
@@ -108,16 +134,17 @@ class Lifecycle:
     # -- operations (called with the lease held) --------------------------------------------
 
     async def _create(self, record: SessionRecord) -> str:
+        queued_since = record.updated_at  # when it was requested: the job's wait starts there
         if record.state is S.PENDING:
             record = await self.store.transition(record.id, S.CREATING, generation=record.generation)
         if record.state not in (S.CREATING, S.STARTING):
             return f"nothing to do in state {record.state.value}"
-        return await self._bring_up(record)
+        return await self._bring_up(record, queued_since)
 
     async def _start(self, record: SessionRecord) -> str:
         if record.state is not S.STARTING:
             return f"nothing to do in state {record.state.value}"
-        return await self._bring_up(record)
+        return await self._bring_up(record, record.updated_at)
 
     async def _stop(self, record: SessionRecord) -> str:
         session_id, generation = record.id, record.generation
@@ -154,8 +181,9 @@ class Lifecycle:
 
     # -- the shared path of create and start ----------------------------------------------
 
-    async def _bring_up(self, record: SessionRecord) -> str:
+    async def _bring_up(self, record: SessionRecord, queued_since: str) -> str:
         session_id, generation = record.id, record.generation
+        phases = Phases(queued_since)
         try:
             problem = resource_problem(record.spec.resources, *self.limits)
             if problem:
@@ -163,6 +191,7 @@ class Lifecycle:
             env = await self.store.get_env(session_id) if record.spec.env_keys else {}
             if self.before_bring_up is not None:
                 await self.before_bring_up()
+            phases.mark("prepare")
             try:
                 with anyio.fail_after(self.provision_timeout_s):
                     if record.state is S.CREATING:
@@ -173,8 +202,10 @@ class Lifecycle:
                     elif not await self.runtime.volume_exists(session_id):
                         # A resume must find the volume: a new empty one would silently lose the data.
                         raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
+                    phases.mark("volume")
                     desktop = await self.runtime.create_desktop(session_id, generation, record.spec.resources, env)
                     self._fault("create:after_container")
+                    phases.mark("create")
             except TimeoutError:
                 raise DesktopError(
                     "provision_timeout",
@@ -187,7 +218,9 @@ class Lifecycle:
             self._fault("create:after_start")
             started = DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind)
             await self._event(record, "desktop.started", to_data(started))
+            phases.mark("start")
             info = await self.runtime.wait_dockerd(session_id, started_at, self.ready_timeout_s)
+            phases.mark("dockerd")
             ready = DockerdReady(
                 duration_ms=info.duration_ms,
                 storage_driver=info.storage_driver,
@@ -201,7 +234,10 @@ class Lifecycle:
             self._fault("create:after_ready_event")
             if record.spec.preload_images:
                 await self._preload(record)
-            await self.store.transition(session_id, S.READY, generation=generation)
+                phases.mark("preload")
+            await self.store.transition(
+                session_id, S.READY, generation=generation, event_data={"phases_ms": phases.result()}
+            )
             return "ready"
         except DesktopError as e:
             await self._fail(record, e.code, e.message)

@@ -58,6 +58,11 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
     assert data["address_pool"] == "10.214.0.0/16"
     assert data["duration_ms"] > 0
     assert data["server_version"]
+    # Where the time went: every phase, adding up to no more than the total.
+    phases = events[6].data["data"]["phases_ms"]
+    assert set(phases) == {"queue", "prepare", "volume", "create", "start", "dockerd", "total"}, phases
+    assert all(v >= 0 for v in phases.values()) and phases["dockerd"] > 0
+    assert sum(v for k, v in phases.items() if k != "total") <= phases["total"] + 5
 
     # Deterministic names and labels on what was made.
     container_labels = labels_of(host, "container", desktop_name(sid))
