@@ -50,4 +50,4 @@ test: venv images lint
 	$(WITH_ENV) ORCH_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -ra tests
 
 bench: venv images
-	$(WITH_ENV) $(PY) -m bench.cold -n $${N:-20}
+	$(WITH_ENV) $(PY) -m bench $(SCENARIOS)

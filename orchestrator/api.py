@@ -25,6 +25,7 @@ from . import __version__, auth
 from .auth import AuthError, authenticate, authorize
 from .config import Settings
 from .events import EventBus
+from .hub import StreamHub
 from .names import Keys
 from .queue import JobQueue, job_deserializer, job_serializer
 from .schemas import ErrorBody, SandboxList, SessionCreate, SessionList, SessionRecord
@@ -222,6 +223,7 @@ async def firehose_events(
             follow,
             feed_filter,
             labels_of=lambda sid: _labels_of(state, sid),
+            hub=state.hub,
         )
     )
 
@@ -240,7 +242,10 @@ async def session_events(
     bus: EventBus = state.bus
     start = parse_after(request.headers.get("last-event-id"), after) or "0-0"
     feed_filter = _filter(type_, None, None)
-    return _sse(EventFeed(bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow, feed_filter))
+    feed = EventFeed(
+        bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow, feed_filter, hub=state.hub
+    )
+    return _sse(feed)
 
 
 @get("/v1/sandboxes", summary="Live sandboxes (from their heartbeats)", guards=ADMIN)
@@ -271,6 +276,15 @@ async def metrics(state: State) -> str:
         "# HELP orchestrator_sandboxes_live Sandboxes with a recent heartbeat.",
         "# TYPE orchestrator_sandboxes_live gauge",
         f"orchestrator_sandboxes_live {len(sandboxes)}",
+        "# HELP orchestrator_pool_ready Warm desktops ready and unclaimed, per sandbox (last heartbeat).",
+        "# TYPE orchestrator_pool_ready gauge",
+        *(f'orchestrator_pool_ready{{sandbox="{s.id}"}} {s.pool_ready}' for s in sandboxes),
+        "# HELP orchestrator_pool_target Warm desktops each sandbox keeps ready.",
+        "# TYPE orchestrator_pool_target gauge",
+        *(f'orchestrator_pool_target{{sandbox="{s.id}"}} {s.pool_target}' for s in sandboxes),
+        "# HELP orchestrator_sse_followers SSE clients following live events on this API process.",
+        "# TYPE orchestrator_sse_followers gauge",
+        f"orchestrator_sse_followers {state.hub.followers}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -315,10 +329,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             redis=redis,
             arq=arq,
             bus=bus,
+            hub=StreamHub(bus, block_ms=int(settings.sse_keepalive_s * 1000)),
             sessions=Sessions(store, JobQueue(arq, keys), redis, keys, settings),
         )
 
     async def shutdown(app: Litestar) -> None:
+        await app.state.hub.close()
         await app.state.arq.aclose()
         await app.state.redis.aclose()
 

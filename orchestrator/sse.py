@@ -1,8 +1,10 @@
 """Server-Sent Events over a Redis stream: ``id:`` is the stream entry id, so a client that
 reconnects with ``Last-Event-ID`` gets exactly what it missed, in order.
 
-Each client reads the stream itself, at its own pace and at most one batch at a time: a
-stalled client holds one batch of memory and delays nobody (Redis keeps the rest)."""
+A following client catches up from Redis on what it asked for, then takes live events from the
+process's shared reader for the stream (``hub.py``): one Redis read per event for all clients.
+A client that falls behind the shared reader goes back to reading Redis itself, at its own
+pace and one batch at a time: a stalled client holds one batch of memory and delays nobody."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .events import EventBus, encode_event
+from .hub import Overflow, StreamHub, frame
 from .schemas import Event
 from .service import ServiceError
 
@@ -38,10 +41,6 @@ def parse_after(last_event_id: str | None, after: str | None) -> str | None:
 def entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def frame(entry_id: str, type: str, data: bytes) -> bytes:
-    return b"id: " + entry_id.encode() + b"\nevent: " + type.encode() + b"\ndata: " + data + b"\n\n"
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,10 @@ class EventFeed:
         follow: bool = True,
         filter: EventFilter | None = None,
         labels_of: LabelLookup | None = None,
+        hub: StreamHub | None = None,
     ) -> None:
         self.bus = bus
+        self.hub = hub
         self.stream = stream
         self.after = after
         self.keepalive_ms = int(keepalive_s * 1000)
@@ -105,6 +106,44 @@ class EventFeed:
         reset = await self._trimmed()
         if reset is not None:
             yield reset
+        if self.follow and self.hub is not None:
+            try:
+                async for chunk in self._shared():
+                    yield chunk
+            except Overflow:
+                pass  # fell behind the shared reader: on at our own pace, from our last id
+        async for chunk in self._own():
+            yield chunk
+
+    async def _shared(self) -> AsyncIterator[bytes]:
+        assert self.hub is not None
+        async with self.hub.follow(self.stream) as follower:
+            # What came before the shared reader's position, from Redis (no blocking: it exists).
+            caught_up = entry_key(self.after) >= entry_key(follower.start)
+            while not caught_up:
+                entries = await self.bus.read(self.stream, self.after, count=BATCH)
+                caught_up = not entries
+                for entry_id, event in entries:
+                    if entry_key(entry_id) > entry_key(follower.start):
+                        caught_up = True  # the follower's buffer has the rest
+                        break
+                    self.after = entry_id
+                    if await self._matches(event):
+                        yield frame(entry_id, event.type, encode_event(event))
+                caught_up = caught_up or entry_key(self.after) >= entry_key(follower.start)
+            while True:
+                batch = await follower.next()
+                if not batch:
+                    yield b": keep-alive\n\n"
+                    continue
+                for entry_id, event, data in batch:
+                    if entry_key(entry_id) <= entry_key(self.after):
+                        continue
+                    self.after = entry_id
+                    if await self._matches(event):
+                        yield data
+
+    async def _own(self) -> AsyncIterator[bytes]:
         while True:
             entries = await self.bus.read(
                 self.stream, self.after, block_ms=self.keepalive_ms if self.follow else None, count=BATCH

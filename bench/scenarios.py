@@ -1,0 +1,468 @@
+"""The scenarios. Each returns Results comparing the project's path with a bare baseline
+measured alternately in the same run (see harness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from typing import Any
+
+import redis.asyncio as aioredis
+from arq.connections import RedisSettings, create_pool
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.events import EventBus, make_event
+from orchestrator.names import Keys
+from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
+from workers.worker import SandboxWorker
+
+from .harness import (
+    Result,
+    Services,
+    Side,
+    alternate,
+    bare_bring_up,
+    bare_remove,
+    bare_runtime,
+    cpu_seconds,
+    rss_mb,
+    services,
+    wait_healthy,
+)
+
+Scenario = Callable[[int], Coroutine[Any, Any, list[Result]]]
+
+
+def new_id(prefix: str = "bare") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def ready_client(svc: Services) -> Client:
+    await wait_healthy(svc.url)
+    client = Client(svc.url, token=svc.token)
+    # Warm-up, not measured: the worker's start-up (privilege probe), first use of the image.
+    record = await client.create()
+    await client.wait_ready(record["id"], timeout=120)
+    await delete(client, record["id"])
+    return client
+
+
+async def delete(client: Client, session_id: str) -> None:
+    await client.delete(session_id)
+    await client.wait_for(session_id, {"session.deleted"}, timeout=120)
+
+
+# -- cold ---------------------------------------------------------------------------------------
+
+
+async def cold(n: int) -> list[Result]:
+    """POST /v1/sessions → dockerd.ready seen on the SSE stream, one after another."""
+    result = Result("cold", "s", Side("project: POST → dockerd.ready"), Side("bare: aiodocker"))
+    phases: list[dict[str, int]] = []
+    with services() as svc:
+        client = await ready_client(svc)
+        async with client, bare_runtime(svc.socket_dir, svc.sandbox_id) as runtime:
+
+            async def project() -> float:
+                started = time.perf_counter()
+                record = await client.create()
+                events = await client.wait_for(record["id"], {"dockerd.ready", "session.failed"}, timeout=120)
+                elapsed = time.perf_counter() - started
+                if events[-1].type != "dockerd.ready":
+                    raise RuntimeError(events[-1].data)
+                ready = await client.wait_for(record["id"], {"session.ready"}, timeout=30, after=events[-1].id)
+                phases.append(ready[-1].data["data"]["phases_ms"])
+                await delete(client, record["id"])
+                return elapsed
+
+            async def bare() -> float:
+                session = new_id()
+                started = time.perf_counter()
+                await bare_bring_up(runtime, session)
+                elapsed = time.perf_counter() - started
+                await bare_remove(runtime, session)
+                return elapsed
+
+            await alternate(n, project, bare, result)
+    if phases:
+        result.notes["project phases, median ms"] = {
+            k: statistics.median(p.get(k, 0) for p in phases) for k in phases[0]
+        }
+    return [result]
+
+
+# -- burst --------------------------------------------------------------------------------------
+
+
+async def burst(n: int, size: int = 20) -> list[Result]:
+    """``size`` sessions requested at once on one sandbox: wall time until all are ready."""
+    result = Result(f"burst ({size} at once)", "s", Side("project: all dockerd.ready"), Side("bare: aiodocker"))
+    rss = {"api": 0.0, "worker": 0.0}
+    with services() as svc:
+        client = await ready_client(svc)
+        async with client, bare_runtime(svc.socket_dir, svc.sandbox_id) as runtime:
+
+            async def one(record: dict[str, Any]) -> None:
+                events = await client.wait_for(record["id"], {"dockerd.ready", "session.failed"}, timeout=300)
+                if events[-1].type != "dockerd.ready":
+                    raise RuntimeError(events[-1].data)
+
+            async def project() -> float:
+                started = time.perf_counter()
+                records = await asyncio.gather(*(client.create() for _ in range(size)))
+                sampler = asyncio.create_task(sample_rss(svc, rss))
+                try:
+                    await asyncio.gather(*(one(r) for r in records))
+                finally:
+                    sampler.cancel()
+                elapsed = time.perf_counter() - started
+                await asyncio.gather(*(delete(client, r["id"]) for r in records))
+                return elapsed
+
+            async def bare() -> float:
+                sessions = [new_id() for _ in range(size)]
+                started = time.perf_counter()
+                await asyncio.gather(*(bare_bring_up(runtime, s) for s in sessions))
+                elapsed = time.perf_counter() - started
+                await asyncio.gather(*(bare_remove(runtime, s) for s in sessions))
+                return elapsed
+
+            await alternate(n, project, bare, result)
+    result.notes["peak RSS under the burst, MB"] = {k: round(v, 1) for k, v in rss.items()}
+    return [result]
+
+
+async def sample_rss(svc: Services, peak: dict[str, float]) -> None:
+    while True:
+        peak["api"] = max(peak["api"], rss_mb(svc.api.pid))
+        peak["worker"] = max(peak["worker"], rss_mb(svc.worker.pid))
+        await asyncio.sleep(0.05)
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+async def resume(n: int) -> list[Result]:
+    """stop → start → dockerd.ready, the volume kept (only the start is timed)."""
+    result = Result("resume", "s", Side("project: start → dockerd.ready"), Side("bare: aiodocker"))
+    with services() as svc:
+        client = await ready_client(svc)
+        async with client, bare_runtime(svc.socket_dir, svc.sandbox_id) as runtime:
+            record = await client.create()
+            await client.wait_ready(record["id"], timeout=120)
+            sid = record["id"]
+            bare_session = new_id()
+            await bare_bring_up(runtime, bare_session)
+
+            last = [(await client.wait_for(sid, {"session.ready"}, timeout=120))[-1].id]
+
+            async def project() -> float:
+                await client.stop(sid)
+                stopped = await client.wait_for(sid, {"session.stopped"}, timeout=120, after=last[-1])
+                started = time.perf_counter()
+                await client.start(sid)
+                events = await client.wait_for(
+                    sid, {"dockerd.ready", "session.failed"}, timeout=120, after=stopped[-1].id
+                )
+                elapsed = time.perf_counter() - started
+                if events[-1].type != "dockerd.ready":
+                    raise RuntimeError(events[-1].data)
+                ready = await client.wait_for(sid, {"session.ready"}, timeout=30, after=events[-1].id)
+                last.append(ready[-1].id)
+                return elapsed
+
+            async def bare() -> float:
+                await bare_remove(runtime, bare_session, volume=False)
+                started = time.perf_counter()
+                await bare_bring_up(runtime, bare_session, new_volume=False)
+                return time.perf_counter() - started
+
+            await alternate(n, project, bare, result)
+            await delete(client, sid)
+            await bare_remove(runtime, bare_session)
+    return [result]
+
+
+# -- warm ---------------------------------------------------------------------------------------
+
+
+async def warm(n: int, pool: int = 2) -> list[Result]:
+    """Claim from the pool: POST → session.ready seen on the SSE stream. The baseline is a bare
+    cold start (what the pool saves); the targets are absolute (p50 <= 50 ms, p99 <= 150 ms)."""
+    result = Result("warm (pool)", "s", Side("project: POST → session.ready"), Side("bare: aiodocker cold"))
+    with services(ORCH_POOL_SIZE=str(pool)) as svc:
+        client = await ready_client(svc)
+        redis = aioredis.Redis.from_url(svc.redis_url)
+        pool_key = Keys(svc.key_prefix).pool(svc.sandbox_id)
+        async with client, bare_runtime(svc.socket_dir, svc.sandbox_id) as runtime:
+            created: list[str] = []
+
+            async def project() -> float:
+                async with asyncio.timeout(120):  # not timed: the pool refills between claims
+                    while await redis.llen(pool_key) < pool:
+                        await asyncio.sleep(0.05)
+                started = time.perf_counter()
+                record = await client.create()
+                events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=120)
+                elapsed = time.perf_counter() - started
+                if events[-1].type != "session.ready" or not events[-1].data["data"].get("warm"):
+                    raise RuntimeError(f"not a warm claim: {events[-1].data}")
+                created.append(record["id"])
+                return elapsed
+
+            async def bare() -> float:
+                session = new_id()
+                started = time.perf_counter()
+                await bare_bring_up(runtime, session)
+                elapsed = time.perf_counter() - started
+                await bare_remove(runtime, session)
+                return elapsed
+
+            await alternate(n, project, bare, result)
+            await asyncio.gather(*(delete(client, sid) for sid in created))
+        await redis.aclose()
+    result.notes["baseline"] = "a bare cold start: the ratio is what the pool saves"
+    return [result]
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+async def events(n: int, audiences: tuple[int, ...] = (1, 100, 1000)) -> list[Result]:
+    """publish → received, by SSE clients of one API process (project) and by clients reading
+    the Redis stream directly with XREAD (baseline), for 1, 100 and 1,000 subscribers."""
+    results = []
+    with services() as svc:
+        await wait_healthy(svc.url)
+        redis = aioredis.Redis.from_url(svc.redis_url, max_connections=5000)
+        keys = Keys(svc.key_prefix)
+        bus = EventBus(redis, keys)
+        for count in audiences:
+            result = Result(
+                f"events ({count} subscribers)",
+                "s",
+                Side("project: SSE via the API"),
+                Side("bare: XREAD on Redis"),
+            )
+            # Alternate whole rounds: a round is `n` events to every subscriber of one kind.
+            for i in range(2):
+                for kind in ("project", "bare") if i % 2 == 0 else ("bare", "project"):
+                    side = result.project if kind == "project" else result.baseline
+                    try:
+                        latencies, cpu = await deliver(kind, svc, bus, redis, keys, count, max(1, n // 2))
+                        side.values += latencies
+                        if kind == "project":
+                            note = "API CPU per event, ms (fan-out to all subscribers)"
+                            result.notes[note] = round(cpu / max(1, n // 2) * 1000, 2)
+                    except Exception as e:
+                        side.failures += 1
+                        print(f"  events {kind} x{count}: failed: {type(e).__name__}: {e}", flush=True)
+            results.append(result)
+            print(f"  events x{count} done", flush=True)
+        await redis.aclose()
+    return results
+
+
+# One event every 200 ms: each is fanned out on its own (a steady 5 events/s to every client).
+EVENT_SPACING_S = float(os.environ.get("BENCH_EVENT_SPACING", "0.2"))
+
+
+async def deliver(
+    kind: str, svc: Services, bus: EventBus, redis: aioredis.Redis, keys: Keys, count: int, n: int
+) -> tuple[list[float], float]:
+    """Latencies of ``n`` events to ``count`` subscribers, and the API's CPU seconds meanwhile."""
+    latencies: list[float] = []
+    ready = asyncio.Semaphore(0)
+    done = asyncio.Event()
+    tag = uuid.uuid4().hex[:8]
+    host, port = svc.url.removeprefix("http://").split(":")
+
+    async def sse_subscriber() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+        writer.write(
+            (
+                f"GET /v1/events?type=bench.{tag} HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer {svc.token}\r\nAccept: text/event-stream\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        released = False
+        try:
+            while not done.is_set():
+                line = await reader.readline()
+                if not line:
+                    return
+                if not released and line.startswith(b"retry:"):
+                    released = True
+                    ready.release()
+                at = line.find(b'"sent":')
+                if at >= 0:
+                    received = time.time()
+                    sent = float(line[at + 7 : line.index(b"}", at)].split(b",")[0])
+                    latencies.append(received - sent)
+        finally:
+            writer.close()
+
+    async def xread_subscriber() -> None:
+        conn = aioredis.Redis(connection_pool=redis.connection_pool)
+        last = start  # not "$": a subscriber still connecting must not miss the first events
+        ready.release()
+        while not done.is_set():
+            reply = await conn.xread({keys.firehose: last}, block=1000)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    received = time.time()
+                    body = json.loads(fields[b"event"])
+                    if body["type"] == f"bench.{tag}":
+                        latencies.append(received - body["data"]["sent"])
+
+    start = await bus.last_id(keys.firehose)
+    tasks = [asyncio.create_task(sse_subscriber() if kind == "project" else xread_subscriber()) for _ in range(count)]
+    try:
+        async with asyncio.timeout(120):
+            for _ in range(count):
+                await ready.acquire()
+        await asyncio.sleep(0.5)  # the last subscribers' first read reaches Redis
+        cpu = cpu_seconds(svc.api.pid)
+        for _ in range(n):
+            await bus.publish(make_event(f"bench.{tag}", sandbox="bench", data={"sent": time.time()}))
+            await asyncio.sleep(EVENT_SPACING_S)
+        async with asyncio.timeout(30):
+            while len(latencies) < count * n:
+                await asyncio.sleep(0.05)
+        cpu = cpu_seconds(svc.api.pid) - cpu
+    finally:
+        done.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return latencies, cpu
+
+
+# -- queue --------------------------------------------------------------------------------------
+
+
+async def queue(n: int) -> list[Result]:
+    """enqueue → the worker's handler starts, for a no-op lifecycle job (a stop of a session that
+    does not exist: the handler starts, finds nothing, returns). Baseline: LPUSH → BLPOP."""
+    result = Result("queue pickup", "s", Side("project: arq enqueue → handler"), Side("bare: LPUSH → BLPOP"))
+    tag = uuid.uuid4().hex[:6]
+    settings = replace(
+        Settings.from_env(),
+        key_prefix=f"bench-{tag}:",
+        sandbox_id=f"bench{tag}",
+        socket_dir=f"/tmp/orch-bench-{tag}",
+        reconcile_interval_s=3600,
+        heartbeat_interval_s=3600,
+    )
+    sandbox = SandboxWorker(settings)
+    started: dict[str, float] = {}
+    arrived: dict[str, asyncio.Event] = {}
+    real_run = sandbox.lifecycle.run
+
+    async def timed_run(operation: str, session_id: str, generation: int) -> str:
+        started[session_id] = time.perf_counter()
+        arrived[session_id].set()
+        return await real_run(operation, session_id, generation)
+
+    sandbox.lifecycle.run = timed_run  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    serving = asyncio.create_task(sandbox.serve(stop))
+    await asyncio.wait_for(sandbox.started.wait(), 60)
+    redis = await create_pool(
+        RedisSettings.from_dsn(settings.redis_url), job_serializer=job_serializer, job_deserializer=job_deserializer
+    )
+    jobs = JobQueue(redis, Keys(settings.key_prefix))
+    bare_key = f"bench-{tag}:bare-queue"
+    consumer = aioredis.Redis.from_url(settings.redis_url)
+    try:
+
+        async def project() -> float:
+            sid = f"s-nothing-{uuid.uuid4().hex[:10]}"
+            arrived[sid] = asyncio.Event()
+            # Requests arrive at random times, not just after the worker's last poll.
+            await asyncio.sleep(random.uniform(0, 0.05))
+            sent = time.perf_counter()
+            await jobs.enqueue(Operation.STOP, settings.sandbox_id, sid, 1)
+            await asyncio.wait_for(arrived[sid].wait(), 10)
+            return started.pop(sid) - sent
+
+        async def bare() -> float:
+            waiter = asyncio.create_task(consumer.blpop([bare_key], timeout=10))
+            await asyncio.sleep(random.uniform(0.005, 0.05))  # the consumer is blocked in BLPOP, as a worker would be
+            sent = time.perf_counter()
+            await redis.lpush(bare_key, "job")  # type: ignore[misc]
+            await waiter
+            return time.perf_counter() - sent
+
+        await alternate(n, project, bare, result)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 60)
+        await redis.aclose()
+        await consumer.aclose()
+    result.notes["worker poll delay"] = f"{settings.poll_delay_s * 1000:.0f} ms (arq's default is 500 ms)"
+    return [result]
+
+
+# -- footprint ----------------------------------------------------------------------------------
+
+
+async def footprint(n: int) -> list[Result]:
+    """RSS of the API and a worker at idle, under a burst of 20 creates, and after; Redis
+    memory per idle (ready) session, its event streams aside."""
+    result = Result("footprint", "MB", Side("project"), Side("-"))
+    with services() as svc:
+        client = await ready_client(svc)
+        async with client:
+            await asyncio.sleep(2)  # idle: nothing in flight
+            idle = {"api": rss_mb(svc.api.pid), "worker": rss_mb(svc.worker.pid)}
+            peak = dict(idle)
+            sampler = asyncio.create_task(sample_rss(svc, peak))
+            records = await asyncio.gather(*(client.create() for _ in range(20)))
+            await asyncio.gather(*(client.wait_ready(r["id"], timeout=300) for r in records))
+            sampler.cancel()
+            redis = aioredis.Redis.from_url(svc.redis_url)
+            keys = Keys(svc.key_prefix)
+            per_session = []
+            index = await redis.memory_usage(keys.session_index) or 0
+            for r in records:
+                used = await redis.memory_usage(keys.session(r["id"])) or 0
+                used += await redis.memory_usage(keys.session_env(r["id"])) or 0
+                per_session.append(used + index / len(records))
+            await redis.aclose()
+            await asyncio.gather(*(delete(client, r["id"]) for r in records))
+            after = {"api": rss_mb(svc.api.pid), "worker": rss_mb(svc.worker.pid)}
+    result.project.values = [idle["worker"]]
+    result.notes.update(
+        {
+            "RSS idle, MB": {k: round(v, 1) for k, v in idle.items()},
+            "RSS peak under 20 creates, MB": {k: round(v, 1) for k, v in peak.items()},
+            "RSS after deleting them, MB": {k: round(v, 1) for k, v in after.items()},
+            "Redis per idle session, bytes (record + env + share of the index)": round(statistics.mean(per_session)),
+        }
+    )
+    return [result]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "cold": cold,
+    "burst": burst,
+    "resume": resume,
+    "warm": warm,
+    "events": events,
+    "queue": queue,
+    "footprint": footprint,
+}
+
+# Rounds per scenario for `-n` (the issue's counts: 20 sequential sessions; 20-at-once bursts).
+DEFAULT_N = {"cold": 20, "burst": 3, "resume": 20, "warm": 20, "events": 40, "queue": 200, "footprint": 1}
