@@ -74,6 +74,8 @@ class Settings:
     firehose_maxlen: int = 100_000
     session_stream_maxlen: int = 2_000
     heartbeat_interval_s: float = 5.0
+    # How often a worker probes its ready desktops (desktop.health events on changes).
+    health_interval_s: float = 2.0
     sse_keepalive_s: float = 15.0
     max_sessions: int = 50
     # What one desktop may ask for on this sandbox.
@@ -96,7 +98,8 @@ class Settings:
     # Test-only fault hook: the worker SIGKILLs itself on reaching this step (see workers/lifecycle.py).
     fault_kill_at: str | None = None
     # arq polls Redis for new jobs; its default 0.5 s dominates a sub-second session start.
-    poll_delay_s: float = 0.02
+    # 10 ms: pickup p50 ~ 12 ms (bench: queue) for ~100 cheap ZRANGEBYSCOREs a second.
+    poll_delay_s: float = 0.01
     # Jobs mostly wait on Docker: enough to run a burst of creates at once (bench: 20).
     max_jobs: int = 32
     # Warm desktops each sandbox keeps ready for creates that take the defaults (0: no pool).
@@ -119,6 +122,7 @@ class Settings:
             docker_host=env("DOCKER_HOST") or None,
             desktop_image=env("ORCH_DESKTOP_IMAGE") or cls.desktop_image,
             pool_size=_env_int("ORCH_POOL_SIZE", cls.pool_size),
+            health_interval_s=_env_float("ORCH_HEALTH_INTERVAL", cls.health_interval_s),
             registry=(env("ORCH_REGISTRY") or "").split(",")[0].strip() or None,
             socket_dir=env("ORCH_SOCKET_DIR") or cls.socket_dir,
             privilege=env("ORCH_PRIVILEGE") or cls.privilege,

@@ -206,7 +206,9 @@ class DesktopRuntime:
         host_config: dict[str, Any] = {
             "Binds": [f"{volume_name(session_id)}:/var/lib/docker", f"{sockets}:/run/orchestrator"],
             "NetworkMode": self.network,
-            "RestartPolicy": {"Name": "no"},
+            # Back by itself when the sandbox's dockerd restarts; a desktop that stops otherwise is
+            # restarted by the reconciler (bounded) or its session fails (desktop_lost).
+            "RestartPolicy": {"Name": "unless-stopped"},
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
             **self.profile.host_config(),
         }
@@ -324,6 +326,12 @@ class DesktopRuntime:
             yield client
         finally:
             await client.close()
+
+    async def dockerd_answers(self, session_id: str) -> bool:
+        """One health probe: does the desktop's own dockerd answer ``/_ping`` (2 s at most)?"""
+        connector = aiohttp.UnixConnector(path=self.socket_path(session_id))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            return await _ping(http)
 
     async def wait_dockerd(self, session_id: str, started_at: float, limit_s: float) -> DockerdInfo:
         """Wait until the desktop's dockerd answers ``/_ping``, then read what it reports.

@@ -72,8 +72,13 @@ def plan(
                 )
             )
         elif r.state is S.READY:
-            if desktop is None or not desktop.running or desktop.generation != r.generation:
-                why = "is gone" if desktop is None else "is not running" if not desktop.running else "is stale"
+            if desktop is not None and desktop.generation == r.generation and not desktop.running:
+                # Policy: a ready session's stopped desktop is started again (same container, same
+                # volume: its inner images and containers survive); the executor gives up after
+                # a few restarts in a row and marks it desktop_lost.
+                actions.append(Action("restart_desktop", r.id, "the desktop is not running", generation=r.generation))
+            elif desktop is None or desktop.generation != r.generation:
+                why = "is gone" if desktop is None else "is stale"
                 actions.append(Action("desktop_lost", r.id, f"the desktop {why}", generation=r.generation))
             elif r.expires_at is not None and now >= r.expires_at:
                 actions.append(Action("expire", r.id, "ttl expired", r.spec.ttl_action, generation=r.generation))
@@ -98,6 +103,11 @@ def plan(
     return actions
 
 
+# A ready session's desktop is restarted at most this many times within the window.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 600.0
+
+
 class Reconciler:
     def __init__(self, lifecycle: Lifecycle, queue: JobQueue, *, grace_s: float, pool: WarmPool | None = None) -> None:
         # The same store, bus, Docker runtime and leases the lifecycle jobs use.
@@ -110,6 +120,8 @@ class Reconciler:
         self.queue = queue
         self.grace_s = grace_s
         self.pool = pool
+        # Recent restarts per session (monotonic times): the restart budget.
+        self._restarts: dict[str, list[float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def pass_once(self) -> list[Action]:
@@ -164,6 +176,9 @@ class Reconciler:
             await self.store.fail(
                 action.session, action.generation, "desktop_lost", f"the desktop {action.reason[12:]}"
             )
+        elif action.kind == "restart_desktop":
+            assert action.generation is not None
+            await self._restart(action)
         elif action.kind == "expire":
             assert action.operation and action.generation is not None
             await self._event("session.expired", action, then=action.operation)
@@ -180,6 +195,27 @@ class Reconciler:
             assert action.name
             await self.runtime.remove_volume_by_name(action.name)
             await self._event("reconcile.removed", action, kind="volume", name=action.name)
+
+    async def _restart(self, action: Action) -> None:
+        assert action.generation is not None
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(action.session, []) if now - t < RESTART_WINDOW_S]
+        if len(recent) >= MAX_RESTARTS:
+            with contextlib.suppress(DesktopError):
+                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+            message = f"the desktop kept stopping ({MAX_RESTARTS} restarts in {RESTART_WINDOW_S / 60:g} min)"
+            await self.store.fail(action.session, action.generation, "desktop_lost", message)
+            self._restarts.pop(action.session, None)
+            return
+        self._restarts[action.session] = [*recent, now]
+        try:
+            await self.runtime.start_desktop(action.session)
+        except DesktopError as e:
+            with contextlib.suppress(DesktopError):
+                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+            await self.store.fail(action.session, action.generation, "desktop_lost", f"restarting it failed: {e}")
+            return
+        await self._event("desktop.restarted", action, attempt=len(recent) + 1)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from orchestrator.placement import resource_problem
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from orchestrator.schemas import LifecycleJob, SandboxInfo, now_rfc3339, to_data
 from orchestrator.service import new_record
+from orchestrator.states import SessionState
 from orchestrator.store import SessionStore
 
 from .docker import DesktopError, DesktopRuntime
@@ -33,6 +34,7 @@ from .privilege import PrivilegeProfile, candidates, read_bounding_set
 from .reconciler import Reconciler
 
 log = logging.getLogger("workers.worker")
+S = SessionState
 
 
 def _job(operation: Operation) -> Any:
@@ -111,6 +113,9 @@ class SandboxWorker:
             prepare=self._before_bring_up,
         )
         self._pool_loop: asyncio.Task[None] | None = None
+        self._health_loop: asyncio.Task[None] | None = None
+        # Last health finding per ready session (None: not looked at yet).
+        self._health: dict[str, bool] = {}
         self.privilege_decided = False
         self._privilege_lock = asyncio.Lock()
         self.reconciler: Reconciler | None = None
@@ -214,6 +219,7 @@ class SandboxWorker:
         await self.reconciler.pass_once()
         self._reconcile_loop = asyncio.create_task(self._reconcile_forever(self.reconciler))
         self._pool_loop = asyncio.create_task(self.pool.run_forever())
+        self._health_loop = asyncio.create_task(self._health_forever())
         log.info(
             "sandbox %s (depth %d) serving queue %s; desktops get privilege profile: %s",
             self.settings.sandbox_id,
@@ -226,7 +232,7 @@ class SandboxWorker:
         self.started.set()
 
     async def _on_shutdown(self, ctx: dict[str, Any]) -> None:
-        for task in (self._heartbeat, self._reconcile_loop, self._pool_loop):
+        for task in (self._heartbeat, self._reconcile_loop, self._pool_loop, self._health_loop):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -303,6 +309,44 @@ class SandboxWorker:
             await pipe.execute()
         await self.bus.publish(make_event("sandbox.heartbeat", sandbox=info.id, data=to_data(info)))
         return info
+
+    async def check_health(self) -> None:
+        """One pass over this sandbox's ready sessions: is the desktop running and does its
+        dockerd answer? A ``desktop.health`` event marks each change (and a first finding of
+        unhealthy); the reconciler restarts a stopped desktop (see its restart policy)."""
+        records = [r for r in await self.store.list() if r.sandbox == self.settings.sandbox_id and r.state is S.READY]
+        running = {d.session for d in await self.runtime.list_desktops() if d.running}
+        for record in records:
+            if record.id not in running:
+                healthy, reason = False, "the desktop is not running"
+            elif not await self.runtime.dockerd_answers(record.id):
+                healthy, reason = False, "the desktop's dockerd does not answer /_ping"
+            else:
+                healthy, reason = True, "the desktop runs and its dockerd answers"
+            previous = self._health.get(record.id)
+            self._health[record.id] = healthy
+            if previous == healthy or (previous is None and healthy):
+                continue
+            data = {"status": "healthy" if healthy else "unhealthy", "reason": reason}
+            await self.bus.publish(
+                make_event(
+                    "desktop.health",
+                    sandbox=self.settings.sandbox_id,
+                    session=record.id,
+                    generation=record.generation,
+                    data=data,
+                )
+            )
+        for gone in set(self._health) - {r.id for r in records}:
+            del self._health[gone]
+
+    async def _health_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                await self.check_health()
+            except Exception:
+                log.exception("health check failed; next in %.0f s", self.settings.health_interval_s)
 
     async def _beat_forever(self) -> None:
         while True:

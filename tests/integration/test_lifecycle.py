@@ -213,3 +213,31 @@ async def test_image_names_that_look_like_flags_are_refused(client: Client) -> N
     for bad in ("--privileged", "../x", "a b", ""):
         with pytest.raises(Exception, match="400 invalid_request"):
             await client._call("POST", "/v1/sessions", json={"preload_images": [bad]})
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
+    client: Client, docker_settings: Settings, how: str
+) -> None:
+    """Policy: restart. Killed, Docker's restart policy brings it back; stopped (Docker then
+    leaves it down), the reconciler starts it again. Either way desktop.health goes unhealthy,
+    then healthy; the session stays ready; the inner images (on the volume) survive."""
+    host = docker_settings.docker_host
+    assert host
+    settings = replace(docker_settings, health_interval_s=0.5, reconcile_interval_s=1.0)
+    async with running_worker(settings) as worker:
+        sid, events = await ready_session(client)
+        await worker.runtime.load_images(sid, [TEST_IMAGE])
+        await worker.check_health()  # the first finding: healthy (no event for that)
+        docker(how, desktop_name(sid), host=host)
+        seen = await client.wait_for(sid, {"desktop.health"}, timeout=10, after=events[-1].id)
+        assert seen[-1].data["data"]["status"] == "unhealthy", seen[-1].data
+        back = await client.wait_for(sid, {"desktop.health"}, timeout=60, after=seen[-1].id)
+        assert back[-1].data["data"]["status"] == "healthy", [e.data for e in back]
+        types = [e.type for e in seen + back]
+        assert "session.failed" not in types
+        if how == "stop":
+            assert "desktop.restarted" in types
+        assert (await client.get(sid))["state"] == "ready"
+        image = docker("exec", desktop_name(sid), "docker", "images", "-q", TEST_IMAGE, host=host)
+        assert image, "the inner image did not survive the restart"

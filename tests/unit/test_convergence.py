@@ -160,6 +160,9 @@ class World:
             elif action.kind == "desktop_lost":
                 self.desktop = None
                 self.transition(S.FAILED, self.generation)
+            elif action.kind == "restart_desktop":
+                assert self.desktop is not None
+                self.desktop = (self.desktop[0], True)
             elif action.kind == "remove_desktop":
                 self.desktop = None
             elif action.kind == "remove_volume":

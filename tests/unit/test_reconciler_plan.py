@@ -56,7 +56,7 @@ def test_interrupted_operations_are_resumed_unless_someone_holds_the_lease() -> 
 def test_lost_and_stale_desktops_of_ready_sessions() -> None:
     records = [record("gone", S.READY), record("dead", S.READY), record("old", S.READY, generation=2)]
     actions = plan(records, [desktop("dead", running=False), desktop("old", 1)], [], busy=set(), now=NOW, grace_s=60)
-    assert sorted(kinds(actions)) == [("desktop_lost", "dead"), ("desktop_lost", "gone"), ("desktop_lost", "old")]
+    assert sorted(kinds(actions)) == [("desktop_lost", "gone"), ("desktop_lost", "old"), ("restart_desktop", "dead")]
 
 
 def test_orphans_only_after_the_grace_period() -> None:
