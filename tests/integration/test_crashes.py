@@ -17,7 +17,7 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from workers.lifecycle import FAULT_POINTS
 
-from .conftest import count_objects, running_worker, worker_env
+from .conftest import count_objects, docker, running_worker, worker_env
 
 pytestmark = pytest.mark.docker
 CREATE_FAULTS = [p for p in FAULT_POINTS if p.startswith("create:")]
@@ -85,3 +85,34 @@ async def test_delete_converges_after_the_worker_dies_at(client: Client, docker_
         events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=120, after=ready[-1].id)
     assert events[-1].type == "session.deleted", [(e.type, e.data.get("data")) for e in events]
     assert count_objects(host, sid) == (0, 0)
+
+
+@pytest.mark.timeout(600)
+async def test_a_burst_of_creates_converges_after_the_worker_is_killed_midway(
+    client: Client, docker_settings: Settings
+) -> None:
+    """20 creates at once; the worker is SIGKILLed from outside while they are in every
+    phase at once; a new worker brings every one to ready with exactly one desktop and one
+    volume, and nothing else is left on the daemon."""
+    host = docker_settings.docker_host
+    assert host
+    label = f"label=orchestrator.sandbox={docker_settings.sandbox_id}"
+    async with faulty_worker(docker_settings, "") as proc:
+        async with asyncio.timeout(60):  # its start-up (privilege probe) done: it heartbeats
+            while not await client.sandboxes():
+                await asyncio.sleep(0.1)
+        ids = [r["id"] for r in await asyncio.gather(*(client.create() for _ in range(20)))]
+        async with asyncio.timeout(120):  # some desktops made, not all of them ready yet
+            while len(docker("ps", "-aq", "--filter", label, host=host).split()) < 8:
+                await asyncio.sleep(0.05)
+        states = [(await client.get(i))["state"] for i in ids]
+        proc.kill()
+        await proc.wait()
+    assert states.count("ready") < 20, "the kill came too late to interrupt anything"
+    async with running_worker(docker_settings):
+        for sid in ids:
+            events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=180)
+            assert events[-1].type == "session.ready", [(e.type, e.data.get("data")) for e in events]
+    assert all(count_objects(host, sid) == (1, 1) for sid in ids)
+    assert len(docker("ps", "-aq", "--filter", label, host=host).split()) == 20
+    assert len(docker("volume", "ls", "-q", "--filter", label, host=host).split()) == 20
