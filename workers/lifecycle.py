@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+from redis.exceptions import RedisError
 
 from orchestrator.events import EventBus, make_event
 from orchestrator.locks import SessionLocks
@@ -243,6 +244,11 @@ class Lifecycle:
             await self._fail(record, e.code, e.message)
             return f"failed: {e.code}"
         except SUPERSEDED:
+            raise
+        except RedisError:
+            # Redis is away: nothing says the session failed, and recording it would fail too.
+            # The job ends; once Redis is back the reconciler resumes it (the lease lapses).
+            log.warning("bringing up %s stopped: Redis is unreachable; the reconciler resumes it", session_id)
             raise
         except Exception as e:  # never leave a session silently stuck in creating/starting
             log.exception("bringing up %s failed", session_id)

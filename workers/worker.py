@@ -13,7 +13,9 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
+from redis.exceptions import RedisError
 
 from orchestrator import __version__
 from orchestrator.config import Settings
@@ -61,6 +63,43 @@ def _job(operation: Operation) -> Any:
 
     run.__name__ = operation.value
     return func(run, name=operation.value)
+
+
+class ResilientWorker(Worker):
+    """arq's Worker, except that losing Redis does not end it. arq lets a Redis error in a
+    poll escape its main loop, which ends the worker; here a failed poll is logged (once per
+    outage) and retried with a backoff, so the worker reconnects by itself when Redis returns.
+    Jobs cut off meanwhile are finished by the reconciler (they are idempotent)."""
+
+    _outage_since: float | None = None
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as e:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("Redis is unreachable (%s): polling again until it is back", e)
+            await asyncio.sleep(min(2.0, 0.1 + (time.monotonic() - self._outage_since) / 10))
+            return
+        if self._outage_since is not None:
+            log.info("Redis is back after %.1f s", time.monotonic() - self._outage_since)
+            self._outage_since = None
+            await self.release_orphaned_jobs()
+
+    async def release_orphaned_jobs(self) -> int:
+        """Queued jobs marked in progress that this worker does not run: their run died with
+        the connection (or with an earlier worker process), and arq would skip them until the
+        mark expires (job_timeout: minutes). One worker consumes a sandbox's queue, so a mark
+        not held by this worker is stale."""
+        released = 0
+        for raw in await self.pool.zrange(self.queue_name, 0, -1):
+            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if job_id not in self.tasks and await self.pool.delete(in_progress_key_prefix + job_id):
+                released += 1
+        if released:
+            log.info("released %d queued jobs left marked in progress by a run that died", released)
+        return released
 
 
 class SandboxWorker:
@@ -123,7 +162,7 @@ class SandboxWorker:
         self._heartbeat: asyncio.Task[None] | None = None
         # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
         self.started = asyncio.Event()
-        self.arq = Worker(
+        self.arq = ResilientWorker(
             functions=[_job(op) for op in Operation],
             redis_settings=RedisSettings.from_dsn(settings.redis_url),
             queue_name=self.keys.queue(settings.sandbox_id),
@@ -211,6 +250,7 @@ class SandboxWorker:
         await self.runtime.ensure_network()
         await self.ensure_desktop_image()
         self.profile = self.runtime.profile = await self.choose_privilege()
+        await self.arq.release_orphaned_jobs()
         self.lifecycle_queue = JobQueue(ctx["redis"], self.keys)
         self.reconciler = Reconciler(
             self.lifecycle, self.lifecycle_queue, grace_s=self.settings.orphan_grace_s, pool=self.pool
