@@ -50,7 +50,9 @@ def allowed(current: SessionState, target: SessionState) -> bool:
         return current is not S.DELETING
     if target is S.FAILED:
         # A ready session fails too when its desktop is lost (the reconciler finds it gone).
-        return current in IN_PROGRESS or current is S.READY
+        # A delete never turns into a failure (say, of the create it interrupted): once asked
+        # for, it is carried out, retried by the reconciler if a step fails.
+        return (current in IN_PROGRESS and current is not S.DELETING) or current is S.READY
     return target in _FORWARD[current]
 
 

@@ -173,8 +173,9 @@ class Lifecycle:
             removed = await self.runtime.remove_volume(session_id)
             self._fault("delete:after_volume_removed")
         except DesktopError as e:
-            await self.store.fail(session_id, generation, e.code, e.message)
-            return f"failed: {e.code}"
+            # Stays deleting: the reconciler resumes the delete on its next pass.
+            log.warning("deleting %s: %s; the reconciler retries", session_id, e)
+            return f"retry later: {e.code}"
         await self.store.transition(
             session_id, S.DELETED, generation=generation, event_data={"volume_removed": removed}
         )
