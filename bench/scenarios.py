@@ -22,6 +22,7 @@ from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.names import Keys
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
+from workers.docker import DesktopRuntime
 from workers.worker import SandboxWorker
 
 from .harness import (
@@ -60,6 +61,16 @@ async def delete(client: Client, session_id: str) -> None:
     await client.wait_for(session_id, {"session.deleted"}, timeout=120)
 
 
+async def bare_cold(runtime: DesktopRuntime) -> float:
+    """The cold baseline: a new volume and desktop to a ready inner dockerd (removal untimed)."""
+    session = new_id()
+    started = time.perf_counter()
+    await bare_bring_up(runtime, session)
+    elapsed = time.perf_counter() - started
+    await bare_remove(runtime, session)
+    return elapsed
+
+
 # -- cold ---------------------------------------------------------------------------------------
 
 
@@ -83,15 +94,7 @@ async def cold(n: int) -> list[Result]:
                 await delete(client, record["id"])
                 return elapsed
 
-            async def bare() -> float:
-                session = new_id()
-                started = time.perf_counter()
-                await bare_bring_up(runtime, session)
-                elapsed = time.perf_counter() - started
-                await bare_remove(runtime, session)
-                return elapsed
-
-            await alternate(n, project, bare, result)
+            await alternate(n, project, lambda: bare_cold(runtime), result)
     if phases:
         result.notes["project phases, median ms"] = {
             k: statistics.median(p.get(k, 0) for p in phases) for k in phases[0]
@@ -218,15 +221,7 @@ async def warm(n: int, pool: int = 2) -> list[Result]:
                 created.append(record["id"])
                 return elapsed
 
-            async def bare() -> float:
-                session = new_id()
-                started = time.perf_counter()
-                await bare_bring_up(runtime, session)
-                elapsed = time.perf_counter() - started
-                await bare_remove(runtime, session)
-                return elapsed
-
-            await alternate(n, project, bare, result)
+            await alternate(n, project, lambda: bare_cold(runtime), result)
             await asyncio.gather(*(delete(client, sid) for sid in created))
         await redis.aclose()
     result.notes["baseline"] = "a bare cold start: the ratio is what the pool saves"

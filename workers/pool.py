@@ -78,7 +78,11 @@ class WarmPool:
     async def known(self) -> set[str]:
         """Ids the pool owns (ready or being made): the reconciler must not take them for orphans.
         Read this before the session records: a claim moves an id from here to a record atomically."""
-        return set(await self.pooled()) | self.making | self.removing
+        return self.owned(await self.pooled())
+
+    def owned(self, pooled: list[str]) -> set[str]:
+        """``pooled`` (a read of the list) plus the desktops being made or removed."""
+        return set(pooled) | self.making | self.removing
 
     async def run_forever(self) -> None:
         last_audit = 0.0

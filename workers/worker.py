@@ -231,7 +231,7 @@ class SandboxWorker:
         log.info("pulling the desktop image %s from %s", image, registry)
         started = time.monotonic()
         try:
-            found = await self.runtime.ensure_image(image)
+            found = await self.runtime.pull_from_registry(registry, image)
         except DesktopError as e:
             log.warning("could not pull the desktop image: %s (will retry before the next desktop)", e)
             return
@@ -322,7 +322,8 @@ class SandboxWorker:
             await self.redis.aclose()
 
     async def beat(self) -> SandboxInfo:
-        pooled = await self.pool.known()
+        ready = await self.pool.pooled()
+        pooled = self.pool.owned(ready)
         desktops = [d for d in await self.runtime.list_desktops() if d.session not in pooled]
         info = SandboxInfo(
             id=self.settings.sandbox_id,
@@ -340,7 +341,7 @@ class SandboxWorker:
             max_pids=self.settings.max_pids,
             address_pool=address_pool(self.settings.depth),
             pool_target=self.pool.target,
-            pool_ready=len(await self.pool.pooled()),
+            pool_ready=len(ready),
         )
         ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
         async with self.redis.pipeline(transaction=True) as pipe:
