@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis, create_pool
 from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -26,9 +27,11 @@ from .auth import AuthError, authenticate, authorize
 from .config import Settings
 from .events import EventBus
 from .hub import StreamHub
+from .metrics import desired_sandboxes, family
 from .names import Keys
 from .queue import JobQueue, job_deserializer, job_serializer
-from .schemas import ErrorBody, SandboxList, SessionCreate, SessionList, SessionRecord
+from .redis_conn import arq_redis_settings, redis_client
+from .schemas import ErrorBody, SandboxInfo, SandboxList, SessionCreate, SessionList, SessionRecord
 from .service import ServiceError, Sessions, check_session_id
 from .sse import EventFeed, EventFilter, parse_after
 from .states import SessionState
@@ -253,6 +256,24 @@ async def list_sandboxes(state: State) -> SandboxList:
     return SandboxList(sandboxes=await _sessions(state).sandboxes())
 
 
+StopDesktops = Annotated[
+    bool, QueryParameter(description="also stop its ready sessions (inner containers first); volumes are kept")
+]
+
+
+@post("/v1/sandboxes/{sandbox_id:str}/drain", summary="Drain a sandbox", guards=ADMIN, status_code=202)
+async def drain_sandbox(sandbox_id: FromPath[str], state: State, stop_desktops: StopDesktops = False) -> SandboxInfo:
+    """No new sessions go there; its worker finishes queued and running jobs, optionally stops
+    its desktops, publishes ``sandbox.drained`` and exits. Stays drained until undrained."""
+    return await _sessions(state).drain(sandbox_id, stop_desktops)
+
+
+@delete("/v1/sandboxes/{sandbox_id:str}/drain", summary="Undrain a sandbox", guards=ADMIN, status_code=200)
+async def undrain_sandbox(sandbox_id: FromPath[str], state: State) -> SandboxInfo:
+    """Take sessions again (a drained worker that was restarted resumes serving)."""
+    return await _sessions(state).undrain(sandbox_id)
+
+
 @get("/healthz", summary="Liveness and Redis reachability")
 async def healthz(state: State) -> Response[dict[str, Any]]:
     try:
@@ -265,26 +286,100 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
-    sessions = await _sessions(state).list(None, {})
+    service = _sessions(state)
+    sessions = await service.list(None, {})
     counts = dict.fromkeys((s.value for s in SessionState), 0)
-    for s in sessions:
-        counts[s.state.value] += 1
-    lines = ["# HELP orchestrator_sessions Sessions by state.", "# TYPE orchestrator_sessions gauge"]
-    lines += [f'orchestrator_sessions{{state="{k}"}} {v}' for k, v in counts.items()]
-    sandboxes = await _sessions(state).sandboxes()
-    lines += [
-        "# HELP orchestrator_sandboxes_live Sandboxes with a recent heartbeat.",
-        "# TYPE orchestrator_sandboxes_live gauge",
-        f"orchestrator_sandboxes_live {len(sandboxes)}",
-        "# HELP orchestrator_pool_ready Warm desktops ready and unclaimed, per sandbox (last heartbeat).",
-        "# TYPE orchestrator_pool_ready gauge",
-        *(f'orchestrator_pool_ready{{sandbox="{s.id}"}} {s.pool_ready}' for s in sandboxes),
-        "# HELP orchestrator_pool_target Warm desktops each sandbox keeps ready.",
-        "# TYPE orchestrator_pool_target gauge",
-        *(f'orchestrator_pool_target{{sandbox="{s.id}"}} {s.pool_target}' for s in sandboxes),
-        "# HELP orchestrator_sse_followers SSE clients following live events on this API process.",
-        "# TYPE orchestrator_sse_followers gauge",
-        f"orchestrator_sse_followers {state.hub.followers}",
+    for record in sessions:
+        counts[record.state.value] += 1
+    sandboxes = await service.sandboxes()
+    redis: aioredis.Redis = state.redis
+    keys: Keys = service.keys
+    async with redis.pipeline(transaction=False) as pipe:
+        for sandbox in sandboxes:
+            pipe.zcard(keys.queue(sandbox.id))
+            pipe.zrange(keys.queue(sandbox.id), 0, 0, withscores=True)
+        pipe.xlen(keys.firehose)
+        replies = await pipe.execute()
+    now = time.time()
+    queued = {s.id: int(replies[2 * n]) for n, s in enumerate(sandboxes)}
+    # arq scores a queued job by when it may run (ms since the epoch).
+    age = {
+        s.id: max(0.0, now - float(replies[2 * n + 1][0][1]) / 1000) if replies[2 * n + 1] else 0.0
+        for n, s in enumerate(sandboxes)
+    }
+    statuses = ("available", "draining", "drained", "unavailable")
+    usable = [s for s in sandboxes if s.status in ("available", "draining")]
+    desired = desired_sandboxes(
+        sum(s.placed for s in sandboxes), (s.capacity for s in usable), state.settings.max_sessions
+    )
+    per = [({"sandbox": s.id}, s) for s in sandboxes]
+    lines = [
+        *family("orchestrator_sessions", "gauge", "Sessions by state.", [({"state": k}, v) for k, v in counts.items()]),
+        *family(
+            "orchestrator_sandboxes",
+            "gauge",
+            "Known sandboxes by status.",
+            [({"status": st}, sum(1 for s in sandboxes if s.status == st)) for st in statuses],
+        ),
+        *family(
+            "orchestrator_sandboxes_live",
+            "gauge",
+            "Sandboxes with a fresh heartbeat (available or draining).",
+            [({}, len(usable))],
+        ),
+        *family(
+            "orchestrator_sandbox_up",
+            "gauge",
+            "1 while the sandbox's heartbeat is fresh.",
+            [(lb, int(s.status in ("available", "draining"))) for lb, s in per],
+        ),
+        *family(
+            "orchestrator_sandbox_placed",
+            "gauge",
+            "Sessions placed on the sandbox and not deleted (what its cap counts).",
+            [(lb, s.placed) for lb, s in per],
+        ),
+        *family("orchestrator_sandbox_capacity", "gauge", "The sandbox's cap.", [(lb, s.capacity) for lb, s in per]),
+        *family("orchestrator_queue_depth", "gauge", "Jobs queued per sandbox.", [(lb, queued[s.id]) for lb, s in per]),
+        *family(
+            "orchestrator_queue_oldest_age_seconds",
+            "gauge",
+            "Age of the oldest queued job per sandbox (0: none).",
+            [(lb, round(age[s.id], 3)) for lb, s in per],
+        ),
+        *family(
+            "orchestrator_pool_ready",
+            "gauge",
+            "Warm desktops ready and unclaimed, per sandbox (last heartbeat).",
+            [(lb, s.pool_ready) for lb, s in per],
+        ),
+        *family(
+            "orchestrator_pool_target",
+            "gauge",
+            "Warm desktops each sandbox keeps ready.",
+            [(lb, s.pool_target) for lb, s in per],
+        ),
+        *family(
+            "orchestrator_sandboxes_desired",
+            "gauge",
+            "Autoscaling signal: ceil(sessions holding a place / mean cap of live sandboxes), at least 1.",
+            [({}, desired)],
+        ),
+        *family(
+            "orchestrator_capacity_refusals_total",
+            "counter",
+            "Creates this API process refused with no_capacity.",
+            [({}, service.capacity_refusals)],
+        ),
+        *family(
+            "orchestrator_event_stream_length", "gauge", "Entries in the firehose stream.", [({}, int(replies[-1]))]
+        ),
+        *family(
+            "orchestrator_sse_followers",
+            "gauge",
+            "SSE clients following live events on this API process.",
+            [({}, state.hub.followers)],
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -301,6 +396,19 @@ async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(msgspec.json.encode(schema), media_type="application/json")
 
 
+async def _watch_sandboxes(sessions: Sessions, interval_s: float) -> None:
+    """The sandbox monitor of this API process (see Sessions.watch_sandboxes)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            failed = await sessions.watch_sandboxes()
+        except Exception as e:  # Redis away: the next pass tries again
+            log.warning("sandbox monitor pass failed: %s", e)
+            continue
+        if failed:
+            log.warning("failed %d sessions of unavailable sandboxes (desktop_lost)", len(failed))
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
 
@@ -310,9 +418,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     async def startup(app: Litestar) -> None:
         keys = Keys(settings.key_prefix)
-        redis = aioredis.Redis.from_url(settings.redis_url)
+        redis = redis_client(settings)
         arq: ArqRedis = await create_pool(
-            RedisSettings.from_dsn(settings.redis_url),
+            arq_redis_settings(settings),
             job_serializer=job_serializer,
             job_deserializer=job_deserializer,
         )
@@ -332,8 +440,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             hub=StreamHub(bus, block_ms=int(settings.sse_keepalive_s * 1000)),
             sessions=Sessions(store, JobQueue(arq, keys), redis, keys, settings),
         )
+        app.state.monitor = asyncio.create_task(_watch_sandboxes(app.state.sessions, settings.monitor_interval_s))
 
     async def shutdown(app: Litestar) -> None:
+        app.state.monitor.cancel()
         await app.state.hub.close()
         await app.state.arq.aclose()
         await app.state.redis.aclose()
@@ -349,6 +459,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             firehose_events,
             session_events,
             list_sandboxes,
+            drain_sandbox,
+            undrain_sandbox,
             healthz,
             metrics,
             openapi_json,

@@ -176,17 +176,25 @@ async def _sessions(args: argparse.Namespace) -> int:
 
 async def _sandboxes(args: argparse.Namespace) -> int:
     async with _client(args) as client:
+        if args.action in ("drain", "undrain"):
+            if args.action == "drain":
+                info = await client.drain(args.sandbox, stop_desktops=args.stop_desktops)
+            else:
+                info = await client.undrain(args.sandbox)
+            print(f"sandbox {info['id']}: {info['status']}")
+            return 0
         rows = await client.sandboxes()
     if args.json:
         _print_json(rows)
         return 0
     _table(
-        ["ID", "DEPTH", "SESSIONS", "CAPACITY", "LOAD", "FREE DISK", "PRIVILEGE", "SEEN"],
+        ["ID", "STATUS", "DEPTH", "PLACED", "CAPACITY", "LOAD", "FREE DISK", "PRIVILEGE", "SEEN"],
         [
             [
                 s["id"],
+                s["status"],
                 str(s["depth"]),
-                str(s["sessions"]),
+                str(s["placed"]),
                 str(s["capacity"]),
                 f"{s['load']:.2f}",
                 f"{s['free_disk_bytes'] / 2**30:.1f} GiB",
@@ -244,8 +252,15 @@ def _run_worker(args: argparse.Namespace) -> int:
         worker = SandboxWorker(Settings.from_env())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+
+        def on_term() -> None:
+            # The first SIGTERM drains (finish queued and running jobs, then exit: what an
+            # orchestrator's stop or scale-down sends); a second one stops at once.
+            if not worker.drain_requested():
+                stop.set()
+
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, on_term)
         await worker.serve(stop)
 
     asyncio.run(main())
@@ -284,7 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=180.0)
 
     sandboxes = sub.add_parser("sandboxes", help="sandboxes").add_subparsers(dest="action", required=True)
-    sandboxes.add_parser("ls", help="live sandboxes").add_argument("--json", action="store_true")
+    sandboxes.add_parser("ls", help="known sandboxes and their status").add_argument("--json", action="store_true")
+    drain = sandboxes.add_parser("drain", help="stop placing sessions there; its worker finishes and exits")
+    drain.add_argument("sandbox")
+    drain.add_argument("--stop-desktops", action="store_true", help="also stop its ready sessions (volumes kept)")
+    sandboxes.add_parser("undrain", help="take sessions again").add_argument("sandbox")
 
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
     new = token.add_parser("new", help="make a token; prints it and the ORCH_TOKENS entry holding its hash")

@@ -134,6 +134,20 @@ class Client:
         result: builtins.list[dict[str, Any]] = (await self._call("GET", "/v1/sandboxes"))["sandboxes"]
         return result
 
+    async def drain(self, sandbox_id: str, *, stop_desktops: bool = False) -> dict[str, Any]:
+        params = {"stop_desktops": "true"} if stop_desktops else {}
+        result: dict[str, Any] = await self._call("POST", f"/v1/sandboxes/{sandbox_id}/drain", params=params)
+        return result
+
+    async def undrain(self, sandbox_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("DELETE", f"/v1/sandboxes/{sandbox_id}/drain")
+        return result
+
+    async def metrics(self) -> str:
+        response = await self._http.get("/metrics")
+        response.raise_for_status()
+        return response.text
+
     async def events(
         self, session_id: str | None = None, after: str | None = None, follow: bool = True
     ) -> AsyncIterator[ServerEvent]:

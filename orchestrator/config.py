@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -44,9 +45,50 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _env_sentinels(name: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (IPv6 as ``[::1]:26379``) -> ((host, port), ...)."""
+    raw = os.environ.get(name) or ""
+    if not raw.strip():
+        return ()
+    sentinels: list[tuple[str, int]] = []
+    for item in (part.strip() for part in raw.split(",")):
+        host, sep, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not item or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{name} must be host:port[,host:port...] with ports 1-65535; {item!r} in {raw!r} is not")
+        sentinels.append((host, int(port)))
+    return tuple(sentinels)
+
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+
+
+def parse_labels(raw: str) -> dict[str, str]:
+    """``k=v,k=v`` into a dict; keys as session label keys, values free of ``,``."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not LABEL_RE.fullmatch(key):
+            raise ValueError(f"ORCH_SANDBOX_LABELS: {item!r} is not key=value with a valid key")
+        labels[key] = value
+    return labels
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel (REDIS_SENTINELS "host:port,..."): when set, the master named
+    # redis_sentinel_master is asked of the sentinels, and REDIS_URL only gives its user,
+    # password, db and whether to use TLS (rediss://). See docs/redis.md.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "mymaster"
+    # The sentinels' own password (their requirepass), if they have one.
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    # TLS (rediss://): the CA file that signed the server's certificate, and a client
+    # certificate and key for servers that ask for one (tls-auth-clients).
+    redis_tls_ca: str | None = None
+    redis_tls_cert: str | None = None
+    redis_tls_key: str | None = None
     # Every Redis key the project writes starts with this (arq's own job keys excepted: arq fixes them).
     key_prefix: str = "orchestrator:"
     # This worker's sandbox.
@@ -104,9 +146,25 @@ class Settings:
     max_jobs: int = 32
     # Warm desktops each sandbox keeps ready for creates that take the defaults (0: no pool).
     pool_size: int = 0
+    # Labels this sandbox carries, matched by sessions' constraints: ORCH_SANDBOX_LABELS=gpu=true,zone=a
+    sandbox_labels: dict[str, str] = field(default_factory=dict)
+    # A sandbox whose heartbeat is older than this is unavailable: no new sessions, and its
+    # sessions are failed with desktop_lost (see docs/operations.md). Keep it >= 3 heartbeats.
+    lost_after_s: float = 15.0
+    # How often each API process looks for silent sandboxes.
+    monitor_interval_s: float = 2.0
+    # How long a drain (API or SIGTERM) waits for queued and running jobs before the worker exits.
+    drain_timeout_s: float = 90.0
+    # The worker's own /metrics (Prometheus) on this TCP port; 0: not served.
+    worker_metrics_port: int = 0
     hostname: str = field(default_factory=socket.gethostname)
 
     def __post_init__(self) -> None:
+        if self.lost_after_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"ORCH_SANDBOX_LOST_AFTER ({self.lost_after_s:g} s) must exceed ORCH_HEARTBEAT_INTERVAL"
+                f" ({self.heartbeat_interval_s:g} s): a live sandbox would be declared lost between beats"
+            )
         if self.default_ttl_action not in ("stop", "delete"):
             raise ValueError(f"ORCH_DEFAULT_TTL_ACTION must be stop or delete, got {self.default_ttl_action!r}")
 
@@ -115,6 +173,12 @@ class Settings:
         env = os.environ.get
         return cls(
             redis_url=env("REDIS_URL") or cls.redis_url,
+            redis_sentinels=_env_sentinels("REDIS_SENTINELS"),
+            redis_sentinel_master=env("REDIS_SENTINEL_MASTER") or cls.redis_sentinel_master,
+            redis_sentinel_password=env("ORCH_REDIS_SENTINEL_PASSWORD") or None,
+            redis_tls_ca=env("REDIS_TLS_CA_FILE") or None,
+            redis_tls_cert=env("REDIS_TLS_CERT_FILE") or None,
+            redis_tls_key=env("REDIS_TLS_KEY_FILE") or None,
             key_prefix=env("ORCH_KEY_PREFIX") or cls.key_prefix,
             sandbox_id=env("ORCH_SANDBOX_ID") or cls.sandbox_id,
             default_sandbox=env("ORCH_DEFAULT_SANDBOX") or None,
@@ -147,4 +211,9 @@ class Settings:
             tokens=_tokens_from_env(),
             poll_delay_s=_env_float("ORCH_POLL_DELAY", cls.poll_delay_s),
             max_jobs=_env_int("ORCH_MAX_JOBS", cls.max_jobs),
+            sandbox_labels=parse_labels(env("ORCH_SANDBOX_LABELS") or ""),
+            lost_after_s=_env_float("ORCH_SANDBOX_LOST_AFTER", cls.lost_after_s),
+            drain_timeout_s=_env_float("ORCH_DRAIN_TIMEOUT", cls.drain_timeout_s),
+            monitor_interval_s=_env_float("ORCH_MONITOR_INTERVAL", cls.monitor_interval_s),
+            worker_metrics_port=_env_int("ORCH_WORKER_METRICS_PORT", cls.worker_metrics_port),
         )

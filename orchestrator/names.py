@@ -85,3 +85,19 @@ class Keys:
     def pool(self, sandbox_id: str) -> str:
         """The sandbox's warm desktops, ready and unclaimed: a list of their (pre-chosen) session ids."""
         return f"{self.prefix}pool:{sandbox_id}"
+
+    def placed(self, sandbox_id: str) -> str:
+        """Ids of the sessions placed on the sandbox and not deleted: what its cap counts."""
+        return f"{self.prefix}placed:{sandbox_id}"
+
+    def sandbox_alive(self, sandbox_id: str) -> str:
+        """Set by every heartbeat with the sandbox's lost_after_s as expiry (Redis's clock)."""
+        return f"{self.prefix}sandbox-alive:{sandbox_id}"
+
+    def sandbox_drain(self, sandbox_id: str) -> str:
+        """Present while the sandbox drains: "api" (stays drained until undrained) or "signal"."""
+        return f"{self.prefix}sandbox-drain:{sandbox_id}"
+
+    def sandbox_lost(self, sandbox_id: str) -> str:
+        """Set once a silent sandbox has been declared unavailable (one declaration per outage)."""
+        return f"{self.prefix}sandbox-lost:{sandbox_id}"

@@ -1,32 +1,90 @@
-"""Which sandbox a new session goes to. Pure."""
+"""Which sandbox a new session goes to. Pure: the rule lives here, and store.PLACE_LUA applies
+the same rule inside Redis, atomically with the reservation (a property test and an
+integration test hold the two to the same answers).
+
+The rule, least loaded with a hard cap:
+1. candidates are the sandboxes that are available (heartbeat fresh, not draining), carry
+   every label the session's constraints ask for, and, when the session names one, that one;
+2. a candidate with ``placed >= cap`` is full and never chosen;
+3. among the rest, the lowest ``placed / cap`` wins; ties go to fewer placed sessions, then
+   to the smaller id, so the choice is deterministic;
+4. for a create a warm desktop can serve, candidates that have one come first.
+
+``placed`` counts the sessions a sandbox holds until they are deleted: a stopped session keeps
+its place (its volume lives on that sandbox), so a resume is never refused for capacity.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from .schemas import Resources, SandboxInfo
 
 
 class NoSandbox(Exception):
-    pass
+    """No sandbox is there to take the session (503 ``no_sandbox``)."""
 
 
-def choose_sandbox(live: Sequence[SandboxInfo], requested: str | None, default: str | None) -> str:
-    """A requested sandbox must be live; otherwise the live one with the most free room wins
-    (ties by id, so placement is deterministic). With none live, the configured default (if
-    any) takes the job: its queue holds it until that sandbox's worker comes up."""
+class NoCapacity(Exception):
+    """Sandboxes are there but every eligible one is full (503 ``no_capacity``)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    placed: int
+    cap: int
+    warm: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.placed >= self.cap
+
+
+def better(a: Candidate, b: Candidate, prefer_warm: bool) -> bool:
+    """Whether ``a`` beats ``b`` under the rule (exact: cross-multiplied ratios)."""
+    aw, bw = prefer_warm and a.warm, prefer_warm and b.warm
+    if aw != bw:
+        return aw
+    left, right = a.placed * b.cap, b.placed * a.cap
+    if left != right:
+        return left < right
+    if a.placed != b.placed:
+        return a.placed < b.placed
+    return a.id < b.id
+
+
+def choose(candidates: Sequence[Candidate], prefer_warm: bool = False) -> Candidate | None:
+    """The winner among ``candidates`` that are not full, or None when all are."""
+    best: Candidate | None = None
+    for c in candidates:
+        if c.full:
+            continue
+        if best is None or better(c, best, prefer_warm):
+            best = c
+    return best
+
+
+def eligible(
+    sandboxes: Sequence[SandboxInfo], requested: str | None, constraints: Mapping[str, str]
+) -> list[SandboxInfo]:
+    """Rule step 1. Raises NoSandbox with the reason when nothing is left."""
+    available = [s for s in sandboxes if s.status == "available"]
     if requested is not None:
-        if live and requested not in {s.id for s in live}:
-            raise NoSandbox(f"sandbox {requested!r} is not running (live: {', '.join(s.id for s in live)})")
-        return requested
-    candidates = [s for s in live if s.sessions < s.capacity]
-    if candidates:
-        return min(candidates, key=lambda s: (s.sessions / max(s.capacity, 1), s.id)).id
-    if live:
-        raise NoSandbox("every live sandbox is at capacity")
-    if default is None:
-        raise NoSandbox("no sandbox is running (none has sent a heartbeat recently)")
-    return default
+        named = [s for s in sandboxes if s.id == requested]
+        if not named:
+            raise NoSandbox(f"sandbox {requested!r} is unknown (known: {', '.join(s.id for s in sandboxes) or 'none'})")
+        if named[0].status != "available":
+            raise NoSandbox(f"sandbox {requested!r} is {named[0].status}, not taking new sessions")
+        available = named
+    if not available:
+        raise NoSandbox("no sandbox is available (none has sent a heartbeat recently, or all are draining)")
+    matching = [s for s in available if all(s.labels.get(k) == v for k, v in constraints.items())]
+    if not matching:
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(constraints.items()))
+        raise NoSandbox(f"no available sandbox has the labels {wanted}")
+    return matching
 
 
 def resource_problem(

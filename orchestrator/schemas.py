@@ -54,6 +54,8 @@ class SessionCreate(Strict):
     ttl_action: TtlAction | None = None
     # Images copied from the sandbox's daemon into the desktop's before it is ready.
     preload_images: Annotated[list[ImageRef], msgspec.Meta(max_length=16)] = []
+    # Labels the chosen sandbox must carry (its ORCH_SANDBOX_LABELS), e.g. {"gpu": "true"}.
+    constraints: Labels = {}
 
 
 class SessionSpec(Strict):
@@ -63,11 +65,15 @@ class SessionSpec(Strict):
     ttl_seconds: int | None = None
     ttl_action: TtlAction = "stop"
     preload_images: list[str] = []
+    constraints: dict[str, str] = {}
 
 
-class SessionError(Strict):
+class SessionError(Strict, omit_defaults=True):
     code: str
     message: str
+    # desktop_lost: "sandbox_unavailable" when the API declared it because the sandbox went
+    # silent; the sandbox's reconciler recovers such a session if its desktop is still there.
+    cause: str | None = None
 
 
 class SessionRecord(Strict):
@@ -127,6 +133,8 @@ class SessionChanged(Strict, omit_defaults=True):
     # dockerd, preload, total); or warm=true when a pooled desktop was claimed (no bring-up).
     phases_ms: dict[str, int] | None = None
     warm: bool | None = None
+    # session.ready from failed: its sandbox came back with the desktop still answering.
+    recovered: bool | None = None
 
 
 class VolumeCreated(Strict):
@@ -173,6 +181,18 @@ class SandboxInfo(Strict):
     # Warm pool: desktops it keeps ready (target) and how many are ready and unclaimed now.
     pool_target: int = 0
     pool_ready: int = 0
+    # available | draining | drained, as the worker says; a reader reports "unavailable" when
+    # the heartbeat is older than the sandbox's lost_after_s.
+    status: str = "available"
+    # Matched by a session's constraints (e.g. gpu=true); from ORCH_SANDBOX_LABELS.
+    labels: dict[str, str] = {}
+    # The sandbox's whole machine share, for operators (max_* are per desktop).
+    cpus: float = 0.0
+    memory_mb: int = 0
+    sessions_by_state: dict[str, int] = {}
+    # Sessions placed here and not yet deleted (what the cap counts), as the reader found it.
+    placed: int = 0
+    lost_after_s: float = 0.0
 
 
 class SandboxList(Strict):

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -14,10 +15,20 @@ import redis.asyncio as aioredis
 
 from . import states
 from .config import Settings
-from .names import Keys, is_valid_session_id, new_session_id
-from .placement import NoSandbox, choose_sandbox, resource_problem
+from .events import make_event
+from .names import SANDBOX_ID_RE, Keys, is_valid_session_id, new_session_id
+from .placement import NoCapacity, NoSandbox, eligible, resource_problem
 from .queue import JobQueue, Operation
-from .schemas import Resources, SandboxInfo, SessionCreate, SessionRecord, SessionSpec, TtlAction, now_rfc3339
+from .schemas import (
+    Resources,
+    SandboxInfo,
+    SessionCreate,
+    SessionError,
+    SessionRecord,
+    SessionSpec,
+    TtlAction,
+    now_rfc3339,
+)
 from .states import SessionState
 from .store import SessionNotFound, SessionStore
 
@@ -59,6 +70,7 @@ def new_record(request: SessionCreate, sandbox: str, settings: Settings) -> Sess
         ttl_seconds=ttl or None,
         ttl_action=request.ttl_action or default_action,
         preload_images=request.preload_images,
+        constraints=request.constraints,
     )
     now = now_rfc3339()
     return SessionRecord(
@@ -79,6 +91,14 @@ def warm_eligible(request: SessionCreate) -> bool:
     it from an Idempotency-Key), sets env or resources, or preloads images is made cold."""
     no_limits = request.resources is None or request.resources == Resources()
     return request.id is None and not request.env and no_limits and not request.preload_images
+
+
+def _set_error(error: SessionError) -> Callable[[SessionRecord], dict[str, Any]]:
+    return lambda _: {"error": error}
+
+
+def _caps(sandboxes: list[SandboxInfo]) -> str:
+    return ", ".join(f"{s.id}: {s.placed}/{s.capacity}" for s in sandboxes)
 
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -106,50 +126,160 @@ class Sessions:
         self._redis = redis
         self.keys = keys
         self.settings = settings
+        self.capacity_refusals = 0
 
     async def sandboxes(self) -> list[SandboxInfo]:
-        ids = sorted(i.decode() for i in await self._redis.smembers(self.keys.sandbox_index))  # type: ignore[misc]
+        """Every sandbox that has reported in the last day, with its status as of now:
+        ``unavailable`` once its heartbeat is older than its lost_after_s (Redis expires the
+        alive key, so no clocks are compared), ``draining`` while a drain is asked for."""
+        k = self.keys
+        ids = sorted(i.decode() for i in await self._redis.smembers(k.sandbox_index))  # type: ignore[misc]
         if not ids:
             return []
-        raws = await self._redis.mget([self.keys.sandbox(i) for i in ids])
-        return [_decode_sandbox(raw) for raw in raws if raw is not None]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.get(k.sandbox(i))
+                pipe.exists(k.sandbox_alive(i))
+                pipe.exists(k.sandbox_drain(i))
+                pipe.scard(k.placed(i))
+            replies = await pipe.execute()
+        out, gone = [], []
+        for n, i in enumerate(ids):
+            raw, alive, draining, placed = replies[4 * n : 4 * n + 4]
+            if raw is None:
+                gone.append(i)
+                continue
+            info = _decode_sandbox(raw)
+            if info.status != "drained":
+                status = "unavailable" if not alive else "draining" if draining else info.status
+                info = msgspec.structs.replace(info, status=status)
+            out.append(msgspec.structs.replace(info, placed=int(placed)))
+        if gone:  # silent for a day (the info key's expiry): forgotten
+            await self._redis.srem(k.sandbox_index, *gone)  # type: ignore[misc]
+        return out
 
     async def create(self, request: SessionCreate, idempotency_key: str | None = None) -> tuple[bool, SessionRecord]:
         """Returns (created, record). The same id (or Idempotency-Key) with the same spec
         returns the existing session instead of making another."""
         if request.id is None and idempotency_key is not None:
             request = msgspec.structs.replace(request, id=id_from_idempotency_key(idempotency_key))
-        live = await self.sandboxes()
+        known = await self.sandboxes()
+        default = self.settings.default_sandbox
+        fallback = (
+            default is not None
+            and not any(s.status == "available" for s in known)
+            and request.sandbox in (None, default)
+            and not request.constraints
+        )
+        if fallback:
+            # Nothing has reported yet (say, make up's worker starts after the API): the
+            # configured default's queue holds the job until that worker comes up. No cap is
+            # known, so none is applied.
+            assert default is not None
+            problem = resource_problem(
+                request.resources, self.settings.max_cpus, self.settings.max_memory_mb, self.settings.max_pids
+            )
+            if problem:
+                raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
+            record = new_record(request, default, self.settings)
+            created, stored = await self.store.create(record, request.env)
+            return await self._after_create(request, created, stored, warm=False)
         try:
-            sandbox = choose_sandbox(live, request.sandbox, self.settings.default_sandbox)
+            candidates = eligible(known, request.sandbox, request.constraints)
         except NoSandbox as e:
             raise ServiceError(503, "no_sandbox", str(e)) from None
-        # Check limits against the chosen sandbox's own maximums when it has reported them.
-        info = next((s for s in live if s.id == sandbox), None)
-        problem = resource_problem(
-            request.resources,
-            info.max_cpus if info else self.settings.max_cpus,
-            info.max_memory_mb if info else self.settings.max_memory_mb,
-            info.max_pids if info else self.settings.max_pids,
-        )
-        if problem:
-            raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
-        record = new_record(request, sandbox, self.settings)
-        if warm_eligible(request):
-            warm = await self.store.claim_warm(record)
-            if warm is not None:
-                return True, warm
-        created, stored = await self.store.create(record, request.env)
+        problems = [resource_problem(request.resources, s.max_cpus, s.max_memory_mb, s.max_pids) for s in candidates]
+        fitting = [s for s, p in zip(candidates, problems, strict=True) if p is None]
+        if not fitting:
+            field, message = next(p for p in problems if p is not None)
+            raise ServiceError(422, "resources_exceed_sandbox", message, field=field)
+        record = new_record(request, "", self.settings)
+        try:
+            placed = await self.store.place(
+                record, request.env, [(s.id, s.capacity) for s in fitting], prefer_warm=warm_eligible(request)
+            )
+        except NoCapacity as e:
+            self.capacity_refusals += 1
+            raise ServiceError(503, "no_capacity", f"{e} ({_caps(fitting)})") from None
+        except NoSandbox as e:
+            raise ServiceError(503, "no_sandbox", str(e)) from None
+        return await self._after_create(request, placed.created, placed.record, warm=placed.warm)
+
+    async def _after_create(
+        self, request: SessionCreate, created: bool, stored: SessionRecord, *, warm: bool
+    ) -> tuple[bool, SessionRecord]:
         if not created:
-            if stored.spec != record.spec or (request.sandbox is not None and stored.sandbox != request.sandbox):
+            expected = new_record(request, stored.sandbox, self.settings).spec
+            if stored.spec != expected or (request.sandbox is not None and stored.sandbox != request.sandbox):
                 raise ServiceError(
                     409, "session_exists", f"session {stored.id!r} exists with a different spec", field="id"
                 )
             if stored.state is S.PENDING:  # the earlier create may have died before enqueueing
                 await self._enqueue(Operation.CREATE, stored)
             return False, stored
-        await self._enqueue(Operation.CREATE, record)
-        return True, record
+        if not warm:
+            await self._enqueue(Operation.CREATE, stored)
+        return True, stored
+
+    async def watch_sandboxes(self) -> list[str]:
+        """One pass of the sandbox monitor (every API process runs it): a sandbox whose alive
+        key has expired and that did not say goodbye (drained) is declared unavailable once
+        per outage (``sandbox.unavailable``, one API process wins the SET NX), and its sessions
+        that are not stopped, failed or being deleted fail with ``desktop_lost``. Every pass
+        repeats the second part, so a monitor dying half-way loses nothing. Returns the ids
+        of the sessions it failed."""
+        lost = [s for s in await self.sandboxes() if s.status == "unavailable"]
+        if not lost:
+            return []
+        for sandbox in lost:
+            if await self._redis.set(self.keys.sandbox_lost(sandbox.id), sandbox.ts, nx=True):
+                log.warning("sandbox %s is silent since %s: declaring it unavailable", sandbox.id, sandbox.ts)
+                await self.store.bus.publish(
+                    make_event(
+                        "sandbox.unavailable",
+                        sandbox=sandbox.id,
+                        data={"last_heartbeat": sandbox.ts, "lost_after_s": sandbox.lost_after_s},
+                    )
+                )
+        by_id = {s.id: s for s in lost}
+        failed = []
+        for record in await self.store.list():
+            gone = by_id.get(record.sandbox)
+            if gone is None or record.state in (S.STOPPED, S.FAILED, S.DELETING, S.DELETED):
+                continue
+            error = SessionError(
+                code="desktop_lost",
+                message=f"sandbox {gone.id!r} has been silent since {gone.ts}",
+                cause="sandbox_unavailable",
+            )
+            try:
+                await self.store.transition(record.id, S.FAILED, mutate=_set_error(error))
+            except (states.TransitionError, SessionNotFound):
+                continue  # it moved on meanwhile
+            failed.append(record.id)
+        return failed
+
+    async def sandbox(self, sandbox_id: str) -> SandboxInfo:
+        if not SANDBOX_ID_RE.fullmatch(sandbox_id):
+            raise ServiceError(400, "invalid_sandbox_id", f"sandbox id {sandbox_id[:80]!r} is invalid", field="id")
+        for info in await self.sandboxes():
+            if info.id == sandbox_id:
+                return info
+        raise ServiceError(404, "sandbox_not_found", f"sandbox {sandbox_id!r} is unknown")
+
+    async def drain(self, sandbox_id: str, stop_desktops: bool) -> SandboxInfo:
+        """Ask a sandbox to drain: placement skips it at once (the key); its worker, within a
+        second, finishes its jobs, optionally stops its desktops, says ``sandbox.drained`` and
+        exits. It stays drained (idle if restarted) until undrained."""
+        info = await self.sandbox(sandbox_id)
+        request = msgspec.json.encode({"by": "api", "stop_desktops": stop_desktops})
+        await self._redis.set(self.keys.sandbox_drain(sandbox_id), request, nx=True)
+        return await self.sandbox(info.id)
+
+    async def undrain(self, sandbox_id: str) -> SandboxInfo:
+        info = await self.sandbox(sandbox_id)
+        await self._redis.delete(self.keys.sandbox_drain(sandbox_id))
+        return await self.sandbox(info.id)
 
     async def get(self, session_id: str) -> SessionRecord:
         check_session_id(session_id)

@@ -30,7 +30,9 @@ _FORWARD: dict[SessionState, frozenset[SessionState]] = {
     S.STOPPING: frozenset({S.STOPPED}),
     S.STOPPED: frozenset({S.STARTING}),
     # A failed session can still be stopped (its desktop removed, volume kept) or deleted.
-    S.FAILED: frozenset({S.STOPPING}),
+    # failed -> ready: only a session failed because its sandbox went silent, recovered by
+    # that sandbox's reconciler when it returns with the desktop still answering.
+    S.FAILED: frozenset({S.STOPPING, S.READY}),
     S.DELETING: frozenset({S.DELETED}),
     S.DELETED: frozenset(),
 }

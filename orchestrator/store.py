@@ -4,7 +4,9 @@ without its event and no event describes a change that did not happen."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -13,10 +15,11 @@ import redis.asyncio as aioredis
 from . import states
 from .events import EventBus, encode_event, make_event
 from .names import Keys
+from .placement import NoCapacity, NoSandbox
 from .schemas import SessionError, SessionRecord, now_rfc3339
 from .states import SessionState
 
-# KEYS: record, index, firehose, session stream, session env.
+# KEYS: record, index, firehose, session stream, session env, the sandbox's placed set.
 # ARGV: expected revision (-1: must not exist), new record json ('' deletes it and its env),
 #       session id, event json, firehose maxlen, session maxlen, session stream ttl after
 #       deletion (0: none), env json to store with the record ('': leave as is).
@@ -33,9 +36,11 @@ end
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1], KEYS[5])
   redis.call('SREM', KEYS[2], ARGV[3])
+  redis.call('SREM', KEYS[6], ARGV[3])
 else
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
+  redis.call('SADD', KEYS[6], ARGV[3])
   if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8]) end
 end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
@@ -44,24 +49,69 @@ if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[4], ARGV[7]) end
 return {1, id}
 """
 
-# A warm claim: pop a ready desktop's session id from the pool and, in the same script, store
-# the session's record (born ready) with its event. Atomic, so two creates never get the same
-# desktop and no reconciler pass ever sees a claimed desktop without its record.
-# KEYS: pool list, session index, firehose. ARGV: record key, session stream key, record json,
-# event json (all with PLACEHOLDER where the id goes), firehose maxlen, session maxlen.
-# Returns the claimed id, or false when the pool is empty.
-CLAIM_LUA = """
-local id = redis.call('LPOP', KEYS[1])
-if not id then return false end
-local function with_id(s) return (string.gsub(s, '@@session@@', id)) end
-redis.call('SET', with_id(ARGV[1]), with_id(ARGV[3]))
-redis.call('SADD', KEYS[2], id)
-local event = with_id(ARGV[4])
-local entry = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', event)
-redis.call('XADD', with_id(ARGV[2]), 'MAXLEN', '~', ARGV[6], entry, 'event', event)
-return id
+# Placement: choose a sandbox by the rule of orchestrator/placement.py among the candidates
+# that are alive and not draining, reserve a place under its cap, and store the session's
+# record with its event: one script, so concurrent creates never exceed a cap and no record
+# exists without its place (or the reverse). A create a warm desktop can serve prefers
+# sandboxes with one and takes it (LPOP: two creates never share one).
+# KEYS: session index, firehose.
+# ARGV: 1 cold session id, 2 prefer warm (1|0), 3 cold record, 4 cold event, 5 warm record,
+#   6 warm event, 7 env json ('' none), 8 firehose maxlen, 9 session maxlen, 10-16 key
+#   templates (session, session stream, session env, placed, pool, alive, drain), 17 N,
+#   then N pairs (sandbox id, cap). Templates hold \1S\1 for the session id and \1B\1 for
+#   the sandbox id: msgspec never writes a raw control byte, so no user text can match them.
+# Returns {1, session id, sandbox, entry id, warm 1|0}; {0, existing record} when the cold
+#   id exists; {2, 'full'|'none'}.
+PLACE_LUA = """
+local function fill(s, session, sandbox)
+  s = string.gsub(s, '\1S\1', session)
+  return (string.gsub(s, '\1B\1', sandbox))
+end
+local cold_id = ARGV[1]
+local cur = redis.call('GET', fill(ARGV[10], cold_id, ''))
+if cur then return {0, cur} end
+local prefer_warm = ARGV[2] == '1'
+local best, best_n, best_cap, best_warm = nil, 0, 1, false
+local alive = 0
+local n = tonumber(ARGV[17])
+for i = 0, n - 1 do
+  local id, cap = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
+  if redis.call('EXISTS', fill(ARGV[15], '', id)) == 1 and redis.call('EXISTS', fill(ARGV[16], '', id)) == 0 then
+    alive = alive + 1
+    local placed = redis.call('SCARD', fill(ARGV[13], '', id))
+    if placed < cap then
+      local warm = prefer_warm and redis.call('LLEN', fill(ARGV[14], '', id)) > 0
+      local wins = best == nil
+      if not wins then
+        if warm ~= best_warm then wins = warm
+        elseif placed * best_cap ~= best_n * cap then wins = placed * best_cap < best_n * cap
+        elseif placed ~= best_n then wins = placed < best_n
+        else wins = id < best end
+      end
+      if wins then best, best_n, best_cap, best_warm = id, placed, cap, warm end
+    end
+  end
+end
+if best == nil then
+  if alive > 0 then return {2, 'full'} end
+  return {2, 'none'}
+end
+local session, record, event = cold_id, ARGV[3], ARGV[4]
+if best_warm then
+  session = redis.call('LPOP', fill(ARGV[14], '', best))
+  record, event = ARGV[5], ARGV[6]
+end
+redis.call('SADD', fill(ARGV[13], '', best), session)
+redis.call('SET', fill(ARGV[10], session, best), fill(record, session, best))
+redis.call('SADD', KEYS[1], session)
+if ARGV[7] ~= '' and not best_warm then redis.call('SET', fill(ARGV[12], session, best), ARGV[7]) end
+event = fill(event, session, best)
+local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'event', event)
+redis.call('XADD', fill(ARGV[11], session, best), 'MAXLEN', '~', ARGV[9], entry, 'event', event)
+return {1, session, best, entry, best_warm and 1 or 0}
 """
-PLACEHOLDER = "@@session@@"
+SESSION_MARK = "\x01S\x01"
+SANDBOX_MARK = "\x01B\x01"
 
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
@@ -90,6 +140,14 @@ class ConcurrentUpdate(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Placed:
+    created: bool
+    record: SessionRecord
+    # A warm desktop was claimed: the session is born ready and needs no create job.
+    warm: bool
+
+
 Mutation = Callable[[SessionRecord], dict[str, Any]]
 
 
@@ -99,7 +157,7 @@ class SessionStore:
         self.bus = bus
         self.keys: Keys = bus.keys
         self._cas = redis.register_script(CAS_LUA)
-        self._claim = redis.register_script(CLAIM_LUA)
+        self._place = redis.register_script(PLACE_LUA)
 
     async def get(self, session_id: str) -> SessionRecord | None:
         raw = await self._redis.get(self.keys.session(session_id))
@@ -120,32 +178,74 @@ class SessionStore:
     async def create(self, record: SessionRecord, env: dict[str, str] | None = None) -> tuple[bool, SessionRecord]:
         """Store a new record (and its env) and emit ``session.<state>``; if one exists, return it."""
         event = self._state_event(record, None, {})
-        ok, payload = await self._write(record.id, -1, record, event, env=env)
+        ok, payload = await self._write(record.id, record.sandbox, -1, record, event, env=env)
         if ok:
             return True, record
         assert payload
         return False, _decode_record(payload)
 
-    async def claim_warm(self, record: SessionRecord) -> SessionRecord | None:
-        """Claim a warm desktop of ``record.sandbox`` for ``record`` (its id is ignored: the
-        desktop's pre-chosen id is the session's). Returns the stored, ready record, or None
-        when the pool is empty."""
-        template = msgspec.structs.replace(record, id=PLACEHOLDER, state=SessionState.READY)
-        event = self._state_event(template, None, {"warm": True})
-        claimed = await self._claim(
-            keys=[self.keys.pool(record.sandbox), self.keys.session_index, self.keys.firehose],
-            args=[
-                self.keys.session(PLACEHOLDER),
-                self.keys.session_events(PLACEHOLDER),
-                _encode(template),
-                event,
-                self.bus.firehose_maxlen,
-                self.bus.session_maxlen,
-            ],
-        )
-        if not claimed:
-            return None
-        return msgspec.structs.replace(template, id=_text(claimed))
+    async def place(
+        self,
+        record: SessionRecord,
+        env: dict[str, str] | None,
+        candidates: Sequence[tuple[str, int]],
+        *,
+        prefer_warm: bool,
+    ) -> Placed:
+        """Place ``record`` (its sandbox field is ignored) on the best of ``candidates``
+        (sandbox id, cap) by the placement rule, atomically with storing it. With
+        ``prefer_warm``, a sandbox with a warm desktop wins and the session takes that
+        desktop's id, born ready. An existing record with the same id is returned as is.
+        Raises NoCapacity or NoSandbox."""
+        nonce_s, nonce_b = secrets.token_hex(16), secrets.token_hex(16)
+
+        def template(r: SessionRecord, data: dict[str, Any]) -> tuple[bytes, bytes]:
+            marked = msgspec.structs.replace(r, sandbox=nonce_b)
+            event = self._state_event(marked, None, data)
+            return tuple(  # type: ignore[return-value]
+                blob.replace(nonce_s.encode(), SESSION_MARK.encode()).replace(nonce_b.encode(), SANDBOX_MARK.encode())
+                for blob in (_encode(marked), event)
+            )
+
+        cold_record, cold_event = template(record, {})
+        warm = msgspec.structs.replace(record, id=nonce_s, state=SessionState.READY)
+        warm_record, warm_event = template(warm, {"warm": True})
+        k = self.keys
+        key_templates = [
+            k.session(SESSION_MARK),
+            k.session_events(SESSION_MARK),
+            k.session_env(SESSION_MARK),
+            k.placed(SANDBOX_MARK),
+            k.pool(SANDBOX_MARK),
+            k.sandbox_alive(SANDBOX_MARK),
+            k.sandbox_drain(SANDBOX_MARK),
+        ]
+        args: list[Any] = [
+            record.id,
+            1 if prefer_warm else 0,
+            cold_record,
+            cold_event,
+            warm_record,
+            warm_event,
+            _encode(env) if env else b"",
+            self.bus.firehose_maxlen,
+            self.bus.session_maxlen,
+            *key_templates,
+            len(candidates),
+        ]
+        for sandbox, cap in candidates:
+            args += [sandbox, cap]
+        reply = await self._place(keys=[k.session_index, k.firehose], args=args)
+        outcome = int(reply[0])
+        if outcome == 0:
+            return Placed(False, _decode_record(reply[1]), warm=False)
+        if outcome == 2:
+            if _text(reply[1]) == "full":
+                raise NoCapacity("every sandbox that could take this session is at its cap")
+            raise NoSandbox("no sandbox that could take this session is available (silent or draining)")
+        session, sandbox, is_warm = _text(reply[1]), _text(reply[2]), int(reply[4]) == 1
+        base = warm if is_warm else record
+        return Placed(True, msgspec.structs.replace(base, id=session, sandbox=sandbox), warm=is_warm)
 
     async def transition(
         self,
@@ -181,7 +281,7 @@ class SessionStore:
                 data.update(code=new.error.code, message=new.error.message)
             event = self._state_event(new, current.state, data)
             body = None if target is SessionState.DELETED else new
-            ok, _ = await self._write(session_id, current.revision, body, event)
+            ok, _ = await self._write(session_id, current.sandbox, current.revision, body, event)
             if ok:
                 return new
         raise ConcurrentUpdate(f"session {session_id!r} kept changing; gave up after 20 tries")
@@ -207,6 +307,7 @@ class SessionStore:
     async def _write(
         self,
         session_id: str,
+        sandbox: str,
         expected_revision: int,
         record: SessionRecord | None,
         event: bytes,
@@ -220,6 +321,7 @@ class SessionStore:
                 keys.firehose,
                 keys.session_events(session_id),
                 keys.session_env(session_id),
+                keys.placed(sandbox),
             ],
             args=[
                 expected_revision,

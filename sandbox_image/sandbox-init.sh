@@ -26,11 +26,16 @@ start-dockerd --supervise &
 dockerd_supervisor=$!
 worker_supervisor=
 
+# The worker first (SIGTERM drains it: jobs queued and running finish), dockerd after it.
 stop() {
-  log "stopping"
-  [ -n "$worker_supervisor" ] && kill -TERM "$worker_supervisor" 2>/dev/null || :
+  log "stopping: draining the worker, then dockerd"
+  if [ -n "$worker_supervisor" ]; then
+    kill -TERM "$worker_supervisor" 2>/dev/null || :
+    wait "$worker_supervisor" 2>/dev/null || :
+  fi
   kill -TERM "$dockerd_supervisor" 2>/dev/null || :
   wait
+  log "stopped"
   exit 0
 }
 trap stop TERM INT
@@ -54,6 +59,12 @@ supervise_worker() {
     trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 0' TERM
     status=0
     wait "$child" || status=$?
+    if [ "$status" -eq 0 ]; then
+      # Only a completed drain ends the worker cleanly: the sandbox is done.
+      log "the worker exited cleanly (drained): stopping the sandbox"
+      kill -TERM $$
+      exit 0
+    fi
     log "the worker exited with status $status; restarting in ${delay}s"
     [ $(( $(date +%s) - started )) -gt 30 ] && delay=1
     sleep "$delay"

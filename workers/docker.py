@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -35,6 +36,8 @@ from orchestrator.names import (
 from orchestrator.schemas import Resources
 
 from .privilege import PrivilegeProfile
+
+log = logging.getLogger("workers.docker")
 
 
 class DesktopError(Exception):
@@ -326,6 +329,19 @@ class DesktopRuntime:
             yield client
         finally:
             await client.close()
+
+    async def stop_inner_containers(self, session_id: str, timeout_s: int) -> int:
+        """``docker stop`` every running container of the desktop's own dockerd, all at once,
+        so they get their stop signal and grace before the desktop goes. Best effort: a
+        desktop whose dockerd does not answer is stopped as it is. Returns how many stopped."""
+        try:
+            async with self.inner_docker(session_id) as inner, asyncio.timeout(timeout_s + 15):
+                running = await inner.containers.list()
+                await asyncio.gather(*(c.stop(t=timeout_s) for c in running), return_exceptions=True)
+                return len(running)
+        except (DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.info("could not stop the inner containers of %s first: %s", session_id, e)
+            return 0
 
     async def dockerd_answers(self, session_id: str) -> bool:
         """One health probe: does the desktop's own dockerd answer ``/_ping`` (2 s at most)?"""

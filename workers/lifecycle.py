@@ -98,6 +98,8 @@ class Lifecycle:
         self.fault_kill_at = fault_kill_at
         # Called before each desktop is made (the worker settles its privilege profile there).
         self.before_bring_up: Callable[[], Awaitable[None]] | None = None
+        # Told each dockerd readiness time (seconds from desktop start), for the worker's metrics.
+        self.on_dockerd_ready: Callable[[float], None] | None = None
 
     def _fault(self, point: str) -> None:
         if point == self.fault_kill_at:
@@ -154,6 +156,8 @@ class Lifecycle:
         if record.state is not S.STOPPING:
             return f"nothing to do in state {record.state.value}"
         try:
+            # The inner containers first: each gets its own stop signal and grace period.
+            await self.runtime.stop_inner_containers(session_id, min(10, self.stop_timeout_s))
             await self.runtime.remove_desktop(session_id, self.stop_timeout_s)
             self.runtime.remove_socket_dir(session_id)
         except DesktopError as e:
@@ -233,6 +237,8 @@ class Lifecycle:
             )
             self._fault("create:before_ready_event")
             await self._event(record, "dockerd.ready", to_data(ready))
+            if self.on_dockerd_ready is not None:
+                self.on_dockerd_ready(info.duration_ms / 1000)
             self._fault("create:after_ready_event")
             if record.spec.preload_images:
                 await self._preload(record)

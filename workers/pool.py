@@ -135,6 +135,14 @@ class WarmPool:
         finally:
             self.making.discard(session_id)
 
+    async def shrink(self) -> int:
+        """Remove every warm desktop now (a drain: they can no longer be claimed)."""
+        self.target = 0
+        ids = await self.pooled()
+        for session_id in ids:
+            await self._drop(session_id)
+        return len(ids)
+
     async def _drop(self, session_id: str) -> None:
         # Only if still unclaimed: LREM says whether this id was in the list.
         if await self.redis.lrem(self.key, 1, session_id):  # type: ignore[misc]

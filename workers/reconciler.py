@@ -34,7 +34,8 @@ RESUME = {S.CREATING: "create", S.STARTING: "start", S.STOPPING: "stop", S.DELET
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # enqueue_create | resume | desktop_lost | expire | remove_desktop | remove_volume
+    # enqueue_create | resume | desktop_lost | restart_desktop | recover | expire | remove_desktop | remove_volume
+    kind: str
     session: str
     reason: str
     operation: str | None = None  # resume: create|start|stop|delete; expire: stop|delete
@@ -82,6 +83,13 @@ def plan(
                 actions.append(Action("desktop_lost", r.id, f"the desktop {why}", generation=r.generation))
             elif r.expires_at is not None and now >= r.expires_at:
                 actions.append(Action("expire", r.id, "ttl expired", r.spec.ttl_action, generation=r.generation))
+        elif (
+            r.state is S.FAILED and lost_with_sandbox(r) and desktop is not None and desktop.generation == r.generation
+        ):
+            # Failed only because its sandbox went silent, and the desktop is still here: the
+            # sandbox is back, so is the session (never removed for having been declared lost).
+            kind = "recover" if desktop.running else "restart_desktop"
+            actions.append(Action(kind, r.id, "its sandbox is back and so is its desktop", generation=r.generation))
         elif r.state in (S.STOPPED, S.FAILED):
             if (
                 r.state is S.STOPPED
@@ -101,6 +109,11 @@ def plan(
         if v.session not in by_id and v.session not in pooled and now - v.created_at >= grace_s:
             actions.append(Action("remove_volume", v.session, "its session is unknown or deleted", name=v.name))
     return actions
+
+
+def lost_with_sandbox(record: SessionRecord) -> bool:
+    """Failed by the API's sandbox monitor (its sandbox went silent), not by anything here."""
+    return record.error is not None and record.error.cause == "sandbox_unavailable"
 
 
 # A ready session's desktop is restarted at most this many times within the window.
@@ -176,6 +189,12 @@ class Reconciler:
             await self.store.fail(
                 action.session, action.generation, "desktop_lost", f"the desktop {action.reason[12:]}"
             )
+        elif action.kind == "recover":
+            assert action.generation is not None
+            if await self.runtime.dockerd_answers(action.session):
+                await self.store.transition(
+                    action.session, S.READY, generation=action.generation, event_data={"recovered": True}
+                )
         elif action.kind == "restart_desktop":
             assert action.generation is not None
             await self._restart(action)

@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
@@ -21,10 +20,12 @@ from orchestrator import __version__
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.locks import Busy, SessionLocks
+from orchestrator.metrics import Histogram, family
 from orchestrator.names import Keys, address_pool
 from orchestrator.placement import resource_problem
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
-from orchestrator.schemas import LifecycleJob, SandboxInfo, now_rfc3339, to_data
+from orchestrator.redis_conn import arq_redis_settings, redis_client
+from orchestrator.schemas import LifecycleJob, SandboxInfo, SessionRecord, now_rfc3339, to_data
 from orchestrator.service import new_record
 from orchestrator.states import SessionState
 from orchestrator.store import SessionStore
@@ -37,6 +38,29 @@ from .reconciler import Reconciler
 
 log = logging.getLogger("workers.worker")
 S = SessionState
+
+# A sandbox's info key outlives its heartbeats by a day, so a silent sandbox is listed (as
+# unavailable) rather than forgotten at once.
+SANDBOX_INFO_TTL_S = 86400
+
+
+class DrainRequest(msgspec.Struct):
+    by: str = "api"
+    stop_desktops: bool = False
+
+
+def _decode_drain(raw: bytes) -> DrainRequest:
+    try:
+        return msgspec.json.decode(raw, type=DrainRequest)
+    except msgspec.DecodeError:
+        return DrainRequest()
+
+
+def _machine_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        return 0
 
 
 def _job(operation: Operation) -> Any:
@@ -53,11 +77,13 @@ def _job(operation: Operation) -> Any:
             if problem:
                 log.error("refusing create_session for %s: %s", job.session, problem)
                 return f"invalid job: {problem}"
+        started = time.monotonic()
         try:
             result = await lifecycle.run(operation.value.removesuffix("_session"), job.session, job.generation)
         except Busy:
             # Another operation on this session runs now: queue behind it.
             raise Retry(defer=0.25) from None
+        ctx["sandbox_worker"].job_seconds.observe(time.monotonic() - started, operation=operation.value)
         log.info("%s %s generation %d: %s", operation.value, job.session, job.generation, result)
         return result
 
@@ -108,7 +134,7 @@ class SandboxWorker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url)
+        self.redis: aioredis.Redis = redis_client(settings)
         self.bus = EventBus(
             self.redis,
             self.keys,
@@ -142,6 +168,7 @@ class SandboxWorker:
             fault_kill_at=settings.fault_kill_at,
         )
         self.lifecycle.before_bring_up = self._before_bring_up
+        self.lifecycle.on_dockerd_ready = self._observe_dockerd_ready
         self.pool = WarmPool(
             self.runtime,
             self.redis,
@@ -160,11 +187,21 @@ class SandboxWorker:
         self.reconciler: Reconciler | None = None
         self._reconcile_loop: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        # available | draining | drained (what the heartbeat says; see drain()).
+        self.status = "available"
+        self._drain: asyncio.Task[None] | None = None
+        self._drain_watch: asyncio.Task[None] | None = None
+        self.drained = asyncio.Event()
+        self._metrics_server: asyncio.Server | None = None
+        self.job_seconds = Histogram("orchestrator_job_duration_seconds", "Lifecycle job run time, by operation.")
+        self.dockerd_ready_seconds = Histogram(
+            "orchestrator_dockerd_ready_seconds", "From desktop start to its dockerd answering /_ping."
+        )
         # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
         self.started = asyncio.Event()
         self.arq = ResilientWorker(
             functions=[_job(op) for op in Operation],
-            redis_settings=RedisSettings.from_dsn(settings.redis_url),
+            redis_settings=arq_redis_settings(settings),
             queue_name=self.keys.queue(settings.sandbox_id),
             job_serializer=job_serializer,
             job_deserializer=job_deserializer,
@@ -269,20 +306,30 @@ class SandboxWorker:
         )
         await self.beat()
         self._heartbeat = asyncio.create_task(self._beat_forever())
+        self._drain_watch = asyncio.create_task(self._watch_drain_forever())
         self.started.set()
 
     async def _on_shutdown(self, ctx: dict[str, Any]) -> None:
-        for task in (self._heartbeat, self._reconcile_loop, self._pool_loop, self._health_loop):
+        for task in (
+            self._heartbeat,
+            self._reconcile_loop,
+            self._pool_loop,
+            self._health_loop,
+            self._drain_watch,
+            self._drain,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         if self.reconciler is not None:
             await self.reconciler.close()
-        # Stop being a placement target now rather than when the heartbeat lapses; jobs already
-        # queued stay queued for the next worker of this sandbox (same id: see sandbox-init).
+        # Say goodbye: stop being a placement target now rather than when the heartbeat lapses,
+        # and be listed as drained, not lost (its sessions are not failed: see watch_sandboxes).
+        # Jobs still queued stay queued for the next worker of this sandbox (same id).
+        self.status = "drained"
         with contextlib.suppress(Exception):
-            await self.redis.delete(self.keys.sandbox(self.settings.sandbox_id))
+            await self.beat()
 
     async def _reconcile_forever(self, reconciler: Reconciler) -> None:
         while True:
@@ -293,16 +340,218 @@ class SandboxWorker:
                 log.exception("reconcile pass failed")
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Consume jobs until ``stop`` is set (or arq fails), then shut down gracefully."""
-        run = asyncio.create_task(self.arq.async_run())
-        stopping = asyncio.create_task(stop.wait())
+        """Consume jobs until ``stop`` is set, a drain completes (or arq fails), then shut
+        down gracefully. A sandbox drained through the API stays idle until it is undrained."""
+        await self._serve_metrics()
         try:
-            await asyncio.wait({run, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not await self._wait_while_drained(stop):
+                return
+            run = asyncio.create_task(self.arq.async_run())
+            stopping = asyncio.create_task(stop.wait())
+            drained = asyncio.create_task(self.drained.wait())
+            try:
+                await asyncio.wait({run, stopping, drained}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                drained.cancel()
+                await self.close()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run
         finally:
-            stopping.cancel()
-            await self.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+
+    # -- drain ---------------------------------------------------------------------------
+
+    def drain_requested(self) -> bool:
+        """SIGTERM: drain, then exit. False when a drain already runs (a second signal stops)."""
+        if self._drain is not None or not self.started.is_set():
+            return False
+        self._drain = asyncio.create_task(self.drain(by="signal", stop_desktops=False))
+        return True
+
+    async def drain(self, *, by: str, stop_desktops: bool) -> None:
+        """Stop taking new sessions (the drain key keeps placement away), finish the jobs
+        queued and running (bounded by drain_timeout_s), optionally stop the ready desktops
+        (their inner containers get ``docker stop`` first), then end the worker."""
+        sandbox = self.settings.sandbox_id
+        key = self.keys.sandbox_drain(sandbox)
+        started = time.monotonic()
+        self.status = "draining"
+        await self.redis.set(key, msgspec.json.encode({"by": by, "stop_desktops": stop_desktops}), nx=True)
+        self.pool.target = 0  # pooled desktops cannot be claimed any more: the pool loop removes them
+        log.info("draining sandbox %s (by %s, stop desktops: %s)", sandbox, by, stop_desktops)
+        await self.bus.publish(
+            make_event("sandbox.draining", sandbox=sandbox, data={"by": by, "stop_desktops": stop_desktops})
+        )
+        await self.beat()
+        deadline = started + self.settings.drain_timeout_s
+        queue = self.keys.queue(sandbox)
+        while time.monotonic() < deadline:
+            running = [t for t in self.arq.tasks.values() if not t.done()]
+            if not running and not await self.redis.zcard(queue):
+                break
+            await asyncio.sleep(0.2)
+        left = int(await self.redis.zcard(queue))
+        stopped = await self._stop_ready_sessions() if stop_desktops else []
+        await self.pool.shrink()
+        self.status = "drained"
+        seconds = round(time.monotonic() - started, 3)
+        await self.bus.publish(
+            make_event(
+                "sandbox.drained",
+                sandbox=sandbox,
+                data={"by": by, "seconds": seconds, "stopped_sessions": len(stopped), "jobs_left": left},
+            )
+        )
+        if by == "signal":  # an API drain persists until undrained; a signal's ends with this run
+            await self.redis.delete(key)
+        log.info(
+            "sandbox %s drained in %.1f s (%d sessions stopped, %d jobs left)", sandbox, seconds, len(stopped), left
+        )
+        self.drained.set()
+
+    async def _stop_ready_sessions(self) -> list[str]:
+        records = [
+            r
+            for r in await self.store.list()
+            if r.sandbox == self.settings.sandbox_id and r.state in (S.READY, S.FAILED)
+        ]
+
+        async def stop(record: SessionRecord) -> str | None:
+            try:
+                await self.store.transition(record.id, S.STOPPING, generation=record.generation)
+                result = await self.lifecycle.run("stop", record.id, record.generation)
+            except Exception as e:  # one session's trouble must not stop the drain
+                log.warning("drain: stopping %s failed: %s", record.id, e)
+                return None
+            return record.id if result == "stopped" else None
+
+        results = await asyncio.gather(*(stop(r) for r in records))
+        return [r for r in results if r is not None]
+
+    async def _watch_drain_forever(self) -> None:
+        """Picks up a drain asked for through the API (the key), within a second."""
+        key = self.keys.sandbox_drain(self.settings.sandbox_id)
+        while self._drain is None:
+            try:
+                raw = await self.redis.get(key)
+            except RedisError:
+                raw = None
+            if raw is not None and self._drain is None:
+                request = _decode_drain(raw)
+                self._drain = asyncio.create_task(self.drain(by=request.by, stop_desktops=request.stop_desktops))
+                return
+            await asyncio.sleep(1.0)
+
+    async def _wait_while_drained(self, stop: asyncio.Event) -> bool:
+        """At start: a drain key left by a signal belongs to an earlier run (dropped); one set
+        through the API keeps this sandbox idle, listed as drained, until it is undrained.
+        Returns False when ``stop`` was set meanwhile."""
+        key = self.keys.sandbox_drain(self.settings.sandbox_id)
+        announced = False
+        while True:
+            raw = await self.redis.get(key)
+            if raw is None:
+                break
+            if _decode_drain(raw).by != "api":
+                await self.redis.delete(key)
+                break
+            if not announced:
+                log.info("sandbox %s was drained through the API: idle until undrained", self.settings.sandbox_id)
+                announced = True
+            self.status = "drained"
+            with contextlib.suppress(Exception):
+                await self.beat()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.heartbeat_interval_s):
+                    await stop.wait()
+            if stop.is_set():
+                await self.runtime.close()
+                await self.redis.aclose()
+                return False
+        self.status = "available"
+        return True
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _observe_dockerd_ready(self, seconds: float) -> None:
+        self.dockerd_ready_seconds.observe(seconds)
+
+    async def _serve_metrics(self) -> None:
+        port = self.settings.worker_metrics_port
+        if not port:
+            return
+        self._metrics_server = await asyncio.start_server(self._answer_metrics, "0.0.0.0", port)
+        log.info("worker metrics on :%d/metrics", port)
+
+    async def _answer_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A minimal HTTP/1.0 answer: GET /metrics (anything else: 404). Scrapers need no more."""
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] == b"/metrics":
+                body, status = (await self.render_metrics()).encode(), b"200 OK"
+            else:
+                body, status = b"not found\n", b"404 Not Found"
+            writer.write(
+                b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, RedisError):
+            pass
+        finally:
+            writer.close()
+
+    async def render_metrics(self) -> str:
+        sandbox = self.settings.sandbox_id
+        queue = self.keys.queue(sandbox)
+        depth = int(await self.redis.zcard(queue))
+        oldest = await self.redis.zrange(queue, 0, 0, withscores=True)
+        # arq scores queued jobs by when they may run (ms since the epoch).
+        age = max(0.0, time.time() - float(oldest[0][1]) / 1000) if oldest else 0.0
+        by_state: dict[str, int] = dict.fromkeys((s.value for s in SessionState), 0)
+        for record in await self.store.list():
+            if record.sandbox == sandbox:
+                by_state[record.state.value] += 1
+        ready = await self.pool.pooled()
+        running = sum(1 for t in self.arq.tasks.values() if not t.done())
+        one = {"sandbox": sandbox}
+        lines = [
+            *family("orchestrator_queue_depth", "gauge", "Jobs queued for this sandbox.", [(one, depth)]),
+            *family(
+                "orchestrator_queue_oldest_age_seconds",
+                "gauge",
+                "Age of the oldest queued job (0: none).",
+                [(one, round(age, 3))],
+            ),
+            *family("orchestrator_jobs_running", "gauge", "Jobs this worker runs now.", [(one, running)]),
+            *family(
+                "orchestrator_sandbox_sessions",
+                "gauge",
+                "This sandbox's sessions by state.",
+                [({**one, "state": k}, v) for k, v in by_state.items()],
+            ),
+            *family(
+                "orchestrator_sandbox_capacity",
+                "gauge",
+                "Sessions this sandbox takes.",
+                [(one, self.settings.max_sessions)],
+            ),
+            *family("orchestrator_pool_ready", "gauge", "Warm desktops ready and unclaimed.", [(one, len(ready))]),
+            *family("orchestrator_pool_target", "gauge", "Warm desktops to keep ready.", [(one, self.pool.target)]),
+            *family(
+                "orchestrator_sandbox_status",
+                "gauge",
+                "1 for this sandbox's status.",
+                [({**one, "status": s}, int(s == self.status)) for s in ("available", "draining", "drained")],
+            ),
+            *self.job_seconds.render(),
+            *self.dockerd_ready_seconds.render(),
+        ]
+        return "\n".join(lines) + "\n"
 
     async def close(self) -> None:
         """Let running jobs finish (bounded), then stop consuming and close connections."""
@@ -322,9 +571,16 @@ class SandboxWorker:
             await self.redis.aclose()
 
     async def beat(self) -> SandboxInfo:
+        """Publish this sandbox's state: the info key (kept a day, for listings), the alive key
+        (expires after lost_after_s by Redis's clock: its absence is what "unavailable" means)
+        and a ``sandbox.heartbeat`` event."""
         ready = await self.pool.pooled()
         pooled = self.pool.owned(ready)
         desktops = [d for d in await self.runtime.list_desktops() if d.session not in pooled]
+        by_state: dict[str, int] = {}
+        for record in await self.store.list():
+            if record.sandbox == self.settings.sandbox_id:
+                by_state[record.state.value] = by_state.get(record.state.value, 0) + 1
         info = SandboxInfo(
             id=self.settings.sandbox_id,
             depth=self.settings.depth,
@@ -342,11 +598,23 @@ class SandboxWorker:
             address_pool=address_pool(self.settings.depth),
             pool_target=self.pool.target,
             pool_ready=len(ready),
+            status=self.status,
+            labels=self.settings.sandbox_labels,
+            cpus=float(os.cpu_count() or 1),
+            memory_mb=_machine_memory_mb(),
+            sessions_by_state=by_state,
+            lost_after_s=self.settings.lost_after_s,
         )
-        ttl = max(3, int(self.settings.heartbeat_interval_s * 3))
+        keys = self.keys
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.sandbox(info.id), msgspec.json.encode(info), ex=ttl)
-            pipe.sadd(self.keys.sandbox_index, info.id)
+            pipe.set(keys.sandbox(info.id), msgspec.json.encode(info), ex=SANDBOX_INFO_TTL_S)
+            pipe.sadd(keys.sandbox_index, info.id)
+            if self.status == "drained":
+                pipe.delete(keys.sandbox_alive(info.id))
+            else:
+                pipe.set(keys.sandbox_alive(info.id), info.ts, px=int(self.settings.lost_after_s * 1000))
+                # Back after being declared lost: a later silence is a new outage.
+                pipe.delete(keys.sandbox_lost(info.id))
             await pipe.execute()
         await self.bus.publish(make_event("sandbox.heartbeat", sandbox=info.id, data=to_data(info)))
         return info

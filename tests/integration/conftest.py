@@ -80,6 +80,8 @@ def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settin
         reconcile_interval_s=0.5,
         lock_lease_s=2.0,
         orphan_grace_s=3600.0,
+        # Tests restart and kill workers on purpose: no sandbox is declared lost unless a test asks.
+        lost_after_s=120.0,
         tokens=";".join(f"{scope.replace(':', '-')}:{hash_token(raw)}:{scope}" for scope, raw in TOKENS.items()),
     )
 
@@ -211,6 +213,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ORCH_POLL_DELAY": str(settings.poll_delay_s),
         "ORCH_READY_TIMEOUT": str(settings.ready_timeout_s),
         "ORCH_STOP_TIMEOUT": str(settings.stop_timeout_s),
+        "ORCH_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval_s),
+        "ORCH_SANDBOX_LOST_AFTER": str(settings.lost_after_s),
         **extra,
     }
     if settings.docker_host:

@@ -58,7 +58,7 @@ class Stack:
 
 
 @contextlib.contextmanager
-def compose_stack(host: str, scale: int) -> Iterator[Stack]:
+def compose_stack(host: str, scale: int, **settings: str) -> Iterator[Stack]:
     """``scripts/stack.sh up`` on ``host`` (a compose project of its own)."""
     for image in (SANDBOX_IMAGE, DESKTOP_IMAGE):
         if not docker("image", "inspect", "--format", "{{.Id}}", image, host=host, check=False):
@@ -72,6 +72,7 @@ def compose_stack(host: str, scale: int) -> Iterator[Stack]:
         "ORCH_API_PORT": str(port),
         "ORCH_REGISTRY_PORT": str(free_port()),
         "ORCH_TOKENS": f"compose:{hash_token(TOKENS['admin'])}:admin",
+        **settings,
     }
     env.pop("ORCH_DEPTH", None)
     stack = Stack(f"http://127.0.0.1:{port}", project, env)
@@ -107,7 +108,7 @@ async def wait_sandboxes(client: Client, ids: set[str] | int) -> list[dict[str, 
     desktop image from the registry first."""
     async with asyncio.timeout(180):
         while True:
-            sandboxes = await client.sandboxes()
+            sandboxes = [s for s in await client.sandboxes() if s["status"] == "available"]
             found = {s["id"] for s in sandboxes}
             if found == ids or len(found) == ids:
                 return sandboxes

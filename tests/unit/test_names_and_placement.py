@@ -12,7 +12,7 @@ from orchestrator.names import (
     new_session_id,
     volume_name,
 )
-from orchestrator.placement import NoSandbox, choose_sandbox
+from orchestrator.placement import Candidate, NoSandbox, better, choose, eligible
 from orchestrator.schemas import SandboxInfo
 from workers.docker import split_reference
 
@@ -48,35 +48,92 @@ def test_invalid_ids(bad: str) -> None:
     assert not is_valid_session_id(bad)
 
 
-def sandbox(id: str, sessions: int, capacity: int = 10) -> SandboxInfo:
+def sandbox(id: str, status: str = "available", labels: dict[str, str] | None = None) -> SandboxInfo:
     return SandboxInfo(
         id=id,
         depth=1,
         version="x",
         hostname="h",
-        sessions=sessions,
-        capacity=capacity,
+        sessions=0,
+        capacity=10,
         load=0.0,
         free_disk_bytes=0,
         privilege="caps",
         ts="",
+        status=status,
+        labels=labels or {},
     )
 
 
-def test_placement_prefers_the_emptiest_live_sandbox() -> None:
-    assert choose_sandbox([sandbox("a", 5), sandbox("b", 2)], None, "local") == "b"
-    assert choose_sandbox([sandbox("a", 2), sandbox("b", 2)], None, "local") == "a"  # ties by id
-    assert choose_sandbox([], None, "local") == "local"
-    with pytest.raises(NoSandbox, match="no sandbox is running"):
-        choose_sandbox([], None, None)
+def test_eligible_sandboxes_are_available_named_and_labelled() -> None:
+    fleet = [sandbox("a"), sandbox("b", labels={"gpu": "true"}), sandbox("c", "draining"), sandbox("d", "unavailable")]
+    assert [s.id for s in eligible(fleet, None, {})] == ["a", "b"]
+    assert [s.id for s in eligible(fleet, None, {"gpu": "true"})] == ["b"]
+    assert [s.id for s in eligible(fleet, "a", {})] == ["a"]
+    with pytest.raises(NoSandbox, match="'c' is draining"):
+        eligible(fleet, "c", {})
+    with pytest.raises(NoSandbox, match="'zzz' is unknown"):
+        eligible(fleet, "zzz", {})
+    with pytest.raises(NoSandbox, match="gpu=false"):
+        eligible(fleet, None, {"gpu": "false"})
+    with pytest.raises(NoSandbox, match="no sandbox is available"):
+        eligible([sandbox("d", "unavailable")], None, {})
 
 
-def test_placement_refuses_a_full_fleet_and_unknown_sandboxes() -> None:
-    with pytest.raises(NoSandbox, match="capacity"):
-        choose_sandbox([sandbox("a", 10)], None, "local")
-    with pytest.raises(NoSandbox, match="'zzz'"):
-        choose_sandbox([sandbox("a", 1)], "zzz", "local")
-    assert choose_sandbox([sandbox("a", 1)], "a", "local") == "a"
+def test_the_least_loaded_wins_by_ratio_then_count_then_id() -> None:
+    assert choose([Candidate("a", 5, 10), Candidate("b", 2, 10)]) == Candidate("b", 2, 10)
+    assert choose([Candidate("a", 2, 10), Candidate("b", 2, 10)]) == Candidate("a", 2, 10)
+    # 3/20 < 2/10: the ratio decides, not the count.
+    assert choose([Candidate("a", 2, 10), Candidate("b", 3, 20)]) == Candidate("b", 3, 20)
+    # Equal ratios: fewer placed wins.
+    assert choose([Candidate("a", 2, 10), Candidate("b", 1, 5)]) == Candidate("b", 1, 5)
+    assert choose([Candidate("a", 10, 10)]) is None
+    # A warm desktop beats load, only when the create can use one.
+    warm = Candidate("z", 9, 10, warm=True)
+    assert choose([Candidate("a", 0, 10), warm], prefer_warm=True) == warm
+    assert choose([Candidate("a", 0, 10), warm], prefer_warm=False) == Candidate("a", 0, 10)
+
+
+candidates_st = st.lists(
+    st.builds(
+        Candidate,
+        id=st.text("abcdef", min_size=1, max_size=3),
+        placed=st.integers(0, 30),
+        cap=st.integers(1, 30),
+        warm=st.booleans(),
+    ),
+    max_size=8,
+    unique_by=lambda c: c.id,
+)
+
+
+@given(candidates_st, st.booleans())
+def test_choose_never_picks_a_full_sandbox_and_no_other_beats_it(cands: list[Candidate], prefer_warm: bool) -> None:
+    chosen = choose(cands, prefer_warm)
+    room = [c for c in cands if not c.full]
+    if not room:
+        assert chosen is None
+        return
+    assert chosen is not None and not chosen.full
+    assert not any(better(c, chosen, prefer_warm) for c in room if c != chosen)
+    assert choose(list(reversed(cands)), prefer_warm) == chosen  # order of the input does not matter
+
+
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.integers(0, 80))
+def test_placing_one_by_one_fills_every_cap_and_stays_balanced(caps: list[int], creates: int) -> None:
+    placed = [0] * len(caps)
+    refused = 0
+    for _ in range(creates):
+        chosen = choose([Candidate(str(i), placed[i], cap) for i, cap in enumerate(caps)])
+        if chosen is None:
+            refused += 1
+            continue
+        placed[int(chosen.id)] += 1
+    assert all(p <= cap for p, cap in zip(placed, caps, strict=True))
+    assert sum(placed) == min(creates, sum(caps)) and refused == max(0, creates - sum(caps))
+    # Balanced: any two sandboxes' fill ratios differ by at most one session's share of the larger cap.
+    ratios = [p / cap for p, cap in zip(placed, caps, strict=True)]
+    assert max(ratios) - min(ratios) <= 1 / min(caps) + 1e-9
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,122 @@
+"""Placement in Redis: the Lua script applies the pure rule of orchestrator/placement.py,
+atomically with the reservation, on a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import redis.asyncio as aioredis
+
+from orchestrator.config import Settings
+from orchestrator.events import EventBus
+from orchestrator.names import Keys
+from orchestrator.placement import Candidate, NoCapacity, NoSandbox, choose
+from orchestrator.schemas import SessionCreate
+from orchestrator.service import new_record
+from orchestrator.states import SessionState as S
+from orchestrator.store import SessionStore
+
+
+async def fleet(redis: aioredis.Redis, keys: Keys, boxes: list[tuple[str, int, int, bool, bool, int]]) -> None:
+    """(id, placed, cap, alive, draining, warm desktops) per sandbox, written as the worker and
+    earlier placements would have left them."""
+    for box, placed, _cap, alive, draining, warm in boxes:
+        await redis.delete(keys.placed(box), keys.sandbox_alive(box), keys.sandbox_drain(box), keys.pool(box))
+        if placed:
+            await redis.sadd(keys.placed(box), *(f"{box}-s{i}" for i in range(placed)))  # type: ignore[misc]
+        if alive:
+            await redis.set(keys.sandbox_alive(box), "x", px=60_000)
+        if draining:
+            await redis.set(keys.sandbox_drain(box), '{"by":"api"}')
+        if warm:
+            await redis.rpush(keys.pool(box), *(f"w-{box}-{i}" for i in range(warm)))  # type: ignore[misc]
+
+
+async def test_the_script_chooses_what_the_pure_rule_chooses(redis: aioredis.Redis, settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    store = SessionStore(redis, EventBus(redis, keys))
+    rng = random.Random(8)
+    for round_ in range(150):
+        boxes = [
+            (
+                f"b{i}",
+                rng.randint(0, 6),
+                rng.randint(1, 6),
+                rng.random() < 0.8,
+                rng.random() < 0.15,
+                rng.choice([0, 0, 1]),
+            )
+            for i in range(rng.randint(1, 5))
+        ]
+        await fleet(redis, keys, boxes)
+        prefer_warm = rng.random() < 0.5
+        pure = choose(
+            [
+                Candidate(b, placed, cap, warm=warm > 0)
+                for b, placed, cap, alive, draining, warm in boxes
+                if alive and not draining
+            ],
+            prefer_warm,
+        )
+        record = new_record(SessionCreate(id=f"r{round_}"), "", settings)
+        try:
+            placed = await store.place(record, None, [(b[0], b[2]) for b in boxes], prefer_warm=prefer_warm)
+        except (NoCapacity, NoSandbox) as e:
+            assert pure is None, f"round {round_}: the script refused ({e}) but the rule picks {pure}"
+            usable = [b for b in boxes if b[3] and not b[4]]
+            assert isinstance(e, NoCapacity) == bool(usable), f"round {round_}: wrong refusal {e!r}"
+            continue
+        assert pure is not None, f"round {round_}: the script placed on {placed.record.sandbox}, the rule refuses"
+        assert placed.record.sandbox == pure.id, f"round {round_}: {boxes}, warm={prefer_warm}"
+        assert placed.warm == (prefer_warm and pure.warm)
+        if placed.warm:
+            assert placed.record.id == f"w-{pure.id}-0" and placed.record.state.value == "ready"
+        assert await redis.sismember(keys.placed(pure.id), placed.record.id)  # type: ignore[misc]
+        stored = await store.get(placed.record.id)
+        assert stored == placed.record
+
+
+async def test_concurrent_placements_never_exceed_a_cap(redis: aioredis.Redis, settings: Settings) -> None:
+    """120 creates at once on caps 10/20/30: exactly 60 placed, each sandbox exactly full,
+    60 refused for capacity, and no record without its place (or the reverse)."""
+    keys = Keys(settings.key_prefix)
+    store = SessionStore(redis, EventBus(redis, keys))
+    caps = {"x": 10, "y": 20, "z": 30}
+    await fleet(redis, keys, [(b, 0, cap, True, False, 0) for b, cap in caps.items()])
+
+    async def one(i: int) -> str | None:
+        record = new_record(SessionCreate(id=f"c{i:03d}"), "", settings)
+        try:
+            return (await store.place(record, None, list(caps.items()), prefer_warm=False)).record.sandbox
+        except NoCapacity:
+            return None
+
+    results = await asyncio.gather(*(one(i) for i in range(120)))
+    assert results.count(None) == 60
+    for box, cap in caps.items():
+        assert results.count(box) == cap
+        members = {m.decode() for m in await redis.smembers(keys.placed(box))}  # type: ignore[misc]
+        assert len(members) == cap
+        assert all([(await store.get(m)) is not None for m in members])
+    assert len(await store.list()) == 60
+
+
+async def test_a_deleted_session_frees_its_place(redis: aioredis.Redis, settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    store = SessionStore(redis, EventBus(redis, keys))
+    await fleet(redis, keys, [("solo", 0, 1, True, False, 0)])
+    first = await store.place(new_record(SessionCreate(id="one"), "", settings), None, [("solo", 1)], prefer_warm=False)
+    with pytest.raises(NoCapacity):
+        await store.place(new_record(SessionCreate(id="two"), "", settings), None, [("solo", 1)], prefer_warm=False)
+    # The same id again is the same session, whatever the capacity.
+    again = await store.place(new_record(SessionCreate(id="one"), "", settings), None, [("solo", 1)], prefer_warm=False)
+    assert not again.created and again.record == first.record
+    await store.transition("one", S.DELETING)
+    await store.transition("one", S.DELETED)
+    assert not await redis.scard(keys.placed("solo"))  # type: ignore[misc]
+    placed = await store.place(
+        new_record(SessionCreate(id="two"), "", settings), None, [("solo", 1)], prefer_warm=False
+    )
+    assert placed.created and placed.record.sandbox == "solo"
