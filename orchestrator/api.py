@@ -22,7 +22,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from . import __version__, auth
+from . import __version__, auth, tracing
 from .auth import AuthError, authenticate, authorize
 from .config import Settings
 from .events import EventBus
@@ -396,6 +396,18 @@ async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(msgspec.json.encode(schema), media_type="application/json")
 
 
+async def _begin_trace(request: Request[Any, Any, Any]) -> None:
+    """Each request is an operation with a trace id: the caller's (W3C traceparent) or new."""
+    tracing.current.set(tracing.from_traceparent(request.headers.get("traceparent")) or tracing.new_trace_id())
+
+
+async def _answer_trace(response: Response[Any]) -> Response[Any]:
+    trace = tracing.current.get()
+    if trace is not None:
+        response.headers["traceparent"] = tracing.traceparent(trace)
+    return response
+
+
 async def _watch_sandboxes(sessions: Sessions, interval_s: float) -> None:
     """The sandbox monitor of this API process (see Sessions.watch_sandboxes)."""
     while True:
@@ -412,6 +424,7 @@ async def _watch_sandboxes(sessions: Sessions, interval_s: float) -> None:
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
 
+    tracing.install()
     tokens = auth.parse_tokens(settings.tokens)
     if not tokens:
         log.warning("no API tokens configured (ORCH_TOKENS): every request but /healthz will get 401")
@@ -466,6 +479,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             openapi_json,
             dashboard,
         ],
+        before_request=_begin_trace,
+        after_request=_answer_trace,
         on_startup=[startup],
         on_shutdown=[shutdown],
         exception_handlers={

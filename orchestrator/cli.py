@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import tracing
 from .auth import SCOPES, hash_token, new_token
 from .client import ApiError, Client
 
@@ -320,9 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tracing.install()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [%(trace)s]: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from . import tracing
 from .names import Keys
 from .schemas import Event, now_rfc3339
 
@@ -38,7 +39,15 @@ def make_event(
     generation: int | None = None,
     data: dict[str, Any] | None = None,
 ) -> Event:
-    return Event(type=type, ts=now_rfc3339(), sandbox=sandbox, session=session, generation=generation, data=data or {})
+    return Event(
+        type=type,
+        ts=now_rfc3339(),
+        sandbox=sandbox,
+        session=session,
+        generation=generation,
+        data=data or {},
+        trace=tracing.current.get(),
+    )
 
 
 def encode_event(event: Event) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
+from . import tracing
 from .names import Keys, job_id
 from .schemas import LifecycleJob, to_data
 
@@ -41,7 +42,7 @@ class JobQueue:
 
     async def enqueue(self, operation: Operation, sandbox: str, session: str, generation: int) -> bool:
         """Enqueue once: False when a job with the same id is queued, running or finished recently."""
-        payload = to_data(LifecycleJob(session=session, generation=generation))
+        payload = to_data(LifecycleJob(session=session, generation=generation, trace=tracing.current.get()))
         job: Job | None = await self._arq.enqueue_job(
             operation.value,
             _job_id=job_id(operation.value, session, generation),

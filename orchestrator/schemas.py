@@ -109,6 +109,8 @@ class LifecycleJob(Strict, omit_defaults=True):
     # create_session only: a producer that enqueues directly (not through the API) sends the
     # request here; the worker then stores the session record itself.
     spec: SessionCreate | None = None
+    # The trace id of the request that caused the job: its events and log lines carry it.
+    trace: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")] | None = None
 
 
 class Event(Strict):
@@ -120,6 +122,8 @@ class Event(Strict):
     session: str | None = None
     generation: int | None = None
     data: dict[str, Any] = {}
+    # The operation's trace id (the API request's, carried by the job); null when none caused it.
+    trace: str | None = None
 
 
 class SessionChanged(Strict, omit_defaults=True):

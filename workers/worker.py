@@ -16,7 +16,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
 
-from orchestrator import __version__
+from orchestrator import __version__, tracing
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.locks import Busy, SessionLocks
@@ -72,6 +72,8 @@ def _job(operation: Operation) -> Any:
             log.error("refusing %s job with invalid arguments %r: %s", operation.value, kwargs, e)
             return f"invalid job: {e}"
         lifecycle: Lifecycle = ctx["lifecycle"]
+        # This job's task only: its events and log lines carry the request's trace id.
+        tracing.current.set(job.trace)
         if operation is Operation.CREATE and job.spec is not None:
             problem = await ctx["sandbox_worker"].store_requested(job)
             if problem:
@@ -132,6 +134,7 @@ class SandboxWorker:
     """Owns the connections of one worker process and the arq Worker that uses them."""
 
     def __init__(self, settings: Settings) -> None:
+        tracing.install()
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.redis: aioredis.Redis = redis_client(settings)
