@@ -26,6 +26,14 @@ class NoSandbox(Exception):
     """No sandbox is there to take the session (503 ``no_sandbox``)."""
 
 
+class Unsatisfiable(Exception):
+    """No known sandbox could ever take the session as asked (422): ``field`` says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class NoCapacity(Exception):
     """Sandboxes are there but every eligible one is full (503 ``no_capacity``)."""
 
@@ -69,22 +77,25 @@ def choose(candidates: Sequence[Candidate], prefer_warm: bool = False) -> Candid
 def eligible(
     sandboxes: Sequence[SandboxInfo], requested: str | None, constraints: Mapping[str, str]
 ) -> list[SandboxInfo]:
-    """Rule step 1. Raises NoSandbox with the reason when nothing is left."""
-    available = [s for s in sandboxes if s.status == "available"]
+    """Rule step 1. Raises Unsatisfiable when no known sandbox could ever match (the caller's
+    mistake) and NoSandbox when some could but none is available now."""
     if requested is not None:
         named = [s for s in sandboxes if s.id == requested]
         if not named:
-            raise NoSandbox(f"sandbox {requested!r} is unknown (known: {', '.join(s.id for s in sandboxes) or 'none'})")
-        if named[0].status != "available":
-            raise NoSandbox(f"sandbox {requested!r} is {named[0].status}, not taking new sessions")
-        available = named
-    if not available:
-        raise NoSandbox("no sandbox is available (none has sent a heartbeat recently, or all are draining)")
-    matching = [s for s in available if all(s.labels.get(k) == v for k, v in constraints.items())]
-    if not matching:
+            known = ", ".join(s.id for s in sandboxes) or "none"
+            raise Unsatisfiable("sandbox", f"sandbox {requested!r} is unknown (known: {known})")
+        sandboxes = named
+    if constraints:
         wanted = ", ".join(f"{k}={v}" for k, v in sorted(constraints.items()))
-        raise NoSandbox(f"no available sandbox has the labels {wanted}")
-    return matching
+        sandboxes = [s for s in sandboxes if all(s.labels.get(k) == v for k, v in constraints.items())]
+        if not sandboxes:
+            raise Unsatisfiable("constraints", f"no known sandbox has the labels {wanted}")
+    available = [s for s in sandboxes if s.status == "available"]
+    if not available:
+        if requested is not None:
+            raise NoSandbox(f"sandbox {requested!r} is {sandboxes[0].status}, not taking new sessions")
+        raise NoSandbox("no sandbox that could take it is available (silent, draining or drained)")
+    return available
 
 
 def resource_problem(

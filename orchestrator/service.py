@@ -17,7 +17,7 @@ from . import states
 from .config import Settings
 from .events import make_event
 from .names import SANDBOX_ID_RE, Keys, is_valid_session_id, new_session_id
-from .placement import NoCapacity, NoSandbox, eligible, resource_problem
+from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, resource_problem
 from .queue import JobQueue, Operation
 from .schemas import (
     Resources,
@@ -186,6 +186,9 @@ class Sessions:
             return await self._after_create(request, created, stored, warm=False)
         try:
             candidates = eligible(known, request.sandbox, request.constraints)
+        except Unsatisfiable as e:
+            code = "unknown_sandbox" if e.field == "sandbox" else "unsatisfiable_constraints"
+            raise ServiceError(422, code, str(e), field=e.field) from None
         except NoSandbox as e:
             raise ServiceError(503, "no_sandbox", str(e)) from None
         problems = [resource_problem(request.resources, s.max_cpus, s.max_memory_mb, s.max_pids) for s in candidates]
@@ -221,14 +224,19 @@ class Sessions:
             await self._enqueue(Operation.CREATE, stored)
         return True, stored
 
-    async def watch_sandboxes(self) -> list[str]:
+    async def watch_sandboxes(self, redis_seen_for_s: float = float("inf")) -> list[str]:
         """One pass of the sandbox monitor (every API process runs it): a sandbox whose alive
         key has expired and that did not say goodbye (drained) is declared unavailable once
         per outage (``sandbox.unavailable``, one API process wins the SET NX), and its sessions
         that are not stopped, failed or being deleted fail with ``desktop_lost``. Every pass
         repeats the second part, so a monitor dying half-way loses nothing. Returns the ids
-        of the sessions it failed."""
-        lost = [s for s in await self.sandboxes() if s.status == "unavailable"]
+        of the sessions it failed.
+
+        ``redis_seen_for_s``: how long this monitor has seen Redis answer without a break. A
+        sandbox is judged only after that is longer than its lost_after_s: after a Redis
+        outage (or restart) every alive key may have lapsed meanwhile, and the workers need
+        one threshold's time to beat again before their silence means anything."""
+        lost = [s for s in await self.sandboxes() if s.status == "unavailable" and redis_seen_for_s > s.lost_after_s]
         if not lost:
             return []
         for sandbox in lost:

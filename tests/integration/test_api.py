@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -83,6 +85,8 @@ async def test_create_enqueues_one_json_job_and_is_idempotent_by_id(
 
     job = json.loads(raw)  # JSON, not pickle: other languages can produce and read jobs
     assert job["f"] == "create_session"
+    trace = job["k"].pop("trace")  # the request's trace id travels with the job
+    assert re.fullmatch(r"[0-9a-f]{32}", trace), trace
     assert job["k"] == {"session": "same-id", "generation": 1}
 
     with pytest.raises(Exception, match="409 session_exists"):

@@ -12,7 +12,7 @@ from orchestrator.names import (
     new_session_id,
     volume_name,
 )
-from orchestrator.placement import Candidate, NoSandbox, better, choose, eligible
+from orchestrator.placement import Candidate, NoSandbox, Unsatisfiable, better, choose, eligible
 from orchestrator.schemas import SandboxInfo
 from workers.docker import split_reference
 
@@ -72,12 +72,17 @@ def test_eligible_sandboxes_are_available_named_and_labelled() -> None:
     assert [s.id for s in eligible(fleet, "a", {})] == ["a"]
     with pytest.raises(NoSandbox, match="'c' is draining"):
         eligible(fleet, "c", {})
-    with pytest.raises(NoSandbox, match="'zzz' is unknown"):
+    with pytest.raises(Unsatisfiable, match="'zzz' is unknown") as unknown:
         eligible(fleet, "zzz", {})
-    with pytest.raises(NoSandbox, match="gpu=false"):
+    assert unknown.value.field == "sandbox"
+    with pytest.raises(Unsatisfiable, match="gpu=false") as labels:
         eligible(fleet, None, {"gpu": "false"})
-    with pytest.raises(NoSandbox, match="no sandbox is available"):
+    assert labels.value.field == "constraints"
+    with pytest.raises(NoSandbox, match="no sandbox that could take it is available"):
         eligible([sandbox("d", "unavailable")], None, {})
+    # Known labels on a sandbox that is away: a wait (503), not a mistake (422).
+    with pytest.raises(NoSandbox):
+        eligible([sandbox("d", "unavailable", labels={"gpu": "true"})], None, {"gpu": "true"})
 
 
 def test_the_least_loaded_wins_by_ratio_then_count_then_id() -> None:
