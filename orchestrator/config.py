@@ -76,7 +76,8 @@ def parse_labels(raw: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # May hold a password: kept out of repr (and so out of tracebacks and test output).
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     # Redis Sentinel (REDIS_SENTINELS "host:port,..."): when set, the master named
     # redis_sentinel_master is asked of the sentinels, and REDIS_URL only gives its user,
     # password, db and whether to use TLS (rediss://). See docs/redis.md.

@@ -21,12 +21,10 @@ from .config import Settings
 def redacted_url(url: str) -> str:
     """``url`` fit for a log: its password (in the userinfo or a ``password=`` query) is ***."""
     parts = urlsplit(url)
-    netloc = parts.netloc
     if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return parts._replace(netloc=netloc, query=query).geturl()
+        userinfo = parts.netloc.rpartition("@")[0]
+        url = url.replace(f"//{userinfo}@", f"//{userinfo.partition(':')[0]}:***@", 1)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def _url_options(settings: Settings) -> dict[str, Any]:

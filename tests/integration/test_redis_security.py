@@ -1,0 +1,517 @@
+"""Redis security on real servers started here from the redis-server binary: the ACL users of
+docs/redis.md (loaded from the document itself), TLS with a CA of our own, and Sentinel, all
+reached through orchestrator.redis_conn like the API and the workers reach them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis
+from arq.connections import ArqRedis, create_pool
+from arq.worker import func
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+from orchestrator.config import Settings
+from orchestrator.events import EventBus, make_event
+from orchestrator.locks import SessionLocks
+from orchestrator.names import Keys
+from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
+from orchestrator.redis_conn import arq_redis_settings, redacted_url, redis_client
+from tests.conftest import free_port
+from workers.worker import ResilientWorker
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "redis.md"
+PREFIX = "orchestrator:"
+SERVER = shutil.which("redis-server")
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def _answers(port: int, tls: ssl.SSLContext | None) -> bool:
+    """Whether something on ``port`` answers PING like a Redis (NOAUTH counts: it is up)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw,
+            tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else contextlib.nullcontext(raw) as conn,
+        ):
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+def start_server(workdir: Path, *args: str, port: int | None = None, tls: ssl.SSLContext | None = None) -> Server:
+    """A redis-server (or, with --sentinel in args, a sentinel) on loopback, polled until it
+    answers (over TLS with the client context ``tls``, if given)."""
+    if SERVER is None:
+        pytest.fail("redis-server is not installed: run `make test` (scripts/env.sh installs it)")
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "server.log"
+    command = [SERVER, *args]
+    if "--sentinel" not in args:
+        command += ["--bind", "127.0.0.1", "--dir", str(workdir), "--save", "", "--appendonly", "no"]
+        command += ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(proc, port, log)
+    deadline = time.monotonic() + 10
+    while not _answers(port, tls):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"{' '.join(command)} did not start (exit {proc.poll()}):\n{log.read_text()}")
+        time.sleep(0.02)
+    return server
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def settings_for(url: str, **fields: Any) -> Settings:
+    return Settings(redis_url=url, key_prefix=PREFIX, sandbox_id="sec", **fields)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- ACL -----------------------------------------------------------------------------------
+
+
+def documented_acl() -> list[str]:
+    """The ACL lines of docs/redis.md: its one ```acl block."""
+    blocks = re.findall(r"^```acl\n(.*?)^```", DOC.read_text(), re.S | re.M)
+    assert len(blocks) == 1, f"{DOC} must hold exactly one ```acl block, found {len(blocks)}"
+    lines = [line for line in blocks[0].splitlines() if line.strip()]
+    assert lines and all(line.startswith("user ") for line in lines), lines
+    return lines
+
+
+@dataclasses.dataclass
+class AclServer:
+    port: int
+    # Passwords with characters that must be percent-encoded in a URL.
+    api_password: str = dataclasses.field(default_factory=lambda: "a@p:i/" + secrets.token_hex(8))
+    worker_password: str = dataclasses.field(default_factory=lambda: "w%o@r#k" + secrets.token_hex(8))
+    admin_password: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
+
+    def url(self, user: str, password: str) -> str:
+        return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
+
+    @property
+    def api(self) -> Settings:
+        return settings_for(self.url("orchestrator-api", self.api_password))
+
+    @property
+    def worker(self) -> Settings:
+        return settings_for(self.url("orchestrator-worker", self.worker_password))
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis(port=self.port, username="test-admin", password=self.admin_password)
+
+
+@pytest.fixture(scope="module")
+def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
+    workdir = tmp_path_factory.mktemp("redis-acl")
+    acl = AclServer(port=free_port())
+    lines = [
+        line.replace("API_PASSWORD_SHA256", sha256(acl.api_password)).replace(
+            "WORKER_PASSWORD_SHA256", sha256(acl.worker_password)
+        )
+        for line in documented_acl()
+    ]
+    # Test-only: a user to read ACL LOG with (the documented block has no administrator).
+    lines.append(f"user test-admin on #{sha256(acl.admin_password)} ~* &* +@all")
+    (workdir / "users.acl").write_text("\n".join(lines) + "\n")
+    with running(start_server(workdir, "--aclfile", str(workdir / "users.acl"), port=acl.port)):
+        yield acl
+
+
+def denials(acl: AclServer) -> list[str]:
+    """ACL LOG, as 'reason object' strings, without redis-py's ignored CLIENT SETINFO (Redis >= 7.2)."""
+    with contextlib.closing(acl.admin()) as admin:
+        entries: list[dict[str, Any]] = admin.acl_log(count=1000)  # type: ignore[assignment]
+    found = [f"{e['reason']} {e['object']} ({e['username']})" for e in entries]
+    return [d for d in found if "setinfo" not in d]
+
+
+async def test_documented_acl_lets_api_and_worker_do_their_work(acl_server: AclServer) -> None:
+    with contextlib.closing(acl_server.admin()) as admin:
+        admin.acl_log_reset()
+    keys = Keys(PREFIX)
+    worker_redis = redis_client(acl_server.worker)
+    api_redis = redis_client(acl_server.api)
+    api_arq: ArqRedis = await create_pool(
+        arq_redis_settings(acl_server.api), job_serializer=job_serializer, job_deserializer=job_deserializer
+    )
+    try:
+        for client in (worker_redis, api_redis):
+            assert await client.ping()
+        # Records, indexes, the pool list, leases: plain commands and a transaction.
+        assert await worker_redis.set(keys.sandbox("sec"), b"{}", ex=30)
+        async with worker_redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.session("s1"), b"record")
+            pipe.sadd(keys.session_index, "s1")
+            await pipe.execute()
+        assert await api_redis.get(keys.session("s1")) == b"record"
+        assert await api_redis.mget([keys.session("s1"), keys.sandbox("sec")]) == [b"record", b"{}"]
+        assert await api_redis.smembers(keys.session_index) == {b"s1"}
+        await worker_redis.rpush(keys.pool("sec"), "w1", "w2")  # type: ignore[misc]
+        assert await worker_redis.lrange(keys.pool("sec"), 0, -1) == [b"w1", b"w2"]  # type: ignore[misc]
+        assert await worker_redis.lrem(keys.pool("sec"), 1, "w2") == 1  # type: ignore[misc]
+        # The commands the API's and the worker's Lua scripts use, run by EVALSHA as they are.
+        script = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], 60)
+redis.call('SADD', KEYS[2], ARGV[1])
+local placed = redis.call('SCARD', KEYS[2])
+redis.call('SREM', KEYS[2], ARGV[1])
+local warm = redis.call('LLEN', KEYS[3])
+local claimed = redis.call('LPOP', KEYS[3])
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', 100, '*', 'event', ARGV[1])
+local exists = redis.call('EXISTS', KEYS[1])
+redis.call('DEL', KEYS[1])
+return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
+"""
+        script_keys = [keys.session_env("s1"), keys.placed("sec"), keys.pool("sec"), keys.session_events("s0")]
+        for client in (api_redis, worker_redis):
+            await worker_redis.rpush(keys.pool("sec"), "w3")  # type: ignore[misc]
+            result = await client.register_script(script)(keys=script_keys, args=["x"])
+            assert result[:4] == [1, 2, b"w1" if client is api_redis else b"w3", 1], result
+        # Events: the publish script, then XREAD / XRANGE / XREVRANGE as SSE and the hub read.
+        for client in (worker_redis, api_redis):
+            bus = EventBus(client, keys)
+            entry = await bus.publish(make_event("security.test", sandbox="sec", session="s1"))
+            assert await bus.last_id(keys.session_events("s1")) == entry
+            assert [i for i, _ in await bus.read(keys.firehose, "0-0", count=100)][-1] == entry
+        # Leases: SET NX PX, the renew script (PEXPIRE) and the release script (DEL).
+        locks = SessionLocks(worker_redis, keys, lease_s=1.0, owner="sec-worker")
+        async with locks.hold("s1", "test"):
+            await asyncio.sleep(0.5)  # past one renewal (lease / 3)
+            assert await locks.held(["s1"]) == {"s1"}
+        assert await locks.holder("s1") is None
+
+        # Jobs: the API enqueues (once), the worker's arq consumer runs it and keeps the result.
+        ran: list[dict[str, Any]] = []
+
+        async def create_session(ctx: dict[str, Any], **kwargs: Any) -> str:
+            ran.append(kwargs)
+            return "ok"
+
+        queue = JobQueue(api_arq, keys)
+        assert await queue.enqueue(Operation.CREATE, "sec", "s1", 1)
+        assert not await queue.enqueue(Operation.CREATE, "sec", "s1", 1)
+        worker = ResilientWorker(
+            functions=[func(create_session, name=Operation.CREATE.value)],
+            redis_settings=arq_redis_settings(acl_server.worker),
+            queue_name=keys.queue("sec"),
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+            poll_delay=0.01,
+            burst=True,
+            handle_signals=False,
+        )
+        try:
+            async with asyncio.timeout(20):
+                await worker.async_run()
+            assert await worker.release_orphaned_jobs() == 0
+        finally:
+            await worker.close()
+        assert ran == [{"session": "s1", "generation": 1}]
+        # Finished with its result kept: the API (reading arq:result:*) still refuses a duplicate.
+        assert not await queue.enqueue(Operation.CREATE, "sec", "s1", 1)
+
+        assert denials(acl_server) == [], "the documented ACL refused a command the components use"
+    finally:
+        await api_arq.aclose()
+        await api_redis.aclose()
+        await worker_redis.aclose()
+
+
+async def test_documented_acl_refuses_everything_else(acl_server: AclServer) -> None:
+    worker_redis = redis_client(acl_server.worker)
+    api_redis = redis_client(acl_server.api)
+    try:
+        for client in (worker_redis, api_redis):
+            for command in (("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("SHUTDOWN",)):
+                with pytest.raises(NoPermissionError):
+                    await client.execute_command(*command)
+            with pytest.raises(NoPermissionError):  # outside the key prefix
+                await client.set("other:key", "x")
+            with pytest.raises(NoPermissionError):  # EVAL of arbitrary text: only EVALSHA
+                await client.eval("return 1", 0)
+            with pytest.raises(NoPermissionError):
+                await client.publish("channel", "x")
+        with pytest.raises(NoPermissionError):  # the API only reads results...
+            await api_redis.set("arq:result:x", "forged")
+        with pytest.raises(NoPermissionError):  # ...and does not run the consumer
+            await api_redis.info()
+        logged = set(denials(acl_server))
+        for user in ("orchestrator-api", "orchestrator-worker"):
+            for entry in ("command flushall", "command config|get", "command keys", "key other:key", "command eval"):
+                assert f"{entry} ({user})" in logged, logged
+        assert {"key arq:result:x (orchestrator-api)", "command info (orchestrator-api)"} <= logged
+    finally:
+        await api_redis.aclose()
+        await worker_redis.aclose()
+
+
+async def test_wrong_or_no_password_is_refused(acl_server: AclServer) -> None:
+    wrong = settings_for(acl_server.url("orchestrator-worker", "not-the-password"))
+    client = redis_client(wrong)
+    try:
+        with pytest.raises(AuthenticationError, match="invalid username-password pair"):
+            await client.ping()
+    finally:
+        await client.aclose()
+    no_retries = dataclasses.replace(arq_redis_settings(wrong), conn_retries=0)
+    with pytest.raises(AuthenticationError, match="invalid username-password pair"):
+        await create_pool(no_retries)
+    anonymous = redis_client(settings_for(f"redis://127.0.0.1:{acl_server.port}/0"))
+    try:
+        with pytest.raises(AuthenticationError):  # the default user is off
+            await anonymous.ping()
+    finally:
+        await anonymous.aclose()
+    assert "not-the-password" not in redacted_url(wrong.redis_url)
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"openssl {' '.join(args)}: {result.stderr}"
+
+
+def _issue(directory: Path, name: str, subject: str, extensions: str) -> None:
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", subject, cwd=directory)  # fmt: skip
+    (directory / f"{name}.ext").write_text(extensions)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-sha256", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=directory)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed (and the venv has no `cryptography` to make certificates)")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=orchestrator test CA", cwd=d)  # fmt: skip
+    # The server's certificate names 127.0.0.1 only: connecting as "localhost" must fail.
+    _issue(d, "server", "/CN=redis", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _issue(d, "client", "/CN=orchestrator-worker", "extendedKeyUsage=clientAuth\n")
+    return Pki(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key")
+
+
+def start_tls_server(workdir: Path, pki: Pki, auth_clients: str) -> Server:
+    tls_args = ["--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key)]
+    tls_args += ["--tls-ca-cert-file", str(pki.ca), "--tls-auth-clients", auth_clients]
+    probe = ssl.create_default_context(cafile=str(pki.ca))
+    probe.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    try:
+        return start_server(workdir, *tls_args, tls=probe)
+    except RuntimeError as e:
+        if re.search(r"Bad directive|wrong number of arguments|not compiled|TLS.*not supported", str(e), re.I):
+            pytest.skip(f"this redis-server has no TLS support: {str(e).strip().splitlines()[-1]}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Server]:
+    with running(start_tls_server(tmp_path_factory.mktemp("redis-tls"), pki, "no")) as server:
+        yield server
+
+
+async def round_trip(settings: Settings) -> None:
+    client = redis_client(settings)
+    try:
+        key = f"{PREFIX}tls:{secrets.token_hex(4)}"
+        await client.set(key, b"over tls")
+        assert await client.get(key) == b"over tls"
+    finally:
+        await client.aclose()
+    arq = await create_pool(dataclasses.replace(arq_redis_settings(settings), conn_retries=0))
+    try:
+        job = await arq.enqueue_job("tls_job", _queue_name=f"{PREFIX}queue:tls")
+        assert job is not None and (await job.info()) is not None
+    finally:
+        await arq.aclose()
+
+
+async def test_tls_with_our_ca(tls_server: Server, pki: Pki) -> None:
+    await round_trip(settings_for(f"rediss://127.0.0.1:{tls_server.port}/0", redis_tls_ca=str(pki.ca)))
+
+
+async def test_tls_refuses_an_unverified_server(tls_server: Server, pki: Pki) -> None:
+    for settings in (
+        settings_for(f"rediss://127.0.0.1:{tls_server.port}/0"),  # the system CAs do not know ours
+        settings_for(f"rediss://localhost:{tls_server.port}/0", redis_tls_ca=str(pki.ca)),  # wrong name
+    ):
+        client = redis_client(settings)
+        try:
+            with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.ping()
+        finally:
+            await client.aclose()
+        arq_settings = dataclasses.replace(arq_redis_settings(settings), conn_retries=0)
+        with pytest.raises((redis.exceptions.ConnectionError, ssl.SSLError), match="CERTIFICATE_VERIFY_FAILED"):
+            await create_pool(arq_settings)
+
+
+async def test_tls_client_certificate(tmp_path: Path, pki: Pki) -> None:
+    with running(start_tls_server(tmp_path, pki, "yes")) as server:
+        url = f"rediss://127.0.0.1:{server.port}/0"
+        await round_trip(
+            settings_for(url, redis_tls_ca=str(pki.ca), redis_tls_cert=str(pki.client_cert),
+                         redis_tls_key=str(pki.client_key))
+        )  # fmt: skip
+        client = redis_client(settings_for(url, redis_tls_ca=str(pki.ca)))
+        try:
+            with pytest.raises(redis.exceptions.ConnectionError):  # no client certificate
+                await client.ping()
+        finally:
+            await client.aclose()
+
+
+# --- Sentinel ------------------------------------------------------------------------------
+
+MASTER_PASSWORD = "m@ster:" + secrets.token_hex(6)
+SENTINEL_PASSWORD = "sentinel-" + secrets.token_hex(6)
+
+
+def start_sentinel(workdir: Path, master_port: int, requirepass: str | None = None) -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = [
+        "bind 127.0.0.1",
+        f"port {port}",
+        f'dir "{workdir}"',
+        "sentinel resolve-hostnames no",
+        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1",
+        f'sentinel auth-pass mymaster "{MASTER_PASSWORD}"',
+    ]
+    if requirepass:
+        conf.append(f'requirepass "{requirepass}"')
+    (workdir / "sentinel.conf").write_text("\n".join(conf) + "\n")
+    server = start_server(workdir, str(workdir / "sentinel.conf"), "--sentinel", port=port)
+    # Up is not ready: wait until it names the master (and has checked it is one).
+    probe = redis.Redis(port=port, password=requirepass, decode_responses=True)
+    deadline = time.monotonic() + 15
+    try:
+        while True:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                state = probe.sentinel_master("mymaster")
+                if probe.sentinel_get_master_addr_by_name("mymaster") == ("127.0.0.1", master_port) and (
+                    state.get("is_master") and not state.get("is_sdown") and state.get("role-reported") == "master"
+                ):
+                    return server
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"sentinel on {port} never reported the master:\n{server.log.read_text()}")
+            time.sleep(0.05)
+    finally:
+        probe.close()
+
+
+@pytest.fixture(scope="module")
+def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    """A master with a password, a sentinel without one and one with one."""
+    base = tmp_path_factory.mktemp("redis-sentinel")
+    with (
+        running(start_server(base / "master", "--requirepass", MASTER_PASSWORD)) as master,
+        running(start_sentinel(base / "open", master.port)) as open_sentinel,
+        running(start_sentinel(base / "locked", master.port, requirepass=SENTINEL_PASSWORD)) as locked,
+    ):
+        yield open_sentinel, locked
+
+
+def sentinel_settings(sentinel: Server, **fields: Any) -> Settings:
+    # The URL's host is unreachable on purpose: only the master that the sentinel names works.
+    url = f"redis://:{quote(MASTER_PASSWORD, safe='')}@192.0.2.1:1/0"
+    return settings_for(url, redis_sentinels=(("127.0.0.1", sentinel.port),), **fields)
+
+
+async def test_sentinel_client_and_arq(sentinels: tuple[Server, Server]) -> None:
+    settings = sentinel_settings(sentinels[0])
+    client = redis_client(settings)
+    arq: ArqRedis = await create_pool(
+        dataclasses.replace(arq_redis_settings(settings), conn_retries=0),
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+    )
+    try:
+        key = f"{PREFIX}sentinel:{secrets.token_hex(4)}"
+        await client.set(key, b"via sentinel")
+        assert await client.get(key) == b"via sentinel"
+        keys = Keys(PREFIX)
+        assert await JobQueue(arq, keys).enqueue(Operation.STOP, "sentinel", "s9", 3)
+        [job] = await arq.queued_jobs(queue_name=keys.queue("sentinel"))
+        assert (job.function, job.kwargs) == (Operation.STOP.value, {"session": "s9", "generation": 3})
+        assert await client.zcard(keys.queue("sentinel")) == 1
+    finally:
+        await arq.aclose()
+        for sentinel_client in arq.connection_pool.sentinel_manager.sentinels:  # arq leaves these open
+            await sentinel_client.aclose()
+        await client.aclose()
+
+
+async def test_sentinel_with_a_password(sentinels: tuple[Server, Server]) -> None:
+    locked = sentinels[1]
+    client = redis_client(sentinel_settings(locked, redis_sentinel_password=SENTINEL_PASSWORD))
+    try:
+        assert await client.ping()
+    finally:
+        await client.aclose()
+    refused = redis_client(sentinel_settings(locked))
+    try:
+        with pytest.raises((ResponseError, redis.exceptions.ConnectionError)):
+            await refused.ping()
+    finally:
+        await refused.aclose()
+    with pytest.raises(ValueError, match="arq cannot reach sentinels"):
+        arq_redis_settings(sentinel_settings(locked, redis_sentinel_password=SENTINEL_PASSWORD))

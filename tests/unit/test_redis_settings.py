@@ -1,0 +1,142 @@
+"""Redis connection settings: REDIS_SENTINELS and the TLS variables from the environment, what
+redis_conn makes of them for redis-py and for arq, and URLs with their passwords masked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
+
+from orchestrator.config import Settings
+from orchestrator.redis_conn import arq_redis_settings, redacted_url, redis_client
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> str:
+    path = tmp_path / "ca.crt"
+    path.write_text("not parsed before connecting\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("", ()),
+        ("  ", ()),
+        ("s1:26379", (("s1", 26379),)),
+        (" s1:26379 , 10.0.0.2:26380", (("s1", 26379), ("10.0.0.2", 26380))),
+        ("[::1]:26379", (("::1", 26379),)),
+    ],
+)
+def test_sentinels_from_env(monkeypatch: pytest.MonkeyPatch, raw: str, expected: tuple[tuple[str, int], ...]) -> None:
+    monkeypatch.setenv("REDIS_SENTINELS", raw)
+    assert Settings.from_env().redis_sentinels == expected
+
+
+@pytest.mark.parametrize("raw", ["s1", "s1:", ":26379", "s1:port", "s1:0", "s1:65536", "s1:1,,s2:2", "s1:-5", "s1:1,"])
+def test_bad_sentinels_are_refused_with_the_culprit(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("REDIS_SENTINELS", raw)
+    with pytest.raises(ValueError, match=r"REDIS_SENTINELS must be host:port\[,host:port\.\.\.\] with ports 1-65535"):
+        Settings.from_env()
+
+
+def test_redis_variables_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_SENTINEL_MASTER", "orch")
+    monkeypatch.setenv("ORCH_REDIS_SENTINEL_PASSWORD", "s3cret-sentinel")
+    monkeypatch.setenv("REDIS_TLS_CA_FILE", "/etc/redis/ca.crt")
+    monkeypatch.setenv("REDIS_TLS_CERT_FILE", "/etc/redis/client.crt")
+    monkeypatch.setenv("REDIS_TLS_KEY_FILE", "/etc/redis/client.key")
+    settings = Settings.from_env()
+    assert settings.redis_sentinel_master == "orch"
+    assert settings.redis_sentinel_password == "s3cret-sentinel"
+    assert (settings.redis_tls_ca, settings.redis_tls_cert, settings.redis_tls_key) == (
+        "/etc/redis/ca.crt",
+        "/etc/redis/client.crt",
+        "/etc/redis/client.key",
+    )
+    assert "s3cret-sentinel" not in repr(settings)
+    for name in ("REDIS_SENTINEL_MASTER", "ORCH_REDIS_SENTINEL_PASSWORD", "REDIS_TLS_CA_FILE"):
+        monkeypatch.delenv(name)
+    defaults = Settings.from_env()
+    assert (defaults.redis_sentinel_master, defaults.redis_sentinel_password, defaults.redis_tls_ca) == (
+        "mymaster",
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://worker:p%40ss@redis:6379/0", "redis://worker:***@redis:6379/0"),
+        ("rediss://:only-a-password@redis/1", "rediss://:***@redis/1"),
+        ("unix:///run/redis.sock?db=2&password=hunter2", "unix:///run/redis.sock?db=2&password=***"),
+    ],
+)
+def test_redacted_url(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
+
+
+def test_arq_settings_match_the_url() -> None:
+    plain = arq_redis_settings(Settings(redis_url="redis://orchestrator-worker:p%40ss%3Aw@redis:6380/2"))
+    assert (plain.host, plain.port, plain.database) == ("redis", 6380, 2)
+    # Percent-decoded as redis-py does it (arq's own from_dsn would not decode).
+    assert (plain.username, plain.password, plain.ssl) == ("orchestrator-worker", "p@ss:w", False)
+    unix = arq_redis_settings(Settings(redis_url="unix:///run/redis.sock?db=3"))
+    assert (unix.unix_socket_path, unix.database) == ("/run/redis.sock", 3)
+
+
+def test_tls_settings(ca: str) -> None:
+    settings = Settings(redis_url="rediss://redis:6379/0", redis_tls_ca=ca)
+    arq = arq_redis_settings(settings)
+    assert (arq.ssl, arq.ssl_ca_certs, arq.ssl_check_hostname, arq.ssl_cert_reqs) == (True, ca, True, "required")
+    client = redis_client(settings)
+    kwargs = client.connection_pool.connection_kwargs
+    assert client.connection_pool.connection_class is SSLConnection
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_check_hostname"]) == (ca, True)
+
+
+def test_tls_misconfiguration_is_refused(ca: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"REDIS_TLS_CA_FILE set, but REDIS_URL \(redis://u:\*\*\*@redis/0\)"):
+        redis_client(Settings(redis_url="redis://u:secret@redis/0", redis_tls_ca=ca))
+    with pytest.raises(ValueError, match=r"REDIS_TLS_CA_FILE='/nonexistent/ca\.crt' is not a file"):
+        arq_redis_settings(Settings(redis_url="rediss://redis/0", redis_tls_ca="/nonexistent/ca.crt"))
+    key = tmp_path / "client.key"
+    key.write_text("")
+    with pytest.raises(ValueError, match="REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE"):
+        redis_client(Settings(redis_url="rediss://redis/0", redis_tls_key=str(key)))
+
+
+async def test_sentinel_settings() -> None:
+    settings = Settings(
+        redis_url="redis://worker:p%40ss@ignored:1/4",
+        redis_sentinels=(("s1", 26379), ("s2", 26380)),
+        redis_sentinel_master="orch",
+        redis_sentinel_password="sentinel-pass",
+    )
+    client = redis_client(settings)
+    try:
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        assert pool.service_name == "orch"
+        assert {k: pool.connection_kwargs[k] for k in ("username", "password", "db")} == {
+            "username": "worker",
+            "password": "p@ss",
+            "db": 4,
+        }
+        sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+        assert [(s["host"], s["port"], s["password"]) for s in sentinels] == [
+            ("s1", 26379, "sentinel-pass"),
+            ("s2", 26380, "sentinel-pass"),
+        ]
+    finally:
+        await client.aclose()
+    # arq cannot pass a sentinel password on: refused rather than failing later, unexplained.
+    with pytest.raises(ValueError, match="arq cannot reach sentinels"):
+        arq_redis_settings(settings)
+    arq = arq_redis_settings(Settings(redis_url=settings.redis_url, redis_sentinels=settings.redis_sentinels))
+    assert (arq.sentinel, arq.host, arq.sentinel_master) == (True, [("s1", 26379), ("s2", 26380)], "mymaster")
+    assert (arq.username, arq.password, arq.database) == ("worker", "p@ss", 4)
