@@ -409,12 +409,17 @@ async def _answer_trace(response: Response[Any]) -> Response[Any]:
 
 
 async def _watch_sandboxes(sessions: Sessions, interval_s: float) -> None:
-    """The sandbox monitor of this API process (see Sessions.watch_sandboxes)."""
+    """The sandbox monitor of this API process (see Sessions.watch_sandboxes). It counts how
+    long Redis has answered without a break (from this process's start, too)."""
+    seen_since: float | None = None
     while True:
         await asyncio.sleep(interval_s)
         try:
-            failed = await sessions.watch_sandboxes()
+            await sessions.store.bus.ping()
+            seen_since = seen_since or time.monotonic()
+            failed = await sessions.watch_sandboxes(time.monotonic() - seen_since)
         except Exception as e:  # Redis away: the next pass tries again
+            seen_since = None
             log.warning("sandbox monitor pass failed: %s", e)
             continue
         if failed:

@@ -50,8 +50,16 @@ def make_event(
     )
 
 
+# An event bigger than this keeps its envelope and loses its data (which says so): streams
+# are capped by entry count, so entry size must be capped too for their memory to be bounded.
+MAX_EVENT_BYTES = 16 * 1024
+
+
 def encode_event(event: Event) -> bytes:
-    return _encode(event)
+    raw = _encode(event)
+    if len(raw) > MAX_EVENT_BYTES:
+        raw = _encode(msgspec.structs.replace(event, data={"truncated": True, "bytes": len(raw)}))
+    return raw
 
 
 class EventBus:
@@ -75,6 +83,9 @@ class EventBus:
             keys.append(self.keys.session_events(event.session))
         entry_id = await self._publish(keys=keys, args=[encode_event(event), self.firehose_maxlen, self.session_maxlen])
         return _text(entry_id)
+
+    async def ping(self) -> None:
+        await self._redis.ping()
 
     def stream_key(self, session_id: str | None) -> str:
         return self.keys.firehose if session_id is None else self.keys.session_events(session_id)

@@ -287,7 +287,8 @@ class SessionStore:
         raise ConcurrentUpdate(f"session {session_id!r} kept changing; gave up after 20 tries")
 
     async def fail(self, session_id: str, generation: int | None, code: str, message: str) -> SessionRecord:
-        error = SessionError(code=code, message=message)
+        # Messages may quote Docker at length: the record and its event stay small.
+        error = SessionError(code=code, message=message if len(message) <= 2000 else message[:1997] + "...")
         return await self.transition(
             session_id, SessionState.FAILED, generation=generation, mutate=lambda _: {"error": error}
         )

@@ -93,10 +93,16 @@ async def worker_process(settings: Settings, log: IO[bytes]) -> AsyncIterator[as
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("outage_s", [1, 15], ids=["restarted", "unreachable-15s"])
 async def test_redis_restarted_with_20_creates_in_flight(
-    docker_settings: Settings, own_redis: RedisServer, worker_log: IO[bytes]
+    docker_settings: Settings, own_redis: RedisServer, worker_log: IO[bytes], outage_s: int
 ) -> None:
-    settings = replace(docker_settings, redis_url=own_redis.url)
+    """Redis goes away for ``outage_s``. The sandbox's liveness threshold (5 s) is shorter than
+    the 15 s outage on purpose: its alive key lapses while Redis is away, and no sandbox may be
+    declared lost (nor any session failed) for silence that was Redis's, not the sandbox's."""
+    settings = replace(
+        docker_settings, redis_url=own_redis.url, heartbeat_interval_s=1.0, lost_after_s=5.0, monitor_interval_s=0.5
+    )
     host = settings.docker_host
     assert host
     async with (
@@ -112,9 +118,14 @@ async def test_redis_restarted_with_20_creates_in_flight(
         first = await client.wait_for(ids[0], {"session.creating"}, timeout=60)
 
         own_redis.stop()
-        health = await http.get("/healthz")
-        assert health.status_code == 503, health.text  # the API says so while Redis is away
-        await asyncio.sleep(1)  # (Redis is away for a while: that is the fault)
+        away = asyncio.get_running_loop().time()
+        while True:  # the API says so for as long as Redis is away (the outage is the fault)
+            health = await http.get("/healthz")
+            assert health.status_code == 503, health.text
+            if asyncio.get_running_loop().time() - away >= outage_s:
+                break
+            await asyncio.sleep(min(1.0, outage_s))
+        assert worker.returncode is None, "the worker died while Redis was away"
         own_redis.start()
         async with asyncio.timeout(30):  # the API reconnects by itself
             while (await http.get("/healthz")).status_code != 200:
@@ -130,4 +141,8 @@ async def test_redis_restarted_with_20_creates_in_flight(
         assert types[0] == "session.creating" and types[-1] == "session.ready", types
         assert len(set(e.id for e in resumed)) == len(resumed)
         assert worker.returncode is None, "the worker died instead of reconnecting"
+        listed = await client.sandboxes()
+        assert [s["status"] for s in listed] == ["available"], listed
+        unavailable = [e async for e in client.events(after="0", follow=False) if e.type == "sandbox.unavailable"]
+        assert not unavailable, "a Redis outage was taken for the sandbox's silence"
     assert all(count_objects(host, sid) == (1, 1) for sid in ids)

@@ -59,3 +59,30 @@ def test_tokens_parse_hash_and_check_scopes() -> None:
     for bad in ("x:nothex:admin", f"x:{hash_token('a')}:root", f"x:{hash_token('a')}", f"x:{hash_token('a')}:"):
         with pytest.raises(ValueError):
             parse_tokens(bad)
+
+
+def test_an_oversized_event_keeps_its_envelope_and_says_its_data_was_dropped() -> None:
+    import msgspec
+
+    from orchestrator.events import MAX_EVENT_BYTES, encode_event, make_event
+    from orchestrator.schemas import Event
+
+    small = make_event("x.y", sandbox="s", session="abc", data={"k": "v"})
+    assert msgspec.json.decode(encode_event(small), type=Event).data == {"k": "v"}
+    big = make_event("x.y", sandbox="s", session="abc", data={"k": "v" * MAX_EVENT_BYTES})
+    raw = encode_event(big)
+    assert len(raw) < 1024
+    decoded = msgspec.json.decode(raw, type=Event)
+    assert decoded.type == "x.y" and decoded.session == "abc"
+    assert decoded.data["truncated"] is True and decoded.data["bytes"] > MAX_EVENT_BYTES
+
+
+def test_trace_ids_come_from_valid_traceparent_headers_only() -> None:
+    from orchestrator.tracing import from_traceparent, traceparent
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert from_traceparent(f"00-{trace}-00f067aa0ba902b7-01") == trace
+    assert from_traceparent(f"00-{trace.upper()}-00f067aa0ba902b7-01") == trace
+    for bad in (None, "", "garbage", f"00-{'0' * 32}-00f067aa0ba902b7-01", f"00-{trace}-short-01"):
+        assert from_traceparent(bad) is None
+    assert from_traceparent(traceparent(trace)) == trace
