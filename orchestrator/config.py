@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -72,6 +73,17 @@ def parse_labels(raw: str) -> dict[str, str]:
             raise ValueError(f"ORCH_SANDBOX_LABELS: {item!r} is not key=value with a valid key")
         labels[key] = value
     return labels
+
+
+def parse_networks(raw: str) -> tuple[str, ...]:
+    """``cidr,cidr`` (IPv4 or IPv6 networks), validated."""
+    networks = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise ValueError(f"ORCH_DESKTOP_DENY: {item!r} is not a network (like 10.96.0.0/12)") from None
+    return tuple(networks)
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,11 @@ class Settings:
     monitor_interval_s: float = 2.0
     # How long a drain (API or SIGTERM) waits for queued and running jobs before the worker exits.
     drain_timeout_s: float = 90.0
+    # Firewall desktops off the sandbox's own networks (workers/firewall.py): on in the sandbox
+    # image (ORCH_FIREWALL=1), off for a worker run on a host (it would edit the host's rules).
+    firewall: bool = False
+    # More networks desktops must not reach (e.g. a cluster's pod and service ranges).
+    desktop_deny: tuple[str, ...] = ()
     # The worker's own /metrics (Prometheus) on this TCP port; 0: not served.
     worker_metrics_port: int = 0
     hostname: str = field(default_factory=socket.gethostname)
@@ -217,4 +234,6 @@ class Settings:
             drain_timeout_s=_env_float("ORCH_DRAIN_TIMEOUT", cls.drain_timeout_s),
             monitor_interval_s=_env_float("ORCH_MONITOR_INTERVAL", cls.monitor_interval_s),
             worker_metrics_port=_env_int("ORCH_WORKER_METRICS_PORT", cls.worker_metrics_port),
+            firewall=(env("ORCH_FIREWALL") or "0").lower() in ("1", "true", "yes", "on"),
+            desktop_deny=parse_networks(env("ORCH_DESKTOP_DENY") or ""),
         )

@@ -19,6 +19,9 @@ if [ -z "${ORCH_SANDBOX_ID:-}" ]; then
   fi
 fi
 export ORCH_SANDBOX_ID
+# Desktops may not reach this sandbox's own networks (Redis, the API, the registry): the worker
+# sets the rules (workers/firewall.py) and refuses to start if it cannot.
+export ORCH_FIREWALL=${ORCH_FIREWALL:-1}
 
 log() { printf '%s sandbox-init: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
 

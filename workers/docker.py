@@ -128,6 +128,12 @@ class DesktopRuntime:
             if e.status != 409:  # another worker of this sandbox made it first
                 raise
 
+    async def network_bridge(self) -> str:
+        """The Linux bridge of the desktops' network (where the firewall rules attach)."""
+        info = await self._docker._query_json(f"networks/{self.network}")
+        name: str = info.get("Options", {}).get("com.docker.network.bridge.name") or f"br-{info['Id'][:12]}"
+        return name
+
     async def _request(self, method: str, path: str, **kwargs: Any) -> None:
         async with self._docker._query(path, method, **kwargs):
             pass

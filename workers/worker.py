@@ -30,6 +30,7 @@ from orchestrator.service import new_record
 from orchestrator.states import SessionState
 from orchestrator.store import SessionStore
 
+from . import firewall
 from .docker import DesktopError, DesktopRuntime
 from .lifecycle import Lifecycle
 from .pool import WarmPool
@@ -286,8 +287,15 @@ class SandboxWorker:
             self.profile = self.runtime.profile = await self.choose_privilege()
             log.info("desktops get privilege profile: %s", self.profile.describe())
 
+    async def enforce_firewall(self) -> None:
+        """Desktops kept off the sandbox's own networks (workers/firewall.py), when enabled."""
+        if self.settings.firewall:
+            await firewall.apply(await self.runtime.network_bridge(), self.settings.desktop_deny)
+
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
         await self.runtime.ensure_network()
+        # Fail closed: no desktop starts on a sandbox whose firewall could not be set.
+        await self.enforce_firewall()
         await self.ensure_desktop_image()
         self.profile = self.runtime.profile = await self.choose_privilege()
         await self.arq.release_orphaned_jobs()
@@ -338,6 +346,7 @@ class SandboxWorker:
         while True:
             await asyncio.sleep(self.settings.reconcile_interval_s)
             try:
+                await self.enforce_firewall()  # restores rules a restart (or a person) removed
                 await reconciler.pass_once()
             except Exception:
                 log.exception("reconcile pass failed")

@@ -131,6 +131,7 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         ready = next(e for e in events if e.type == "dockerd.ready").data["data"]
         assert ready["storage_driver"] == "overlay2" and ready["backing_filesystem"] == "extfs"
         assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
+        assert_desktop_isolated(stack, record["sandbox"], record["id"])
         await client.delete(record["id"])
         events = await client.wait_for(
             record["id"], {"session.deleted", "session.failed"}, timeout=120, after=events[-1].id
@@ -153,3 +154,33 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         record = await client.create(labels={"via": "compose", "after": "recreate"})
         assert record["sandbox"] in ids
         assert (await client.wait_ready(record["id"], timeout=180))["state"] == "ready"
+
+
+def assert_desktop_isolated(stack: Stack, sandbox_id: str, session_id: str) -> None:
+    """The sandbox's firewall (workers/firewall.py): from inside the desktop, Redis, the API,
+    the registry and the sandbox's own ports (the worker's metrics) do not answer, while the
+    same probe from the sandbox itself reaches them (so the probe is not what fails)."""
+    host = stack.env["DOCKER_HOST"]
+    boxes = {
+        docker("exec", c, "cat", "/var/lib/docker/orchestrator/sandbox-id", host=host): c
+        for c in stack.container("sandbox").split()
+    }
+    box = boxes[sandbox_id]
+
+    def address(container: str) -> str:
+        return docker(
+            "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container, host=host
+        ).split()[0]
+
+    targets = {
+        "redis": (address(stack.container("redis")), 6379),
+        "api": (address(stack.container("api")), 8080),
+        "registry": (address(stack.container("registry")), 5000),
+        "the sandbox's metrics": (address(box), 9100),
+    }
+    for name, (ip, port) in targets.items():
+        probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' && echo open || echo closed"
+        from_sandbox = docker("exec", box, "bash", "-c", probe, host=host)
+        assert from_sandbox == "open", f"{name} at {ip}:{port} does not answer even from the sandbox"
+        from_desktop = docker("exec", box, "docker", "exec", f"desktop-{session_id}", "bash", "-c", probe, host=host)
+        assert from_desktop == "closed", f"the desktop reaches {name} at {ip}:{port}"
