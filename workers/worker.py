@@ -10,8 +10,10 @@ import shutil
 import time
 from typing import Any
 
+import aiohttp
 import msgspec
 import redis.asyncio as aioredis
+from aiodocker.exceptions import DockerError
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry, Worker, func
 from redis.exceptions import RedisError
@@ -43,6 +45,9 @@ S = SessionState
 # A sandbox's info key outlives its heartbeats by a day, so a silent sandbox is listed (as
 # unavailable) rather than forgotten at once.
 SANDBOX_INFO_TTL_S = 86400
+# The heartbeat and the health check ask the sandbox's dockerd at most this long: a daemon
+# that is restarting must not hold up the heartbeat (the sandbox would look lost).
+DOCKER_PROBE_TIMEOUT_S = 2.0
 
 
 class DrainRequest(msgspec.Struct):
@@ -193,6 +198,7 @@ class SandboxWorker:
         self._heartbeat: asyncio.Task[None] | None = None
         # available | draining | drained (what the heartbeat says; see drain()).
         self.status = "available"
+        self._desktops_seen = 0
         self._drain: asyncio.Task[None] | None = None
         self._drain_watch: asyncio.Task[None] | None = None
         self.drained = asyncio.Event()
@@ -586,9 +592,20 @@ class SandboxWorker:
         """Publish this sandbox's state: the info key (kept a day, for listings), the alive key
         (expires after lost_after_s by Redis's clock: its absence is what "unavailable" means)
         and a ``sandbox.heartbeat`` event."""
+        keys = self.keys
+        sandbox = self.settings.sandbox_id
+        if self.status != "drained":  # first, whatever else is slow: liveness is this key
+            await self.redis.set(keys.sandbox_alive(sandbox), now_rfc3339(), px=int(self.settings.lost_after_s * 1000))
         ready = await self.pool.pooled()
         pooled = self.pool.owned(ready)
-        desktops = [d for d in await self.runtime.list_desktops() if d.session not in pooled]
+        try:
+            async with asyncio.timeout(DOCKER_PROBE_TIMEOUT_S):
+                desktops = await self.runtime.list_desktops()
+            self._desktops_seen = sum(1 for d in desktops if d.session not in pooled)
+        except (DesktopError, DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            # The worker is alive even while its dockerd restarts: keep beating (with the last
+            # count), or the sandbox would be declared lost for a daemon restart.
+            log.warning("heartbeat: the sandbox's dockerd does not answer (%s)", e)
         by_state: dict[str, int] = {}
         for record in await self.store.list():
             if record.sandbox == self.settings.sandbox_id:
@@ -598,7 +615,7 @@ class SandboxWorker:
             depth=self.settings.depth,
             version=__version__,
             hostname=self.settings.hostname,
-            sessions=len(desktops),
+            sessions=self._desktops_seen,
             capacity=self.settings.max_sessions,
             load=os.getloadavg()[0],
             free_disk_bytes=(await asyncio.to_thread(shutil.disk_usage, "/")).free,
@@ -617,7 +634,6 @@ class SandboxWorker:
             sessions_by_state=by_state,
             lost_after_s=self.settings.lost_after_s,
         )
-        keys = self.keys
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.sandbox(info.id), msgspec.json.encode(info), ex=SANDBOX_INFO_TTL_S)
             pipe.sadd(keys.sandbox_index, info.id)
@@ -636,9 +652,16 @@ class SandboxWorker:
         dockerd answer? A ``desktop.health`` event marks each change (and a first finding of
         unhealthy); the reconciler restarts a stopped desktop (see its restart policy)."""
         records = [r for r in await self.store.list() if r.sandbox == self.settings.sandbox_id and r.state is S.READY]
-        running = {d.session for d in await self.runtime.list_desktops() if d.running}
+        try:
+            async with asyncio.timeout(DOCKER_PROBE_TIMEOUT_S):
+                running: set[str] | None = {d.session for d in await self.runtime.list_desktops() if d.running}
+        except (DesktopError, DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.warning("the sandbox's dockerd does not answer (%s): its desktops are unhealthy", e)
+            running = None  # restarting, say: every desktop is unreachable until it is back
         for record in records:
-            if record.id not in running:
+            if running is None:
+                healthy, reason = False, "the sandbox's dockerd does not answer"
+            elif record.id not in running:
                 healthy, reason = False, "the desktop is not running"
             elif not await self.runtime.dockerd_answers(record.id):
                 healthy, reason = False, "the desktop's dockerd does not answer /_ping"

@@ -162,6 +162,24 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     a, b, c = sorted(boxes)
     on = {box: [r["id"] for r in records if r["sandbox"] == box] for box in boxes}
 
+    # a's own dockerd restarted (start-dockerd brings it back): its desktops return by their
+    # restart policy, the worker re-adopts them, desktop.health goes unhealthy then healthy,
+    # and what a desktop's own dockerd holds (an image) survives.
+    probe = on[a][0]
+    in_desktop = ["exec", container_of[a], "docker", "exec", f"desktop-{probe}"]
+    docker(*in_desktop, "sh", "-c", "tar cf - -T /dev/null | docker import - marker:1", host=host)
+    seen = [e async for e in client.events(probe, after="0", follow=False)]
+    restarted = time.monotonic()
+    docker("exec", container_of[a], "pkill", "-TERM", "-x", "dockerd", host=host)
+    down = await client.wait_for(probe, {"desktop.health"}, timeout=60, after=seen[-1].id)
+    assert down[-1].data["data"]["status"] == "unhealthy", down[-1].data
+    up = await client.wait_for(probe, {"desktop.health"}, timeout=180, after=down[-1].id)
+    assert up[-1].data["data"]["status"] == "healthy", up[-1].data
+    print(f"sandbox {a}'s dockerd restarted: desktop healthy again after {time.monotonic() - restarted:.1f} s")
+    assert docker(*in_desktop, "docker", "image", "inspect", "--format", "{{.Id}}", "marker:1", host=host)
+    await until(lambda: _all_in(client, on[a], "ready"), 120, f"{a}'s sessions ready after its dockerd restart")
+    assert not [e for e in [*down, *up] if e.type == "session.failed"]
+
     # Sandbox c dies (no restart): unavailable within its threshold; its sessions fail with
     # desktop_lost; new sessions go elsewhere.
     for sid in on[a][:4]:
