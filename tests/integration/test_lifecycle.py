@@ -14,6 +14,7 @@ from orchestrator.config import Settings
 from orchestrator.events import EventBus
 from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, LABEL_SESSION, Keys, desktop_name, job_id
 from orchestrator.queue import Operation
+from workers.reconciler import MAX_RESTARTS
 from workers.worker import SandboxWorker
 
 from .conftest import TEST_IMAGE, count_objects, docker, running_worker
@@ -241,3 +242,34 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
         assert (await client.get(sid))["state"] == "ready"
         image = docker("exec", desktop_name(sid), "docker", "images", "-q", TEST_IMAGE, host=host)
         assert image, "the inner image did not survive the restart"
+
+
+async def test_a_desktop_that_keeps_stopping_is_given_up_after_its_restart_budget(
+    client: Client, docker_settings: Settings
+) -> None:
+    """The restart policy has a budget (MAX_RESTARTS in RESTART_WINDOW_S): a desktop stopped
+    again after each of its restarts is restarted three times, then the session fails with
+    desktop_lost and the desktop is removed (its volume kept for a stop and start)."""
+    host = docker_settings.docker_host
+    assert host
+    settings = replace(docker_settings, health_interval_s=0.5, reconcile_interval_s=0.5)
+    async with running_worker(settings):
+        sid, events = await ready_session(client)
+        last = events[-1].id
+        for attempt in range(1, MAX_RESTARTS + 1):
+            docker("stop", "-t", "1", desktop_name(sid), host=host)
+            seen = await client.wait_for(sid, {"desktop.restarted", "session.failed"}, timeout=60, after=last)
+            assert seen[-1].type == "desktop.restarted", [e.type for e in seen]
+            assert seen[-1].data["data"]["attempt"] == attempt
+            last = seen[-1].id
+        docker("stop", "-t", "1", desktop_name(sid), host=host)
+        seen = await client.wait_for(sid, {"desktop.restarted", "session.failed"}, timeout=60, after=last)
+        assert seen[-1].type == "session.failed", [e.type for e in seen]
+        assert seen[-1].data["data"]["code"] == "desktop_lost" and "kept stopping" in seen[-1].data["data"]["message"]
+        assert count_objects(host, sid) == (0, 1)  # desktop removed, volume kept
+        # The volume is still there to resume from: stop, then start brings a new desktop.
+        await client.stop(sid)
+        stopped = await client.wait_for(sid, {"session.stopped"}, timeout=60, after=seen[-1].id)
+        await client.start(sid)
+        again = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY, after=stopped[-1].id)
+        assert again[-1].type == "session.ready"
