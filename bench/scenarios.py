@@ -105,41 +105,107 @@ async def cold(n: int) -> list[Result]:
 # -- burst --------------------------------------------------------------------------------------
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far (all cores)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / tick, idle / tick
+
+
+def redis_pid() -> int | None:
+    try:
+        with open("/run/orchestrator-dev/redis.pid") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class CpuMeter:
+    """CPU seconds used during a round by the API, the worker, Redis, this benchmark process
+    and the whole machine: where a saturated machine's time went."""
+
+    def __init__(self, svc: Services) -> None:
+        self.pids = {"api": svc.api.pid, "worker": svc.worker.pid}
+        if (pid := redis_pid()) is not None:
+            self.pids["redis"] = pid
+        self.rounds: dict[str, list[dict[str, float]]] = {"project": [], "bare": []}
+
+    def _now(self) -> dict[str, float]:
+        busy, idle = machine_cpu()
+        out = {"machine busy": busy, "machine idle": idle, "benchmark client": time.process_time()}
+        out.update({name: cpu_seconds(pid) for name, pid in self.pids.items()})
+        return out
+
+    def start(self) -> dict[str, float]:
+        return self._now()
+
+    def stop(self, side: str, started: dict[str, float]) -> None:
+        now = self._now()
+        self.rounds[side].append({k: round(now[k] - started[k], 2) for k in now})
+
+    def medians(self) -> dict[str, dict[str, float]]:
+        return {
+            side: {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            for side, rounds in self.rounds.items()
+            if rounds
+        }
+
+
 async def burst(n: int, size: int = 20) -> list[Result]:
-    """``size`` sessions requested at once on one sandbox: wall time until all are ready."""
+    """``size`` sessions requested at once on one sandbox: wall time until all are ready, seen
+    on the firehose (one SSE stream, as a dashboard follows them)."""
     result = Result(f"burst ({size} at once)", "s", Side("project: all dockerd.ready"), Side("bare: aiodocker"))
     rss = {"api": 0.0, "worker": 0.0}
     with services() as svc:
         client = await ready_client(svc)
+        meter = CpuMeter(svc)
+        redis = aioredis.Redis.from_url(svc.redis_url)
+        firehose = Keys(svc.key_prefix).firehose
         async with client, bare_runtime(svc.socket_dir, svc.sandbox_id) as runtime:
 
-            async def one(record: dict[str, Any]) -> None:
-                events = await client.wait_for(record["id"], {"dockerd.ready", "session.failed"}, timeout=300)
-                if events[-1].type != "dockerd.ready":
-                    raise RuntimeError(events[-1].data)
+            async def all_ready(ids: set[str], after: str) -> None:
+                async for event in client.events(after=after):
+                    if event.type == "session.failed" and event.data.get("session") in ids:
+                        raise RuntimeError(event.data)
+                    if event.type == "dockerd.ready":
+                        ids.discard(event.data.get("session", ""))
+                        if not ids:
+                            return
 
             async def project() -> float:
+                tail = await redis.xrevrange(firehose, count=1)
+                after = tail[0][0].decode() if tail else "0-0"
+                cpu = meter.start()
                 started = time.perf_counter()
                 records = await asyncio.gather(*(client.create() for _ in range(size)))
                 sampler = asyncio.create_task(sample_rss(svc, rss))
                 try:
-                    await asyncio.gather(*(one(r) for r in records))
+                    await asyncio.wait_for(all_ready({r["id"] for r in records}, after), 300)
                 finally:
                     sampler.cancel()
                 elapsed = time.perf_counter() - started
+                meter.stop("project", cpu)
                 await asyncio.gather(*(delete(client, r["id"]) for r in records))
                 return elapsed
 
             async def bare() -> float:
                 sessions = [new_id() for _ in range(size)]
+                cpu = meter.start()
                 started = time.perf_counter()
                 await asyncio.gather(*(bare_bring_up(runtime, s) for s in sessions))
                 elapsed = time.perf_counter() - started
+                meter.stop("bare", cpu)
                 await asyncio.gather(*(bare_remove(runtime, s) for s in sessions))
                 return elapsed
 
-            await alternate(n, project, bare, result)
+            try:
+                await alternate(n, project, bare, result)
+            finally:
+                await redis.aclose()
     result.notes["peak RSS under the burst, MB"] = {k: round(v, 1) for k, v in rss.items()}
+    result.notes["CPU seconds per round (median)"] = meter.medians()
     return [result]
 
 
