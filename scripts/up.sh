@@ -32,8 +32,9 @@ bash scripts/stack.sh up --scale "${ORCH_SANDBOXES:-1}"
 for _ in $(seq 300); do curl -fsS "$ORCH_API_URL/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
 curl -fsS "$ORCH_API_URL/healthz" >/dev/null || { bash scripts/stack.sh compose logs --tail 30 api >&2; log "the API did not come up"; exit 1; }
 log "API at $ORCH_API_URL; waiting for a sandbox (its dockerd starts, it pulls the desktop image)"
+# Listed is not enough: a sandbox of an earlier run stays listed (drained) for a day.
 for _ in $(seq 600); do
-  [ "$("$BIN" sandboxes ls --json 2>/dev/null | tr -d ' \n')" != "[]" ] && break
+  "$BIN" sandboxes ls --json 2>/dev/null | grep -q '"status": *"available"' && break
   sleep 0.2
 done
 "$BIN" sessions create --wait --label created-by=make-up
