@@ -424,6 +424,7 @@ async def queue(n: int) -> list[Result]:
         socket_dir=f"/tmp/orch-bench-{tag}",
         reconcile_interval_s=3600,
         heartbeat_interval_s=3600,
+        lost_after_s=7200,
     )
     sandbox = SandboxWorker(settings)
     started: dict[str, float] = {}
