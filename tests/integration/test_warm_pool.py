@@ -87,6 +87,9 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
     # Pool size lowered to 0: the next worker drops the unclaimed desktops, volumes included.
     async with running_worker(replace(settings, pool_size=0)) as worker:
         await pool_ready(worker, 0)
-        assert all(count_objects(host, i) == (0, 0) for i in refilled)
+        # The list empties first (a drop is LREM, then the removal): wait for the removals.
+        async with asyncio.timeout(60):
+            while not all(count_objects(host, i) == (0, 0) for i in refilled):
+                await asyncio.sleep(0.2)
         assert await redis.llen(Keys(settings.key_prefix).pool(settings.sandbox_id)) == 0
         assert docker("volume", "ls", "-q", "--filter", f"name={volume_name(refilled[0])}", host=host) == ""
