@@ -29,7 +29,7 @@ from .events import EventBus
 from .hub import StreamHub
 from .metrics import desired_sandboxes, family
 from .names import Keys
-from .queue import JobQueue, job_deserializer, job_serializer
+from .queue import JobQueue, job_deserializer, job_serializer, oldest_age_s
 from .redis_conn import arq_redis_settings, redis_client
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SessionCreate, SessionList, SessionRecord
 from .service import ServiceError, Sessions, check_session_id
@@ -302,11 +302,7 @@ async def metrics(state: State) -> str:
         replies = await pipe.execute()
     now = time.time()
     queued = {s.id: int(replies[2 * n]) for n, s in enumerate(sandboxes)}
-    # arq scores a queued job by when it may run (ms since the epoch).
-    age = {
-        s.id: max(0.0, now - float(replies[2 * n + 1][0][1]) / 1000) if replies[2 * n + 1] else 0.0
-        for n, s in enumerate(sandboxes)
-    }
+    age = {s.id: oldest_age_s(replies[2 * n + 1], now) for n, s in enumerate(sandboxes)}
     statuses = ("available", "draining", "drained", "unavailable")
     usable = [s for s in sandboxes if s.status in ("available", "draining")]
     desired = desired_sandboxes(

@@ -35,6 +35,12 @@ def job_deserializer(raw: bytes) -> dict[str, Any]:
     return data
 
 
+def oldest_age_s(oldest: list[tuple[Any, float]], now: float) -> float:
+    """Age of a queue's oldest job from ``ZRANGE queue 0 0 WITHSCORES`` (0 when empty): arq
+    scores a queued job by when it may run, in ms since the epoch."""
+    return max(0.0, now - float(oldest[0][1]) / 1000) if oldest else 0.0
+
+
 class JobQueue:
     def __init__(self, arq: ArqRedis, keys: Keys) -> None:
         self._arq = arq

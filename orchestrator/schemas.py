@@ -199,6 +199,14 @@ class SandboxInfo(Strict):
     lost_after_s: float = 0.0
 
 
+class DrainRequest(msgspec.Struct):
+    """The value of a sandbox's drain key: who asked (api | signal) and whether its ready
+    desktops are stopped too."""
+
+    by: str = "api"
+    stop_desktops: bool = False
+
+
 class SandboxList(Strict):
     sandboxes: list[SandboxInfo]
 

@@ -20,6 +20,7 @@ from .names import SANDBOX_ID_RE, Keys, is_valid_session_id, new_session_id
 from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, resource_problem
 from .queue import JobQueue, Operation
 from .schemas import (
+    DrainRequest,
     Resources,
     SandboxInfo,
     SessionCreate,
@@ -280,7 +281,7 @@ class Sessions:
         second, finishes its jobs, optionally stops its desktops, says ``sandbox.drained`` and
         exits. It stays drained (idle if restarted) until undrained."""
         info = await self.sandbox(sandbox_id)
-        request = msgspec.json.encode({"by": "api", "stop_desktops": stop_desktops})
+        request = msgspec.json.encode(DrainRequest(by="api", stop_desktops=stop_desktops))
         await self._redis.set(self.keys.sandbox_drain(sandbox_id), request, nx=True)
         return await self.sandbox(info.id)
 

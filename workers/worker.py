@@ -25,9 +25,9 @@ from orchestrator.locks import Busy, SessionLocks
 from orchestrator.metrics import Histogram, family
 from orchestrator.names import Keys, address_pool
 from orchestrator.placement import resource_problem
-from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
+from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer, oldest_age_s
 from orchestrator.redis_conn import arq_redis_settings, redis_client
-from orchestrator.schemas import LifecycleJob, SandboxInfo, SessionRecord, now_rfc3339, to_data
+from orchestrator.schemas import DrainRequest, LifecycleJob, SandboxInfo, SessionRecord, now_rfc3339, to_data
 from orchestrator.service import new_record
 from orchestrator.states import SessionState
 from orchestrator.store import SessionStore
@@ -48,11 +48,6 @@ SANDBOX_INFO_TTL_S = 86400
 # The heartbeat and the health check ask the sandbox's dockerd at most this long: a daemon
 # that is restarting must not hold up the heartbeat (the sandbox would look lost).
 DOCKER_PROBE_TIMEOUT_S = 2.0
-
-
-class DrainRequest(msgspec.Struct):
-    by: str = "api"
-    stop_desktops: bool = False
 
 
 def _decode_drain(raw: bytes) -> DrainRequest:
@@ -406,7 +401,7 @@ class SandboxWorker:
         key = self.keys.sandbox_drain(sandbox)
         started = time.monotonic()
         self.status = "draining"
-        await self.redis.set(key, msgspec.json.encode({"by": by, "stop_desktops": stop_desktops}), nx=True)
+        await self.redis.set(key, msgspec.json.encode(DrainRequest(by=by, stop_desktops=stop_desktops)), nx=True)
         self.pool.target = 0  # pooled desktops cannot be claimed any more: the pool loop removes them
         log.info("draining sandbox %s (by %s, stop desktops: %s)", sandbox, by, stop_desktops)
         await self.bus.publish(
@@ -538,12 +533,8 @@ class SandboxWorker:
         queue = self.keys.queue(sandbox)
         depth = int(await self.redis.zcard(queue))
         oldest = await self.redis.zrange(queue, 0, 0, withscores=True)
-        # arq scores queued jobs by when they may run (ms since the epoch).
-        age = max(0.0, time.time() - float(oldest[0][1]) / 1000) if oldest else 0.0
-        by_state: dict[str, int] = dict.fromkeys((s.value for s in SessionState), 0)
-        for record in await self.store.list():
-            if record.sandbox == sandbox:
-                by_state[record.state.value] += 1
+        age = oldest_age_s(oldest, time.time())
+        by_state = await self.sessions_by_state()
         ready = await self.pool.pooled()
         running = sum(1 for t in self.arq.tasks.values() if not t.done())
         one = {"sandbox": sandbox}
@@ -616,10 +607,7 @@ class SandboxWorker:
             # The worker is alive even while its dockerd restarts: keep beating (with the last
             # count), or the sandbox would be declared lost for a daemon restart.
             log.warning("heartbeat: the sandbox's dockerd does not answer (%s)", e)
-        by_state: dict[str, int] = {}
-        for record in await self.store.list():
-            if record.sandbox == self.settings.sandbox_id:
-                by_state[record.state.value] = by_state.get(record.state.value, 0) + 1
+        by_state = {k: v for k, v in (await self.sessions_by_state()).items() if v}
         info = SandboxInfo(
             id=self.settings.sandbox_id,
             depth=self.settings.depth,
@@ -649,13 +637,19 @@ class SandboxWorker:
             pipe.sadd(keys.sandbox_index, info.id)
             if self.status == "drained":
                 pipe.delete(keys.sandbox_alive(info.id))
-            else:
-                pipe.set(keys.sandbox_alive(info.id), info.ts, px=int(self.settings.lost_after_s * 1000))
-                # Back after being declared lost: a later silence is a new outage.
-                pipe.delete(keys.sandbox_lost(info.id))
+            else:  # (the alive key was set first thing) back after being declared lost:
+                pipe.delete(keys.sandbox_lost(info.id))  # a later silence is a new outage
             await pipe.execute()
         await self.bus.publish(make_event("sandbox.heartbeat", sandbox=info.id, data=to_data(info)))
         return info
+
+    async def sessions_by_state(self) -> dict[str, int]:
+        """This sandbox's sessions, counted by state (every state present, 0 when none)."""
+        counts = dict.fromkeys((s.value for s in SessionState), 0)
+        for record in await self.store.list():
+            if record.sandbox == self.settings.sandbox_id:
+                counts[record.state.value] += 1
+        return counts
 
     async def check_health(self) -> None:
         """One pass over this sandbox's ready sessions: is the desktop running and does its
