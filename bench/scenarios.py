@@ -22,7 +22,7 @@ from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.names import Keys
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
-from workers.docker import DesktopRuntime
+from workers.runtime import DesktopRuntime
 from workers.worker import SandboxWorker
 
 from .harness import (

@@ -21,9 +21,9 @@ from orchestrator.schemas import SessionRecord
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
-from .docker import DesktopError, DesktopRuntime, DockerObject
 from .lifecycle import Lifecycle
 from .pool import WarmPool
+from .runtime import DesktopError, DockerObject, Runtime
 
 log = logging.getLogger("workers.reconciler")
 S = SessionState
@@ -127,7 +127,7 @@ class Reconciler:
         self.lifecycle = lifecycle
         self.store: SessionStore = lifecycle.store
         self.bus: EventBus = lifecycle.bus
-        self.runtime: DesktopRuntime = lifecycle.runtime
+        self.runtime: Runtime = lifecycle.runtime
         self.locks: SessionLocks = lifecycle.locks
         self.sandbox_id = lifecycle.sandbox_id
         self.queue = queue
@@ -142,8 +142,8 @@ class Reconciler:
         # order no claimed desktop is ever seen with neither.
         pooled = frozenset(await self.pool.known()) if self.pool is not None else frozenset()
         records = [r for r in await self.store.list() if r.sandbox == self.sandbox_id]
-        desktops = await self.runtime.list_desktops()
-        volumes = await self.runtime.list_volumes()
+        desktops = await self.runtime.desktops.list_desktops()
+        volumes = await self.runtime.desktops.list_volumes()
         busy = await self.locks.held([r.id for r in records])
         actions = plan(records, desktops, volumes, busy=busy, now=time.time(), grace_s=self.grace_s, pooled=pooled)
         for action in actions:
@@ -185,13 +185,13 @@ class Reconciler:
             self._spawn(self._resume(action.operation, action.session, action.generation))
         elif action.kind == "desktop_lost":
             with contextlib.suppress(DesktopError):
-                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+                await self.runtime.desktops.remove(action.session, stop_timeout=2)
             await self.store.fail(
                 action.session, action.generation, "desktop_lost", f"the desktop {action.reason[12:]}"
             )
         elif action.kind == "recover":
             assert action.generation is not None
-            if await self.runtime.dockerd_answers(action.session):
+            if await self.runtime.inner.answers(action.session):
                 await self.store.transition(
                     action.session, S.READY, generation=action.generation, event_data={"recovered": True}
                 )
@@ -208,11 +208,11 @@ class Reconciler:
             await self.queue.enqueue(operation, self.sandbox_id, record.id, record.generation)
         elif action.kind == "remove_desktop":
             assert action.name
-            await self.runtime.remove_container_by_name(action.name)
+            await self.runtime.desktops.remove_container_by_name(action.name)
             await self._event("reconcile.removed", action, kind="desktop", name=action.name)
         elif action.kind == "remove_volume":
             assert action.name
-            await self.runtime.remove_volume_by_name(action.name)
+            await self.runtime.desktops.remove_volume_by_name(action.name)
             await self._event("reconcile.removed", action, kind="volume", name=action.name)
 
     async def _restart(self, action: Action) -> None:
@@ -221,17 +221,17 @@ class Reconciler:
         recent = [t for t in self._restarts.get(action.session, []) if now - t < RESTART_WINDOW_S]
         if len(recent) >= MAX_RESTARTS:
             with contextlib.suppress(DesktopError):
-                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+                await self.runtime.desktops.remove(action.session, stop_timeout=2)
             message = f"the desktop kept stopping ({MAX_RESTARTS} restarts in {RESTART_WINDOW_S / 60:g} min)"
             await self.store.fail(action.session, action.generation, "desktop_lost", message)
             self._restarts.pop(action.session, None)
             return
         self._restarts[action.session] = [*recent, now]
         try:
-            await self.runtime.start_desktop(action.session)
+            await self.runtime.desktops.start(action.session)
         except DesktopError as e:
             with contextlib.suppress(DesktopError):
-                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+                await self.runtime.desktops.remove(action.session, stop_timeout=2)
             await self.store.fail(action.session, action.generation, "desktop_lost", f"restarting it failed: {e}")
             return
         await self._event("desktop.restarted", action, attempt=len(recent) + 1)

@@ -33,11 +33,11 @@ from orchestrator.states import SessionState
 from orchestrator.store import SessionStore
 
 from . import firewall
-from .docker import DesktopError, DesktopRuntime
 from .lifecycle import Lifecycle
 from .pool import WarmPool
 from .privilege import PrivilegeProfile, candidates, read_bounding_set
 from .reconciler import Reconciler
+from .runtime import DesktopError, DesktopRuntime
 
 log = logging.getLogger("workers.worker")
 S = SessionState
@@ -263,7 +263,7 @@ class SandboxWorker:
                 return options[0]
             for profile in options:
                 try:
-                    why = await self.runtime.probe_profile(profile)
+                    why = await self.runtime.probe.try_profile(profile)
                 except DesktopError as e:
                     log.warning("cannot probe privilege profiles yet (%s); will try before the first desktop", e)
                     self.privilege_decided = False
@@ -278,12 +278,12 @@ class SandboxWorker:
         """Pull the desktop image from this level's registry if the daemon lacks it (a new
         sandbox's daemon starts empty). Without a registry the image must be loaded otherwise."""
         registry, image = self.settings.registry, self.settings.desktop_image
-        if registry is None or await self.runtime.has_image(image):
+        if registry is None or await self.runtime.images.has(image):
             return
         log.info("pulling the desktop image %s from %s", image, registry)
         started = time.monotonic()
         try:
-            found = await self.runtime.pull_from_registry(registry, image)
+            found = await self.runtime.images.pull(registry, image)
         except DesktopError as e:
             log.warning("could not pull the desktop image: %s (will retry before the next desktop)", e)
             return
@@ -301,10 +301,10 @@ class SandboxWorker:
     async def enforce_firewall(self) -> None:
         """Desktops kept off the sandbox's own networks (workers/firewall.py), when enabled."""
         if self.settings.firewall:
-            await firewall.apply(await self.runtime.network_bridge(), self.settings.desktop_deny)
+            await firewall.apply(await self.runtime.desktops.network_bridge(), self.settings.desktop_deny)
 
     async def _on_startup(self, ctx: dict[str, Any]) -> None:
-        await self.runtime.ensure_network()
+        await self.runtime.desktops.ensure_network()
         # Fail closed: no desktop starts on a sandbox whose firewall could not be set.
         await self.enforce_firewall()
         await self.ensure_desktop_image()
@@ -601,7 +601,7 @@ class SandboxWorker:
         pooled = self.pool.owned(ready)
         try:
             async with asyncio.timeout(DOCKER_PROBE_TIMEOUT_S):
-                desktops = await self.runtime.list_desktops()
+                desktops = await self.runtime.desktops.list_desktops()
             self._desktops_seen = sum(1 for d in desktops if d.session not in pooled)
         except (DesktopError, DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
             # The worker is alive even while its dockerd restarts: keep beating (with the last
@@ -658,7 +658,7 @@ class SandboxWorker:
         records = [r for r in await self.store.list() if r.sandbox == self.settings.sandbox_id and r.state is S.READY]
         try:
             async with asyncio.timeout(DOCKER_PROBE_TIMEOUT_S):
-                running: set[str] | None = {d.session for d in await self.runtime.list_desktops() if d.running}
+                running: set[str] | None = {d.session for d in await self.runtime.desktops.list_desktops() if d.running}
         except (DesktopError, DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("the sandbox's dockerd does not answer (%s): its desktops are unhealthy", e)
             running = None  # restarting, say: every desktop is unreachable until it is back
@@ -667,7 +667,7 @@ class SandboxWorker:
                 healthy, reason = False, "the sandbox's dockerd does not answer"
             elif record.id not in running:
                 healthy, reason = False, "the desktop is not running"
-            elif not await self.runtime.dockerd_answers(record.id):
+            elif not await self.runtime.inner.answers(record.id):
                 healthy, reason = False, "the desktop's dockerd does not answer /_ping"
             else:
                 healthy, reason = True, "the desktop runs and its dockerd answers"

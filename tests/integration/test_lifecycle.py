@@ -228,7 +228,7 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
     settings = replace(docker_settings, health_interval_s=0.5, reconcile_interval_s=1.0)
     async with running_worker(settings) as worker:
         sid, events = await ready_session(client)
-        await worker.runtime.load_images(sid, [TEST_IMAGE])
+        await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
         await worker.check_health()  # the first finding: healthy (no event for that)
         docker(how, desktop_name(sid), host=host)
         seen = await client.wait_for(sid, {"desktop.health"}, timeout=10, after=events[-1].id)

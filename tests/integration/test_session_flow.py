@@ -78,7 +78,7 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
     assert dict(info["DriverStatus"])["Backing Filesystem"] == "extfs"
 
     # An image from the sandbox's daemon, loaded through the desktop's socket, runs inside it.
-    moved = await worker.runtime.load_images(sid, [TEST_IMAGE])
+    moved = await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
     assert moved > 100_000
     out = docker(
         "exec",
@@ -103,7 +103,7 @@ async def test_stop_then_start_keeps_the_inner_images(
     assert host
     sid = (await client.create("keep-me"))["id"]
     await client.wait_for(sid, {"session.ready"}, timeout=READY_TIMEOUT)
-    await worker.runtime.load_images(sid, [TEST_IMAGE])
+    await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
 
     stopping = await client.stop(sid)
     assert stopping["state"] == "stopping"

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from orchestrator import states
 from orchestrator.schemas import SessionRecord, SessionSpec
 from orchestrator.states import SessionState
-from workers.docker import DockerObject
 from workers.reconciler import plan
+from workers.runtime import DockerObject
 
 S = SessionState
 SID = "model-session"

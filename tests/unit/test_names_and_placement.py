@@ -14,7 +14,7 @@ from orchestrator.names import (
 )
 from orchestrator.placement import Candidate, NoSandbox, Unsatisfiable, better, choose, eligible
 from orchestrator.schemas import SandboxInfo
-from workers.docker import split_reference
+from workers.runtime import split_reference
 
 
 def test_names_are_deterministic() -> None:

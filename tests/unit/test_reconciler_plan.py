@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 
 from orchestrator.schemas import SessionRecord, SessionSpec
 from orchestrator.states import SessionState
-from workers.docker import DockerObject
 from workers.pool import plan_pool
 from workers.reconciler import plan
+from workers.runtime import DockerObject
 
 S = SessionState
 NOW = 10_000.0
