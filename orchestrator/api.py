@@ -7,7 +7,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
+from litestar.types import ExceptionHandlersMap
 
 from . import __version__, auth, tracing
 from .auth import AuthError, authenticate, authorize
@@ -408,13 +410,47 @@ async def _answer_trace(response: Response[Any]) -> Response[Any]:
     return response
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    settings = settings or Settings.from_env()
+ROUTES = [
+    create_session,
+    list_sessions,
+    get_session,
+    stop_session,
+    start_session,
+    delete_session,
+    firehose_events,
+    session_events,
+    list_sandboxes,
+    drain_sandbox,
+    undrain_sandbox,
+    healthz,
+    metrics,
+    openapi_json,
+    dashboard,
+]
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ServiceError: _service_error,
+    AuthError: _auth_error,
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}
+OPENAPI = OpenAPIConfig(
+    title="Nested desktop orchestrator",
+    version=__version__,
+    # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
+    openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
+    security=[{"bearer": []}],
+    components=Components(
+        security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+    ),
+)
 
-    tracing.install()
-    tokens = auth.parse_tokens(settings.tokens)
-    if not tokens:
-        log.warning("no API tokens configured (ORCH_TOKENS): every request but /healthz will get 401")
+
+def _lifespan(
+    settings: Settings, tokens: tuple[auth.Token, ...]
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """What the app owns while it runs: one Core (Redis shared with the job queue), the SSE
+    hub, the service, and the sandbox monitor running under a task group."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -436,43 +472,21 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await hub.close()
             await core.aclose()
 
+    return lifespan
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+    tracing.install()
+    tokens = auth.parse_tokens(settings.tokens)
+    if not tokens:
+        log.warning("no API tokens configured (ORCH_TOKENS): every request but /healthz will get 401")
     return Litestar(
-        route_handlers=[
-            create_session,
-            list_sessions,
-            get_session,
-            stop_session,
-            start_session,
-            delete_session,
-            firehose_events,
-            session_events,
-            list_sandboxes,
-            drain_sandbox,
-            undrain_sandbox,
-            healthz,
-            metrics,
-            openapi_json,
-            dashboard,
-        ],
+        route_handlers=ROUTES,
         before_request=_begin_trace,
         after_request=_answer_trace,
-        lifespan=[lifespan],
-        exception_handlers={
-            ServiceError: _service_error,
-            AuthError: _auth_error,
-            ValidationException: _validation_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
-        },
-        openapi_config=OpenAPIConfig(
-            title="Nested desktop orchestrator",
-            version=__version__,
-            # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
-            openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
-            security=[{"bearer": []}],
-            components=Components(
-                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
-            ),
-        ),
+        lifespan=[_lifespan(settings, tokens)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OPENAPI,
         request_max_body_size=settings.max_body_bytes,
     )

@@ -51,16 +51,7 @@ class SandboxWorker:
         self.settings = settings
         core = self.core = connect(settings)
         self.redis, self.keys, self.bus, self.store = core.redis, core.keys, core.bus, core.store
-        self.runtime = DesktopRuntime(
-            docker_host=settings.docker_host,
-            image=settings.desktop_image,
-            sandbox_id=settings.sandbox_id,
-            depth=settings.depth,
-            socket_dir=settings.socket_dir,
-            # The first candidate until DesktopPreparation has tried them on the daemon.
-            profile=candidates(settings.privilege, *read_bounding_set())[0],
-            registry=settings.registry,
-        )
+        self.runtime = _runtime(settings)
         self.preparation = DesktopPreparation(self.runtime, settings)
         self.worker_id = f"{settings.sandbox_id}@{settings.hostname}:{os.getpid()}"
         self.metrics = WorkerMetrics(settings.sandbox_id)
@@ -203,6 +194,19 @@ class SandboxWorker:
             pool_target=self.pool.target,
             status=self.drain.status,
         )
+
+
+def _runtime(settings: Settings) -> DesktopRuntime:
+    return DesktopRuntime(
+        docker_host=settings.docker_host,
+        image=settings.desktop_image,
+        sandbox_id=settings.sandbox_id,
+        depth=settings.depth,
+        socket_dir=settings.socket_dir,
+        # The first candidate until DesktopPreparation has tried them on the daemon.
+        profile=candidates(settings.privilege, *read_bounding_set())[0],
+        registry=settings.registry,
+    )
 
 
 async def _first_of(*events: asyncio.Event) -> None:
