@@ -20,7 +20,7 @@ from arq.connections import RedisSettings, create_pool
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from workers.runtime import DesktopRuntime
 from workers.worker import SandboxWorker

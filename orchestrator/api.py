@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import msgspec
 import redis.asyncio as aioredis
-from arq.connections import ArqRedis, create_pool
 from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -21,21 +24,24 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
+from litestar.types import ExceptionHandlersMap
 
 from . import __version__, auth, tracing
 from .auth import AuthError, authenticate, authorize
 from .config import Settings
+from .core import connect
+from .errors import ServiceError
 from .events import EventBus
 from .hub import StreamHub
+from .keys import Keys
+from .loops import every
 from .metrics import desired_sandboxes, family
-from .names import Keys
-from .queue import JobQueue, job_deserializer, job_serializer, oldest_age_s
-from .redis_conn import arq_redis_settings, redis_client
+from .monitor import SandboxMonitor
+from .queue import oldest_age_s
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SessionCreate, SessionList, SessionRecord
-from .service import ServiceError, Sessions, check_session_id
+from .service import Sessions, check_session_id
 from .sse import EventFeed, EventFilter, parse_after
 from .states import SessionState
-from .store import SessionStore
 
 log = logging.getLogger("orchestrator.api")
 DASHBOARD = (Path(__file__).parent / "static" / "dashboard.html").read_bytes()
@@ -293,7 +299,7 @@ async def metrics(state: State) -> str:
         counts[record.state.value] += 1
     sandboxes = await service.sandboxes()
     redis: aioredis.Redis = state.redis
-    keys: Keys = service.keys
+    keys: Keys = state.core.keys
     async with redis.pipeline(transaction=False) as pipe:
         for sandbox in sandboxes:
             pipe.zcard(keys.queue(sandbox.id))
@@ -404,102 +410,83 @@ async def _answer_trace(response: Response[Any]) -> Response[Any]:
     return response
 
 
-async def _watch_sandboxes(sessions: Sessions, interval_s: float) -> None:
-    """The sandbox monitor of this API process (see Sessions.watch_sandboxes). It counts how
-    long Redis has answered without a break (from this process's start, too)."""
-    seen_since: float | None = None
-    while True:
-        await asyncio.sleep(interval_s)
+ROUTES = [
+    create_session,
+    list_sessions,
+    get_session,
+    stop_session,
+    start_session,
+    delete_session,
+    firehose_events,
+    session_events,
+    list_sandboxes,
+    drain_sandbox,
+    undrain_sandbox,
+    healthz,
+    metrics,
+    openapi_json,
+    dashboard,
+]
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ServiceError: _service_error,
+    AuthError: _auth_error,
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}
+OPENAPI = OpenAPIConfig(
+    title="Nested desktop orchestrator",
+    version=__version__,
+    # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
+    openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
+    security=[{"bearer": []}],
+    components=Components(
+        security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+    ),
+)
+
+
+def _lifespan(
+    settings: Settings, tokens: tuple[auth.Token, ...]
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """What the app owns while it runs: one Core (Redis shared with the job queue), the SSE
+    hub, the service, and the sandbox monitor running under a task group."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        core = connect(settings)
+        hub = StreamHub(core.bus, block_ms=int(settings.sse_keepalive_s * 1000))
+        sessions = Sessions(core.store, core.queue, core.sandboxes, settings)
+        monitor = SandboxMonitor(core.sandboxes, core.store, core.bus)
+        app.state.update(
+            tokens=tokens, settings=settings, core=core, redis=core.redis, bus=core.bus, hub=hub, sessions=sessions
+        )
         try:
-            await sessions.store.bus.ping()
-            seen_since = seen_since or time.monotonic()
-            failed = await sessions.watch_sandboxes(time.monotonic() - seen_since)
-        except Exception as e:  # Redis away: the next pass tries again
-            seen_since = None
-            log.warning("sandbox monitor pass failed: %s", e)
-            continue
-        if failed:
-            log.warning("failed %d sessions of unavailable sandboxes (desktop_lost)", len(failed))
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(every, settings.monitor_interval_s, monitor.pass_once, "sandbox monitor")
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
+        finally:
+            await hub.close()
+            await core.aclose()
+
+    return lifespan
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
-
     tracing.install()
     tokens = auth.parse_tokens(settings.tokens)
     if not tokens:
         log.warning("no API tokens configured (ORCH_TOKENS): every request but /healthz will get 401")
-
-    async def startup(app: Litestar) -> None:
-        keys = Keys(settings.key_prefix)
-        redis = redis_client(settings)
-        arq: ArqRedis = await create_pool(
-            arq_redis_settings(settings),
-            job_serializer=job_serializer,
-            job_deserializer=job_deserializer,
-        )
-        bus = EventBus(
-            redis,
-            keys,
-            firehose_maxlen=settings.firehose_maxlen,
-            session_maxlen=settings.session_stream_maxlen,
-        )
-        store = SessionStore(redis, bus)
-        app.state.update(
-            tokens=tokens,
-            settings=settings,
-            redis=redis,
-            arq=arq,
-            bus=bus,
-            hub=StreamHub(bus, block_ms=int(settings.sse_keepalive_s * 1000)),
-            sessions=Sessions(store, JobQueue(arq, keys), redis, keys, settings),
-        )
-        app.state.monitor = asyncio.create_task(_watch_sandboxes(app.state.sessions, settings.monitor_interval_s))
-
-    async def shutdown(app: Litestar) -> None:
-        app.state.monitor.cancel()
-        await app.state.hub.close()
-        await app.state.arq.aclose()
-        await app.state.redis.aclose()
-
     return Litestar(
-        route_handlers=[
-            create_session,
-            list_sessions,
-            get_session,
-            stop_session,
-            start_session,
-            delete_session,
-            firehose_events,
-            session_events,
-            list_sandboxes,
-            drain_sandbox,
-            undrain_sandbox,
-            healthz,
-            metrics,
-            openapi_json,
-            dashboard,
-        ],
+        route_handlers=ROUTES,
         before_request=_begin_trace,
         after_request=_answer_trace,
-        on_startup=[startup],
-        on_shutdown=[shutdown],
-        exception_handlers={
-            ServiceError: _service_error,
-            AuthError: _auth_error,
-            ValidationException: _validation_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
-        },
-        openapi_config=OpenAPIConfig(
-            title="Nested desktop orchestrator",
-            version=__version__,
-            # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
-            openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
-            security=[{"bearer": []}],
-            components=Components(
-                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
-            ),
-        ),
+        lifespan=[_lifespan(settings, tokens)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OPENAPI,
         request_max_body_size=settings.max_body_bytes,
     )

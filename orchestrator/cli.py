@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -244,28 +243,10 @@ def _serve_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_worker(args: argparse.Namespace) -> int:
-    from workers.worker import SandboxWorker
-
-    from .config import Settings
-
-    async def main() -> None:
-        worker = SandboxWorker(Settings.from_env())
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_term() -> None:
-            # The first SIGTERM drains (finish queued and running jobs, then exit: what an
-            # orchestrator's stop or scale-down sends); a second one stops at once.
-            if not worker.drain_requested():
-                stop.set()
-
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGTERM, on_term)
-        await worker.serve(stop)
-
-    asyncio.run(main())
-    return 0
+def _run_worker() -> int:
+    """The worker is its own program (``python -m workers``): the CLI imports no worker code,
+    so an operator's machine needs none of it; this replaces the process with it."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "api":
             return _serve_api(args)
         if args.command == "worker":
-            return _run_worker(args)
+            return _run_worker()
         if args.command == "sessions":
             return asyncio.run(_sessions(args))
         if args.command == "sandboxes":

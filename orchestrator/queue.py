@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from arq.jobs import Job
 
 from . import tracing
-from .names import Keys, job_id
+from .keys import Keys, job_id
 from .schemas import LifecycleJob, to_data
 
 

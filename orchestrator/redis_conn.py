@@ -10,12 +10,24 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 
 from .config import Settings
+from .queue import job_deserializer, job_serializer
+
+
+class JobRedis(ArqRedis):
+    """The one Redis client of a process: app keys, scripts and streams (it is a
+    ``redis.asyncio.Redis``) and arq's jobs, with our JSON job format (no pickle: producers
+    in any language read and write jobs). The worker hands it to arq (``Worker(redis_pool=)``),
+    so jobs travel on the same connections, TLS and Sentinel set-up as everything else."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("job_serializer", job_serializer)
+        kwargs.setdefault("job_deserializer", job_deserializer)
+        super().__init__(*args, **kwargs)
 
 
 def redacted_url(url: str) -> str:
@@ -59,7 +71,7 @@ def _tls(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _SentinelMaster(aioredis.Redis):
+class _SentinelMaster(JobRedis):
     """The master's client, which also closes its connections to the sentinels."""
 
     _sentinel: Sentinel | None = None
@@ -71,12 +83,12 @@ class _SentinelMaster(aioredis.Redis):
                 await client.aclose()
 
 
-def redis_client(settings: Settings, **kwargs: Any) -> aioredis.Redis:
+def redis_client(settings: Settings, **kwargs: Any) -> JobRedis:
     """A client of the Redis master; ``kwargs`` go to ``redis.asyncio.Redis``."""
     options = _url_options(settings)
     tls = _tls(settings, options)
     if not settings.redis_sentinels:
-        client: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url, **tls, **kwargs)
+        client: JobRedis = JobRedis.from_url(settings.redis_url, **tls, **kwargs)
         return client
     if "path" in options:
         raise ValueError("REDIS_SENTINELS needs a redis:// or rediss:// REDIS_URL, not unix://")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .states import SessionState
+from .states import SandboxStatus, SessionState
 
 SessionId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{2,62}$", max_length=63)]
 LabelKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
@@ -186,8 +186,8 @@ class SandboxInfo(Strict):
     pool_target: int = 0
     pool_ready: int = 0
     # available | draining | drained, as the worker says; a reader reports "unavailable" when
-    # the heartbeat is older than the sandbox's lost_after_s.
-    status: str = "available"
+    # the heartbeat is older than the sandbox's lost_after_s (orchestrator/sandboxes.py).
+    status: SandboxStatus = SandboxStatus.AVAILABLE
     # Matched by a session's constraints (e.g. gpu=true); from ORCH_SANDBOX_LABELS.
     labels: dict[str, str] = {}
     # The sandbox's whole machine share, for operators (max_* are per desktop).

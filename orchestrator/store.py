@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from . import states
 from .events import EventBus, encode_event, make_event
-from .names import Keys
+from .keys import Keys
 from .placement import NoCapacity, NoSandbox
 from .schemas import SessionError, SessionRecord, now_rfc3339
 from .states import SessionState

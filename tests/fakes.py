@@ -19,11 +19,14 @@ import redis.asyncio as aioredis
 
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
+from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
-from orchestrator.names import Keys, address_pool, desktop_name, volume_name
+from orchestrator.names import address_pool, desktop_name, volume_name
 from orchestrator.queue import JobQueue, Operation
+from orchestrator.records import new_record
+from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import DockerdReady, Event, Resources, SessionCreate, SessionRecord
-from orchestrator.service import Sessions, new_record
+from orchestrator.service import Sessions
 from orchestrator.store import SessionStore
 from workers.lifecycle import Lifecycle
 from workers.privilege import PrivilegeProfile
@@ -389,7 +392,7 @@ async def open_stack(redis_url: str, runtime: FakeRuntime | None = None) -> Asyn
         ready_timeout_s=5.0,
         stop_timeout_s=1,
     )
-    sessions = Sessions(store, queue, redis, keys, settings)
+    sessions = Sessions(store, queue, SandboxRegistry(redis, keys), settings)
     try:
         yield Stack(redis, keys, bus, store, locks, runtime, queue, lifecycle, sessions, settings)
     finally:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from orchestrator.names import Keys, new_session_id
+from orchestrator.keys import Keys
+from orchestrator.names import new_session_id
 
 from .runtime import DesktopError, Runtime
 

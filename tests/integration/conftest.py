@@ -21,7 +21,8 @@ from orchestrator.auth import hash_token
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
-from orchestrator.names import LABEL_SANDBOX, LABEL_SESSION, Keys
+from orchestrator.keys import Keys
+from orchestrator.names import LABEL_SANDBOX, LABEL_SESSION
 from tests.conftest import free_port
 from workers.worker import SandboxWorker
 

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 
 from .conftest import ADMIN
 

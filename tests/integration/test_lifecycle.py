@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 from orchestrator.client import Client, ServerEvent
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
-from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, LABEL_SESSION, Keys, desktop_name, job_id
+from orchestrator.keys import Keys, job_id
+from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, LABEL_SESSION, desktop_name
 from orchestrator.queue import Operation
 from workers.reconciler import MAX_RESTARTS
 from workers.worker import SandboxWorker
@@ -229,7 +230,7 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
     async with running_worker(settings) as worker:
         sid, events = await ready_session(client)
         await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
-        await worker.check_health()  # the first finding: healthy (no event for that)
+        await worker.health.check()  # the first finding: healthy (no event for that)
         docker(how, desktop_name(sid), host=host)
         seen = await client.wait_for(sid, {"desktop.health"}, timeout=10, after=events[-1].id)
         assert seen[-1].data["data"]["status"] == "unhealthy", seen[-1].data

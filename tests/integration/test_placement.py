@@ -11,10 +11,10 @@ import redis.asyncio as aioredis
 
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 from orchestrator.placement import Candidate, NoCapacity, NoSandbox, choose
+from orchestrator.records import new_record
 from orchestrator.schemas import SessionCreate
-from orchestrator.service import new_record
 from orchestrator.states import SessionState as S
 from orchestrator.store import SessionStore
 

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 from workers.worker import SandboxWorker
 
 from .conftest import count_objects

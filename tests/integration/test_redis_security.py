@@ -28,8 +28,8 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
+from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
-from orchestrator.names import Keys
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from orchestrator.redis_conn import arq_redis_settings, redacted_url, redis_client
 from tests.conftest import free_port

@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.names import Keys, desktop_name, volume_name
+from orchestrator.keys import Keys
+from orchestrator.names import desktop_name, volume_name
 from workers.worker import SandboxWorker
 
 from .conftest import TOKENS, count_objects, docker, running_api, running_worker
@@ -24,7 +25,7 @@ async def pool_ready(worker: SandboxWorker, size: int, timeout: float = 90) -> l
     async with asyncio.timeout(timeout):
         while len(pooled := await worker.pool.pooled()) != size or worker.pool.making or worker.pool.removing:
             await asyncio.sleep(0.05)
-    info = await worker.beat()
+    info = await worker.heartbeat.beat()
     assert (info.pool_target, info.pool_ready) == (worker.pool.target, size)
     return pooled
 

@@ -19,8 +19,8 @@ from typing import Literal
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
+from orchestrator.errors import ServiceError
 from orchestrator.locks import Busy
-from orchestrator.service import ServiceError
 from orchestrator.states import IN_PROGRESS, SessionState
 from tests.fakes import Crash, QueuedJob, Stack, open_stack
 

@@ -4,14 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.names import (
-    address_pool,
-    desktop_name,
-    is_valid_session_id,
-    job_id,
-    new_session_id,
-    volume_name,
-)
+from orchestrator.keys import job_id
+from orchestrator.names import address_pool, desktop_name, is_valid_session_id, new_session_id, volume_name
 from orchestrator.placement import Candidate, NoSandbox, Unsatisfiable, better, choose, eligible
 from orchestrator.schemas import SandboxInfo
 from workers.runtime import split_reference

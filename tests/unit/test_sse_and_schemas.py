@@ -4,8 +4,8 @@ import msgspec
 import pytest
 
 from orchestrator.client import SseParser
+from orchestrator.errors import ServiceError
 from orchestrator.schemas import LifecycleJob, SessionCreate
-from orchestrator.service import ServiceError
 from orchestrator.sse import frame, parse_after
 
 
