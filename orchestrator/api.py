@@ -28,7 +28,7 @@ from litestar.types import ExceptionHandlersMap
 
 from . import __version__, auth, tracing
 from .auth import AuthError, authenticate, authorize
-from .config import Settings
+from .config import ApiSettings, Settings
 from .core import connect
 from .errors import ServiceError
 from .events import EventBus
@@ -447,7 +447,7 @@ OPENAPI = OpenAPIConfig(
 
 
 def _lifespan(
-    settings: Settings, tokens: tuple[auth.Token, ...]
+    settings: ApiSettings, tokens: tuple[auth.Token, ...]
 ) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
     """What the app owns while it runs: one Core (Redis shared with the job queue), the SSE
     hub, the service, and the sandbox monitor running under a task group."""
@@ -475,7 +475,8 @@ def _lifespan(
     return lifespan
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: ApiSettings | None = None) -> Litestar:
+    # Settings, not ApiSettings: a bad worker variable in a shared environment still fails loudly here.
     settings = settings or Settings.from_env()
     tracing.install()
     tokens = auth.parse_tokens(settings.tokens)
