@@ -271,7 +271,10 @@ class SharedSettings(RedisSettings):
     firehose_maxlen: int = setting(None, 100_000, parse=_int, doc="entries kept in the firehose")
     session_stream_maxlen: int = setting(None, 2_000, parse=_int, doc="entries kept in each session's event stream")
     max_sessions: int = setting(
-        "ORCH_MAX_SESSIONS", 50, parse=_int, doc="a sandbox's cap (worker); API: the cap assumed with no sandbox"
+        "ORCH_MAX_SESSIONS",
+        50,
+        parse=_int,
+        doc="sessions a sandbox holds at most, the hard cap (API: the cap assumed with no sandbox)",
     )
     # What one desktop may ask for on this sandbox (the API checks creates against it too).
     max_cpus: float = setting(
@@ -390,7 +393,12 @@ class WorkerSettings(SharedSettings):
     )
     # arq's default 0.5 s would dominate a sub-second session start. 10 ms: pickup p50 ~ 12 ms
     # (bench: queue) for ~100 cheap ZRANGEBYSCOREs a second.
-    poll_delay_s: float = setting("ORCH_POLL_DELAY", 0.01, parse=_float, doc="seconds between arq's polls for jobs")
+    poll_delay_s: float = setting(
+        "ORCH_POLL_DELAY",
+        0.01,
+        parse=_float,
+        doc="seconds between arq's polls for jobs (arq's own 0.5 s would dominate a start)",
+    )
     # Jobs mostly wait on Docker: enough to run a burst of creates at once (bench: 20).
     max_jobs: int = setting("ORCH_MAX_JOBS", 32, parse=_int, doc="jobs a worker runs at once")
     pool_size: int = setting(
@@ -414,7 +422,7 @@ class WorkerSettings(SharedSettings):
         False,
         parse=_flag,
         render=_render_flag,
-        doc="`1`: firewall desktops off the sandbox's own networks (workers/firewall.py)",
+        doc="`1`: firewall desktops off the sandbox's own networks (on in the sandbox image)",
     )
     desktop_deny: tuple[str, ...] = setting(
         "ORCH_DESKTOP_DENY",
