@@ -257,8 +257,10 @@ class RedisSettings:
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             spec = spec_of(field)
-            raw = spec.read(environ, spec.env) if spec.env else None
-            if spec.env and raw:
+            if spec.env is None:
+                continue
+            raw = spec.read(environ, spec.env)
+            if raw:  # unset or empty: the field's default (a computed one is computed only then)
                 values[field.name] = spec.parse(spec.env, raw)
         return cls(**values)
 
@@ -276,7 +278,8 @@ class SharedSettings(RedisSettings):
         parse=_int,
         doc="sessions a sandbox holds at most, the hard cap (API: the cap assumed with no sandbox)",
     )
-    # What one desktop may ask for on this sandbox (the API checks creates against it too).
+    # What one desktop may ask for on this sandbox. The API checks a create against them when
+    # it sends it to ORCH_DEFAULT_SANDBOX before any sandbox has reported its own.
     max_cpus: float = setting(
         "ORCH_MAX_CPUS",
         factory=_cpus,
