@@ -8,7 +8,7 @@ keeps concurrent scrapes from sharing a snapshot."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -66,7 +66,7 @@ async def read_snapshot(service: Sessions, core: Core, sse_followers: int) -> Ap
     )
 
 
-def _gauge(name: str, help: str, label: str, samples: Iterator[tuple[str, float]]) -> GaugeMetricFamily:
+def _gauge(name: str, help: str, label: str, samples: Iterable[tuple[str, float]]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, help, labels=[label])
     for value_of_label, value in samples:
         family.add_metric([value_of_label], value)
@@ -84,7 +84,7 @@ class ApiCollector:
         s = self.snapshot
         boxes = s.sandboxes
         live = [b for b in boxes if b.status in LIVE]
-        yield _gauge("orchestrator_sessions", "Sessions by state.", "state", iter(s.sessions_by_state.items()))
+        yield _gauge("orchestrator_sessions", "Sessions by state.", "state", s.sessions_by_state.items())
         yield _gauge(
             "orchestrator_sandboxes",
             "Known sandboxes by status.",
