@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Annotated, Any
 
 import anyio
 import msgspec
-import redis.asyncio as aioredis
 from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -26,18 +24,15 @@ from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 
-from . import __version__, auth, tracing
+from . import __version__, api_metrics, auth, tracing
 from .auth import AuthError, authenticate, authorize
-from .config import Settings
+from .config import ApiSettings, Settings
 from .core import connect
 from .errors import ServiceError
 from .events import EventBus
 from .hub import StreamHub
-from .keys import Keys
 from .loops import every
-from .metrics import desired_sandboxes, family
 from .monitor import SandboxMonitor
-from .queue import oldest_age_s
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SessionCreate, SessionList, SessionRecord
 from .service import Sessions, check_session_id
 from .sse import EventFeed, EventFilter, parse_after
@@ -292,98 +287,8 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
-    service = _sessions(state)
-    sessions = await service.list(None, {})
-    counts = dict.fromkeys((s.value for s in SessionState), 0)
-    for record in sessions:
-        counts[record.state.value] += 1
-    sandboxes = await service.sandboxes()
-    redis: aioredis.Redis = state.redis
-    keys: Keys = state.core.keys
-    async with redis.pipeline(transaction=False) as pipe:
-        for sandbox in sandboxes:
-            pipe.zcard(keys.queue(sandbox.id))
-            pipe.zrange(keys.queue(sandbox.id), 0, 0, withscores=True)
-        pipe.xlen(keys.firehose)
-        replies = await pipe.execute()
-    now = time.time()
-    queued = {s.id: int(replies[2 * n]) for n, s in enumerate(sandboxes)}
-    age = {s.id: oldest_age_s(replies[2 * n + 1], now) for n, s in enumerate(sandboxes)}
-    statuses = ("available", "draining", "drained", "unavailable")
-    usable = [s for s in sandboxes if s.status in ("available", "draining")]
-    desired = desired_sandboxes(
-        sum(s.placed for s in sandboxes), (s.capacity for s in usable), state.settings.max_sessions
-    )
-    per = [({"sandbox": s.id}, s) for s in sandboxes]
-    lines = [
-        *family("orchestrator_sessions", "gauge", "Sessions by state.", [({"state": k}, v) for k, v in counts.items()]),
-        *family(
-            "orchestrator_sandboxes",
-            "gauge",
-            "Known sandboxes by status.",
-            [({"status": st}, sum(1 for s in sandboxes if s.status == st)) for st in statuses],
-        ),
-        *family(
-            "orchestrator_sandboxes_live",
-            "gauge",
-            "Sandboxes with a fresh heartbeat (available or draining).",
-            [({}, len(usable))],
-        ),
-        *family(
-            "orchestrator_sandbox_up",
-            "gauge",
-            "1 while the sandbox's heartbeat is fresh.",
-            [(lb, int(s.status in ("available", "draining"))) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_sandbox_placed",
-            "gauge",
-            "Sessions placed on the sandbox and not deleted (what its cap counts).",
-            [(lb, s.placed) for lb, s in per],
-        ),
-        *family("orchestrator_sandbox_capacity", "gauge", "The sandbox's cap.", [(lb, s.capacity) for lb, s in per]),
-        *family("orchestrator_queue_depth", "gauge", "Jobs queued per sandbox.", [(lb, queued[s.id]) for lb, s in per]),
-        *family(
-            "orchestrator_queue_oldest_age_seconds",
-            "gauge",
-            "Age of the oldest queued job per sandbox (0: none).",
-            [(lb, round(age[s.id], 3)) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_pool_ready",
-            "gauge",
-            "Warm desktops ready and unclaimed, per sandbox (last heartbeat).",
-            [(lb, s.pool_ready) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_pool_target",
-            "gauge",
-            "Warm desktops each sandbox keeps ready.",
-            [(lb, s.pool_target) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_sandboxes_desired",
-            "gauge",
-            "Autoscaling signal: ceil(sessions holding a place / mean cap of live sandboxes), at least 1.",
-            [({}, desired)],
-        ),
-        *family(
-            "orchestrator_capacity_refusals_total",
-            "counter",
-            "Creates this API process refused with no_capacity.",
-            [({}, service.capacity_refusals)],
-        ),
-        *family(
-            "orchestrator_event_stream_length", "gauge", "Entries in the firehose stream.", [({}, int(replies[-1]))]
-        ),
-        *family(
-            "orchestrator_sse_followers",
-            "gauge",
-            "SSE clients following live events on this API process.",
-            [({}, state.hub.followers)],
-        ),
-    ]
-    return "\n".join(lines) + "\n"
+    snapshot = await api_metrics.read_snapshot(_sessions(state), state.core, state.hub.followers)
+    return api_metrics.render(snapshot)
 
 
 @get("/dashboard", include_in_schema=False, guards=ANY_TOKEN, media_type="text/html")
@@ -447,7 +352,7 @@ OPENAPI = OpenAPIConfig(
 
 
 def _lifespan(
-    settings: Settings, tokens: tuple[auth.Token, ...]
+    settings: ApiSettings, tokens: tuple[auth.Token, ...]
 ) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
     """What the app owns while it runs: one Core (Redis shared with the job queue), the SSE
     hub, the service, and the sandbox monitor running under a task group."""
@@ -475,7 +380,8 @@ def _lifespan(
     return lifespan
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: ApiSettings | None = None) -> Litestar:
+    # Settings, not ApiSettings: a bad worker variable in a shared environment still fails loudly here.
     settings = settings or Settings.from_env()
     tracing.install()
     tokens = auth.parse_tokens(settings.tokens)

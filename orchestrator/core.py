@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Settings
+from .config import SharedSettings
 from .events import EventBus
 from .keys import Keys
 from .queue import JobQueue
@@ -28,7 +28,7 @@ class Core:
         await self.redis.aclose()
 
 
-def connect(settings: Settings) -> Core:
+def connect(settings: SharedSettings) -> Core:
     """Build the graph; connections open lazily, on first use."""
     redis = redis_client(settings)
     keys = Keys(settings.key_prefix)

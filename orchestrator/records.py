@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-from .config import Settings
+from .config import SharedSettings
 from .names import new_session_id
 from .schemas import SessionCreate, SessionRecord, SessionSpec, TtlAction, now_rfc3339
 from .states import SessionState
 
 
-def new_record(request: SessionCreate, sandbox: str, settings: Settings) -> SessionRecord:
+def new_record(request: SessionCreate, sandbox: str, settings: SharedSettings) -> SessionRecord:
     """The `pending` record ``request`` makes on ``sandbox``, with the configured TTL defaults."""
     ttl = request.ttl_seconds if request.ttl_seconds is not None else settings.default_ttl_s
     default_action: TtlAction = "delete" if settings.default_ttl_action == "delete" else "stop"

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from . import states
-from .config import Settings
+from .config import ApiSettings
 from .errors import ServiceError
 from .names import SANDBOX_ID_RE, is_valid_session_id
 from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, resource_problem
@@ -74,7 +74,7 @@ def id_from_idempotency_key(key: str) -> str:
 class Sessions:
     """What the API does with sessions (and the sandboxes they are placed on), apart from HTTP."""
 
-    def __init__(self, store: SessionStore, queue: JobQueue, sandboxes: SandboxRegistry, settings: Settings) -> None:
+    def __init__(self, store: SessionStore, queue: JobQueue, sandboxes: SandboxRegistry, settings: ApiSettings) -> None:
         self.store = store
         self.queue = queue
         self.registry = sandboxes

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from orchestrator.config import Settings
+from orchestrator.config import WorkerSettings
 from orchestrator.events import EventBus, make_event
 from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import DrainRequest, SessionRecord
@@ -36,7 +36,7 @@ WATCH_INTERVAL_S = 1.0
 class Drain:
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         registry: SandboxRegistry,
         bus: EventBus,
         store: SessionStore,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from orchestrator.config import Settings
+from orchestrator.config import WorkerSettings
 from orchestrator.events import EventBus, make_event
 from orchestrator.schemas import SessionRecord
 from orchestrator.states import SessionState
@@ -20,7 +20,7 @@ log = logging.getLogger("workers.health")
 
 
 class HealthCheck:
-    def __init__(self, settings: Settings, store: SessionStore, bus: EventBus, runtime: Runtime) -> None:
+    def __init__(self, settings: WorkerSettings, store: SessionStore, bus: EventBus, runtime: Runtime) -> None:
         self.sandbox_id = settings.sandbox_id
         self.store = store
         self.bus = bus

@@ -13,7 +13,7 @@ import aiohttp
 from aiodocker.exceptions import DockerError
 
 from orchestrator import __version__
-from orchestrator.config import Settings
+from orchestrator.config import WorkerSettings
 from orchestrator.events import EventBus, make_event
 from orchestrator.names import address_pool
 from orchestrator.sandboxes import SandboxRegistry
@@ -52,7 +52,7 @@ async def sessions_by_state(store: SessionStore, sandbox_id: str) -> dict[str, i
 class Heartbeat:
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         registry: SandboxRegistry,
         bus: EventBus,
         store: SessionStore,

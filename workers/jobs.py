@@ -18,7 +18,7 @@ from arq.worker import Function, Retry, Worker, func
 from redis.exceptions import RedisError
 
 from orchestrator import tracing
-from orchestrator.config import Settings
+from orchestrator.config import WorkerSettings
 from orchestrator.locks import Busy
 from orchestrator.placement import resource_problem
 from orchestrator.queue import Operation
@@ -41,7 +41,7 @@ class JobContext:
 
     lifecycle: Lifecycle
     store: SessionStore
-    settings: Settings
+    settings: WorkerSettings
     # Told each job's run time (seconds) and operation, for the worker's metrics.
     observe: Callable[[Operation, float], None]
 

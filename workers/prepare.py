@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from orchestrator.config import Settings
+from orchestrator.config import WorkerSettings
 
 from .privilege import PrivilegeProfile, candidates, read_bounding_set
 from .runtime import DesktopError, DesktopRuntime
@@ -17,7 +17,7 @@ log = logging.getLogger("workers.prepare")
 
 
 class DesktopPreparation:
-    def __init__(self, runtime: DesktopRuntime, settings: Settings) -> None:
+    def __init__(self, runtime: DesktopRuntime, settings: WorkerSettings) -> None:
         self.runtime = runtime
         self.settings = settings
         # Decided for real by choose_privilege; until then, what the runtime was made with.

@@ -22,7 +22,7 @@ import time
 import anyio
 
 from orchestrator import tracing
-from orchestrator.config import Settings
+from orchestrator.config import WorkerSettings
 from orchestrator.core import connect
 from orchestrator.locks import SessionLocks
 from orchestrator.loops import every
@@ -46,7 +46,7 @@ log = logging.getLogger("workers.worker")
 
 
 class SandboxWorker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         tracing.install()
         self.settings = settings
         core = self.core = connect(settings)
@@ -196,7 +196,7 @@ class SandboxWorker:
         )
 
 
-def _runtime(settings: Settings) -> DesktopRuntime:
+def _runtime(settings: WorkerSettings) -> DesktopRuntime:
     return DesktopRuntime(
         docker_host=settings.docker_host,
         image=settings.desktop_image,
@@ -226,7 +226,7 @@ def main() -> None:
     tracing.install()
 
     async def run() -> None:
-        worker = SandboxWorker(Settings.from_env())
+        worker = SandboxWorker(WorkerSettings.from_env())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 

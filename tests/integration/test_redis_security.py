@@ -33,7 +33,7 @@ from orchestrator.locks import SessionLocks
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from orchestrator.redis_conn import arq_redis_settings, redacted_url, redis_client
 from tests.conftest import free_port
-from workers.worker import ResilientWorker
+from workers.jobs import ResilientWorker
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "redis.md"
 PREFIX = "orchestrator:"
