@@ -431,7 +431,7 @@ async def queue(n: int) -> list[Result]:
     arrived: dict[str, asyncio.Event] = {}
     real_run = sandbox.lifecycle.run
 
-    async def timed_run(operation: str, session_id: str, generation: int) -> str:
+    async def timed_run(operation: Operation, session_id: str, generation: int) -> str:
         started[session_id] = time.perf_counter()
         arrived[session_id].set()
         return await real_run(operation, session_id, generation)

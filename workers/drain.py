@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from orchestrator.config import WorkerSettings
 from orchestrator.events import EventBus, make_event
+from orchestrator.queue import Operation
 from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import DrainRequest, SessionRecord
 from orchestrator.states import SandboxStatus, SessionState
@@ -126,7 +127,7 @@ class Drain:
         async def stop(record: SessionRecord) -> str | None:
             try:
                 await self.store.transition(record.id, SessionState.STOPPING, generation=record.generation)
-                result = await self.lifecycle.run("stop", record.id, record.generation)
+                result = await self.lifecycle.run(Operation.STOP, record.id, record.generation)
             except Exception as e:  # one session's trouble must not stop the drain
                 log.warning("drain: stopping %s failed: %s", record.id, e)
                 return None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from orchestrator.events import EventBus, make_event
 from orchestrator.locks import Busy, SessionLocks
 from orchestrator.queue import JobQueue, Operation
-from orchestrator.schemas import SessionRecord
+from orchestrator.schemas import SessionRecord, TtlAction
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
@@ -29,7 +29,12 @@ log = logging.getLogger("workers.reconciler")
 S = SessionState
 
 # The operation that finishes a session found in each in-progress state.
-RESUME = {S.CREATING: "create", S.STARTING: "start", S.STOPPING: "stop", S.DELETING: "delete"}
+RESUME = {
+    S.CREATING: Operation.CREATE,
+    S.STARTING: Operation.START,
+    S.STOPPING: Operation.STOP,
+    S.DELETING: Operation.DELETE,
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,8 @@ class Action:
     kind: str
     session: str
     reason: str
-    operation: str | None = None  # resume: create|start|stop|delete; expire: stop|delete
+    operation: Operation | None = None  # resume
+    then: TtlAction | None = None  # expire
     name: str | None = None  # the Docker object, for removals
     generation: int | None = None
 
@@ -82,7 +88,7 @@ def plan(
                 why = "is gone" if desktop is None else "is stale"
                 actions.append(Action("desktop_lost", r.id, f"the desktop {why}", generation=r.generation))
             elif r.expires_at is not None and now >= r.expires_at:
-                actions.append(Action("expire", r.id, "ttl expired", r.spec.ttl_action, generation=r.generation))
+                actions.append(Action("expire", r.id, "ttl expired", then=r.spec.ttl_action, generation=r.generation))
         elif (
             r.state is S.FAILED and lost_with_sandbox(r) and desktop is not None and desktop.generation == r.generation
         ):
@@ -97,7 +103,7 @@ def plan(
                 and r.expires_at is not None
                 and now >= r.expires_at
             ):
-                actions.append(Action("expire", r.id, "ttl expired", "delete", generation=r.generation))
+                actions.append(Action("expire", r.id, "ttl expired", then="delete", generation=r.generation))
             elif desktop is not None and now - desktop.created_at >= grace_s:
                 actions.append(
                     Action("remove_desktop", r.id, f"left over by a {r.state.value} session", name=desktop.name)
@@ -178,10 +184,10 @@ class Reconciler:
             assert action.generation is not None
             # arq refuses a job id that is queued or running: only a lost job is enqueued again.
             if await self.queue.enqueue(Operation.CREATE, self.sandbox_id, action.session, action.generation):
-                await self._event("reconcile.requeued", action, operation="create")
+                await self._event("reconcile.requeued", action, operation=Operation.CREATE.verb)
         elif action.kind == "resume":
             assert action.operation and action.generation is not None
-            await self._event("reconcile.resumed", action, operation=action.operation)
+            await self._event("reconcile.resumed", action, operation=action.operation.verb)
             self._spawn(self._resume(action.operation, action.session, action.generation))
         elif action.kind == "desktop_lost":
             with contextlib.suppress(DesktopError):
@@ -199,10 +205,10 @@ class Reconciler:
             assert action.generation is not None
             await self._restart(action)
         elif action.kind == "expire":
-            assert action.operation and action.generation is not None
-            await self._event("session.expired", action, then=action.operation)
+            assert action.then and action.generation is not None
+            await self._event("session.expired", action, then=action.then)
             target, operation = (
-                (S.STOPPING, Operation.STOP) if action.operation == "stop" else (S.DELETING, Operation.DELETE)
+                (S.STOPPING, Operation.STOP) if action.then == "stop" else (S.DELETING, Operation.DELETE)
             )
             record = await self.store.transition(action.session, target, generation=action.generation)
             await self.queue.enqueue(operation, self.sandbox_id, record.id, record.generation)
@@ -241,7 +247,7 @@ class Reconciler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _resume(self, operation: str, session_id: str, generation: int) -> None:
+    async def _resume(self, operation: Operation, session_id: str, generation: int) -> None:
         try:
             result = await self.lifecycle.run(operation, session_id, generation)
             log.info("reconcile: resumed %s of %s: %s", operation, session_id, result)

@@ -154,7 +154,7 @@ class World:
                     self.queue.append(("create", self.generation))
             elif action.kind == "resume":
                 assert action.operation and action.generation is not None
-                self.begin(action.operation, action.generation)
+                self.begin(action.operation.verb, action.generation)
                 while self.running:
                     self.step()
             elif action.kind == "desktop_lost":

@@ -3,6 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.queue import Operation
 from orchestrator.schemas import SessionRecord, SessionSpec
 from orchestrator.states import SessionState
 from workers.docker import DockerObject
@@ -47,8 +48,8 @@ def test_interrupted_operations_are_resumed_unless_someone_holds_the_lease() -> 
     records = [record("c", S.CREATING), record("d", S.DELETING), record("p", S.PENDING), record("x", S.STOPPING)]
     actions = plan(records, [], [], busy={"x"}, now=NOW, grace_s=60)
     assert {(a.kind, a.session, a.operation) for a in actions} == {
-        ("resume", "c", "create"),
-        ("resume", "d", "delete"),
+        ("resume", "c", Operation.CREATE),
+        ("resume", "d", Operation.DELETE),
         ("enqueue_create", "p", None),
     }
 
@@ -79,7 +80,7 @@ def test_ttl_expiry_follows_the_spec_action() -> None:
         now=NOW,
         grace_s=60,
     )
-    assert {(a.kind, a.session, a.operation) for a in actions} == {
+    assert {(a.kind, a.session, a.then) for a in actions} == {
         ("expire", "t1", "stop"),
         ("expire", "t2", "delete"),
         ("expire", "t4", "delete"),
