@@ -17,7 +17,7 @@ from orchestrator import states
 from orchestrator.schemas import SessionRecord, SessionSpec
 from orchestrator.states import SessionState
 from workers.docker import DockerObject
-from workers.reconciler import plan
+from workers.reconciler import DesktopLost, EnqueueCreate, RemoveDesktop, RemoveVolume, RestartDesktop, Resume, plan
 
 S = SessionState
 SID = "model-session"
@@ -149,23 +149,22 @@ class World:
             desktops.append(DockerObject("desktop", "desktop-x", SID, generation, running, 0.0))
         volumes = [DockerObject("volume", "volume-x", SID, None, False, 0.0)] if self.volume else []
         for action in plan(records, desktops, volumes, busy=set(), now=now, grace_s=0.0):
-            if action.kind == "enqueue_create":
+            if isinstance(action, EnqueueCreate):
                 if ("create", self.generation) not in self.queue:
                     self.queue.append(("create", self.generation))
-            elif action.kind == "resume":
-                assert action.operation and action.generation is not None
+            elif isinstance(action, Resume):
                 self.begin(action.operation.verb, action.generation)
                 while self.running:
                     self.step()
-            elif action.kind == "desktop_lost":
+            elif isinstance(action, DesktopLost):
                 self.desktop = None
                 self.transition(S.FAILED, self.generation)
-            elif action.kind == "restart_desktop":
+            elif isinstance(action, RestartDesktop):
                 assert self.desktop is not None
                 self.desktop = (self.desktop[0], True)
-            elif action.kind == "remove_desktop":
+            elif isinstance(action, RemoveDesktop):
                 self.desktop = None
-            elif action.kind == "remove_volume":
+            elif isinstance(action, RemoveVolume):
                 self.volume = False
 
 
