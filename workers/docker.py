@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import aiodocker
 import aiohttp
@@ -40,10 +40,29 @@ from .privilege import PrivilegeProfile
 log = logging.getLogger("workers.docker")
 
 
+# The stable codes a DesktopError carries; a session's error.code is one of these, or
+# desktop_lost / internal_error (README "Deadlines and failures").
+DesktopErrorCode = Literal[
+    "desktop_create_failed",
+    "desktop_exited",
+    "desktop_remove_failed",
+    "desktop_start_failed",
+    "dockerd_timeout",
+    "image_missing",
+    "image_pull_failed",
+    "preload_failed",
+    "provision_timeout",
+    "resources_exceed_sandbox",
+    "volume_create_failed",
+    "volume_lost",
+    "volume_remove_failed",
+]
+
+
 class DesktopError(Exception):
     """A failure with a stable code, recorded on the session as its error."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: DesktopErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -505,7 +524,7 @@ class DesktopRuntime:
             async with self.inner_docker(session_id) as inner:
                 await inner.images.import_image(chunks())
         except DockerError as e:
-            code = "image_missing" if e.status == 404 else "preload_failed"
+            code: DesktopErrorCode = "image_missing" if e.status == 404 else "preload_failed"
             raise DesktopError(code, f"could not copy {', '.join(images)} into the desktop: {e.message}") from e
         return moved
 

@@ -233,7 +233,9 @@ class Lifecycle:
             started_at = time.monotonic()
             await self.runtime.start_desktop(session_id)
             self._fault("create:after_start")
-            started = DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind)
+            started = DesktopStarted(
+                container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind.value
+            )
             await self._event(record, "desktop.started", to_data(started))
             phases.mark("start")
             info = await self.runtime.wait_dockerd(session_id, started_at, self.ready_timeout_s)
