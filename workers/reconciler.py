@@ -37,12 +37,10 @@ RESUME = {
     S.DELETING: Operation.DELETE,
 }
 
-
-SANDBOX_BACK = "its sandbox is back and so is its desktop"
-
 # Actions: what one pass corrects, one type each, every one with its session and a reason for
 # people (the log line and the event's ``reason``). Removals carry no generation: the object's
 # session may be unknown.
+SANDBOX_BACK = "its sandbox is back and so is its desktop"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +105,8 @@ class Expire:
 
 @dataclass(frozen=True, kw_only=True)
 class RemoveDesktop:
+    """A labelled desktop nobody needs (its session is unknown, deleted, stopped or failed)."""
+
     session: str
     name: str
     reason: str
@@ -114,6 +114,8 @@ class RemoveDesktop:
 
 @dataclass(frozen=True, kw_only=True)
 class RemoveVolume:
+    """A labelled volume whose session is unknown or deleted."""
+
     session: str
     name: str
     reason: str
