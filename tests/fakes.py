@@ -29,7 +29,7 @@ from orchestrator.schemas import DockerdReady, Event, Resources, SessionCreate, 
 from orchestrator.service import Sessions
 from orchestrator.store import SessionStore
 from workers.lifecycle import Lifecycle
-from workers.privilege import PrivilegeProfile
+from workers.privilege import PrivilegeKind, PrivilegeProfile
 from workers.reconciler import Reconciler
 from workers.runtime import Desktop, DesktopError, Desktops, DockerObject, Images, InnerDaemon, PrivilegeProbe
 
@@ -66,7 +66,7 @@ class FakeRuntime:
         self.sandbox_id = sandbox_id
         self.depth = depth
         self.image = image
-        self._profile = PrivilegeProfile("privileged", "fake")
+        self._profile = PrivilegeProfile(PrivilegeKind.PRIVILEGED, "fake")
         self.containers: dict[str, FakeDesktop] = {}
         self.volumes: dict[str, FakeVolume] = {}
         self.removed_volumes: Counter[str] = Counter()
@@ -354,7 +354,7 @@ class Stack:
 
     async def run(self, job: QueuedJob) -> str:
         """What the worker's arq function does with a job."""
-        return await self.lifecycle.run(job.operation.value.removesuffix("_session"), job.session, job.generation)
+        return await self.lifecycle.run(job.operation, job.session, job.generation)
 
     async def run_queued(self) -> list[str]:
         """Run every queued job, oldest first."""

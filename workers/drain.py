@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from orchestrator.config import WorkerSettings
 from orchestrator.events import EventBus, make_event
+from orchestrator.queue import Operation
 from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import DrainRequest, SessionRecord
 from orchestrator.states import SandboxStatus, SessionState
@@ -92,7 +93,7 @@ class Drain:
         await self.registry.request_drain(self.sandbox_id, request)  # placement skips us from now on
         self.pool.target = 0  # pooled desktops cannot be claimed any more: the pool loop removes them
         log.info("draining sandbox %s (by %s, stop desktops: %s)", self.sandbox_id, request.by, request.stop_desktops)
-        data = {"by": request.by, "stop_desktops": request.stop_desktops}
+        data: dict[str, object] = {"by": request.by, "stop_desktops": request.stop_desktops}
         await self.bus.publish(make_event("sandbox.draining", sandbox=self.sandbox_id, data=data))
         await self.beat()
         left = await self._wait_for_jobs(started + self.settings.drain_timeout_s)
@@ -126,7 +127,7 @@ class Drain:
         async def stop(record: SessionRecord) -> str | None:
             try:
                 await self.store.transition(record.id, SessionState.STOPPING, generation=record.generation)
-                result = await self.lifecycle.run("stop", record.id, record.generation)
+                result = await self.lifecycle.run(Operation.STOP, record.id, record.generation)
             except Exception as e:  # one session's trouble must not stop the drain
                 log.warning("drain: stopping %s failed: %s", record.id, e)
                 return None

@@ -82,7 +82,7 @@ def job_function(operation: Operation, context: JobContext) -> Function:
                 return f"invalid job: {problem}"
         started = time.monotonic()
         try:
-            result = await context.lifecycle.run(operation.value.removesuffix("_session"), job.session, job.generation)
+            result = await context.lifecycle.run(operation, job.session, job.generation)
         except Busy:
             # Another operation on this session runs now: queue behind it.
             raise Retry(defer=0.25) from None

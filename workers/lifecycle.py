@@ -24,6 +24,7 @@ from orchestrator.events import EventBus, make_event
 from orchestrator.locks import SessionLocks
 from orchestrator.names import volume_name
 from orchestrator.placement import resource_problem
+from orchestrator.queue import Operation
 from orchestrator.schemas import DesktopStarted, ImagesLoaded, SessionRecord, VolumeCreated, to_data
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
@@ -121,18 +122,28 @@ class Lifecycle:
             make_event(type, sandbox=self.sandbox_id, session=record.id, generation=record.generation, data=data)
         )
 
-    async def run(self, operation: str, session_id: str, generation: int) -> str:
-        """Run ``operation`` (create | start | stop | delete) under the session's lease.
-        Raises locks.Busy when another operation holds it (the caller retries later)."""
-        handler = {"create": self._create, "start": self._start, "stop": self._stop, "delete": self._delete}[operation]
-        async with self.locks.hold(session_id, operation):
+    async def run(self, operation: Operation, session_id: str, generation: int) -> str:
+        """Run ``operation`` under the session's lease. Raises locks.Busy when another
+        operation holds it (the caller retries later)."""
+        async with self.locks.hold(session_id, operation.verb):
             record = await self._current(session_id, generation)
             if record is None:
                 return "skipped"
             try:
-                return await handler(record)
+                return await self._dispatch(operation, record)
             except SUPERSEDED as e:
                 return f"superseded: {e}"
+
+    async def _dispatch(self, operation: Operation, record: SessionRecord) -> str:
+        match operation:
+            case Operation.CREATE:
+                return await self._create(record)
+            case Operation.START:
+                return await self._start(record)
+            case Operation.STOP:
+                return await self._stop(record)
+            case Operation.DELETE:
+                return await self._delete(record)
 
     # -- operations (called with the lease held) --------------------------------------------
 
@@ -222,7 +233,9 @@ class Lifecycle:
             started_at = time.monotonic()
             await self.runtime.desktops.start(session_id)
             self._fault("create:after_start")
-            started = DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind)
+            started = DesktopStarted(
+                container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind.value
+            )
             await self._event(record, "desktop.started", to_data(started))
             phases.mark("start")
             ready = await self.runtime.inner.wait_ready(session_id, started_at, self.ready_timeout_s)

@@ -3,7 +3,7 @@ sandbox's defaults (see ``orchestrator.service.warm_eligible``).
 
 Each pooled desktop is made under a session id chosen in advance, with a fresh volume named
 for it, so a claim renames nothing: the API pops the id from ``<prefix>pool:<sandbox>`` and
-stores that session's record in the same Lua script (``SessionStore.claim_warm``), and every
+stores that session's record in the same Lua script (``SessionStore.place``), and every
 later operation finds the desktop and volume by the usual names. A pooled desktop never served
 anyone before: each is made new, and a claimed one leaves the pool for good.
 

@@ -192,6 +192,8 @@ async def test_documented_acl_lets_api_and_worker_do_their_work(acl_server: AclS
         assert await api_redis.smembers(keys.session_index) == {b"s1"}
         await worker_redis.rpush(keys.pool("sec"), "w1", "w2")  # type: ignore[misc]
         assert await worker_redis.lrange(keys.pool("sec"), 0, -1) == [b"w1", b"w2"]  # type: ignore[misc]
+        # Placement reads the first warm desktop before it claims it.
+        assert await api_redis.lindex(keys.pool("sec"), 0) == b"w1"  # type: ignore[misc]
         assert await worker_redis.lrem(keys.pool("sec"), 1, "w2") == 1  # type: ignore[misc]
         # The commands the API's and the worker's Lua scripts use, run by EVALSHA as they are.
         script = """

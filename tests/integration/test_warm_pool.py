@@ -51,29 +51,29 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
         async with Client(url, token=TOKENS["admin"]) as client:
             # Three at once, from a full pool: each is ready in the response, none shared.
             records = await asyncio.gather(*(client.create(labels={"n": str(n)}) for n in range(3)))
-            ids = [r["id"] for r in records]
-            assert all(r["state"] == "ready" for r in records)
+            ids = [r.id for r in records]
+            assert all(r.state == "ready" for r in records)
             assert sorted(ids) == sorted(pooled) and len(set(ids)) == 3
             for r in records:
-                events = await client.wait_for(r["id"], {"session.ready"}, timeout=10)
+                events = await client.wait_for(r.id, {"session.ready"}, timeout=10)
                 assert events[-1].data["data"] == {"warm": True}
-                assert (await client.get(r["id"]))["spec"]["labels"] == r["spec"]["labels"]
-                assert count_objects(host, r["id"]) == (1, 1) and running(host, r["id"])
+                assert (await client.get(r.id)).spec.labels == r.spec.labels
+                assert count_objects(host, r.id) == (1, 1) and running(host, r.id)
             # A claimed desktop carries nothing from anyone: a fresh volume, an empty inner daemon.
             inner = docker("exec", desktop_name(ids[0]), "docker", "ps", "-aq", host=host)
             assert inner == "" and docker("exec", desktop_name(ids[0]), "docker", "images", "-q", host=host) == ""
 
             # The pool is empty now: the next create is made cold (and still works).
             cold = await client.create()
-            if cold["state"] != "ready":  # unless the refill already won the race
-                assert (await client.wait_ready(cold["id"], timeout=90))["state"] == "ready"
+            if cold.state != "ready":  # unless the refill already won the race
+                assert (await client.wait_ready(cold.id, timeout=90)).state == "ready"
 
             # Requests the pool cannot serve go cold even with warm desktops waiting.
             refilled = await pool_ready(worker, 3)
             assert not set(refilled) & set(ids)
             with_env = await client.create(env={"GREETING": "hi"})
-            assert with_env["state"] == "pending" and with_env["id"] not in refilled
-            assert (await client.wait_ready(with_env["id"], timeout=90))["state"] == "ready"
+            assert with_env.state == "pending" and with_env.id not in refilled
+            assert (await client.wait_ready(with_env.id, timeout=90)).state == "ready"
 
             # A warm session is an ordinary session afterwards: stop, start, delete.
             sid = ids[1]

@@ -12,6 +12,7 @@ from orchestrator.queue import Operation
 from orchestrator.schemas import SessionCreate, SessionRecord
 from orchestrator.states import SessionState
 from tests.fakes import QueuedJob, Stack, open_stack
+from workers.reconciler import RemoveDesktop
 
 SID = "s-lifecycle"
 CREATED = ["session.pending", "session.creating", "volume.created", "session.starting", "desktop.started"]
@@ -143,7 +144,7 @@ async def test_a_stop_whose_desktop_cannot_be_removed_fails_and_the_reconciler_r
     assert (await stack.event_types(SID))[len(READY) :] == ["session.stopping", "session.failed"]
     assert SID in stack.runtime.containers
     actions = await stack.reconciler().pass_once()
-    assert [(a.kind, a.session) for a in actions] == [("remove_desktop", SID)]
+    assert [(type(a), a.session) for a in actions] == [(RemoveDesktop, SID)]
     assert SID not in stack.runtime.containers
     assert SID in stack.runtime.volumes
 

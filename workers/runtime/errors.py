@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from aiodocker.exceptions import DockerError
 
+from orchestrator.errors import CodedError
+
 T = TypeVar("T")
 
+# The stable codes a DesktopError carries; a session's error.code is one of these, or
+# desktop_lost / internal_error (README "Deadlines and failures").
+DesktopErrorCode = Literal[
+    "desktop_create_failed",
+    "desktop_exited",
+    "desktop_remove_failed",
+    "desktop_start_failed",
+    "dockerd_timeout",
+    "image_missing",
+    "image_pull_failed",
+    "preload_failed",
+    "provision_timeout",
+    "resources_exceed_sandbox",
+    "volume_create_failed",
+    "volume_lost",
+    "volume_remove_failed",
+]
 
-class DesktopError(Exception):
+
+class DesktopError(CodedError):
     """A failure with a stable code, recorded on the session as its error."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    code: DesktopErrorCode
+
+    def __init__(self, code: DesktopErrorCode, message: str) -> None:
+        super().__init__(code, message)
 
 
 async def unless_absent(call: Awaitable[T]) -> T | None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiodocker
 from aiodocker.exceptions import DockerError, DockerStreamError
 
-from .errors import DesktopError, unless_absent
+from .errors import DesktopError, DesktopErrorCode, unless_absent
 from .inner import DockerInnerDaemon
 
 # Chunks of the image archive as they stream from one daemon to the other.
@@ -75,7 +75,7 @@ class DockerImages:
             async with self._inner.client(session_id) as inner:
                 await inner.images.import_image(chunks())
         except DockerError as e:
-            code = "image_missing" if e.status == 404 else "preload_failed"
+            code: DesktopErrorCode = "image_missing" if e.status == 404 else "preload_failed"
             raise DesktopError(code, f"could not copy {', '.join(images)} into the desktop: {e.message}") from e
         return moved
 
