@@ -11,7 +11,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis
-from arq.connections import RedisSettings as ArqRedisSettings
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 
@@ -106,38 +105,3 @@ def redis_client(settings: RedisSettings, **kwargs: Any) -> JobRedis:
     )
     master_client._sentinel = sentinel
     return master_client
-
-
-def arq_redis_settings(settings: RedisSettings) -> ArqRedisSettings:
-    """The same connection for arq (``create_pool``, ``Worker``)."""
-    options = _url_options(settings)
-    tls = _tls(settings, options)
-    credentials = {
-        "database": options.get("db", 0),
-        "username": options.get("username"),
-        "password": options.get("password"),
-    }
-    if settings.redis_sentinels:
-        # arq 0.28 hands its Sentinel no sentinel_kwargs and the master only the ssl flag.
-        if tls or settings.redis_sentinel_password:
-            raise ValueError(
-                "arq cannot reach sentinels over TLS (rediss://) or with ORCH_REDIS_SENTINEL_PASSWORD: "
-                "with REDIS_SENTINELS, use redis:// and sentinels without a password (see docs/redis.md)"
-            )
-        return ArqRedisSettings(
-            host=list(settings.redis_sentinels),
-            sentinel=True,
-            sentinel_master=settings.redis_sentinel_master,
-            **credentials,
-        )
-    return ArqRedisSettings(
-        host=options.get("host", "localhost"),
-        port=options.get("port", 6379),
-        unix_socket_path=options.get("path"),
-        ssl=bool(tls),
-        ssl_ca_certs=tls.get("ssl_ca_certs"),
-        ssl_certfile=tls.get("ssl_certfile"),
-        ssl_keyfile=tls.get("ssl_keyfile"),
-        ssl_check_hostname=tls.get("ssl_check_hostname", False),
-        **credentials,
-    )

@@ -10,7 +10,8 @@ from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from orchestrator.config import Settings
-from orchestrator.redis_conn import arq_redis_settings, redacted_url, redis_client
+from orchestrator.queue import job_deserializer, job_serializer
+from orchestrator.redis_conn import JobRedis, redacted_url, redis_client
 
 
 @pytest.fixture
@@ -80,19 +81,22 @@ def test_redacted_url(url: str, shown: str) -> None:
     assert redacted_url(url) == shown
 
 
-def test_arq_settings_match_the_url() -> None:
-    plain = arq_redis_settings(Settings(redis_url="redis://orchestrator-worker:p%40ss%3Aw@redis:6380/2"))
-    assert (plain.host, plain.port, plain.database) == ("redis", 6380, 2)
-    # Percent-decoded as redis-py does it (arq's own from_dsn would not decode).
-    assert (plain.username, plain.password, plain.ssl) == ("orchestrator-worker", "p@ss:w", False)
-    unix = arq_redis_settings(Settings(redis_url="unix:///run/redis.sock?db=3"))
-    assert (unix.unix_socket_path, unix.database) == ("/run/redis.sock", 3)
+def test_one_client_for_keys_and_jobs_takes_the_url() -> None:
+    plain = redis_client(Settings(redis_url="redis://orchestrator-worker:p%40ss%3Aw@redis:6380/2"))
+    kwargs = plain.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("redis", 6380, 2)
+    # Percent-decoded (arq's own from_dsn would not decode).
+    assert (kwargs["username"], kwargs["password"]) == ("orchestrator-worker", "p@ss:w")
+    # The same client enqueues and consumes jobs, in our JSON format (no pickle).
+    assert isinstance(plain, JobRedis)
+    assert plain.job_serializer is job_serializer and plain.job_deserializer is job_deserializer
+    unix = redis_client(Settings(redis_url="unix:///run/redis.sock?db=3"))
+    kwargs = unix.connection_pool.connection_kwargs
+    assert (kwargs["path"], kwargs["db"]) == ("/run/redis.sock", 3)
 
 
 def test_tls_settings(ca: str) -> None:
     settings = Settings(redis_url="rediss://redis:6379/0", redis_tls_ca=ca)
-    arq = arq_redis_settings(settings)
-    assert (arq.ssl, arq.ssl_ca_certs, arq.ssl_check_hostname, arq.ssl_cert_reqs) == (True, ca, True, "required")
     client = redis_client(settings)
     kwargs = client.connection_pool.connection_kwargs
     assert client.connection_pool.connection_class is SSLConnection
@@ -103,7 +107,7 @@ def test_tls_misconfiguration_is_refused(ca: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"REDIS_TLS_CA_FILE set, but REDIS_URL \(redis://u:\*\*\*@redis/0\)"):
         redis_client(Settings(redis_url="redis://u:secret@redis/0", redis_tls_ca=ca))
     with pytest.raises(ValueError, match=r"REDIS_TLS_CA_FILE='/nonexistent/ca\.crt' is not a file"):
-        arq_redis_settings(Settings(redis_url="rediss://redis/0", redis_tls_ca="/nonexistent/ca.crt"))
+        redis_client(Settings(redis_url="rediss://redis/0", redis_tls_ca="/nonexistent/ca.crt"))
     key = tmp_path / "client.key"
     key.write_text("")
     with pytest.raises(ValueError, match="REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE"):
@@ -134,9 +138,5 @@ async def test_sentinel_settings() -> None:
         ]
     finally:
         await client.aclose()
-    # arq cannot pass a sentinel password on: refused rather than failing later, unexplained.
-    with pytest.raises(ValueError, match="arq cannot reach sentinels"):
-        arq_redis_settings(settings)
-    arq = arq_redis_settings(Settings(redis_url=settings.redis_url, redis_sentinels=settings.redis_sentinels))
-    assert (arq.sentinel, arq.host, arq.sentinel_master) == (True, [("s1", 26379), ("s2", 26380)], "mymaster")
-    assert (arq.username, arq.password, arq.database) == ("worker", "p@ss", 4)
+    # Jobs use this client too, so arq gets the sentinels' password (it could not pass one itself).
+    assert isinstance(client, JobRedis)
