@@ -15,13 +15,13 @@ from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
-from arq.connections import RedisSettings, create_pool
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.keys import Keys
-from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
+from orchestrator.queue import JobQueue, Operation
+from orchestrator.redis_conn import redis_client
 from workers.runtime import DesktopRuntime
 from workers.worker import SandboxWorker
 
@@ -440,9 +440,7 @@ async def queue(n: int) -> list[Result]:
     stop = asyncio.Event()
     serving = asyncio.create_task(sandbox.serve(stop))
     await asyncio.wait_for(sandbox.started.wait(), 60)
-    redis = await create_pool(
-        RedisSettings.from_dsn(settings.redis_url), job_serializer=job_serializer, job_deserializer=job_deserializer
-    )
+    redis = redis_client(settings)  # what the API enqueues with
     jobs = JobQueue(redis, Keys(settings.key_prefix))
     bare_key = f"bench-{tag}:bare-queue"
     consumer = aioredis.Redis.from_url(settings.redis_url)
