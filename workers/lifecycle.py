@@ -29,7 +29,7 @@ from orchestrator.schemas import DesktopStarted, ImagesLoaded, SessionRecord, Vo
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
-from .runtime import DesktopError, Runtime
+from .runtime import Desktop, DesktopError, Runtime
 
 log = logging.getLogger("workers.lifecycle")
 S = SessionState
@@ -199,59 +199,11 @@ class Lifecycle:
     # -- the shared path of create and start ----------------------------------------------
 
     async def _bring_up(self, record: SessionRecord, queued_since: str) -> str:
-        session_id, generation = record.id, record.generation
-        phases = Phases(queued_since)
+        """The error policy of create and start: a coded failure fails the session (desktop
+        removed, volume kept), Redis away ends the job for the reconciler to resume, anything
+        else is an internal_error (never a session silently stuck in creating/starting)."""
         try:
-            problem = resource_problem(record.spec.resources, *self.limits)
-            if problem:
-                raise DesktopError("resources_exceed_sandbox", problem[1])
-            env = await self.store.get_env(session_id) if record.spec.env_keys else {}
-            if self.before_bring_up is not None:
-                await self.before_bring_up()
-            phases.mark("prepare")
-            try:
-                with anyio.fail_after(self.provision_timeout_s):
-                    if record.state is S.CREATING:
-                        if await self.runtime.desktops.ensure_volume(session_id):
-                            data = to_data(VolumeCreated(name=volume_name(session_id)))
-                            await self._event(record, "volume.created", data)
-                        self._fault("create:after_volume")
-                    elif not await self.runtime.desktops.volume_exists(session_id):
-                        # A resume must find the volume: a new empty one would silently lose the data.
-                        raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
-                    phases.mark("volume")
-                    desktop = await self.runtime.desktops.create(session_id, generation, record.spec.resources, env)
-                    self._fault("create:after_container")
-                    phases.mark("create")
-            except TimeoutError:
-                raise DesktopError(
-                    "provision_timeout",
-                    f"making the volume and the desktop took longer than {self.provision_timeout_s:g} s",
-                ) from None
-            if record.state is S.CREATING:
-                record = await self.store.transition(session_id, S.STARTING, generation=generation)
-            started_at = time.monotonic()
-            await self.runtime.desktops.start(session_id)
-            self._fault("create:after_start")
-            started = DesktopStarted(
-                container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind.value
-            )
-            await self._event(record, "desktop.started", to_data(started))
-            phases.mark("start")
-            ready = await self.runtime.inner.wait_ready(session_id, started_at, self.ready_timeout_s)
-            phases.mark("dockerd")
-            self._fault("create:before_ready_event")
-            await self._event(record, "dockerd.ready", to_data(ready))
-            if self.on_dockerd_ready is not None:
-                self.on_dockerd_ready(ready.duration_ms / 1000)
-            self._fault("create:after_ready_event")
-            if record.spec.preload_images:
-                await self._preload(record)
-                phases.mark("preload")
-            await self.store.transition(
-                session_id, S.READY, generation=generation, event_data={"phases_ms": phases.result()}
-            )
-            return "ready"
+            return await self._bring_up_steps(record, Phases(queued_since))
         except DesktopError as e:
             await self._fail(record, e.code, e.message)
             return f"failed: {e.code}"
@@ -260,12 +212,73 @@ class Lifecycle:
         except RedisError:
             # Redis is away: nothing says the session failed, and recording it would fail too.
             # The job ends; once Redis is back the reconciler resumes it (the lease lapses).
-            log.warning("bringing up %s stopped: Redis is unreachable; the reconciler resumes it", session_id)
+            log.warning("bringing up %s stopped: Redis is unreachable; the reconciler resumes it", record.id)
             raise
-        except Exception as e:  # never leave a session silently stuck in creating/starting
-            log.exception("bringing up %s failed", session_id)
+        except Exception as e:
+            log.exception("bringing up %s failed", record.id)
             await self._fail(record, "internal_error", f"{type(e).__name__}: {e}")
             return "failed: internal_error"
+
+    async def _bring_up_steps(self, record: SessionRecord, phases: Phases) -> str:
+        problem = resource_problem(record.spec.resources, *self.limits)
+        if problem:
+            raise DesktopError("resources_exceed_sandbox", problem[1])
+        env = await self.store.get_env(record.id) if record.spec.env_keys else {}
+        if self.before_bring_up is not None:
+            await self.before_bring_up()
+        phases.mark("prepare")
+        desktop = await self._provision(record, env, phases)
+        if record.state is S.CREATING:
+            record = await self.store.transition(record.id, S.STARTING, generation=record.generation)
+        await self._start_and_wait(record, desktop, phases)
+        if record.spec.preload_images:
+            await self._preload(record)
+            phases.mark("preload")
+        await self.store.transition(
+            record.id, S.READY, generation=record.generation, event_data={"phases_ms": phases.result()}
+        )
+        return "ready"
+
+    async def _provision(self, record: SessionRecord, env: dict[str, str], phases: Phases) -> Desktop:
+        """The volume (made on create, required on a resume) and the desktop container, both
+        under the provisioning deadline."""
+        session_id = record.id
+        try:
+            with anyio.fail_after(self.provision_timeout_s):
+                if record.state is S.CREATING:
+                    if await self.runtime.desktops.ensure_volume(session_id):
+                        await self._event(
+                            record, "volume.created", to_data(VolumeCreated(name=volume_name(session_id)))
+                        )
+                    self._fault("create:after_volume")
+                elif not await self.runtime.desktops.volume_exists(session_id):
+                    # A resume must find the volume: a new empty one would silently lose the data.
+                    raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
+                phases.mark("volume")
+                desktop = await self.runtime.desktops.create(session_id, record.generation, record.spec.resources, env)
+                self._fault("create:after_container")
+                phases.mark("create")
+                return desktop
+        except TimeoutError:
+            raise DesktopError(
+                "provision_timeout",
+                f"making the volume and the desktop took longer than {self.provision_timeout_s:g} s",
+            ) from None
+
+    async def _start_and_wait(self, record: SessionRecord, desktop: Desktop, phases: Phases) -> None:
+        started_at = time.monotonic()
+        await self.runtime.desktops.start(record.id)
+        self._fault("create:after_start")
+        started = DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind.value)
+        await self._event(record, "desktop.started", to_data(started))
+        phases.mark("start")
+        ready = await self.runtime.inner.wait_ready(record.id, started_at, self.ready_timeout_s)
+        phases.mark("dockerd")
+        self._fault("create:before_ready_event")
+        await self._event(record, "dockerd.ready", to_data(ready))
+        if self.on_dockerd_ready is not None:
+            self.on_dockerd_ready(ready.duration_ms / 1000)
+        self._fault("create:after_ready_event")
 
     async def _preload(self, record: SessionRecord) -> None:
         """Copy the requested images from the sandbox's daemon into the desktop's (a resumed
