@@ -65,6 +65,15 @@ def redis_url() -> Iterator[str]:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``docker`` every test whose fixtures reach ``docker_host`` (directly or through
+    ``images``, ``docker_settings``, ``worker``...), so ``-m "not docker"`` is exactly the tests
+    that run without a Docker Engine."""
+    for item in items:
+        if isinstance(item, pytest.Function) and "docker_host" in item.fixturenames:
+            item.add_marker(pytest.mark.docker)
+
+
 @pytest.fixture(scope="session")
 def docker_host() -> str:
     """The Docker Engine under test; skips (or fails, under `make test`) when there is none."""

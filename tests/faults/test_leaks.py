@@ -22,7 +22,7 @@ from tests.conftest import free_port
 
 from ..integration.conftest import TOKENS, docker, worker_env
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 CYCLES, CONCURRENCY, WARM_UP = 200, 8, 40
 

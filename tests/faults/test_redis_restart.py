@@ -24,7 +24,7 @@ from tests.conftest import free_port
 
 from ..integration.conftest import TOKENS, count_objects, running_api, worker_env
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 
 AOF = ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]

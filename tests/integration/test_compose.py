@@ -23,7 +23,7 @@ from tests.conftest import free_port
 
 from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, docker
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "scripts" / "stack.sh"
 

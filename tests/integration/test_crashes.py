@@ -19,7 +19,6 @@ from workers.lifecycle import FAULT_POINTS
 
 from .conftest import count_objects, docker, running_worker, worker_env
 
-pytestmark = pytest.mark.docker
 CREATE_FAULTS = [p for p in FAULT_POINTS if p.startswith("create:")]
 DELETE_FAULTS = [p for p in FAULT_POINTS if p.startswith("delete:")]
 
@@ -87,6 +86,7 @@ async def test_delete_converges_after_the_worker_dies_at(client: Client, docker_
     assert count_objects(host, sid) == (0, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_a_burst_of_creates_converges_after_the_worker_is_killed_midway(
     client: Client, docker_settings: Settings

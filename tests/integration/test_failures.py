@@ -12,8 +12,6 @@ from orchestrator.names import LABEL_SESSION, volume_name
 
 from .conftest import docker, running_worker
 
-pytestmark = pytest.mark.docker
-
 
 @pytest.mark.parametrize(
     ("change", "code"),

@@ -20,7 +20,7 @@ from orchestrator.config import Settings
 from .conftest import TOKENS, docker, worker_env
 from .test_compose import Stack, compose_stack, wait_healthy, wait_sandboxes
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 

@@ -19,7 +19,6 @@ from workers.worker import SandboxWorker
 
 from .conftest import TEST_IMAGE, count_objects, docker, running_worker
 
-pytestmark = pytest.mark.docker
 READY = 90.0
 
 

@@ -22,8 +22,6 @@ from tests.conftest import free_port
 
 from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, docker, pipe_in
 
-pytestmark = pytest.mark.docker
-
 
 def info(host: str, *exec_chain: str) -> dict[str, object]:
     out = (

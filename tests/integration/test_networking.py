@@ -7,15 +7,12 @@ import asyncio
 import os
 import subprocess
 
-import pytest
-
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from workers.worker import SandboxWorker
 
 from .conftest import TEST_IMAGE, docker
 
-pytestmark = pytest.mark.docker
 SERVE = "busybox mkdir -p /www && echo hello-from-{name} > /www/index.html && exec busybox httpd -f -p 80 -h /www"
 
 

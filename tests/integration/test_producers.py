@@ -17,8 +17,6 @@ from workers.worker import SandboxWorker
 
 from .conftest import count_objects
 
-pytestmark = pytest.mark.docker
-
 
 async def redis_cli(url: str, *args: str) -> str:
     proc = await asyncio.create_subprocess_exec(

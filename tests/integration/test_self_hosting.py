@@ -18,7 +18,7 @@ from orchestrator.client import Client
 from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, docker, pipe_in
 from .test_compose import ROOT, compose_stack, stack_files, wait_healthy, wait_sandboxes
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 
 @pytest.mark.timeout(1200)

@@ -20,8 +20,6 @@ from workers.worker import SandboxWorker
 
 from .conftest import CAPS, TEST_IMAGE, docker, labels_of
 
-pytestmark = pytest.mark.docker
-
 READY_TIMEOUT = 90.0
 
 

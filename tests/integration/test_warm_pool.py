@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-import pytest
 import redis.asyncio as aioredis
 
 from orchestrator.client import Client
@@ -15,8 +14,6 @@ from orchestrator.names import Keys, desktop_name, volume_name
 from workers.worker import SandboxWorker
 
 from .conftest import TOKENS, count_objects, docker, running_api, running_worker
-
-pytestmark = pytest.mark.docker
 
 
 async def pool_ready(worker: SandboxWorker, size: int, timeout: float = 90) -> list[str]:
