@@ -9,9 +9,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -19,6 +22,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def awaited(reply: Awaitable[T] | T) -> T:
+    """The reply of a ``redis.asyncio`` command, typed: redis-py annotates each command once for
+    both clients, as ``Awaitable[T] | T``, which mypy refuses to await."""
+    if not isinstance(reply, Awaitable):
+        raise TypeError(f"not the reply of a redis.asyncio command: {reply!r}")
+    return await reply
 
 
 @pytest.fixture(scope="session")

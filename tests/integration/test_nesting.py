@@ -35,7 +35,9 @@ def info(host: str, *exec_chain: str) -> dict[str, object]:
 
 def check_level(data: dict[str, object], depth: int) -> None:
     assert data["Driver"] == "overlay2", data["Driver"]
-    assert dict(data["DriverStatus"])["Backing Filesystem"] == "extfs"  # type: ignore[arg-type]
+    status = data["DriverStatus"]  # [["Backing Filesystem", "extfs"], ...]
+    assert isinstance(status, list), status
+    assert dict(status)["Backing Filesystem"] == "extfs", status
     pools = data["DefaultAddressPools"]
     assert pools == [{"Base": f"10.{212 + depth}.0.0/16", "Size": 24}], pools
 

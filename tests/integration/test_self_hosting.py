@@ -86,10 +86,10 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
         assert "dockerd.ready" in created and "depth 4, pool 10.216.0.0/16" in created, created
         inner_id = created.split()[1]
         lines = docker(*cli, "events", "--session", inner_id, "--json", host=host).splitlines()
-        events = [json.loads(line) for line in lines]
-        ready = next(e for e in events if e["type"] == "dockerd.ready")
+        inner_events = [json.loads(line) for line in lines]
+        ready = next(e for e in inner_events if e["type"] == "dockerd.ready")
         assert ready["data"]["depth"] == 4 and ready["data"]["storage_driver"] == "overlay2"
-        assert events[-1]["type"] == "session.ready"
+        assert inner_events[-1]["type"] == "session.ready"
         sandboxes = json.loads(docker(*cli, "sandboxes", "ls", "--json", host=host))
         assert [s["depth"] for s in sandboxes] == [3]
         mark(f"inner session's dockerd (depth 4) ready, {ready['data']['duration_ms']} ms after its desktop started")

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.names import Keys, desktop_name, volume_name
+from tests.conftest import awaited
 from workers.worker import SandboxWorker
 
 from .conftest import TOKENS, count_objects, docker, running_api, running_worker
@@ -88,5 +89,5 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
         async with asyncio.timeout(60):
             while not all(count_objects(host, i) == (0, 0) for i in refilled):
                 await asyncio.sleep(0.2)
-        assert await redis.llen(Keys(settings.key_prefix).pool(settings.sandbox_id)) == 0
+        assert await awaited(redis.llen(Keys(settings.key_prefix).pool(settings.sandbox_id))) == 0
         assert docker("volume", "ls", "-q", "--filter", f"name={volume_name(refilled[0])}", host=host) == ""
