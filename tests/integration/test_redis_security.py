@@ -220,11 +220,14 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
             entry = await bus.publish(make_event("security.test", sandbox="sec", session="s1"))
             assert await bus.last_id(keys.session_events("s1")) == entry
             assert [i for i, _ in await bus.read(keys.firehose, "0-0", count=100)][-1] == entry
-        # Leases: SET NX PX, the renew script (PEXPIRE) and the release script (DEL).
+        # Leases: SET NX PX, the renew script (PEXPIRE) and the release script (DEL). The lease is
+        # 1 s: held past that, under the token it was taken with, only if the renewals worked.
         locks = SessionLocks(worker_redis, keys, lease_s=1.0, owner="sec-worker")
         async with locks.hold("s1", "test"):
-            await asyncio.sleep(0.5)  # past one renewal (lease / 3)
-            assert await locks.held(["s1"]) == {"s1"}
+            token = await worker_redis.get(keys.lock("s1"))
+            assert token is not None
+            await asyncio.sleep(1.3)  # the lease's own 1 s and then some: three renewals (lease / 3)
+            assert await worker_redis.get(keys.lock("s1")) == token
         assert await locks.holder("s1") is None
 
         # Jobs: the API enqueues (once), the worker's arq consumer runs it and keeps the result.
