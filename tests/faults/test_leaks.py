@@ -20,7 +20,7 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from tests.conftest import free_port
 
-from ..integration.conftest import TOKENS, docker, worker_env
+from ..integration.conftest import TOKENS, adocker, worker_env
 
 pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
@@ -113,9 +113,9 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
         assert sandbox["placed"] == 0, sandbox
 
     label = f"label=orchestrator.sandbox={settings.sandbox_id}"
-    assert docker("ps", "-aq", "--filter", label, host=host) == ""
-    assert docker("volume", "ls", "-q", "--filter", label, host=host) == ""
-    networks = docker("network", "ls", "--format", "{{.Name}}", "--filter", label, host=host).split()
+    assert await adocker("ps", "-aq", "--filter", label, host=host) == ""
+    assert await adocker("volume", "ls", "-q", "--filter", label, host=host) == ""
+    networks = (await adocker("network", "ls", "--format", "{{.Name}}", "--filter", label, host=host)).split()
     assert len(networks) <= 1, f"one network per sandbox is expected, found {networks}"
 
     # Redis: only the documented, bounded retention is left (README: events).
