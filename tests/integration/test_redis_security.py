@@ -192,9 +192,9 @@ async def test_documented_acl_lets_api_and_worker_do_their_work(acl_server: AclS
         assert await api_redis.get(keys.session("s1")) == b"record"
         assert await api_redis.mget([keys.session("s1"), keys.sandbox("sec")]) == [b"record", b"{}"]
         assert await awaited(api_redis.smembers(keys.session_index)) == {b"s1"}
-        await worker_redis.rpush(keys.pool("sec"), "w1", "w2")  # type: ignore[misc]
-        assert await worker_redis.lrange(keys.pool("sec"), 0, -1) == [b"w1", b"w2"]  # type: ignore[misc]
-        assert await worker_redis.lrem(keys.pool("sec"), 1, "w2") == 1  # type: ignore[misc]
+        await awaited(worker_redis.rpush(keys.pool("sec"), "w1", "w2"))
+        assert await awaited(worker_redis.lrange(keys.pool("sec"), 0, -1)) == [b"w1", b"w2"]
+        assert await awaited(worker_redis.lrem(keys.pool("sec"), 1, "w2")) == 1
         # The commands the API's and the worker's Lua scripts use, run by EVALSHA as they are.
         script = """
 redis.call('SET', KEYS[1], ARGV[1])
@@ -211,7 +211,7 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
 """
         script_keys = [keys.session_env("s1"), keys.placed("sec"), keys.pool("sec"), keys.session_events("s0")]
         for client in (api_redis, worker_redis):
-            await worker_redis.rpush(keys.pool("sec"), "w3")  # type: ignore[misc]
+            await awaited(worker_redis.rpush(keys.pool("sec"), "w3"))
             result = await client.register_script(script)(keys=script_keys, args=["x"])
             assert result[:4] == [1, 2, b"w1" if client is api_redis else b"w3", 1], result
         # Events: the publish script, then XREAD / XRANGE / XREVRANGE as SSE and the hub read.
