@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import sys
 from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,10 +59,10 @@ async def processes(settings: Settings) -> AsyncIterator[tuple[str, Process, Pro
             await asyncio.wait_for(proc.wait(), 60)
 
 
-async def until(check: Callable[[], object], timeout: float, what: str) -> None:
+async def until(check: Callable[[], Awaitable[object]], timeout: float, what: str) -> None:
     try:
         async with asyncio.timeout(timeout):
-            while not await check():  # type: ignore[misc]
+            while not await check():
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f"{what}: not within {timeout:g} s") from None

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from orchestrator.client import Client
+from orchestrator.client import Client, ServerEvent
 from orchestrator.config import Settings
 from orchestrator.names import (
     LABEL_GENERATION,
@@ -23,7 +23,7 @@ from .conftest import CAPS, TEST_IMAGE, adocker, labels_of
 READY_TIMEOUT = 90.0
 
 
-def types(events: list) -> list[str]:  # type: ignore[type-arg]
+def types(events: list[ServerEvent]) -> list[str]:
     return [e.type for e in events]
 
 

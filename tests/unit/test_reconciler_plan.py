@@ -7,7 +7,7 @@ from orchestrator.schemas import SessionRecord, SessionSpec
 from orchestrator.states import SessionState
 from workers.docker import DockerObject
 from workers.pool import plan_pool
-from workers.reconciler import plan
+from workers.reconciler import Action, plan
 
 S = SessionState
 NOW = 10_000.0
@@ -34,7 +34,7 @@ def volume(sid: str, age: float = 1000) -> DockerObject:
     return DockerObject("volume", f"docker-data-{sid}", sid, None, False, NOW - age)
 
 
-def kinds(actions: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
+def kinds(actions: list[Action]) -> list[tuple[str, str]]:
     return [(a.kind, a.session) for a in actions]
 
 
