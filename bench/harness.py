@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 
 from orchestrator.auth import hash_token, new_token
-from workers.docker import DesktopRuntime
 from workers.privilege import candidates, read_bounding_set
+from workers.runtime import DesktopRuntime
 
 RESULTS = Path(__file__).parent / "results"
 DESKTOP_IMAGE = os.environ.get("ORCH_DESKTOP_IMAGE", "orchestrator/desktop:dev")
@@ -237,7 +237,7 @@ async def bare_runtime(socket_dir: str, sandbox_id: str) -> AsyncIterator[Deskto
         socket_dir=socket_dir,
         profile=profile,
     )
-    await runtime.ensure_network()
+    await runtime.desktops.ensure_network()
     try:
         yield runtime
     finally:
@@ -247,18 +247,18 @@ async def bare_runtime(socket_dir: str, sandbox_id: str) -> AsyncIterator[Deskto
 async def bare_bring_up(runtime: DesktopRuntime, session: str, *, new_volume: bool = True) -> None:
     """The baseline: volume, container, start, inner dockerd answering /_ping."""
     if new_volume:
-        await runtime.ensure_volume(session)
-    await runtime.create_desktop(session, 1)
+        await runtime.desktops.ensure_volume(session)
+    await runtime.desktops.create(session, 1)
     started = time.monotonic()
-    await runtime.start_desktop(session)
-    await runtime.wait_dockerd(session, started, 120)
+    await runtime.desktops.start(session)
+    await runtime.inner.wait_ready(session, started, 120)
 
 
 async def bare_remove(runtime: DesktopRuntime, session: str, *, volume: bool = True) -> None:
-    await runtime.remove_desktop(session, 20)
+    await runtime.desktops.remove(session, 20)
     if volume:
-        await runtime.remove_volume(session)
-    runtime.remove_socket_dir(session)
+        await runtime.desktops.remove_volume(session)
+    runtime.desktops.remove_socket_dir(session)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -20,9 +20,9 @@ from arq.connections import RedisSettings, create_pool
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
-from workers.docker import DesktopRuntime
+from workers.runtime import DesktopRuntime
 from workers.worker import SandboxWorker
 
 from .harness import (
@@ -51,8 +51,8 @@ async def ready_client(svc: Services) -> Client:
     client = Client(svc.url, token=svc.token)
     # Warm-up, not measured: the worker's start-up (privilege probe), first use of the image.
     record = await client.create()
-    await client.wait_ready(record["id"], timeout=120)
-    await delete(client, record["id"])
+    await client.wait_ready(record.id, timeout=120)
+    await delete(client, record.id)
     return client
 
 
@@ -85,13 +85,13 @@ async def cold(n: int) -> list[Result]:
             async def project() -> float:
                 started = time.perf_counter()
                 record = await client.create()
-                events = await client.wait_for(record["id"], {"dockerd.ready", "session.failed"}, timeout=120)
+                events = await client.wait_for(record.id, {"dockerd.ready", "session.failed"}, timeout=120)
                 elapsed = time.perf_counter() - started
                 if events[-1].type != "dockerd.ready":
                     raise RuntimeError(events[-1].data)
-                ready = await client.wait_for(record["id"], {"session.ready"}, timeout=30, after=events[-1].id)
+                ready = await client.wait_for(record.id, {"session.ready"}, timeout=30, after=events[-1].id)
                 phases.append(ready[-1].data["data"]["phases_ms"])
-                await delete(client, record["id"])
+                await delete(client, record.id)
                 return elapsed
 
             await alternate(n, project, lambda: bare_cold(runtime), result)
@@ -182,12 +182,12 @@ async def burst(n: int, size: int = 20) -> list[Result]:
                 records = await asyncio.gather(*(client.create() for _ in range(size)))
                 sampler = asyncio.create_task(sample_rss(svc, rss))
                 try:
-                    await asyncio.wait_for(all_ready({r["id"] for r in records}, after), 300)
+                    await asyncio.wait_for(all_ready({r.id for r in records}, after), 300)
                 finally:
                     sampler.cancel()
                 elapsed = time.perf_counter() - started
                 meter.stop("project", cpu)
-                await asyncio.gather(*(delete(client, r["id"]) for r in records))
+                await asyncio.gather(*(delete(client, r.id) for r in records))
                 return elapsed
 
             async def bare() -> float:
@@ -226,8 +226,8 @@ async def resume(n: int) -> list[Result]:
         client = await ready_client(svc)
         async with client, bare_runtime(svc.socket_dir, svc.sandbox_id) as runtime:
             record = await client.create()
-            await client.wait_ready(record["id"], timeout=120)
-            sid = record["id"]
+            await client.wait_ready(record.id, timeout=120)
+            sid = record.id
             bare_session = new_id()
             await bare_bring_up(runtime, bare_session)
 
@@ -280,11 +280,11 @@ async def warm(n: int, pool: int = 2) -> list[Result]:
                         await asyncio.sleep(0.05)
                 started = time.perf_counter()
                 record = await client.create()
-                events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=120)
+                events = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=120)
                 elapsed = time.perf_counter() - started
                 if events[-1].type != "session.ready" or not events[-1].data["data"].get("warm"):
                     raise RuntimeError(f"not a warm claim: {events[-1].data}")
-                created.append(record["id"])
+                created.append(record.id)
                 return elapsed
 
             await alternate(n, project, lambda: bare_cold(runtime), result)
@@ -431,7 +431,7 @@ async def queue(n: int) -> list[Result]:
     arrived: dict[str, asyncio.Event] = {}
     real_run = sandbox.lifecycle.run
 
-    async def timed_run(operation: str, session_id: str, generation: int) -> str:
+    async def timed_run(operation: Operation, session_id: str, generation: int) -> str:
         started[session_id] = time.perf_counter()
         arrived[session_id].set()
         return await real_run(operation, session_id, generation)
@@ -491,18 +491,18 @@ async def footprint(n: int) -> list[Result]:
             peak = dict(idle)
             sampler = asyncio.create_task(sample_rss(svc, peak))
             records = await asyncio.gather(*(client.create() for _ in range(20)))
-            await asyncio.gather(*(client.wait_ready(r["id"], timeout=300) for r in records))
+            await asyncio.gather(*(client.wait_ready(r.id, timeout=300) for r in records))
             sampler.cancel()
             redis = aioredis.Redis.from_url(svc.redis_url)
             keys = Keys(svc.key_prefix)
             per_session = []
             index = await redis.memory_usage(keys.session_index) or 0
             for r in records:
-                used = await redis.memory_usage(keys.session(r["id"])) or 0
-                used += await redis.memory_usage(keys.session_env(r["id"])) or 0
+                used = await redis.memory_usage(keys.session(r.id)) or 0
+                used += await redis.memory_usage(keys.session_env(r.id)) or 0
                 per_session.append(used + index / len(records))
             await redis.aclose()
-            await asyncio.gather(*(delete(client, r["id"]) for r in records))
+            await asyncio.gather(*(delete(client, r.id) for r in records))
             after = {"api": rss_mb(svc.api.pid), "worker": rss_mb(svc.worker.pid)}
     result.project.values = [idle["worker"]]
     result.notes.update(

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import msgspec
-import redis.asyncio as aioredis
-from arq.connections import ArqRedis, create_pool
 from litestar import Litestar, Request, Response, Router, delete, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -21,21 +22,21 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
+from litestar.types import ExceptionHandlersMap
 
-from . import __version__, auth, tracing
+from . import __version__, api_metrics, auth, tracing
 from .auth import AuthError, authenticate, authorize
-from .config import Settings
+from .config import ApiSettings, Settings
+from .core import connect
+from .errors import ServiceError
 from .events import EventBus
 from .hub import StreamHub
-from .metrics import desired_sandboxes, family
-from .names import Keys
-from .queue import JobQueue, job_deserializer, job_serializer, oldest_age_s
-from .redis_conn import arq_redis_settings, redis_client
+from .loops import every
+from .monitor import SandboxMonitor
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SessionCreate, SessionList, SessionRecord
-from .service import ServiceError, Sessions, check_session_id
+from .service import Sessions, check_session_id
 from .sse import EventFeed, EventFilter, parse_after
 from .states import SessionState
-from .store import SessionStore
 
 log = logging.getLogger("orchestrator.api")
 DASHBOARD = (Path(__file__).parent / "static" / "dashboard.html").read_bytes()
@@ -286,98 +287,8 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
-    service = _sessions(state)
-    sessions = await service.list(None, {})
-    counts = dict.fromkeys((s.value for s in SessionState), 0)
-    for record in sessions:
-        counts[record.state.value] += 1
-    sandboxes = await service.sandboxes()
-    redis: aioredis.Redis = state.redis
-    keys: Keys = service.keys
-    async with redis.pipeline(transaction=False) as pipe:
-        for sandbox in sandboxes:
-            pipe.zcard(keys.queue(sandbox.id))
-            pipe.zrange(keys.queue(sandbox.id), 0, 0, withscores=True)
-        pipe.xlen(keys.firehose)
-        replies = await pipe.execute()
-    now = time.time()
-    queued = {s.id: int(replies[2 * n]) for n, s in enumerate(sandboxes)}
-    age = {s.id: oldest_age_s(replies[2 * n + 1], now) for n, s in enumerate(sandboxes)}
-    statuses = ("available", "draining", "drained", "unavailable")
-    usable = [s for s in sandboxes if s.status in ("available", "draining")]
-    desired = desired_sandboxes(
-        sum(s.placed for s in sandboxes), (s.capacity for s in usable), state.settings.max_sessions
-    )
-    per = [({"sandbox": s.id}, s) for s in sandboxes]
-    lines = [
-        *family("orchestrator_sessions", "gauge", "Sessions by state.", [({"state": k}, v) for k, v in counts.items()]),
-        *family(
-            "orchestrator_sandboxes",
-            "gauge",
-            "Known sandboxes by status.",
-            [({"status": st}, sum(1 for s in sandboxes if s.status == st)) for st in statuses],
-        ),
-        *family(
-            "orchestrator_sandboxes_live",
-            "gauge",
-            "Sandboxes with a fresh heartbeat (available or draining).",
-            [({}, len(usable))],
-        ),
-        *family(
-            "orchestrator_sandbox_up",
-            "gauge",
-            "1 while the sandbox's heartbeat is fresh.",
-            [(lb, int(s.status in ("available", "draining"))) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_sandbox_placed",
-            "gauge",
-            "Sessions placed on the sandbox and not deleted (what its cap counts).",
-            [(lb, s.placed) for lb, s in per],
-        ),
-        *family("orchestrator_sandbox_capacity", "gauge", "The sandbox's cap.", [(lb, s.capacity) for lb, s in per]),
-        *family("orchestrator_queue_depth", "gauge", "Jobs queued per sandbox.", [(lb, queued[s.id]) for lb, s in per]),
-        *family(
-            "orchestrator_queue_oldest_age_seconds",
-            "gauge",
-            "Age of the oldest queued job per sandbox (0: none).",
-            [(lb, round(age[s.id], 3)) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_pool_ready",
-            "gauge",
-            "Warm desktops ready and unclaimed, per sandbox (last heartbeat).",
-            [(lb, s.pool_ready) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_pool_target",
-            "gauge",
-            "Warm desktops each sandbox keeps ready.",
-            [(lb, s.pool_target) for lb, s in per],
-        ),
-        *family(
-            "orchestrator_sandboxes_desired",
-            "gauge",
-            "Autoscaling signal: ceil(sessions holding a place / mean cap of live sandboxes), at least 1.",
-            [({}, desired)],
-        ),
-        *family(
-            "orchestrator_capacity_refusals_total",
-            "counter",
-            "Creates this API process refused with no_capacity.",
-            [({}, service.capacity_refusals)],
-        ),
-        *family(
-            "orchestrator_event_stream_length", "gauge", "Entries in the firehose stream.", [({}, int(replies[-1]))]
-        ),
-        *family(
-            "orchestrator_sse_followers",
-            "gauge",
-            "SSE clients following live events on this API process.",
-            [({}, state.hub.followers)],
-        ),
-    ]
-    return "\n".join(lines) + "\n"
+    snapshot = await api_metrics.read_snapshot(_sessions(state), state.core, state.hub.followers)
+    return api_metrics.render(snapshot)
 
 
 @get("/dashboard", include_in_schema=False, guards=ANY_TOKEN, media_type="text/html")
@@ -404,102 +315,84 @@ async def _answer_trace(response: Response[Any]) -> Response[Any]:
     return response
 
 
-async def _watch_sandboxes(sessions: Sessions, interval_s: float) -> None:
-    """The sandbox monitor of this API process (see Sessions.watch_sandboxes). It counts how
-    long Redis has answered without a break (from this process's start, too)."""
-    seen_since: float | None = None
-    while True:
-        await asyncio.sleep(interval_s)
+ROUTES = [
+    create_session,
+    list_sessions,
+    get_session,
+    stop_session,
+    start_session,
+    delete_session,
+    firehose_events,
+    session_events,
+    list_sandboxes,
+    drain_sandbox,
+    undrain_sandbox,
+    healthz,
+    metrics,
+    openapi_json,
+    dashboard,
+]
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ServiceError: _service_error,
+    AuthError: _auth_error,
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,
+}
+OPENAPI = OpenAPIConfig(
+    title="Nested desktop orchestrator",
+    version=__version__,
+    # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
+    openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
+    security=[{"bearer": []}],
+    components=Components(
+        security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+    ),
+)
+
+
+def _lifespan(
+    settings: ApiSettings, tokens: tuple[auth.Token, ...]
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """What the app owns while it runs: one Core (Redis shared with the job queue), the SSE
+    hub, the service, and the sandbox monitor running under a task group."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        core = connect(settings)
+        hub = StreamHub(core.bus, block_ms=int(settings.sse_keepalive_s * 1000))
+        sessions = Sessions(core.store, core.queue, core.sandboxes, settings)
+        monitor = SandboxMonitor(core.sandboxes, core.store, core.bus)
+        app.state.update(
+            tokens=tokens, settings=settings, core=core, redis=core.redis, bus=core.bus, hub=hub, sessions=sessions
+        )
         try:
-            await sessions.store.bus.ping()
-            seen_since = seen_since or time.monotonic()
-            failed = await sessions.watch_sandboxes(time.monotonic() - seen_since)
-        except Exception as e:  # Redis away: the next pass tries again
-            seen_since = None
-            log.warning("sandbox monitor pass failed: %s", e)
-            continue
-        if failed:
-            log.warning("failed %d sessions of unavailable sandboxes (desktop_lost)", len(failed))
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(every, settings.monitor_interval_s, monitor.pass_once, "sandbox monitor")
+                try:
+                    yield
+                finally:
+                    tasks.cancel_scope.cancel()
+        finally:
+            await hub.close()
+            await core.aclose()
+
+    return lifespan
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+def create_app(settings: ApiSettings | None = None) -> Litestar:
+    # Settings, not ApiSettings: a bad worker variable in a shared environment still fails loudly here.
     settings = settings or Settings.from_env()
-
     tracing.install()
     tokens = auth.parse_tokens(settings.tokens)
     if not tokens:
         log.warning("no API tokens configured (ORCH_TOKENS): every request but /healthz will get 401")
-
-    async def startup(app: Litestar) -> None:
-        keys = Keys(settings.key_prefix)
-        redis = redis_client(settings)
-        arq: ArqRedis = await create_pool(
-            arq_redis_settings(settings),
-            job_serializer=job_serializer,
-            job_deserializer=job_deserializer,
-        )
-        bus = EventBus(
-            redis,
-            keys,
-            firehose_maxlen=settings.firehose_maxlen,
-            session_maxlen=settings.session_stream_maxlen,
-        )
-        store = SessionStore(redis, bus)
-        app.state.update(
-            tokens=tokens,
-            settings=settings,
-            redis=redis,
-            arq=arq,
-            bus=bus,
-            hub=StreamHub(bus, block_ms=int(settings.sse_keepalive_s * 1000)),
-            sessions=Sessions(store, JobQueue(arq, keys), redis, keys, settings),
-        )
-        app.state.monitor = asyncio.create_task(_watch_sandboxes(app.state.sessions, settings.monitor_interval_s))
-
-    async def shutdown(app: Litestar) -> None:
-        app.state.monitor.cancel()
-        await app.state.hub.close()
-        await app.state.arq.aclose()
-        await app.state.redis.aclose()
-
     return Litestar(
-        route_handlers=[
-            create_session,
-            list_sessions,
-            get_session,
-            stop_session,
-            start_session,
-            delete_session,
-            firehose_events,
-            session_events,
-            list_sandboxes,
-            drain_sandbox,
-            undrain_sandbox,
-            healthz,
-            metrics,
-            openapi_json,
-            dashboard,
-        ],
+        route_handlers=ROUTES,
         before_request=_begin_trace,
         after_request=_answer_trace,
-        on_startup=[startup],
-        on_shutdown=[shutdown],
-        exception_handlers={
-            ServiceError: _service_error,
-            AuthError: _auth_error,
-            ValidationException: _validation_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
-        },
-        openapi_config=OpenAPIConfig(
-            title="Nested desktop orchestrator",
-            version=__version__,
-            # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
-            openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
-            security=[{"bearer": []}],
-            components=Components(
-                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
-            ),
-        ),
+        lifespan=[_lifespan(settings, tokens)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OPENAPI,
         request_max_body_size=settings.max_body_bytes,
     )

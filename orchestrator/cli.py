@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -20,6 +19,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -134,32 +134,32 @@ async def _sessions(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.action == "create":
             record = await client.create(args.id, _labels(args.label), args.sandbox)
-            print(f"session {record['id']} on sandbox {record['sandbox']}: {record['state']}")
+            print(f"session {record.id} on sandbox {record.sandbox}: {record.state.value}")
             if args.wait:
-                return await _follow(client, record["id"], {"session.ready"}, args.timeout)
+                return await _follow(client, record.id, {"session.ready"}, args.timeout)
             return 0
         if args.action == "ls":
             rows = await client.list(args.state, args.label)
             if args.json:
-                _print_json(rows)
+                _print_json(msgspec.to_builtins(rows))
                 return 0
             _table(
                 ["ID", "STATE", "GEN", "SANDBOX", "UPDATED", "LABELS"],
                 [
                     [
-                        r["id"],
-                        r["state"],
-                        str(r["generation"]),
-                        r["sandbox"],
-                        r["updated_at"],
-                        ",".join(f"{k}={v}" for k, v in sorted(r["spec"]["labels"].items())),
+                        r.id,
+                        r.state.value,
+                        str(r.generation),
+                        r.sandbox,
+                        r.updated_at,
+                        ",".join(f"{k}={v}" for k, v in sorted(r.spec.labels.items())),
                     ]
                     for r in rows
                 ],
             )
             return 0
         if args.action == "get":
-            _print_json(await client.get(args.id))
+            _print_json(msgspec.to_builtins(await client.get(args.id)))
             return 0
         # --wait follows only what happens from now on: remember where the stream is.
         after = None
@@ -168,10 +168,10 @@ async def _sessions(args: argparse.Namespace) -> int:
                 after = event.id
         verbs = {"stop": client.stop, "start": client.start, "rm": client.delete}
         record = await verbs[args.action](args.id)
-        print(f"session {record['id']}: {record['state']}")
+        print(f"session {record.id}: {record.state.value}")
         if args.wait:
             done = {"stop": {"session.stopped"}, "start": {"session.ready"}, "rm": {"session.deleted"}}
-            return await _follow(client, record["id"], done[args.action], args.timeout, after)
+            return await _follow(client, record.id, done[args.action], args.timeout, after)
         return 0
 
 
@@ -182,25 +182,25 @@ async def _sandboxes(args: argparse.Namespace) -> int:
                 info = await client.drain(args.sandbox, stop_desktops=args.stop_desktops)
             else:
                 info = await client.undrain(args.sandbox)
-            print(f"sandbox {info['id']}: {info['status']}")
+            print(f"sandbox {info.id}: {info.status}")
             return 0
         rows = await client.sandboxes()
     if args.json:
-        _print_json(rows)
+        _print_json(msgspec.to_builtins(rows))
         return 0
     _table(
         ["ID", "STATUS", "DEPTH", "PLACED", "CAPACITY", "LOAD", "FREE DISK", "PRIVILEGE", "SEEN"],
         [
             [
-                s["id"],
-                s["status"],
-                str(s["depth"]),
-                str(s["placed"]),
-                str(s["capacity"]),
-                f"{s['load']:.2f}",
-                f"{s['free_disk_bytes'] / 2**30:.1f} GiB",
-                s["privilege"],
-                s["ts"],
+                s.id,
+                s.status,
+                str(s.depth),
+                str(s.placed),
+                str(s.capacity),
+                f"{s.load:.2f}",
+                f"{s.free_disk_bytes / 2**30:.1f} GiB",
+                s.privilege,
+                s.ts,
             ]
             for s in rows
         ],
@@ -244,28 +244,10 @@ def _serve_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_worker(args: argparse.Namespace) -> int:
-    from workers.worker import SandboxWorker
-
-    from .config import Settings
-
-    async def main() -> None:
-        worker = SandboxWorker(Settings.from_env())
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_term() -> None:
-            # The first SIGTERM drains (finish queued and running jobs, then exit: what an
-            # orchestrator's stop or scale-down sends); a second one stops at once.
-            if not worker.drain_requested():
-                stop.set()
-
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGTERM, on_term)
-        await worker.serve(stop)
-
-    asyncio.run(main())
-    return 0
+def _run_worker() -> int:
+    """The worker is its own program (``python -m workers``): the CLI imports no worker code,
+    so an operator's machine needs none of it; this replaces the process with it."""
+    os.execv(sys.executable, [sys.executable, "-m", "workers"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "api":
             return _serve_api(args)
         if args.command == "worker":
-            return _run_worker(args)
+            return _run_worker()
         if args.command == "sessions":
             return asyncio.run(_sessions(args))
         if args.command == "sandboxes":

@@ -1,4 +1,5 @@
-"""An async client of the HTTP API, used by the CLI and the tests."""
+"""An async client of the HTTP API, used by the CLI and the tests. Responses are decoded into
+the msgspec structs the server sends (orchestrator/schemas.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import builtins
 import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
+import msgspec
+
+from .schemas import SandboxInfo, SandboxList, SessionList, SessionRecord
+
+T = TypeVar("T")
 
 
 class SessionFailed(Exception):
@@ -80,7 +86,8 @@ class Client:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    async def _call(self, type: builtins.type[T], method: str, path: str, **kwargs: Any) -> T:
+        """The response decoded into ``type``, the struct the server sends; ApiError for a refusal."""
         response = await self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
@@ -88,7 +95,7 @@ class Client:
                 raise ApiError(response.status_code, body.get("code", "error"), body.get("message", ""))
             except (ValueError, AttributeError):
                 raise ApiError(response.status_code, "error", response.text[:200]) from None
-        return response.json()
+        return msgspec.json.decode(response.content, type=type)
 
     async def create(
         self,
@@ -96,7 +103,7 @@ class Client:
         labels: dict[str, str] | None = None,
         sandbox: str | None = None,
         **options: Any,
-    ) -> dict[str, Any]:
+    ) -> SessionRecord:
         """``options``: the other fields of ``POST /v1/sessions`` (resources, env, ttl_seconds,
         ttl_action, preload_images), sent as given; the server validates them."""
         body: dict[str, Any] = {"labels": labels or {}, **options}
@@ -104,44 +111,35 @@ class Client:
             body["id"] = session_id
         if sandbox:
             body["sandbox"] = sandbox
-        result: dict[str, Any] = await self._call("POST", "/v1/sessions", json=body)
-        return result
+        return await self._call(SessionRecord, "POST", "/v1/sessions", json=body)
 
-    async def get(self, session_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("GET", f"/v1/sessions/{session_id}")
-        return result
+    async def get(self, session_id: str) -> SessionRecord:
+        return await self._call(SessionRecord, "GET", f"/v1/sessions/{session_id}")
 
-    async def list(self, state: str | None = None, labels: Iterable[str] = ()) -> list[dict[str, Any]]:
-        params: list[tuple[str, str]] = [("label", item) for item in labels]
+    async def list(self, state: str | None = None, labels: Iterable[str] = ()) -> builtins.list[SessionRecord]:
+        params: builtins.list[tuple[str, str]] = [("label", item) for item in labels]
         if state:
             params.append(("state", state))
-        result: list[dict[str, Any]] = (await self._call("GET", "/v1/sessions", params=params))["sessions"]
-        return result
+        return (await self._call(SessionList, "GET", "/v1/sessions", params=params)).sessions
 
-    async def stop(self, session_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("POST", f"/v1/sessions/{session_id}/stop")
-        return result
+    async def stop(self, session_id: str) -> SessionRecord:
+        return await self._call(SessionRecord, "POST", f"/v1/sessions/{session_id}/stop")
 
-    async def start(self, session_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("POST", f"/v1/sessions/{session_id}/start")
-        return result
+    async def start(self, session_id: str) -> SessionRecord:
+        return await self._call(SessionRecord, "POST", f"/v1/sessions/{session_id}/start")
 
-    async def delete(self, session_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("DELETE", f"/v1/sessions/{session_id}")
-        return result
+    async def delete(self, session_id: str) -> SessionRecord:
+        return await self._call(SessionRecord, "DELETE", f"/v1/sessions/{session_id}")
 
-    async def sandboxes(self) -> builtins.list[dict[str, Any]]:
-        result: builtins.list[dict[str, Any]] = (await self._call("GET", "/v1/sandboxes"))["sandboxes"]
-        return result
+    async def sandboxes(self) -> builtins.list[SandboxInfo]:
+        return (await self._call(SandboxList, "GET", "/v1/sandboxes")).sandboxes
 
-    async def drain(self, sandbox_id: str, *, stop_desktops: bool = False) -> dict[str, Any]:
+    async def drain(self, sandbox_id: str, *, stop_desktops: bool = False) -> SandboxInfo:
         params = {"stop_desktops": "true"} if stop_desktops else {}
-        result: dict[str, Any] = await self._call("POST", f"/v1/sandboxes/{sandbox_id}/drain", params=params)
-        return result
+        return await self._call(SandboxInfo, "POST", f"/v1/sandboxes/{sandbox_id}/drain", params=params)
 
-    async def undrain(self, sandbox_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("DELETE", f"/v1/sandboxes/{sandbox_id}/drain")
-        return result
+    async def undrain(self, sandbox_id: str) -> SandboxInfo:
+        return await self._call(SandboxInfo, "DELETE", f"/v1/sandboxes/{sandbox_id}/drain")
 
     async def metrics(self) -> str:
         response = await self._http.get("/metrics")
@@ -178,7 +176,7 @@ class Client:
                     raise
                 await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
 
-    async def wait_ready(self, session_id: str, *, timeout: float = 180.0) -> dict[str, Any]:
+    async def wait_ready(self, session_id: str, *, timeout: float = 180.0) -> SessionRecord:
         """Wait until the session is ready; returns its record. Raises SessionFailed or TimeoutError."""
         events = await self.wait_for(session_id, {"session.ready", "session.failed"}, timeout=timeout)
         last = events[-1]

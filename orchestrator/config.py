@@ -1,54 +1,142 @@
-"""Settings, read once from the environment (``ORCH_*``, ``REDIS_URL``, ``DOCKER_HOST``)."""
+"""Settings, read once from the environment (``ORCH_*``, ``REDIS_*``, ``DOCKER_HOST``).
+
+Each setting is declared once, as a dataclass field made by :func:`setting`: its variable,
+default, parser and a one-line doc. ``from_env``, :func:`to_env` and the README's table
+(``python -m orchestrator.config``) are generated from those fields. The classes follow the
+components: ``RedisSettings`` (the connection), ``SharedSettings`` (what the API and the worker
+both read), ``ApiSettings``, ``WorkerSettings``, and ``Settings``, which has them all."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Self, TypeVar, overload
+
+T = TypeVar("T")
+# (variable, raw value) -> value. A ValueError's message names the variable.
+Parser = Callable[[str, str], T]
+# (environment, variable) -> the raw value; "" or None: the default.
+Reader = Callable[[Mapping[str, str], str], str | None]
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+def _lookup(environ: Mapping[str, str], name: str) -> str | None:
+    return environ.get(name)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a field's metadata holds: how the field is read from and written to the environment."""
+
+    env: str | None  # None: not configurable (a fact about the process, like its hostname)
+    doc: str
+    parse: Parser[Any]
+    render: Callable[[Any], str]
+    read: Reader
+    shown: str | None  # the default as the table shows it, for a computed default
+
+
+_KEY = "orchestrator.setting"
+
+
+@overload
+def setting(
+    env: str | None,
+    default: T,
+    *,
+    parse: Parser[T],
+    doc: str,
+    render: Callable[[T], str] = str,
+    read: Reader = _lookup,
+    secret: bool = False,
+) -> T: ...
+
+
+@overload
+def setting(
+    env: str | None,
+    *,
+    factory: Callable[[], T],
+    shown: str,
+    parse: Parser[T],
+    doc: str,
+    render: Callable[[T], str] = str,
+    read: Reader = _lookup,
+    secret: bool = False,
+) -> T: ...
+
+
+def setting(
+    env: str | None,
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    shown: str | None = None,
+    parse: Parser[Any],
+    doc: str,
+    render: Callable[[Any], str] = str,
+    read: Reader = _lookup,
+    secret: bool = False,
+) -> Any:
+    """A settings field: ``env`` unset or empty gives ``default`` (or ``factory()``, called only
+    then), anything else goes through ``parse``; ``render`` is its inverse, for :func:`to_env`.
+    A ``secret`` is kept out of repr (and so out of tracebacks and test output)."""
+    spec = Setting(env, doc, parse, render, read, shown)
+    return dataclasses.field(default=default, default_factory=factory, repr=not secret, metadata={_KEY: spec})
+
+
+def spec_of(field: dataclasses.Field[Any]) -> Setting:
+    spec = field.metadata.get(_KEY)
+    if not isinstance(spec, Setting):
+        raise TypeError(f"settings field {field.name} is not declared with setting()")
+    return spec
+
+
+# Parsers: (variable, raw) -> value, raw never empty.
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _int(name: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
-def _memory_mb() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            return int(next(line.split()[1] for line in f if line.startswith("MemTotal:"))) // 1024
-    except (OSError, StopIteration, ValueError):
-        return 1024
-
-
-def _tokens_from_env() -> str:
-    inline = os.environ.get("ORCH_TOKENS", "")
-    path = os.environ.get("ORCH_TOKENS_FILE")
-    if path:
-        with open(path) as f:
-            inline = f"{inline};{f.read()}"
-    return inline
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+def _float(name: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
-def _env_sentinels(name: str) -> tuple[tuple[str, int], ...]:
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _flag(name: str, raw: str) -> bool:
+    # Anything else is off, as it always was: a typo never turns the firewall on by surprise.
+    return raw.lower() in _TRUE
+
+
+def _render_flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def _first_item(name: str, raw: str) -> str | None:
+    # ORCH_REGISTRY may list several (start-dockerd trusts them all); the worker pulls from the first.
+    return raw.split(",")[0].strip() or None
+
+
+def _sentinels(name: str, raw: str) -> tuple[tuple[str, int], ...]:
     """``host:port,host:port`` (IPv6 as ``[::1]:26379``) -> ((host, port), ...)."""
-    raw = os.environ.get(name) or ""
     if not raw.strip():
         return ()
     sentinels: list[tuple[str, int]] = []
@@ -61,179 +149,364 @@ def _env_sentinels(name: str) -> tuple[tuple[str, int], ...]:
     return tuple(sentinels)
 
 
+def _render_sentinels(value: tuple[tuple[str, int], ...]) -> str:
+    return ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in value)
+
+
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 
 
-def parse_labels(raw: str) -> dict[str, str]:
+def _labels(name: str, raw: str) -> dict[str, str]:
     """``k=v,k=v`` into a dict; keys as session label keys, values free of ``,``."""
     labels: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not LABEL_RE.fullmatch(key):
-            raise ValueError(f"ORCH_SANDBOX_LABELS: {item!r} is not key=value with a valid key")
+            raise ValueError(f"{name}: {item!r} is not key=value with a valid key")
         labels[key] = value
     return labels
 
 
-def parse_networks(raw: str) -> tuple[str, ...]:
+def _render_labels(value: dict[str, str]) -> str:
+    return ",".join(f"{key}={item}" for key, item in value.items())
+
+
+def _networks(name: str, raw: str) -> tuple[str, ...]:
     """``cidr,cidr`` (IPv4 or IPv6 networks), validated."""
     networks = []
     for item in filter(None, (part.strip() for part in raw.split(","))):
         try:
             networks.append(str(ipaddress.ip_network(item, strict=False)))
         except ValueError:
-            raise ValueError(f"ORCH_DESKTOP_DENY: {item!r} is not a network (like 10.96.0.0/12)") from None
+            raise ValueError(f"{name}: {item!r} is not a network (like 10.96.0.0/12)") from None
     return tuple(networks)
 
 
+def _render_list(value: tuple[str, ...]) -> str:
+    return ",".join(value)
+
+
+def _read_tokens(environ: Mapping[str, str], name: str) -> str:
+    """ORCH_TOKENS, then the contents of the file ORCH_TOKENS_FILE names (a mounted secret)."""
+    inline = environ.get(name, "")
+    path = environ.get(f"{name}_FILE")
+    if path:
+        with open(path) as f:
+            inline = f"{inline};{f.read()}"
+    return inline
+
+
+def _cpus() -> float:
+    return float(os.cpu_count() or 1)
+
+
+def _memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("MemTotal:"))) // 1024
+    except (OSError, StopIteration, ValueError):
+        return 1024
+
+
 @dataclass(frozen=True)
-class Settings:
-    # May hold a password: kept out of repr (and so out of tracebacks and test output).
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
-    # Redis Sentinel (REDIS_SENTINELS "host:port,..."): when set, the master named
-    # redis_sentinel_master is asked of the sentinels, and REDIS_URL only gives its user,
-    # password, db and whether to use TLS (rediss://). See docs/redis.md.
-    redis_sentinels: tuple[tuple[str, int], ...] = ()
-    redis_sentinel_master: str = "mymaster"
-    # The sentinels' own password (their requirepass), if they have one.
-    redis_sentinel_password: str | None = field(default=None, repr=False)
-    # TLS (rediss://): the CA file that signed the server's certificate, and a client
-    # certificate and key for servers that ask for one (tls-auth-clients).
-    redis_tls_ca: str | None = None
-    redis_tls_cert: str | None = None
-    redis_tls_key: str | None = None
-    # Every Redis key the project writes starts with this (arq's own job keys excepted: arq fixes them).
-    key_prefix: str = "orchestrator:"
-    # This worker's sandbox.
-    sandbox_id: str = "local"
-    # API: where sessions go while no sandbox has reported (e.g. make up, whose worker is "local"
-    # and may start after the API). Unset: a create with no live sandbox is refused (503).
-    default_sandbox: str | None = None
-    # Depth of the sandbox's dockerd; its desktops run one level deeper.
-    depth: int = 1
-    docker_host: str | None = None
-    desktop_image: str = "orchestrator/desktop:dev"
-    # This level's registry (host:port, plain HTTP): when the desktop image is missing, the
-    # worker pulls it from there. start-dockerd lists it in the daemon's insecure-registries.
-    registry: str | None = None
-    # Host directory under which each desktop gets a bind-mounted folder holding its dockerd's
-    # socket, so the worker reaches the inner daemon without `docker exec`.
-    socket_dir: str = "/run/orchestrator/desktops"
-    # auto | privileged | caps | runtime:<name>
-    privilege: str = "auto"
-    api_host: str = "127.0.0.1"
-    api_port: int = 8080
-    max_body_bytes: int = 64 * 1024
-    ready_timeout_s: float = 60.0
-    stop_timeout_s: int = 20
-    firehose_maxlen: int = 100_000
-    session_stream_maxlen: int = 2_000
-    heartbeat_interval_s: float = 5.0
-    # How often a worker probes its ready desktops (desktop.health events on changes).
-    health_interval_s: float = 2.0
-    sse_keepalive_s: float = 15.0
-    max_sessions: int = 50
-    # What one desktop may ask for on this sandbox.
-    max_cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
-    max_memory_mb: int = field(default_factory=_memory_mb)
-    max_pids: int = 65536
-    # TTL for sessions that do not set one (0: none) and what happens when it runs out.
-    default_ttl_s: int = 0
-    default_ttl_action: str = "stop"
-    # Deadline for making the volume and the desktop container (readiness has its own).
-    provision_timeout_s: float = 60.0
-    # The reconciler: how often it runs, and how old an object of an unknown or deleted
-    # session must be before it is removed (a create may be between its steps).
-    reconcile_interval_s: float = 10.0
-    orphan_grace_s: float = 300.0
-    # A worker holds a session's lock while it works on it; a dead worker's lock lapses after this.
-    lock_lease_s: float = 15.0
-    # API tokens: "name:sha256hex:scope+scope;..." (see orchestrator/auth.py).
-    tokens: str = ""
-    # Test-only fault hook: the worker SIGKILLs itself on reaching this step (see workers/lifecycle.py).
-    fault_kill_at: str | None = None
-    # arq polls Redis for new jobs; its default 0.5 s dominates a sub-second session start.
-    # 10 ms: pickup p50 ~ 12 ms (bench: queue) for ~100 cheap ZRANGEBYSCOREs a second.
-    poll_delay_s: float = 0.01
-    # Jobs mostly wait on Docker: enough to run a burst of creates at once (bench: 20).
-    max_jobs: int = 32
-    # Warm desktops each sandbox keeps ready for creates that take the defaults (0: no pool).
-    pool_size: int = 0
-    # Labels this sandbox carries, matched by sessions' constraints: ORCH_SANDBOX_LABELS=gpu=true,zone=a
-    sandbox_labels: dict[str, str] = field(default_factory=dict)
-    # A sandbox whose heartbeat is older than this is unavailable: no new sessions, and its
-    # sessions are failed with desktop_lost (see docs/operations.md). Keep it >= 3 heartbeats.
-    lost_after_s: float = 15.0
-    # How often each API process looks for silent sandboxes.
-    monitor_interval_s: float = 2.0
-    # How long a drain (API or SIGTERM) waits for queued and running jobs before the worker exits.
-    drain_timeout_s: float = 90.0
-    # Firewall desktops off the sandbox's own networks (workers/firewall.py): on in the sandbox
-    # image (ORCH_FIREWALL=1), off for a worker run on a host (it would edit the host's rules).
-    firewall: bool = False
-    # More networks desktops must not reach (e.g. a cluster's pod and service ranges).
-    desktop_deny: tuple[str, ...] = ()
-    # The worker's own /metrics (Prometheus) on this TCP port; 0: not served.
-    worker_metrics_port: int = 0
-    hostname: str = field(default_factory=socket.gethostname)
+class RedisSettings:
+    """The Redis connection (orchestrator/redis_conn.py) and the prefix of every key."""
+
+    # Sentinel: REDIS_URL then only gives the master's user, password, db and TLS (docs/redis.md).
+    redis_url: str = setting(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        parse=_text,
+        secret=True,
+        doc="`redis://`, `rediss://` (TLS) or `unix://`, with an ACL user and password",
+    )
+    redis_sentinels: tuple[tuple[str, int], ...] = setting(
+        "REDIS_SENTINELS",
+        (),
+        parse=_sentinels,
+        render=_render_sentinels,
+        doc="`host:port,...` (IPv6 `[::1]:26379`): ask these sentinels for the master",
+    )
+    redis_sentinel_master: str = setting(
+        "REDIS_SENTINEL_MASTER", "mymaster", parse=_text, doc="the master's name at the sentinels"
+    )
+    redis_sentinel_password: str | None = setting(
+        "ORCH_REDIS_SENTINEL_PASSWORD", None, parse=_text, secret=True, doc="the sentinels' own requirepass"
+    )
+    redis_tls_ca: str | None = setting(
+        "REDIS_TLS_CA_FILE", None, parse=_text, doc="CA file for `rediss://` (default: the system CAs)"
+    )
+    redis_tls_cert: str | None = setting(
+        "REDIS_TLS_CERT_FILE", None, parse=_text, doc="client certificate, for servers with tls-auth-clients"
+    )
+    redis_tls_key: str | None = setting("REDIS_TLS_KEY_FILE", None, parse=_text, doc="the client certificate's key")
+    key_prefix: str = setting(
+        "ORCH_KEY_PREFIX",
+        "orchestrator:",
+        parse=_text,
+        doc="start of every Redis key the project writes (arq's job keys excepted: arq fixes them)",
+    )
 
     def __post_init__(self) -> None:
+        """The end of the validation chain: each subclass checks its own fields, then calls super()."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """This class's fields from ``environ`` (default: ``os.environ``); unset or empty: the default."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            spec = spec_of(field)
+            if spec.env is None:
+                continue
+            raw = spec.read(environ, spec.env)
+            if raw:  # unset or empty: the field's default (a computed one is computed only then)
+                values[field.name] = spec.parse(spec.env, raw)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SharedSettings(RedisSettings):
+    """What the API and the worker both read."""
+
+    # Not read from the environment (they never were): fixed stream lengths both sides must agree on.
+    firehose_maxlen: int = setting(None, 100_000, parse=_int, doc="entries kept in the firehose")
+    session_stream_maxlen: int = setting(None, 2_000, parse=_int, doc="entries kept in each session's event stream")
+    max_sessions: int = setting(
+        "ORCH_MAX_SESSIONS",
+        50,
+        parse=_int,
+        doc="sessions a sandbox holds at most, the hard cap (API: the cap assumed with no sandbox)",
+    )
+    # What one desktop may ask for on this sandbox. The API checks a create against them when
+    # it sends it to ORCH_DEFAULT_SANDBOX before any sandbox has reported its own.
+    max_cpus: float = setting(
+        "ORCH_MAX_CPUS",
+        factory=_cpus,
+        shown="the machine's CPUs",
+        parse=_float,
+        doc="most CPUs one desktop may ask for",
+    )
+    max_memory_mb: int = setting(
+        "ORCH_MAX_MEMORY_MB",
+        factory=_memory_mb,
+        shown="the machine's memory",
+        parse=_int,
+        doc="most memory (MiB) one desktop may ask for",
+    )
+    max_pids: int = setting("ORCH_MAX_PIDS", 65536, parse=_int, doc="most processes one desktop may ask for")
+    default_ttl_s: int = setting("ORCH_DEFAULT_TTL", 0, parse=_int, doc="TTL (s) of sessions that set none; 0: none")
+    default_ttl_action: str = setting(
+        "ORCH_DEFAULT_TTL_ACTION", "stop", parse=_text, doc="what a TTL's end does: `stop` or `delete`"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.default_ttl_action not in ("stop", "delete"):
+            raise ValueError(f"ORCH_DEFAULT_TTL_ACTION must be stop or delete, got {self.default_ttl_action!r}")
+
+
+@dataclass(frozen=True)
+class ApiSettings(SharedSettings):
+    """The HTTP API's."""
+
+    api_host: str = setting("ORCH_API_HOST", "127.0.0.1", parse=_text, doc="address the API listens on")
+    api_port: int = setting("ORCH_API_PORT", 8080, parse=_int, doc="port the API listens on")
+    max_body_bytes: int = setting("ORCH_MAX_BODY_BYTES", 64 * 1024, parse=_int, doc="largest request body")
+    sse_keepalive_s: float = setting(
+        "ORCH_SSE_KEEPALIVE", 15.0, parse=_float, doc="seconds between SSE keep-alive comments"
+    )
+    # How often each API process looks for silent sandboxes.
+    monitor_interval_s: float = setting(
+        "ORCH_MONITOR_INTERVAL", 2.0, parse=_float, doc="seconds between looks for lost sandboxes"
+    )
+    # e.g. make up, whose worker is "local" and may start after the API.
+    default_sandbox: str | None = setting(
+        "ORCH_DEFAULT_SANDBOX",
+        None,
+        parse=_text,
+        doc="where sessions wait while no sandbox has reported; unset: such a create gets 503",
+    )
+    tokens: str = setting(
+        "ORCH_TOKENS",
+        "",
+        parse=_text,
+        read=_read_tokens,
+        doc="API tokens `name:sha256hex:scope+scope;...`, plus those in the file `ORCH_TOKENS_FILE` names",
+    )
+
+
+@dataclass(frozen=True)
+class WorkerSettings(SharedSettings):
+    """A sandbox worker's."""
+
+    sandbox_id: str = setting("ORCH_SANDBOX_ID", "local", parse=_text, doc="this worker's sandbox")
+    # Its desktops run one level deeper than the sandbox's dockerd.
+    depth: int = setting("ORCH_DEPTH", 1, parse=_int, doc="nesting depth of the sandbox's dockerd")
+    docker_host: str | None = setting("DOCKER_HOST", None, parse=_text, doc="the sandbox's dockerd")
+    desktop_image: str = setting(
+        "ORCH_DESKTOP_IMAGE", "orchestrator/desktop:dev", parse=_text, doc="image of the desktops"
+    )
+    # start-dockerd lists it (all of a comma list) in the daemon's insecure-registries.
+    registry: str | None = setting(
+        "ORCH_REGISTRY",
+        None,
+        parse=_first_item,
+        doc="this level's registry (host:port, plain HTTP): where a missing desktop image is pulled from",
+    )
+    # So the worker reaches each desktop's dockerd without `docker exec`.
+    socket_dir: str = setting(
+        "ORCH_SOCKET_DIR",
+        "/run/orchestrator/desktops",
+        parse=_text,
+        doc="host directory of the bind-mounted folders holding each desktop's dockerd socket",
+    )
+    privilege: str = setting(
+        "ORCH_PRIVILEGE", "auto", parse=_text, doc="`auto`, `privileged`, `caps` or `runtime:<name>`"
+    )
+    ready_timeout_s: float = setting(
+        "ORCH_READY_TIMEOUT", 60.0, parse=_float, doc="seconds a desktop's dockerd has to get ready"
+    )
+    stop_timeout_s: int = setting("ORCH_STOP_TIMEOUT", 20, parse=_int, doc="seconds a desktop has to stop")
+    provision_timeout_s: float = setting(
+        "ORCH_PROVISION_TIMEOUT", 60.0, parse=_float, doc="seconds to make a desktop's volume and container"
+    )
+    heartbeat_interval_s: float = setting(
+        "ORCH_HEARTBEAT_INTERVAL", 5.0, parse=_float, doc="seconds between the sandbox's heartbeats"
+    )
+    # Keep it >= 3 heartbeats (docs/operations.md).
+    lost_after_s: float = setting(
+        "ORCH_SANDBOX_LOST_AFTER",
+        15.0,
+        parse=_float,
+        doc="heartbeat age (s) after which the sandbox is unavailable and its sessions desktop_lost",
+    )
+    health_interval_s: float = setting(
+        "ORCH_HEALTH_INTERVAL", 2.0, parse=_float, doc="seconds between probes of ready desktops"
+    )
+    # A create may be between its steps: an object that young is not yet an orphan.
+    reconcile_interval_s: float = setting(
+        "ORCH_RECONCILE_INTERVAL", 10.0, parse=_float, doc="seconds between reconciler passes"
+    )
+    orphan_grace_s: float = setting(
+        "ORCH_ORPHAN_GRACE", 300.0, parse=_float, doc="age (s) before an unknown session's object is removed"
+    )
+    lock_lease_s: float = setting(
+        "ORCH_LOCK_LEASE", 15.0, parse=_float, doc="seconds a dead worker's session lock lasts"
+    )
+    # arq's default 0.5 s would dominate a sub-second session start. 10 ms: pickup p50 ~ 12 ms
+    # (bench: queue) for ~100 cheap ZRANGEBYSCOREs a second.
+    poll_delay_s: float = setting(
+        "ORCH_POLL_DELAY",
+        0.01,
+        parse=_float,
+        doc="seconds between arq's polls for jobs (arq's own 0.5 s would dominate a start)",
+    )
+    # Jobs mostly wait on Docker: enough to run a burst of creates at once (bench: 20).
+    max_jobs: int = setting("ORCH_MAX_JOBS", 32, parse=_int, doc="jobs a worker runs at once")
+    pool_size: int = setting(
+        "ORCH_POOL_SIZE", 0, parse=_int, doc="warm desktops kept ready for creates with the defaults"
+    )
+    # setting() returns a dataclasses.field (default_factory=dict): nothing mutable is shared.
+    sandbox_labels: dict[str, str] = setting(  # noqa: RUF009
+        "ORCH_SANDBOX_LABELS",
+        factory=dict,
+        shown="none",
+        parse=_labels,
+        render=_render_labels,
+        doc="`k=v,...` this sandbox carries, matched by sessions' constraints",
+    )
+    drain_timeout_s: float = setting(
+        "ORCH_DRAIN_TIMEOUT", 90.0, parse=_float, doc="seconds a drain waits for jobs before the worker exits"
+    )
+    # On in the sandbox image; off for a worker on a host (it would edit the host's rules).
+    firewall: bool = setting(
+        "ORCH_FIREWALL",
+        False,
+        parse=_flag,
+        render=_render_flag,
+        doc="`1`: firewall desktops off the sandbox's own networks (on in the sandbox image)",
+    )
+    desktop_deny: tuple[str, ...] = setting(
+        "ORCH_DESKTOP_DENY",
+        (),
+        parse=_networks,
+        render=_render_list,
+        doc="more networks (`cidr,...`) desktops must not reach, e.g. a cluster's pod and service ranges",
+    )
+    worker_metrics_port: int = setting(
+        "ORCH_WORKER_METRICS_PORT", 0, parse=_int, doc="TCP port of the worker's /metrics; 0: not served"
+    )
+    fault_kill_at: str | None = setting(
+        "ORCH_FAULT_KILL_AT",
+        None,
+        parse=_text,
+        doc="test only: the worker SIGKILLs itself at this step (workers/lifecycle.py FAULT_POINTS)",
+    )
+    hostname: str = setting(
+        None, factory=socket.gethostname, shown="", parse=_text, doc="the machine's name, in the worker's id"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.lost_after_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"ORCH_SANDBOX_LOST_AFTER ({self.lost_after_s:g} s) must exceed ORCH_HEARTBEAT_INTERVAL"
                 f" ({self.heartbeat_interval_s:g} s): a live sandbox would be declared lost between beats"
             )
-        if self.default_ttl_action not in ("stop", "delete"):
-            raise ValueError(f"ORCH_DEFAULT_TTL_ACTION must be stop or delete, got {self.default_ttl_action!r}")
 
-    @classmethod
-    def from_env(cls) -> Settings:
-        env = os.environ.get
-        return cls(
-            redis_url=env("REDIS_URL") or cls.redis_url,
-            redis_sentinels=_env_sentinels("REDIS_SENTINELS"),
-            redis_sentinel_master=env("REDIS_SENTINEL_MASTER") or cls.redis_sentinel_master,
-            redis_sentinel_password=env("ORCH_REDIS_SENTINEL_PASSWORD") or None,
-            redis_tls_ca=env("REDIS_TLS_CA_FILE") or None,
-            redis_tls_cert=env("REDIS_TLS_CERT_FILE") or None,
-            redis_tls_key=env("REDIS_TLS_KEY_FILE") or None,
-            key_prefix=env("ORCH_KEY_PREFIX") or cls.key_prefix,
-            sandbox_id=env("ORCH_SANDBOX_ID") or cls.sandbox_id,
-            default_sandbox=env("ORCH_DEFAULT_SANDBOX") or None,
-            depth=_env_int("ORCH_DEPTH", cls.depth),
-            docker_host=env("DOCKER_HOST") or None,
-            desktop_image=env("ORCH_DESKTOP_IMAGE") or cls.desktop_image,
-            pool_size=_env_int("ORCH_POOL_SIZE", cls.pool_size),
-            health_interval_s=_env_float("ORCH_HEALTH_INTERVAL", cls.health_interval_s),
-            registry=(env("ORCH_REGISTRY") or "").split(",")[0].strip() or None,
-            socket_dir=env("ORCH_SOCKET_DIR") or cls.socket_dir,
-            privilege=env("ORCH_PRIVILEGE") or cls.privilege,
-            api_host=env("ORCH_API_HOST") or cls.api_host,
-            api_port=_env_int("ORCH_API_PORT", cls.api_port),
-            max_body_bytes=_env_int("ORCH_MAX_BODY_BYTES", cls.max_body_bytes),
-            ready_timeout_s=_env_float("ORCH_READY_TIMEOUT", cls.ready_timeout_s),
-            stop_timeout_s=_env_int("ORCH_STOP_TIMEOUT", cls.stop_timeout_s),
-            heartbeat_interval_s=_env_float("ORCH_HEARTBEAT_INTERVAL", cls.heartbeat_interval_s),
-            sse_keepalive_s=_env_float("ORCH_SSE_KEEPALIVE", cls.sse_keepalive_s),
-            max_sessions=_env_int("ORCH_MAX_SESSIONS", cls.max_sessions),
-            max_cpus=_env_float("ORCH_MAX_CPUS", float(os.cpu_count() or 1)),
-            max_memory_mb=_env_int("ORCH_MAX_MEMORY_MB", _memory_mb()),
-            max_pids=_env_int("ORCH_MAX_PIDS", cls.max_pids),
-            default_ttl_s=_env_int("ORCH_DEFAULT_TTL", cls.default_ttl_s),
-            default_ttl_action=env("ORCH_DEFAULT_TTL_ACTION") or cls.default_ttl_action,
-            provision_timeout_s=_env_float("ORCH_PROVISION_TIMEOUT", cls.provision_timeout_s),
-            reconcile_interval_s=_env_float("ORCH_RECONCILE_INTERVAL", cls.reconcile_interval_s),
-            orphan_grace_s=_env_float("ORCH_ORPHAN_GRACE", cls.orphan_grace_s),
-            lock_lease_s=_env_float("ORCH_LOCK_LEASE", cls.lock_lease_s),
-            fault_kill_at=env("ORCH_FAULT_KILL_AT") or None,
-            tokens=_tokens_from_env(),
-            poll_delay_s=_env_float("ORCH_POLL_DELAY", cls.poll_delay_s),
-            max_jobs=_env_int("ORCH_MAX_JOBS", cls.max_jobs),
-            sandbox_labels=parse_labels(env("ORCH_SANDBOX_LABELS") or ""),
-            lost_after_s=_env_float("ORCH_SANDBOX_LOST_AFTER", cls.lost_after_s),
-            drain_timeout_s=_env_float("ORCH_DRAIN_TIMEOUT", cls.drain_timeout_s),
-            monitor_interval_s=_env_float("ORCH_MONITOR_INTERVAL", cls.monitor_interval_s),
-            worker_metrics_port=_env_int("ORCH_WORKER_METRICS_PORT", cls.worker_metrics_port),
-            firewall=(env("ORCH_FIREWALL") or "0").lower() in ("1", "true", "yes", "on"),
-            desktop_deny=parse_networks(env("ORCH_DESKTOP_DENY") or ""),
-        )
+
+@dataclass(frozen=True)
+class Settings(ApiSettings, WorkerSettings):
+    """Every setting: for the CLI, which starts either component, and for tests that run both."""
+
+
+def to_env(settings: RedisSettings) -> dict[str, str]:
+    """The environment whose ``from_env`` gives ``settings`` back; unset (None) is left out."""
+    env: dict[str, str] = {}
+    for field in dataclasses.fields(settings):
+        spec = spec_of(field)
+        value = getattr(settings, field.name)
+        if spec.env is None or value is None:
+            continue
+        env[spec.env] = spec.render(value)
+        if env[spec.env] == "" and value != _default(field):
+            # from_env reads an empty variable as unset, so this value would come back as the default.
+            raise ValueError(f"{spec.env}: {value!r} cannot be said in the environment (empty means the default)")
+    return env
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _shown(field: dataclasses.Field[Any]) -> str:
+    spec = spec_of(field)
+    if spec.shown is not None:
+        return spec.shown
+    default = _default(field)
+    if default is None:
+        return "unset"
+    rendered = spec.render(default)
+    return f"`{rendered}`" if rendered else "none"
+
+
+def table() -> str:
+    """Every variable as a markdown table: what reads it, its default, what it does."""
+    owners = [(SharedSettings, "API, worker"), (ApiSettings, "API"), (WorkerSettings, "worker")]
+    rows = ["| Variable | Read by | Default | Meaning |", "| --- | --- | --- | --- |"]
+    seen: set[str] = set()
+    for cls, readers in owners:
+        for field in dataclasses.fields(cls):
+            spec = spec_of(field)
+            if spec.env is None or field.name in seen:  # a subclass lists its bases' fields again
+                continue
+            seen.add(field.name)
+            rows.append(f"| `{spec.env}` | {readers} | {_shown(field)} | {spec.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(table() + "\n")

@@ -15,7 +15,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from . import tracing
-from .names import Keys
+from .keys import Keys
 from .schemas import Event, now_rfc3339
 
 # KEYS: firehose, session stream (optional). ARGV: event json, firehose maxlen, session maxlen.

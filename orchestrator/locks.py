@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
-from .names import Keys
+from .keys import Keys
 
 log = logging.getLogger("orchestrator.locks")
 

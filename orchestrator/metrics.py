@@ -1,5 +1,6 @@
-"""Prometheus text exposition (format 0.0.4), written by hand: a few gauges and histograms
-do not need a client library. Pure; the API and the worker render their own families."""
+"""Prometheus text exposition (format 0.0.4), written by hand, for the worker's /metrics (the
+API's goes through prometheus_client: orchestrator/api_metrics.py). Pure. Also the autoscaling
+signal, which the API exports."""
 
 from __future__ import annotations
 

@@ -15,15 +15,23 @@ from arq.connections import ArqRedis
 from arq.jobs import Job
 
 from . import tracing
-from .names import Keys, job_id
+from .keys import Keys, job_id
 from .schemas import LifecycleJob, to_data
 
 
 class Operation(enum.StrEnum):
+    """A lifecycle operation. The values are the arq function names (the job contract)."""
+
     CREATE = "create_session"
     START = "start_session"
     STOP = "stop_session"
     DELETE = "delete_session"
+
+    @property
+    def verb(self) -> str:
+        """The short name ("create") that events (``reconcile.resumed``'s ``operation``), lease
+        holders and log lines have always shown."""
+        return self.value.removesuffix("_session")
 
 
 def job_serializer(obj: dict[str, Any]) -> bytes:

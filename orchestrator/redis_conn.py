@@ -1,4 +1,4 @@
-"""Redis connections of every component, from Settings: ``redis://`` or ``rediss://`` (TLS,
+"""Redis connections of every component, from RedisSettings: ``redis://`` or ``rediss://`` (TLS,
 verified against REDIS_TLS_CA_FILE or the system CAs, hostname included), an ACL user and
 password in the URL, or the master of a Redis Sentinel set (REDIS_SENTINELS). docs/redis.md
 has the ACLs to give the API and the workers."""
@@ -10,12 +10,25 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
+from arq.connections import RedisSettings as ArqRedisSettings
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import Sentinel
 
-from .config import Settings
+from .config import RedisSettings
+from .queue import job_deserializer, job_serializer
+
+
+class JobRedis(ArqRedis):
+    """The one Redis client of a process: app keys, scripts and streams (it is a
+    ``redis.asyncio.Redis``) and arq's jobs, with our JSON job format (no pickle: producers
+    in any language read and write jobs). The worker hands it to arq (``Worker(redis_pool=)``),
+    so jobs travel on the same connections, TLS and Sentinel set-up as everything else."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("job_serializer", job_serializer)
+        kwargs.setdefault("job_deserializer", job_deserializer)
+        super().__init__(*args, **kwargs)
 
 
 def redacted_url(url: str) -> str:
@@ -27,11 +40,11 @@ def redacted_url(url: str) -> str:
     return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
-def _url_options(settings: Settings) -> dict[str, Any]:
+def _url_options(settings: RedisSettings) -> dict[str, Any]:
     return dict(parse_url(settings.redis_url))
 
 
-def _tls(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+def _tls(settings: RedisSettings, options: dict[str, Any]) -> dict[str, Any]:
     """redis-py's TLS options: {} for redis:// (an error if TLS files are configured)."""
     files = {
         "REDIS_TLS_CA_FILE": settings.redis_tls_ca,
@@ -59,7 +72,7 @@ def _tls(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _SentinelMaster(aioredis.Redis):
+class _SentinelMaster(JobRedis):
     """The master's client, which also closes its connections to the sentinels."""
 
     _sentinel: Sentinel | None = None
@@ -71,12 +84,12 @@ class _SentinelMaster(aioredis.Redis):
                 await client.aclose()
 
 
-def redis_client(settings: Settings, **kwargs: Any) -> aioredis.Redis:
+def redis_client(settings: RedisSettings, **kwargs: Any) -> JobRedis:
     """A client of the Redis master; ``kwargs`` go to ``redis.asyncio.Redis``."""
     options = _url_options(settings)
     tls = _tls(settings, options)
     if not settings.redis_sentinels:
-        client: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url, **tls, **kwargs)
+        client: JobRedis = JobRedis.from_url(settings.redis_url, **tls, **kwargs)
         return client
     if "path" in options:
         raise ValueError("REDIS_SENTINELS needs a redis:// or rediss:// REDIS_URL, not unix://")
@@ -95,7 +108,7 @@ def redis_client(settings: Settings, **kwargs: Any) -> aioredis.Redis:
     return master_client
 
 
-def arq_redis_settings(settings: Settings) -> RedisSettings:
+def arq_redis_settings(settings: RedisSettings) -> ArqRedisSettings:
     """The same connection for arq (``create_pool``, ``Worker``)."""
     options = _url_options(settings)
     tls = _tls(settings, options)
@@ -111,13 +124,13 @@ def arq_redis_settings(settings: Settings) -> RedisSettings:
                 "arq cannot reach sentinels over TLS (rediss://) or with ORCH_REDIS_SENTINEL_PASSWORD: "
                 "with REDIS_SENTINELS, use redis:// and sentinels without a password (see docs/redis.md)"
             )
-        return RedisSettings(
+        return ArqRedisSettings(
             host=list(settings.redis_sentinels),
             sentinel=True,
             sentinel_master=settings.redis_sentinel_master,
             **credentials,
         )
-    return RedisSettings(
+    return ArqRedisSettings(
         host=options.get("host", "localhost"),
         port=options.get("port", 6379),
         unix_socket_path=options.get("path"),

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from .states import SessionState
+from .states import SandboxStatus, SessionState
 
 SessionId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{2,62}$", max_length=63)]
 LabelKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
@@ -26,6 +26,10 @@ EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 EnvValue = Annotated[str, msgspec.Meta(max_length=8192, pattern=r"^[^\x00]*$")]
 Env = Annotated[dict[EnvKey, EnvValue], msgspec.Meta(max_length=128)]
 TtlAction = Literal["stop", "delete"]
+# Who asked a sandbox to drain: an operator through the API, or its worker's SIGTERM.
+DrainBy = Literal["api", "signal"]
+# Why a session failed, when the code alone does not say: its sandbox went silent.
+ErrorCause = Literal["sandbox_unavailable"]
 # An image reference as Docker names it; never starts with '-' (no flag injection).
 ImageRef = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")]
 
@@ -73,7 +77,7 @@ class SessionError(Strict, omit_defaults=True):
     message: str
     # desktop_lost: "sandbox_unavailable" when the API declared it because the sandbox went
     # silent; the sandbox's reconciler recovers such a session if its desktop is still there.
-    cause: str | None = None
+    cause: ErrorCause | None = None
 
 
 class SessionRecord(Strict):
@@ -186,8 +190,8 @@ class SandboxInfo(Strict):
     pool_target: int = 0
     pool_ready: int = 0
     # available | draining | drained, as the worker says; a reader reports "unavailable" when
-    # the heartbeat is older than the sandbox's lost_after_s.
-    status: str = "available"
+    # the heartbeat is older than the sandbox's lost_after_s (orchestrator/sandboxes.py).
+    status: SandboxStatus = SandboxStatus.AVAILABLE
     # Matched by a session's constraints (e.g. gpu=true); from ORCH_SANDBOX_LABELS.
     labels: dict[str, str] = {}
     # The sandbox's whole machine share, for operators (max_* are per desktop).
@@ -203,7 +207,7 @@ class DrainRequest(msgspec.Struct):
     """The value of a sandbox's drain key: who asked (api | signal) and whether its ready
     desktops are stopped too."""
 
-    by: str = "api"
+    by: DrainBy = "api"
     stop_desktops: bool = False
 
 

@@ -7,47 +7,30 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from . import states
-from .config import Settings
-from .events import make_event
-from .names import SANDBOX_ID_RE, Keys, is_valid_session_id, new_session_id
+from .config import ApiSettings
+from .errors import ServiceError
+from .names import SANDBOX_ID_RE, is_valid_session_id
 from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, resource_problem
 from .queue import JobQueue, Operation
+from .records import new_record
+from .sandboxes import SandboxRegistry
 from .schemas import (
     DrainRequest,
     Resources,
     SandboxInfo,
     SessionCreate,
-    SessionError,
     SessionRecord,
-    SessionSpec,
-    TtlAction,
-    now_rfc3339,
 )
-from .states import SessionState
+from .states import SandboxStatus, SessionState
 from .store import SessionNotFound, SessionStore
 
 log = logging.getLogger("orchestrator.service")
 S = SessionState
-
-_decode_sandbox = msgspec.json.Decoder(SandboxInfo).decode
-
-
-class ServiceError(Exception):
-    """A refusal with an HTTP status, a stable code and a message for people."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 def check_session_id(session_id: str) -> None:
@@ -60,42 +43,12 @@ def check_session_id(session_id: str) -> None:
         )
 
 
-def new_record(request: SessionCreate, sandbox: str, settings: Settings) -> SessionRecord:
-    """The `pending` record a create request makes (the API's, or a job's from another producer)."""
-    ttl = request.ttl_seconds if request.ttl_seconds is not None else settings.default_ttl_s
-    default_action: TtlAction = "delete" if settings.default_ttl_action == "delete" else "stop"
-    spec = SessionSpec(
-        labels=request.labels,
-        resources=request.resources,
-        env_keys=sorted(request.env),
-        ttl_seconds=ttl or None,
-        ttl_action=request.ttl_action or default_action,
-        preload_images=request.preload_images,
-        constraints=request.constraints,
-    )
-    now = now_rfc3339()
-    return SessionRecord(
-        id=request.id or new_session_id(),
-        state=S.PENDING,
-        generation=1,
-        sandbox=sandbox,
-        spec=spec,
-        created_at=now,
-        updated_at=now,
-        expires_at=time.time() + ttl if ttl else None,
-    )
-
-
 def warm_eligible(request: SessionCreate) -> bool:
     """Whether a warm desktop can serve ``request``: pooled desktops are made ahead with the
     sandbox's defaults and their own pre-chosen id, so a request that names its id (or derives
     it from an Idempotency-Key), sets env or resources, or preloads images is made cold."""
     no_limits = request.resources is None or request.resources == Resources()
     return request.id is None and not request.env and no_limits and not request.preload_images
-
-
-def _set_error(error: SessionError) -> Callable[[SessionRecord], dict[str, Any]]:
-    return lambda _: {"error": error}
 
 
 def _caps(sandboxes: list[SandboxInfo]) -> str:
@@ -119,45 +72,17 @@ def id_from_idempotency_key(key: str) -> str:
 
 
 class Sessions:
-    def __init__(
-        self, store: SessionStore, queue: JobQueue, redis: aioredis.Redis, keys: Keys, settings: Settings
-    ) -> None:
+    """What the API does with sessions (and the sandboxes they are placed on), apart from HTTP."""
+
+    def __init__(self, store: SessionStore, queue: JobQueue, sandboxes: SandboxRegistry, settings: ApiSettings) -> None:
         self.store = store
         self.queue = queue
-        self._redis = redis
-        self.keys = keys
+        self.registry = sandboxes
         self.settings = settings
         self.capacity_refusals = 0
 
     async def sandboxes(self) -> list[SandboxInfo]:
-        """Every sandbox that has reported in the last day, with its status as of now:
-        ``unavailable`` once its heartbeat is older than its lost_after_s (Redis expires the
-        alive key, so no clocks are compared), ``draining`` while a drain is asked for."""
-        k = self.keys
-        ids = sorted(i.decode() for i in await self._redis.smembers(k.sandbox_index))  # type: ignore[misc]
-        if not ids:
-            return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for i in ids:
-                pipe.get(k.sandbox(i))
-                pipe.exists(k.sandbox_alive(i))
-                pipe.exists(k.sandbox_drain(i))
-                pipe.scard(k.placed(i))
-            replies = await pipe.execute()
-        out, gone = [], []
-        for n, i in enumerate(ids):
-            raw, alive, draining, placed = replies[4 * n : 4 * n + 4]
-            if raw is None:
-                gone.append(i)
-                continue
-            info = _decode_sandbox(raw)
-            if info.status != "drained":
-                status = "unavailable" if not alive else "draining" if draining else info.status
-                info = msgspec.structs.replace(info, status=status)
-            out.append(msgspec.structs.replace(info, placed=int(placed)))
-        if gone:  # silent for a day (the info key's expiry): forgotten
-            await self._redis.srem(k.sandbox_index, *gone)  # type: ignore[misc]
-        return out
+        return await self.registry.list()
 
     async def create(self, request: SessionCreate, idempotency_key: str | None = None) -> tuple[bool, SessionRecord]:
         """Returns (created, record). The same id (or Idempotency-Key) with the same spec
@@ -168,7 +93,7 @@ class Sessions:
         default = self.settings.default_sandbox
         fallback = (
             default is not None
-            and not any(s.status == "available" for s in known)
+            and not any(s.status is SandboxStatus.AVAILABLE for s in known)
             and request.sandbox in (None, default)
             and not request.constraints
         )
@@ -225,55 +150,12 @@ class Sessions:
             await self._enqueue(Operation.CREATE, stored)
         return True, stored
 
-    async def watch_sandboxes(self, redis_seen_for_s: float = float("inf")) -> list[str]:
-        """One pass of the sandbox monitor (every API process runs it): a sandbox whose alive
-        key has expired and that did not say goodbye (drained) is declared unavailable once
-        per outage (``sandbox.unavailable``, one API process wins the SET NX), and its sessions
-        that are not stopped, failed or being deleted fail with ``desktop_lost``. Every pass
-        repeats the second part, so a monitor dying half-way loses nothing. Returns the ids
-        of the sessions it failed.
-
-        ``redis_seen_for_s``: how long this monitor has seen Redis answer without a break. A
-        sandbox is judged only after that is longer than its lost_after_s: after a Redis
-        outage (or restart) every alive key may have lapsed meanwhile, and the workers need
-        one threshold's time to beat again before their silence means anything."""
-        lost = [s for s in await self.sandboxes() if s.status == "unavailable" and redis_seen_for_s > s.lost_after_s]
-        if not lost:
-            return []
-        for sandbox in lost:
-            if await self._redis.set(self.keys.sandbox_lost(sandbox.id), sandbox.ts, nx=True):
-                log.warning("sandbox %s is silent since %s: declaring it unavailable", sandbox.id, sandbox.ts)
-                await self.store.bus.publish(
-                    make_event(
-                        "sandbox.unavailable",
-                        sandbox=sandbox.id,
-                        data={"last_heartbeat": sandbox.ts, "lost_after_s": sandbox.lost_after_s},
-                    )
-                )
-        by_id = {s.id: s for s in lost}
-        failed = []
-        for record in await self.store.list():
-            gone = by_id.get(record.sandbox)
-            if gone is None or record.state in (S.STOPPED, S.FAILED, S.DELETING, S.DELETED):
-                continue
-            error = SessionError(
-                code="desktop_lost",
-                message=f"sandbox {gone.id!r} has been silent since {gone.ts}",
-                cause="sandbox_unavailable",
-            )
-            try:
-                await self.store.transition(record.id, S.FAILED, mutate=_set_error(error))
-            except (states.TransitionError, SessionNotFound):
-                continue  # it moved on meanwhile
-            failed.append(record.id)
-        return failed
-
     async def sandbox(self, sandbox_id: str) -> SandboxInfo:
         if not SANDBOX_ID_RE.fullmatch(sandbox_id):
             raise ServiceError(400, "invalid_sandbox_id", f"sandbox id {sandbox_id[:80]!r} is invalid", field="id")
-        for info in await self.sandboxes():
-            if info.id == sandbox_id:
-                return info
+        info = await self.registry.get(sandbox_id)
+        if info is not None:
+            return info
         raise ServiceError(404, "sandbox_not_found", f"sandbox {sandbox_id!r} is unknown")
 
     async def drain(self, sandbox_id: str, stop_desktops: bool) -> SandboxInfo:
@@ -281,13 +163,12 @@ class Sessions:
         second, finishes its jobs, optionally stops its desktops, says ``sandbox.drained`` and
         exits. It stays drained (idle if restarted) until undrained."""
         info = await self.sandbox(sandbox_id)
-        request = msgspec.json.encode(DrainRequest(by="api", stop_desktops=stop_desktops))
-        await self._redis.set(self.keys.sandbox_drain(sandbox_id), request, nx=True)
+        await self.registry.request_drain(info.id, DrainRequest(by="api", stop_desktops=stop_desktops))
         return await self.sandbox(info.id)
 
     async def undrain(self, sandbox_id: str) -> SandboxInfo:
         info = await self.sandbox(sandbox_id)
-        await self._redis.delete(self.keys.sandbox_drain(sandbox_id))
+        await self.registry.clear_drain(info.id)
         return await self.sandbox(info.id)
 
     async def get(self, session_id: str) -> SessionRecord:

@@ -12,10 +12,10 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .errors import ServiceError
 from .events import EventBus, encode_event
 from .hub import Overflow, StreamHub, frame
 from .schemas import Event
-from .service import ServiceError
 
 _ENTRY_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 BATCH = 200

@@ -65,3 +65,20 @@ def check(current: SessionState, target: SessionState) -> None:
 
 def is_final(state: SessionState) -> bool:
     return state is S.DELETED
+
+
+class SandboxStatus(enum.StrEnum):
+    """A sandbox as placement and operators see it (orchestrator/sandboxes.py owns the protocol).
+
+    A worker reports available, draining or drained in its heartbeat; a reader reports
+    unavailable when the sandbox's alive key has expired (its heartbeats stopped)."""
+
+    AVAILABLE = "available"
+    DRAINING = "draining"
+    DRAINED = "drained"
+    UNAVAILABLE = "unavailable"
+
+    @property
+    def live(self) -> bool:
+        """Heartbeats are fresh (it may still be finishing work while draining)."""
+        return self in (SandboxStatus.AVAILABLE, SandboxStatus.DRAINING)

@@ -4,7 +4,6 @@ without its event and no event describes a change that did not happen."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +13,8 @@ import redis.asyncio as aioredis
 
 from . import states
 from .events import EventBus, encode_event, make_event
-from .names import Keys
-from .placement import NoCapacity, NoSandbox
+from .keys import Keys
+from .placement import Candidate, NoCapacity, NoSandbox, choose
 from .schemas import SessionError, SessionRecord, now_rfc3339
 from .states import SessionState
 
@@ -49,69 +48,42 @@ if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[4], ARGV[7]) end
 return {1, id}
 """
 
-# Placement: choose a sandbox by the rule of orchestrator/placement.py among the candidates
-# that are alive and not draining, reserve a place under its cap, and store the session's
-# record with its event: one script, so concurrent creates never exceed a cap and no record
-# exists without its place (or the reverse). A create a warm desktop can serve prefers
-# sandboxes with one and takes it (LPOP: two creates never share one).
-# KEYS: session index, firehose.
-# ARGV: 1 cold session id, 2 prefer warm (1|0), 3 cold record, 4 cold event, 5 warm record,
-#   6 warm event, 7 env json ('' none), 8 firehose maxlen, 9 session maxlen, 10-16 key
-#   templates (session, session stream, session env, placed, pool, alive, drain), 17 N,
-#   then N pairs (sandbox id, cap). Templates hold \1S\1 for the session id and \1B\1 for
-#   the sandbox id: msgspec never writes a raw control byte, so no user text can match them.
-# Returns {1, session id, sandbox, entry id, warm 1|0}; {0, existing record} when the cold
-#   id exists; {2, 'full'|'none'}.
-PLACE_LUA = """
-local function fill(s, session, sandbox)
-  s = string.gsub(s, '\1S\1', session)
-  return (string.gsub(s, '\1B\1', sandbox))
-end
-local cold_id = ARGV[1]
-local cur = redis.call('GET', fill(ARGV[10], cold_id, ''))
+# Placement reserves the sandbox that placement.choose picked from a read a moment ago, if
+# that sandbox still qualifies: alive, not draining, under its cap and, for a warm claim,
+# with that desktop still first in its pool. The re-check and the writes (the place, the
+# record, its env and its event) are one script, so concurrent creates never exceed a cap,
+# two never share a warm desktop, and no record exists without its place (or the reverse).
+# KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
+#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its env.
+# ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
+#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen.
+# Returns {1, entry id}; {0, existing record} when the requested id exists; {2, why} when the
+#   sandbox no longer qualifies: 'gone', 'draining', 'full' or 'claimed' (the desktop is taken).
+RESERVE_LUA = """
+local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
-local prefer_warm = ARGV[2] == '1'
-local best, best_n, best_cap, best_warm = nil, 0, 1, false
-local alive = 0
-local n = tonumber(ARGV[17])
-for i = 0, n - 1 do
-  local id, cap = ARGV[18 + 2 * i], tonumber(ARGV[19 + 2 * i])
-  if redis.call('EXISTS', fill(ARGV[15], '', id)) == 1 and redis.call('EXISTS', fill(ARGV[16], '', id)) == 0 then
-    alive = alive + 1
-    local placed = redis.call('SCARD', fill(ARGV[13], '', id))
-    if placed < cap then
-      local warm = prefer_warm and redis.call('LLEN', fill(ARGV[14], '', id)) > 0
-      local wins = best == nil
-      if not wins then
-        if warm ~= best_warm then wins = warm
-        elseif placed * best_cap ~= best_n * cap then wins = placed * best_cap < best_n * cap
-        elseif placed ~= best_n then wins = placed < best_n
-        else wins = id < best end
-      end
-      if wins then best, best_n, best_cap, best_warm = id, placed, cap, warm end
-    end
-  end
+if redis.call('EXISTS', KEYS[5]) == 0 then return {2, 'gone'} end
+if redis.call('EXISTS', KEYS[6]) == 1 then return {2, 'draining'} end
+if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[2]) then return {2, 'full'} end
+if ARGV[3] ~= '' then
+  if redis.call('LINDEX', KEYS[7], 0) ~= ARGV[3] then return {2, 'claimed'} end
+  redis.call('LPOP', KEYS[7])
 end
-if best == nil then
-  if alive > 0 then return {2, 'full'} end
-  return {2, 'none'}
-end
-local session, record, event = cold_id, ARGV[3], ARGV[4]
-if best_warm then
-  session = redis.call('LPOP', fill(ARGV[14], '', best))
-  record, event = ARGV[5], ARGV[6]
-end
-redis.call('SADD', fill(ARGV[13], '', best), session)
-redis.call('SET', fill(ARGV[10], session, best), fill(record, session, best))
-redis.call('SADD', KEYS[1], session)
-if ARGV[7] ~= '' and not best_warm then redis.call('SET', fill(ARGV[12], session, best), ARGV[7]) end
-event = fill(event, session, best)
-local entry = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'event', event)
-redis.call('XADD', fill(ARGV[11], session, best), 'MAXLEN', '~', ARGV[9], entry, 'event', event)
-return {1, session, best, entry, best_warm and 1 or 0}
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[1])
+if ARGV[6] ~= '' then redis.call('SET', KEYS[10], ARGV[6]) end
+local entry = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[5])
+redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], entry, 'event', ARGV[5])
+return {1, entry}
 """
-SESSION_MARK = "\x01S\x01"
-SANDBOX_MARK = "\x01B\x01"
+# A reservation fails only when its sandbox changed since the read (someone else took the
+# last place or the desktop, or it went silent or draining): each failure is another's
+# progress, so a few tries do. After half of them a create stops racing for warm desktops
+# and takes the cold path, as one that finds the pools empty does.
+PLACE_TRIES = 10
+_NO_CAPACITY = "every sandbox that could take this session is at its cap"
+_NO_SANDBOX = "no sandbox that could take this session is available (silent or draining)"
 
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(SessionRecord).decode
@@ -148,6 +120,16 @@ class Placed:
     warm: bool
 
 
+@dataclass(frozen=True)
+class _Fleet:
+    """What a placement read found: the requested id's record if it exists, and the
+    sandboxes that are alive and not draining, with the first of each one's warm pool."""
+
+    existing: SessionRecord | None
+    candidates: list[Candidate]
+    warm_heads: dict[str, str]
+
+
 Mutation = Callable[[SessionRecord], dict[str, Any]]
 
 
@@ -157,7 +139,7 @@ class SessionStore:
         self.bus = bus
         self.keys: Keys = bus.keys
         self._cas = redis.register_script(CAS_LUA)
-        self._place = redis.register_script(PLACE_LUA)
+        self._reserve_script = redis.register_script(RESERVE_LUA)
 
     async def get(self, session_id: str) -> SessionRecord | None:
         raw = await self._redis.get(self.keys.session(session_id))
@@ -188,64 +170,95 @@ class SessionStore:
         self,
         record: SessionRecord,
         env: dict[str, str] | None,
-        candidates: Sequence[tuple[str, int]],
+        sandboxes: Sequence[tuple[str, int]],
         *,
         prefer_warm: bool,
     ) -> Placed:
-        """Place ``record`` (its sandbox field is ignored) on the best of ``candidates``
-        (sandbox id, cap) by the placement rule, atomically with storing it. With
-        ``prefer_warm``, a sandbox with a warm desktop wins and the session takes that
-        desktop's id, born ready. An existing record with the same id is returned as is.
-        Raises NoCapacity or NoSandbox."""
-        nonce_s, nonce_b = secrets.token_hex(16), secrets.token_hex(16)
+        """Place ``record`` (its sandbox field is ignored) on the sandbox the placement rule
+        chooses among ``sandboxes`` (id, cap), and store it there. With ``prefer_warm``, a
+        sandbox with a warm desktop wins and the session takes that desktop's id, born ready.
+        An existing record with the same id is returned as is. Raises NoCapacity or NoSandbox."""
+        why = "full"
+        for attempt in range(PLACE_TRIES):
+            warm = prefer_warm and attempt < PLACE_TRIES // 2
+            fleet = await self._read_fleet(record.id, sandboxes, warm=warm)
+            if fleet.existing is not None:
+                return Placed(False, fleet.existing, warm=False)
+            if not fleet.candidates:
+                raise NoSandbox(_NO_SANDBOX)
+            chosen = choose(fleet.candidates, prefer_warm=warm)
+            if chosen is None:
+                raise NoCapacity(_NO_CAPACITY)
+            outcome = await self._reserve(record, env, chosen, fleet.warm_heads.get(chosen.id))
+            if isinstance(outcome, Placed):
+                return outcome
+            why = outcome
+        raise NoSandbox(_NO_SANDBOX) if why in ("gone", "draining") else NoCapacity(_NO_CAPACITY)
 
-        def template(r: SessionRecord, data: dict[str, Any]) -> tuple[bytes, bytes]:
-            marked = msgspec.structs.replace(r, sandbox=nonce_b)
-            event = self._state_event(marked, None, data)
-            return tuple(  # type: ignore[return-value]
-                blob.replace(nonce_s.encode(), SESSION_MARK.encode()).replace(nonce_b.encode(), SANDBOX_MARK.encode())
-                for blob in (_encode(marked), event)
-            )
-
-        cold_record, cold_event = template(record, {})
-        warm = msgspec.structs.replace(record, id=nonce_s, state=SessionState.READY)
-        warm_record, warm_event = template(warm, {"warm": True})
+    async def _read_fleet(self, session_id: str, sandboxes: Sequence[tuple[str, int]], *, warm: bool) -> _Fleet:
+        """What placement decides on, in one round trip. A transaction, so that it is one
+        moment's view: "the id is free" and "every sandbox is full" are never from two."""
         k = self.keys
-        key_templates = [
-            k.session(SESSION_MARK),
-            k.session_events(SESSION_MARK),
-            k.session_env(SESSION_MARK),
-            k.placed(SANDBOX_MARK),
-            k.pool(SANDBOX_MARK),
-            k.sandbox_alive(SANDBOX_MARK),
-            k.sandbox_drain(SANDBOX_MARK),
-        ]
-        args: list[Any] = [
-            record.id,
-            1 if prefer_warm else 0,
-            cold_record,
-            cold_event,
-            warm_record,
-            warm_event,
-            _encode(env) if env else b"",
-            self.bus.firehose_maxlen,
-            self.bus.session_maxlen,
-            *key_templates,
-            len(candidates),
-        ]
-        for sandbox, cap in candidates:
-            args += [sandbox, cap]
-        reply = await self._place(keys=[k.session_index, k.firehose], args=args)
-        outcome = int(reply[0])
-        if outcome == 0:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(k.session(session_id))
+            for sandbox, _cap in sandboxes:
+                pipe.exists(k.sandbox_alive(sandbox))
+                pipe.exists(k.sandbox_drain(sandbox))
+                pipe.scard(k.placed(sandbox))
+                if warm:
+                    pipe.lindex(k.pool(sandbox), 0)
+            existing, *replies = await pipe.execute()
+        width = 4 if warm else 3
+        candidates, heads = [], {}
+        for n, (sandbox, cap) in enumerate(sandboxes):
+            alive, draining, placed, *head = replies[n * width : (n + 1) * width]
+            if not alive or draining:
+                continue
+            if head and head[0] is not None:
+                heads[sandbox] = _text(head[0])
+            candidates.append(Candidate(sandbox, int(placed), cap, warm=sandbox in heads))
+        return _Fleet(None if existing is None else _decode_record(existing), candidates, heads)
+
+    async def _reserve(
+        self, record: SessionRecord, env: dict[str, str] | None, chosen: Candidate, warm_id: str | None
+    ) -> Placed | str:
+        """Store ``record`` on ``chosen`` (as the warm desktop ``warm_id``, born ready, when
+        given) if it still qualifies (RESERVE_LUA). Returns the placement, or why not."""
+        if warm_id is None:
+            new, data = msgspec.structs.replace(record, sandbox=chosen.id), {}
+        else:
+            new = msgspec.structs.replace(record, id=warm_id, sandbox=chosen.id, state=SessionState.READY)
+            data = {"warm": True}
+        k, sandbox, session = self.keys, chosen.id, new.id
+        reply = await self._reserve_script(
+            keys=[
+                k.session(record.id),
+                k.session(session),
+                k.session_index,
+                k.placed(sandbox),
+                k.sandbox_alive(sandbox),
+                k.sandbox_drain(sandbox),
+                k.pool(sandbox),
+                k.firehose,
+                k.session_events(session),
+                k.session_env(session),
+            ],
+            args=[
+                session,
+                chosen.cap,
+                warm_id or "",
+                _encode(new),
+                self._state_event(new, None, data),
+                _encode(env) if env and warm_id is None else b"",
+                self.bus.firehose_maxlen,
+                self.bus.session_maxlen,
+            ],
+        )
+        if int(reply[0]) == 0:
             return Placed(False, _decode_record(reply[1]), warm=False)
-        if outcome == 2:
-            if _text(reply[1]) == "full":
-                raise NoCapacity("every sandbox that could take this session is at its cap")
-            raise NoSandbox("no sandbox that could take this session is available (silent or draining)")
-        session, sandbox, is_warm = _text(reply[1]), _text(reply[2]), int(reply[4]) == 1
-        base = warm if is_warm else record
-        return Placed(True, msgspec.structs.replace(base, id=session, sandbox=sandbox), warm=is_warm)
+        if int(reply[0]) == 2:
+            return _text(reply[1])
+        return Placed(True, new, warm=warm_id is not None)
 
     async def transition(
         self,

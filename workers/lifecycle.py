@@ -24,11 +24,12 @@ from orchestrator.events import EventBus, make_event
 from orchestrator.locks import SessionLocks
 from orchestrator.names import volume_name
 from orchestrator.placement import resource_problem
-from orchestrator.schemas import DesktopStarted, DockerdReady, ImagesLoaded, SessionRecord, VolumeCreated, to_data
+from orchestrator.queue import Operation
+from orchestrator.schemas import DesktopStarted, ImagesLoaded, SessionRecord, VolumeCreated, to_data
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
-from .docker import DesktopError, DesktopRuntime
+from .runtime import DesktopError, Runtime
 
 log = logging.getLogger("workers.lifecycle")
 S = SessionState
@@ -76,7 +77,7 @@ class Lifecycle:
         self,
         store: SessionStore,
         bus: EventBus,
-        runtime: DesktopRuntime,
+        runtime: Runtime,
         locks: SessionLocks,
         *,
         sandbox_id: str,
@@ -121,18 +122,28 @@ class Lifecycle:
             make_event(type, sandbox=self.sandbox_id, session=record.id, generation=record.generation, data=data)
         )
 
-    async def run(self, operation: str, session_id: str, generation: int) -> str:
-        """Run ``operation`` (create | start | stop | delete) under the session's lease.
-        Raises locks.Busy when another operation holds it (the caller retries later)."""
-        handler = {"create": self._create, "start": self._start, "stop": self._stop, "delete": self._delete}[operation]
-        async with self.locks.hold(session_id, operation):
+    async def run(self, operation: Operation, session_id: str, generation: int) -> str:
+        """Run ``operation`` under the session's lease. Raises locks.Busy when another
+        operation holds it (the caller retries later)."""
+        async with self.locks.hold(session_id, operation.verb):
             record = await self._current(session_id, generation)
             if record is None:
                 return "skipped"
             try:
-                return await handler(record)
+                return await self._dispatch(operation, record)
             except SUPERSEDED as e:
                 return f"superseded: {e}"
+
+    async def _dispatch(self, operation: Operation, record: SessionRecord) -> str:
+        match operation:
+            case Operation.CREATE:
+                return await self._create(record)
+            case Operation.START:
+                return await self._start(record)
+            case Operation.STOP:
+                return await self._stop(record)
+            case Operation.DELETE:
+                return await self._delete(record)
 
     # -- operations (called with the lease held) --------------------------------------------
 
@@ -157,9 +168,9 @@ class Lifecycle:
             return f"nothing to do in state {record.state.value}"
         try:
             # The inner containers first: each gets its own stop signal and grace period.
-            await self.runtime.stop_inner_containers(session_id, min(10, self.stop_timeout_s))
-            await self.runtime.remove_desktop(session_id, self.stop_timeout_s)
-            self.runtime.remove_socket_dir(session_id)
+            await self.runtime.inner.stop_containers(session_id, min(10, self.stop_timeout_s))
+            await self.runtime.desktops.remove(session_id, self.stop_timeout_s)
+            self.runtime.desktops.remove_socket_dir(session_id)
         except DesktopError as e:
             await self.store.fail(session_id, generation, e.code, e.message)
             return f"failed: {e.code}"
@@ -171,10 +182,10 @@ class Lifecycle:
         if record.state is not S.DELETING:
             return f"nothing to do in state {record.state.value}"
         try:
-            await self.runtime.remove_desktop(session_id, self.stop_timeout_s)
-            self.runtime.remove_socket_dir(session_id)
+            await self.runtime.desktops.remove(session_id, self.stop_timeout_s)
+            self.runtime.desktops.remove_socket_dir(session_id)
             self._fault("delete:after_desktop_removed")
-            removed = await self.runtime.remove_volume(session_id)
+            removed = await self.runtime.desktops.remove_volume(session_id)
             self._fault("delete:after_volume_removed")
         except DesktopError as e:
             # Stays deleting: the reconciler resumes the delete on its next pass.
@@ -201,15 +212,15 @@ class Lifecycle:
             try:
                 with anyio.fail_after(self.provision_timeout_s):
                     if record.state is S.CREATING:
-                        if await self.runtime.ensure_volume(session_id):
+                        if await self.runtime.desktops.ensure_volume(session_id):
                             data = to_data(VolumeCreated(name=volume_name(session_id)))
                             await self._event(record, "volume.created", data)
                         self._fault("create:after_volume")
-                    elif not await self.runtime.volume_exists(session_id):
+                    elif not await self.runtime.desktops.volume_exists(session_id):
                         # A resume must find the volume: a new empty one would silently lose the data.
                         raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
                     phases.mark("volume")
-                    desktop = await self.runtime.create_desktop(session_id, generation, record.spec.resources, env)
+                    desktop = await self.runtime.desktops.create(session_id, generation, record.spec.resources, env)
                     self._fault("create:after_container")
                     phases.mark("create")
             except TimeoutError:
@@ -220,25 +231,19 @@ class Lifecycle:
             if record.state is S.CREATING:
                 record = await self.store.transition(session_id, S.STARTING, generation=generation)
             started_at = time.monotonic()
-            await self.runtime.start_desktop(session_id)
+            await self.runtime.desktops.start(session_id)
             self._fault("create:after_start")
-            started = DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind)
+            started = DesktopStarted(
+                container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind.value
+            )
             await self._event(record, "desktop.started", to_data(started))
             phases.mark("start")
-            info = await self.runtime.wait_dockerd(session_id, started_at, self.ready_timeout_s)
+            ready = await self.runtime.inner.wait_ready(session_id, started_at, self.ready_timeout_s)
             phases.mark("dockerd")
-            ready = DockerdReady(
-                duration_ms=info.duration_ms,
-                storage_driver=info.storage_driver,
-                backing_filesystem=info.backing_filesystem,
-                server_version=info.server_version,
-                depth=self.runtime.depth + 1,
-                address_pool=self.runtime.desktop_address_pool(),
-            )
             self._fault("create:before_ready_event")
             await self._event(record, "dockerd.ready", to_data(ready))
             if self.on_dockerd_ready is not None:
-                self.on_dockerd_ready(info.duration_ms / 1000)
+                self.on_dockerd_ready(ready.duration_ms / 1000)
             self._fault("create:after_ready_event")
             if record.spec.preload_images:
                 await self._preload(record)
@@ -266,8 +271,8 @@ class Lifecycle:
         """Copy the requested images from the sandbox's daemon into the desktop's (a resumed
         desktop keeps them on its volume: only missing ones move)."""
         started = time.monotonic()
-        loaded = [i for i in record.spec.preload_images if not await self.runtime.inner_has_image(record.id, i)]
-        moved = await self.runtime.load_images(record.id, loaded) if loaded else 0
+        loaded = [i for i in record.spec.preload_images if not await self.runtime.inner.has_image(record.id, i)]
+        moved = await self.runtime.images.copy_into(record.id, loaded) if loaded else 0
         data = ImagesLoaded(images=loaded, bytes=moved, seconds=round(time.monotonic() - started, 3))
         await self._event(record, "images.loaded", to_data(data))
 
@@ -275,7 +280,7 @@ class Lifecycle:
         # Rule: a desktop that never became ready is removed; the volume stays with the
         # session (its data may matter) until the session is deleted.
         try:
-            await self.runtime.remove_desktop(record.id, stop_timeout=2)
+            await self.runtime.desktops.remove(record.id, stop_timeout=2)
         except DesktopError:
             log.exception("could not remove the failed desktop of %s", record.id)
         try:

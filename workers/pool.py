@@ -3,7 +3,7 @@ sandbox's defaults (see ``orchestrator.service.warm_eligible``).
 
 Each pooled desktop is made under a session id chosen in advance, with a fresh volume named
 for it, so a claim renames nothing: the API pops the id from ``<prefix>pool:<sandbox>`` and
-stores that session's record in the same Lua script (``SessionStore.claim_warm``), and every
+stores that session's record in the same Lua script (``SessionStore.place``), and every
 later operation finds the desktop and volume by the usual names. A pooled desktop never served
 anyone before: each is made new, and a claimed one leaves the pool for good.
 
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from orchestrator.names import Keys, new_session_id
+from orchestrator.keys import Keys
+from orchestrator.names import new_session_id
 
-from .docker import DesktopError, DesktopRuntime
+from .runtime import DesktopError, Runtime
 
 log = logging.getLogger("workers.pool")
 
@@ -47,7 +48,7 @@ def plan_pool(target: int, pooled: list[str], running: set[str] | None, making: 
 class WarmPool:
     def __init__(
         self,
-        runtime: DesktopRuntime,
+        runtime: Runtime,
         redis: aioredis.Redis,
         keys: Keys,
         sandbox_id: str,
@@ -93,7 +94,7 @@ class WarmPool:
                 running = None
                 if audit:
                     last_audit = time.monotonic()
-                    running = {d.session for d in await self.runtime.list_desktops() if d.running}
+                    running = {d.session for d in await self.runtime.desktops.list_desktops() if d.running}
                 plan = plan_pool(self.target, await self.pooled(), running, len(self.making))
                 for session_id in plan.drop:
                     await self._drop(session_id)
@@ -119,11 +120,11 @@ class WarmPool:
         session_id = new_session_id()
         self.making.add(session_id)
         try:
-            await self.runtime.ensure_volume(session_id)
-            await self.runtime.create_desktop(session_id, 1)
+            await self.runtime.desktops.ensure_volume(session_id)
+            await self.runtime.desktops.create(session_id, 1)
             started = time.monotonic()
-            await self.runtime.start_desktop(session_id)
-            info = await self.runtime.wait_dockerd(session_id, started, self.ready_timeout_s)
+            await self.runtime.desktops.start(session_id)
+            info = await self.runtime.inner.wait_ready(session_id, started, self.ready_timeout_s)
             await self.redis.rpush(self.key, session_id)  # type: ignore[misc]
             self.made += 1
             log.info("warm pool: %s ready (dockerd %d ms)", session_id, info.duration_ms)
@@ -152,10 +153,10 @@ class WarmPool:
     async def _remove(self, session_id: str) -> None:
         self.removing.add(session_id)  # still ours until gone: not an orphan for the reconciler
         try:
-            await self.runtime.remove_desktop(session_id, stop_timeout=2)
-            await self.runtime.remove_volume(session_id)
+            await self.runtime.desktops.remove(session_id, stop_timeout=2)
+            await self.runtime.desktops.remove_volume(session_id)
         except DesktopError:
             log.exception("warm pool: could not remove %s; the reconciler will", session_id)
         finally:
             self.removing.discard(session_id)
-        self.runtime.remove_socket_dir(session_id)
+        self.runtime.desktops.remove_socket_dir(session_id)

@@ -9,6 +9,7 @@ A named OCI runtime (``runtime:sysbox-runc``) needs none of that.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,26 +59,34 @@ CAPABILITIES = [
 ]
 
 
+class PrivilegeKind(enum.StrEnum):
+    """How a desktop gets what it needs (the ``desktop.started`` event's ``privilege``)."""
+
+    PRIVILEGED = "privileged"
+    CAPS = "caps"
+    RUNTIME = "runtime"
+
+
 @dataclass(frozen=True)
 class PrivilegeProfile:
-    kind: str  # privileged | caps | runtime
+    kind: PrivilegeKind
     reason: str
     missing_caps: tuple[str, ...] = ()
     runtime: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        if self.kind == "caps":
+        if self.kind is PrivilegeKind.CAPS:
             return f"caps (all but {', '.join(self.missing_caps) or 'none'}; {self.reason})"
-        if self.kind == "runtime":
+        if self.kind is PrivilegeKind.RUNTIME:
             return f"runtime {self.runtime} ({self.reason})"
         return f"privileged ({self.reason})"
 
     def host_config(self) -> dict[str, Any]:
         """The HostConfig fields this profile sets on a desktop container."""
-        if self.kind == "privileged":
+        if self.kind is PrivilegeKind.PRIVILEGED:
             return {"Privileged": True}
-        if self.kind == "runtime":
+        if self.kind is PrivilegeKind.RUNTIME:
             return {"Runtime": self.runtime}
         return {
             "CapAdd": ["ALL"],
@@ -107,16 +116,18 @@ def choose_profile(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> Pr
         name = setting.removeprefix("runtime:")
         if not name:
             raise ValueError("privilege 'runtime:' needs a runtime name, e.g. runtime:sysbox-runc")
-        return PrivilegeProfile("runtime", "configured", runtime=name)
+        return PrivilegeProfile(PrivilegeKind.RUNTIME, "configured", runtime=name)
     if setting == "privileged":
-        return PrivilegeProfile("privileged", "configured")
+        return PrivilegeProfile(PrivilegeKind.PRIVILEGED, "configured")
     if setting == "caps":
-        return PrivilegeProfile("caps", "configured", missing_caps=missing)
+        return PrivilegeProfile(PrivilegeKind.CAPS, "configured", missing_caps=missing)
     if setting != "auto":
         raise ValueError(f"privilege must be auto, privileged, caps or runtime:<name>, got {setting!r}")
     if missing:
-        return PrivilegeProfile("caps", "capability bounding set lacks " + ", ".join(missing), missing_caps=missing)
-    return PrivilegeProfile("privileged", "capability bounding set is complete")
+        return PrivilegeProfile(
+            PrivilegeKind.CAPS, "capability bounding set lacks " + ", ".join(missing), missing_caps=missing
+        )
+    return PrivilegeProfile(PrivilegeKind.PRIVILEGED, "capability bounding set is complete")
 
 
 def candidates(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> list[PrivilegeProfile]:
@@ -126,12 +137,12 @@ def candidates(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> list[P
     if setting != "auto":
         return [choose_profile(setting, cap_bounding_hex, cap_last_cap)]
     found = [
-        PrivilegeProfile("privileged", "probe"),
-        PrivilegeProfile("caps", "probe: all capabilities", missing_caps=()),
-        PrivilegeProfile("caps", "probe: all but SYS_RESOURCE", missing_caps=("SYS_RESOURCE",)),
+        PrivilegeProfile(PrivilegeKind.PRIVILEGED, "probe"),
+        PrivilegeProfile(PrivilegeKind.CAPS, "probe: all capabilities", missing_caps=()),
+        PrivilegeProfile(PrivilegeKind.CAPS, "probe: all but SYS_RESOURCE", missing_caps=("SYS_RESOURCE",)),
     ]
     own = choose_profile("auto", cap_bounding_hex, cap_last_cap)
-    if own.kind == "caps" and own.missing_caps not in {p.missing_caps for p in found[1:]}:
+    if own.kind is PrivilegeKind.CAPS and own.missing_caps not in {p.missing_caps for p in found[1:]}:
         found.append(own)
     return found
 

@@ -11,36 +11,117 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Literal, assert_never
 
 from orchestrator.events import EventBus, make_event
 from orchestrator.locks import Busy, SessionLocks
 from orchestrator.queue import JobQueue, Operation
-from orchestrator.schemas import SessionRecord
+from orchestrator.schemas import SessionRecord, TtlAction
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
-from .docker import DesktopError, DesktopRuntime, DockerObject
 from .lifecycle import Lifecycle
 from .pool import WarmPool
+from .runtime import DesktopError, DockerObject, Runtime
 
 log = logging.getLogger("workers.reconciler")
 S = SessionState
 
 # The operation that finishes a session found in each in-progress state.
-RESUME = {S.CREATING: "create", S.STARTING: "start", S.STOPPING: "stop", S.DELETING: "delete"}
+RESUME = {
+    S.CREATING: Operation.CREATE,
+    S.STARTING: Operation.START,
+    S.STOPPING: Operation.STOP,
+    S.DELETING: Operation.DELETE,
+}
+
+# Actions: what one pass corrects, one type each, every one with its session and a reason for
+# people (the log line and the event's ``reason``). Removals carry no generation: the object's
+# session may be unknown.
+SANDBOX_BACK = "its sandbox is back and so is its desktop"
 
 
-@dataclass(frozen=True)
-class Action:
-    # enqueue_create | resume | desktop_lost | restart_desktop | recover | expire | remove_desktop | remove_volume
-    kind: str
+@dataclass(frozen=True, kw_only=True)
+class EnqueueCreate:
+    """A pending session: the API may have died between storing it and enqueueing its job."""
+
     session: str
+    generation: int
+    reason: str = "pending without a running job"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resume:
+    """An operation left half done (no lease held): run it again here."""
+
+    session: str
+    operation: Operation
+    generation: int
     reason: str
-    operation: str | None = None  # resume: create|start|stop|delete; expire: stop|delete
-    name: str | None = None  # the Docker object, for removals
-    generation: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DesktopLost:
+    """A ready session's desktop is gone, or is an older incarnation's: the session fails."""
+
+    session: str
+    generation: int
+    why: Literal["gone", "stale"]
+
+    @property
+    def reason(self) -> str:
+        return f"the desktop is {self.why}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartDesktop:
+    """Start the session's own desktop again (same container, same volume)."""
+
+    session: str
+    generation: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recover:
+    """A session failed only because its sandbox went silent, whose desktop still runs."""
+
+    session: str
+    generation: int
+    reason: str = SANDBOX_BACK
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expire:
+    """The TTL ran out: stop or delete, as the session's spec says."""
+
+    session: str
+    generation: int
+    then: TtlAction
+    reason: str = "ttl expired"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoveDesktop:
+    """A labelled desktop nobody needs (its session is unknown, deleted, stopped or failed)."""
+
+    session: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoveVolume:
+    """A labelled volume whose session is unknown or deleted."""
+
+    session: str
+    name: str
+    reason: str
+
+
+Action = EnqueueCreate | Resume | DesktopLost | RestartDesktop | Recover | Expire | RemoveDesktop | RemoveVolume
 
 
 def plan(
@@ -60,55 +141,57 @@ def plan(
     desktop_of = {d.session: d for d in desktops}
     actions: list[Action] = []
     for r in by_id.values():
-        if r.id in busy:
-            continue
-        desktop = desktop_of.get(r.id)
-        if r.state is S.PENDING:
-            # The API may have died between storing the record and enqueueing its job.
-            actions.append(Action("enqueue_create", r.id, "pending without a running job", generation=r.generation))
-        elif r.state in RESUME:
-            actions.append(
-                Action(
-                    "resume", r.id, f"{r.state.value} with no worker on it", RESUME[r.state], generation=r.generation
-                )
-            )
-        elif r.state is S.READY:
-            if desktop is not None and desktop.generation == r.generation and not desktop.running:
-                # Policy: a ready session's stopped desktop is started again (same container, same
-                # volume: its inner images and containers survive); the executor gives up after
-                # a few restarts in a row and marks it desktop_lost.
-                actions.append(Action("restart_desktop", r.id, "the desktop is not running", generation=r.generation))
-            elif desktop is None or desktop.generation != r.generation:
-                why = "is gone" if desktop is None else "is stale"
-                actions.append(Action("desktop_lost", r.id, f"the desktop {why}", generation=r.generation))
-            elif r.expires_at is not None and now >= r.expires_at:
-                actions.append(Action("expire", r.id, "ttl expired", r.spec.ttl_action, generation=r.generation))
-        elif (
-            r.state is S.FAILED and lost_with_sandbox(r) and desktop is not None and desktop.generation == r.generation
-        ):
-            # Failed only because its sandbox went silent, and the desktop is still here: the
-            # sandbox is back, so is the session (never removed for having been declared lost).
-            kind = "recover" if desktop.running else "restart_desktop"
-            actions.append(Action(kind, r.id, "its sandbox is back and so is its desktop", generation=r.generation))
-        elif r.state in (S.STOPPED, S.FAILED):
-            if (
-                r.state is S.STOPPED
-                and r.spec.ttl_action == "delete"
-                and r.expires_at is not None
-                and now >= r.expires_at
-            ):
-                actions.append(Action("expire", r.id, "ttl expired", "delete", generation=r.generation))
-            elif desktop is not None and now - desktop.created_at >= grace_s:
-                actions.append(
-                    Action("remove_desktop", r.id, f"left over by a {r.state.value} session", name=desktop.name)
-                )
+        if r.id not in busy:
+            action = _session_action(r, desktop_of.get(r.id), now, grace_s)
+            if action is not None:
+                actions.append(action)
+    unknown = "its session is unknown or deleted"
     for d in desktops:
         if d.session not in by_id and d.session not in pooled and now - d.created_at >= grace_s:
-            actions.append(Action("remove_desktop", d.session, "its session is unknown or deleted", name=d.name))
+            actions.append(RemoveDesktop(session=d.session, name=d.name, reason=unknown))
     for v in volumes:
         if v.session not in by_id and v.session not in pooled and now - v.created_at >= grace_s:
-            actions.append(Action("remove_volume", v.session, "its session is unknown or deleted", name=v.name))
+            actions.append(RemoveVolume(session=v.session, name=v.name, reason=unknown))
     return actions
+
+
+def _session_action(r: SessionRecord, desktop: DockerObject | None, now: float, grace_s: float) -> Action | None:
+    """The correction one session (no lease held) needs, if any; ``desktop`` is its own."""
+    session, generation = r.id, r.generation
+    expired = r.expires_at is not None and now >= r.expires_at
+    if r.state is S.PENDING:
+        return EnqueueCreate(session=session, generation=generation)
+    if r.state in RESUME:
+        reason = f"{r.state.value} with no worker on it"
+        return Resume(session=session, operation=RESUME[r.state], generation=generation, reason=reason)
+    if r.state is S.READY:
+        if desktop is not None and desktop.generation == generation and not desktop.running:
+            # Policy: a ready session's stopped desktop is started again (same container, same
+            # volume: its inner images and containers survive); the executor gives up after
+            # a few restarts in a row and marks it desktop_lost.
+            return RestartDesktop(session=session, generation=generation, reason="the desktop is not running")
+        if desktop is None or desktop.generation != generation:
+            return DesktopLost(session=session, generation=generation, why="gone" if desktop is None else "stale")
+        if expired:
+            return Expire(session=session, generation=generation, then=r.spec.ttl_action)
+        return None
+    if r.state is S.FAILED and lost_with_sandbox(r) and desktop is not None and desktop.generation == generation:
+        # Failed only because its sandbox went silent, and the desktop is still here: the
+        # sandbox is back, so is the session (never removed for having been declared lost).
+        if desktop.running:
+            return Recover(session=session, generation=generation)
+        return RestartDesktop(session=session, generation=generation, reason=SANDBOX_BACK)
+    if r.state in (S.STOPPED, S.FAILED):
+        if r.state is S.STOPPED and r.spec.ttl_action == "delete" and expired:
+            return Expire(session=session, generation=generation, then="delete")
+        if desktop is not None and now - desktop.created_at >= grace_s:
+            reason = f"left over by a {r.state.value} session"
+            return RemoveDesktop(session=session, name=desktop.name, reason=reason)
+    return None
+
+
+def _name(action: Action) -> str:
+    return type(action).__name__
 
 
 def lost_with_sandbox(record: SessionRecord) -> bool:
@@ -127,7 +210,7 @@ class Reconciler:
         self.lifecycle = lifecycle
         self.store: SessionStore = lifecycle.store
         self.bus: EventBus = lifecycle.bus
-        self.runtime: DesktopRuntime = lifecycle.runtime
+        self.runtime: Runtime = lifecycle.runtime
         self.locks: SessionLocks = lifecycle.locks
         self.sandbox_id = lifecycle.sandbox_id
         self.queue = queue
@@ -142,17 +225,17 @@ class Reconciler:
         # order no claimed desktop is ever seen with neither.
         pooled = frozenset(await self.pool.known()) if self.pool is not None else frozenset()
         records = [r for r in await self.store.list() if r.sandbox == self.sandbox_id]
-        desktops = await self.runtime.list_desktops()
-        volumes = await self.runtime.list_volumes()
+        desktops = await self.runtime.desktops.list_desktops()
+        volumes = await self.runtime.desktops.list_volumes()
         busy = await self.locks.held([r.id for r in records])
         actions = plan(records, desktops, volumes, busy=busy, now=time.time(), grace_s=self.grace_s, pooled=pooled)
         for action in actions:
             try:
                 await self._apply(action)
             except (StaleGeneration, TransitionError, SessionNotFound) as e:
-                log.info("reconcile %s %s: superseded (%s)", action.kind, action.session, e)
+                log.info("reconcile %s %s: superseded (%s)", _name(action), action.session, e)
             except Exception:
-                log.exception("reconcile %s %s failed; the next pass retries", action.kind, action.session)
+                log.exception("reconcile %s %s failed; the next pass retries", _name(action), action.session)
         return actions
 
     async def close(self) -> None:
@@ -163,85 +246,76 @@ class Reconciler:
                 await task
 
     async def _event(self, type: str, action: Action, **data: object) -> None:
-        # Removals are about objects whose session may be unknown: firehose only.
-        session = None if action.kind.startswith("remove_") else action.session
         payload = {"reason": action.reason, **data}
-        if session is None:
+        if isinstance(action, RemoveDesktop | RemoveVolume):
+            # About an object whose session may be unknown: firehose only.
+            session, generation = None, None
             payload["session"] = action.session
+        else:
+            session, generation = action.session, action.generation
         await self.bus.publish(
-            make_event(type, sandbox=self.sandbox_id, session=session, generation=action.generation, data=payload)
+            make_event(type, sandbox=self.sandbox_id, session=session, generation=generation, data=payload)
         )
 
     async def _apply(self, action: Action) -> None:
-        log.info("reconcile: %s %s (%s)", action.kind, action.session, action.reason)
-        if action.kind == "enqueue_create":
-            assert action.generation is not None
-            # arq refuses a job id that is queued or running: only a lost job is enqueued again.
-            if await self.queue.enqueue(Operation.CREATE, self.sandbox_id, action.session, action.generation):
-                await self._event("reconcile.requeued", action, operation="create")
-        elif action.kind == "resume":
-            assert action.operation and action.generation is not None
-            await self._event("reconcile.resumed", action, operation=action.operation)
-            self._spawn(self._resume(action.operation, action.session, action.generation))
-        elif action.kind == "desktop_lost":
-            with contextlib.suppress(DesktopError):
-                await self.runtime.remove_desktop(action.session, stop_timeout=2)
-            await self.store.fail(
-                action.session, action.generation, "desktop_lost", f"the desktop {action.reason[12:]}"
-            )
-        elif action.kind == "recover":
-            assert action.generation is not None
-            if await self.runtime.dockerd_answers(action.session):
-                await self.store.transition(
-                    action.session, S.READY, generation=action.generation, event_data={"recovered": True}
-                )
-        elif action.kind == "restart_desktop":
-            assert action.generation is not None
-            await self._restart(action)
-        elif action.kind == "expire":
-            assert action.operation and action.generation is not None
-            await self._event("session.expired", action, then=action.operation)
-            target, operation = (
-                (S.STOPPING, Operation.STOP) if action.operation == "stop" else (S.DELETING, Operation.DELETE)
-            )
-            record = await self.store.transition(action.session, target, generation=action.generation)
-            await self.queue.enqueue(operation, self.sandbox_id, record.id, record.generation)
-        elif action.kind == "remove_desktop":
-            assert action.name
-            await self.runtime.remove_container_by_name(action.name)
-            await self._event("reconcile.removed", action, kind="desktop", name=action.name)
-        elif action.kind == "remove_volume":
-            assert action.name
-            await self.runtime.remove_volume_by_name(action.name)
-            await self._event("reconcile.removed", action, kind="volume", name=action.name)
+        log.info("reconcile: %s %s (%s)", _name(action), action.session, action.reason)
+        match action:
+            case EnqueueCreate(session=session, generation=generation):
+                # arq refuses a job id that is queued or running: only a lost job is enqueued again.
+                if await self.queue.enqueue(Operation.CREATE, self.sandbox_id, session, generation):
+                    await self._event("reconcile.requeued", action, operation=Operation.CREATE.verb)
+            case Resume(session=session, operation=operation, generation=generation):
+                await self._event("reconcile.resumed", action, operation=operation.verb)
+                self._spawn(self._resume(operation, session, generation))
+            case DesktopLost(session=session, generation=generation):
+                with contextlib.suppress(DesktopError):
+                    await self.runtime.desktops.remove(session, stop_timeout=2)
+                await self.store.fail(session, generation, "desktop_lost", action.reason)
+            case Recover(session=session, generation=generation):
+                if await self.runtime.inner.answers(session):
+                    await self.store.transition(session, S.READY, generation=generation, event_data={"recovered": True})
+            case RestartDesktop():
+                await self._restart(action)
+            case Expire(session=session, generation=generation, then=then):
+                await self._event("session.expired", action, then=then)
+                target, operation = (S.STOPPING, Operation.STOP) if then == "stop" else (S.DELETING, Operation.DELETE)
+                record = await self.store.transition(session, target, generation=generation)
+                await self.queue.enqueue(operation, self.sandbox_id, record.id, record.generation)
+            case RemoveDesktop(name=name):
+                await self.runtime.desktops.remove_container_by_name(name)
+                await self._event("reconcile.removed", action, kind="desktop", name=name)
+            case RemoveVolume(name=name):
+                await self.runtime.desktops.remove_volume_by_name(name)
+                await self._event("reconcile.removed", action, kind="volume", name=name)
+            case _:
+                assert_never(action)
 
-    async def _restart(self, action: Action) -> None:
-        assert action.generation is not None
+    async def _restart(self, action: RestartDesktop) -> None:
         now = time.monotonic()
         recent = [t for t in self._restarts.get(action.session, []) if now - t < RESTART_WINDOW_S]
         if len(recent) >= MAX_RESTARTS:
             with contextlib.suppress(DesktopError):
-                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+                await self.runtime.desktops.remove(action.session, stop_timeout=2)
             message = f"the desktop kept stopping ({MAX_RESTARTS} restarts in {RESTART_WINDOW_S / 60:g} min)"
             await self.store.fail(action.session, action.generation, "desktop_lost", message)
             self._restarts.pop(action.session, None)
             return
         self._restarts[action.session] = [*recent, now]
         try:
-            await self.runtime.start_desktop(action.session)
+            await self.runtime.desktops.start(action.session)
         except DesktopError as e:
             with contextlib.suppress(DesktopError):
-                await self.runtime.remove_desktop(action.session, stop_timeout=2)
+                await self.runtime.desktops.remove(action.session, stop_timeout=2)
             await self.store.fail(action.session, action.generation, "desktop_lost", f"restarting it failed: {e}")
             return
         await self._event("desktop.restarted", action, attempt=len(recent) + 1)
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _resume(self, operation: str, session_id: str, generation: int) -> None:
+    async def _resume(self, operation: Operation, session_id: str, generation: int) -> None:
         try:
             result = await self.lifecycle.run(operation, session_id, generation)
             log.info("reconcile: resumed %s of %s: %s", operation, session_id, result)

@@ -78,7 +78,7 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
 
         async def api_up() -> bool:
             try:
-                return any(s["status"] == "available" for s in await client.sandboxes())
+                return any(s.status == "available" for s in await client.sandboxes())
             except Exception:
                 return False
 
@@ -90,10 +90,10 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
             nonlocal done
             async with gate:
                 record = await client.create(labels={"cycle": str(i)})
-                ready = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=180)
+                ready = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=180)
                 assert ready[-1].type == "session.ready", [(e.type, e.data.get("data")) for e in ready]
-                await client.delete(record["id"])
-                gone = await client.wait_for(record["id"], {"session.deleted"}, timeout=120, after=ready[-1].id)
+                await client.delete(record.id)
+                gone = await client.wait_for(record.id, {"session.deleted"}, timeout=120, after=ready[-1].id)
                 assert gone[-1].type == "session.deleted"
                 done += 1
                 if done in (WARM_UP, CYCLES):
@@ -110,7 +110,7 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
         )
         assert await client.list() == []
         sandbox = (await client.sandboxes())[0]
-        assert sandbox["placed"] == 0, sandbox
+        assert sandbox.placed == 0, sandbox
 
     label = f"label=orchestrator.sandbox={settings.sandbox_id}"
     assert await adocker("ps", "-aq", "--filter", label, host=host) == ""

@@ -114,7 +114,7 @@ async def test_redis_restarted_with_20_creates_in_flight(
         async with asyncio.timeout(60):
             while not await client.sandboxes():
                 await asyncio.sleep(0.1)
-        ids = [r["id"] for r in await asyncio.gather(*(client.create() for _ in range(20)))]
+        ids = [r.id for r in await asyncio.gather(*(client.create() for _ in range(20)))]
         first = await client.wait_for(ids[0], {"session.creating"}, timeout=60)
 
         await asyncio.to_thread(own_redis.stop)  # off the loop: the API in it keeps answering
@@ -142,7 +142,7 @@ async def test_redis_restarted_with_20_creates_in_flight(
         assert len(set(e.id for e in resumed)) == len(resumed)
         assert worker.returncode is None, "the worker died instead of reconnecting"
         listed = await client.sandboxes()
-        assert [s["status"] for s in listed] == ["available"], listed
+        assert [s.status for s in listed] == ["available"], listed
         unavailable = [e async for e in client.events(after="0", follow=False) if e.type == "sandbox.unavailable"]
         assert not unavailable, "a Redis outage was taken for the sandbox's silence"
     assert all([await count_objects(host, sid) == (1, 1) for sid in ids])

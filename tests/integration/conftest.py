@@ -19,9 +19,10 @@ import uvicorn
 from orchestrator.api import create_app
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
-from orchestrator.config import Settings
+from orchestrator.config import Settings, to_env
 from orchestrator.events import EventBus
-from orchestrator.names import LABEL_SANDBOX, LABEL_SESSION, Keys
+from orchestrator.keys import Keys
+from orchestrator.names import LABEL_SANDBOX, LABEL_SESSION
 from tests.conftest import free_port
 from workers.worker import SandboxWorker
 
@@ -221,27 +222,10 @@ async def labels_of(host: str, kind: str, name: str) -> dict[str, str]:
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that makes `orchestrator worker` (a real process) use ``settings``."""
-    env = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "ORCH_KEY_PREFIX": settings.key_prefix,
-        "ORCH_SANDBOX_ID": settings.sandbox_id,
-        "ORCH_SOCKET_DIR": settings.socket_dir,
-        "ORCH_DESKTOP_IMAGE": settings.desktop_image,
-        "ORCH_RECONCILE_INTERVAL": str(settings.reconcile_interval_s),
-        "ORCH_LOCK_LEASE": str(settings.lock_lease_s),
-        "ORCH_ORPHAN_GRACE": str(settings.orphan_grace_s),
-        "ORCH_POLL_DELAY": str(settings.poll_delay_s),
-        "ORCH_READY_TIMEOUT": str(settings.ready_timeout_s),
-        "ORCH_STOP_TIMEOUT": str(settings.stop_timeout_s),
-        "ORCH_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval_s),
-        "ORCH_SANDBOX_LOST_AFTER": str(settings.lost_after_s),
-        **extra,
-    }
-    if settings.docker_host:
-        env["DOCKER_HOST"] = settings.docker_host
-    return env
+    """The environment that makes `orchestrator worker` (a real process) use ``settings``:
+    every variable of the settings table, over this process's environment (for PATH and, when
+    ``settings`` leaves it unset, DOCKER_HOST)."""
+    return {**os.environ, **to_env(settings), **extra}
 
 
 async def count_objects(host: str, session_id: str) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 from tests.conftest import awaited
 
 from .conftest import ADMIN
@@ -97,18 +97,18 @@ async def test_create_enqueues_one_json_job_and_is_idempotent_by_id(
 async def test_state_conflicts_are_409_and_change_nothing(client: Client) -> None:
     record = await client.create("conflict-me")
     with pytest.raises(Exception, match="409 invalid_state"):
-        await client.start(record["id"])  # pending cannot be started
-    after = await client.get(record["id"])
-    assert after["state"] == "pending" and after["revision"] == record["revision"]
+        await client.start(record.id)  # pending cannot be started
+    after = await client.get(record.id)
+    assert after.state == "pending" and after.revision == record.revision
 
 
 async def test_list_filters_by_state_and_label(client: Client) -> None:
     await client.create("lab-one", labels={"team": "a", "tier": "gold"})
     await client.create("lab-two", labels={"team": "b"})
-    assert [s["id"] for s in await client.list(labels=["team=a"])] == ["lab-one"]
-    assert [s["id"] for s in await client.list(labels=["team=a", "tier=gold"])] == ["lab-one"]
-    assert [s["id"] for s in await client.list(labels=["team=c"])] == []
-    assert {s["id"] for s in await client.list(state="pending")} == {"lab-one", "lab-two"}
+    assert [s.id for s in await client.list(labels=["team=a"])] == ["lab-one"]
+    assert [s.id for s in await client.list(labels=["team=a", "tier=gold"])] == ["lab-one"]
+    assert [s.id for s in await client.list(labels=["team=c"])] == []
+    assert {s.id for s in await client.list(state="pending")} == {"lab-one", "lab-two"}
     assert await client.list(state="ready") == []
     with pytest.raises(Exception, match="400"):
         await client.list(state="sleeping")
@@ -131,10 +131,10 @@ async def test_repeated_lifecycle_requests_are_idempotent(
 ) -> None:
     """Without a worker: a second delete re-enqueues nothing new and changes nothing."""
     record = await client.create("twice-del")
-    first = await client.delete(record["id"])
-    second = await client.delete(record["id"])
-    assert first["state"] == second["state"] == "deleting"
-    assert first["revision"] == second["revision"]
+    first = await client.delete(record.id)
+    second = await client.delete(record.id)
+    assert first.state == second.state == "deleting"
+    assert first.revision == second.revision
     queued = await redis.zrange(Keys(settings.key_prefix).queue(settings.sandbox_id), 0, -1)
     assert queued == [b"create_session:twice-del:1", b"delete_session:twice-del:1"]
 

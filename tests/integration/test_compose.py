@@ -12,13 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
+from orchestrator.schemas import SandboxInfo
 from tests.conftest import free_port
 
 from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, adocker, docker
@@ -130,13 +130,13 @@ async def wait_healthy(url: str) -> None:
             await asyncio.sleep(0.1)
 
 
-async def wait_sandboxes(client: Client, ids: set[str] | int) -> list[dict[str, Any]]:
+async def wait_sandboxes(client: Client, ids: set[str] | int) -> list[SandboxInfo]:
     """Until the live sandboxes are ``ids`` (or that many): each starts its dockerd and pulls the
     desktop image from the registry first."""
     async with asyncio.timeout(180):
         while True:
-            sandboxes = [s for s in await client.sandboxes() if s["status"] == "available"]
-            found = {s["id"] for s in sandboxes}
+            sandboxes = [s for s in await client.sandboxes() if s.status == "available"]
+            found = {s.id for s in sandboxes}
             if found == ids or len(found) == ids:
                 return sandboxes
             await asyncio.sleep(0.5)
@@ -150,18 +150,18 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
     await wait_healthy(stack.url)
     async with Client(stack.url, token=TOKENS["admin"]) as client:
         sandboxes = await wait_sandboxes(client, 2)
-        assert all(s["depth"] == 1 and s["address_pool"] == "10.213.0.0/16" for s in sandboxes)
+        assert all(s.depth == 1 and s.address_pool == "10.213.0.0/16" for s in sandboxes)
         record = await client.create(labels={"via": "compose"})
-        assert record["sandbox"] in {s["id"] for s in sandboxes}
-        events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=180)
+        assert record.sandbox in {s.id for s in sandboxes}
+        events = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=180)
         assert events[-1].type == "session.ready", [e.data for e in events]
         ready = next(e for e in events if e.type == "dockerd.ready").data["data"]
         assert ready["storage_driver"] == "overlay2" and ready["backing_filesystem"] == "extfs"
         assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
-        await assert_desktop_isolated(stack, record["sandbox"], record["id"])
-        await client.delete(record["id"])
+        await assert_desktop_isolated(stack, record.sandbox, record.id)
+        await client.delete(record.id)
         events = await client.wait_for(
-            record["id"], {"session.deleted", "session.failed"}, timeout=120, after=events[-1].id
+            record.id, {"session.deleted", "session.failed"}, timeout=120, after=events[-1].id
         )
         assert events[-1].type == "session.deleted"
 
@@ -174,15 +174,15 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
 
         # Recreated containers (a new image, changed settings) are the same sandboxes: the id
         # lives on the dockerd volume compose keeps, so queues and sessions carry over.
-        ids = {s["id"] for s in sandboxes}
+        ids = {s.id for s in sandboxes}
         recreate = await stack.arun(
             "compose", "up", "-d", "--no-deps", "--force-recreate", "--scale", "sandbox=2", "sandbox"
         )
         assert recreate.returncode == 0, recreate.stderr
         await wait_sandboxes(client, ids)
         record = await client.create(labels={"via": "compose", "after": "recreate"})
-        assert record["sandbox"] in ids
-        assert (await client.wait_ready(record["id"], timeout=180))["state"] == "ready"
+        assert record.sandbox in ids
+        assert (await client.wait_ready(record.id, timeout=180)).state == "ready"
 
 
 async def assert_desktop_isolated(stack: Stack, sandbox_id: str, session_id: str) -> None:

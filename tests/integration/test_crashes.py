@@ -15,6 +15,7 @@ import pytest
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
+from orchestrator.states import SessionState
 from workers.lifecycle import FAULT_POINTS
 
 from .conftest import adocker, count_objects, running_worker, worker_env
@@ -57,12 +58,12 @@ async def test_create_converges_after_the_worker_dies_at(client: Client, docker_
     host = docker_settings.docker_host
     assert host
     async with faulty_worker(docker_settings, fault) as proc:
-        sid = (await client.create())["id"]
+        sid = (await client.create()).id
         await killed_by_fault(proc)
     async with running_worker(docker_settings):
         events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=120)
     assert events[-1].type == "session.ready", [(e.type, e.data.get("data")) for e in events]
-    assert (await client.get(sid))["state"] == "ready"
+    assert (await client.get(sid)).state == "ready"
     assert await count_objects(host, sid) == (1, 1)
     types = [e.type for e in events]
     assert types.count("session.ready") == 1
@@ -74,12 +75,12 @@ async def test_delete_converges_after_the_worker_dies_at(client: Client, docker_
     host = docker_settings.docker_host
     assert host
     async with faulty_worker(docker_settings, fault) as proc:
-        sid = (await client.create())["id"]
+        sid = (await client.create()).id
         ready = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=120)
         assert ready[-1].type == "session.ready"
         await client.delete(sid)
         await killed_by_fault(proc)
-    assert (await client.get(sid))["state"] == "deleting"
+    assert (await client.get(sid)).state == "deleting"
     async with running_worker(docker_settings):
         events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=120, after=ready[-1].id)
     assert events[-1].type == "session.deleted", [(e.type, e.data.get("data")) for e in events]
@@ -101,14 +102,14 @@ async def test_a_burst_of_creates_converges_after_the_worker_is_killed_midway(
         async with asyncio.timeout(60):  # its start-up (privilege probe) done: it heartbeats
             while not await client.sandboxes():
                 await asyncio.sleep(0.1)
-        ids = [r["id"] for r in await asyncio.gather(*(client.create() for _ in range(20)))]
+        ids = [r.id for r in await asyncio.gather(*(client.create() for _ in range(20)))]
         async with asyncio.timeout(120):  # some desktops made, not all of them ready yet
             while len((await adocker("ps", "-aq", "--filter", label, host=host)).split()) < 8:
                 await asyncio.sleep(0.05)
-        states = [(await client.get(i))["state"] for i in ids]
+        states = [(await client.get(i)).state for i in ids]
         proc.kill()
         await proc.wait()
-    assert states.count("ready") < 20, "the kill came too late to interrupt anything"
+    assert states.count(SessionState.READY) < 20, "the kill came too late to interrupt anything"
     async with running_worker(docker_settings):
         for sid in ids:
             events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=180)

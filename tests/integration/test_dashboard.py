@@ -44,7 +44,7 @@ async def test_a_session_turns_ready_on_the_dashboard_and_stops_from_it(
             await page.wait_for_selector("#status:text('live')", timeout=20_000)
 
             record = await client.create(labels={"seen-by": "browser"})
-            row = f"tr[data-session-id='{record['id']}']"
+            row = f"tr[data-session-id='{record.id}']"
             await page.wait_for_selector(row, timeout=20_000)
             await page.wait_for_selector(f"{row}[data-state='ready']", timeout=90_000)
             assert "seen-by=browser" in await page.inner_text(row)
@@ -55,7 +55,7 @@ async def test_a_session_turns_ready_on_the_dashboard_and_stops_from_it(
 
             await page.click(f"{row} button[data-action='stop']")
             await page.wait_for_selector(f"{row}[data-state='stopped']", timeout=90_000)
-            assert (await client.get(record["id"]))["state"] == "stopped"
+            assert (await client.get(record.id)).state == "stopped"
             events = await page.inner_text("#events")
             assert "dockerd.ready" in events and "session.stopped" in events
         finally:

@@ -26,15 +26,15 @@ async def test_a_desktop_that_cannot_become_ready_fails_cleanly(
     host = docker_settings.docker_host
     assert host
     async with running_worker(replace(docker_settings, **change)):  # type: ignore[arg-type]
-        sid = (await client.create())["id"]
+        sid = (await client.create()).id
         events = await client.wait_for(sid, {"session.failed", "session.ready"}, timeout=90)
         failed = events[-1]
         assert failed.type == "session.failed"
         assert failed.data["data"]["code"] == code
         assert failed.data["data"]["message"]
         record = await client.get(sid)
-        assert record["state"] == "failed"
-        assert record["error"]["code"] == code
+        assert record.state == "failed"
+        assert record.error is not None and record.error.code == code
         # No desktop is left running or stopped; the volume stays with the session until delete.
         assert await adocker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
 

@@ -65,7 +65,7 @@ async def until(check: Any, timeout: float, what: str) -> Any:
 
 
 async def states_on(client: Client, sandbox: str) -> collections.Counter[str]:
-    return collections.Counter(r["state"] for r in await client.list() if r["sandbox"] == sandbox)
+    return collections.Counter(r.state for r in await client.list() if r.sandbox == sandbox)
 
 
 async def test_a_sigterm_drains_the_worker_with_creates_in_flight(client: Client, docker_settings: Settings) -> None:
@@ -84,23 +84,23 @@ async def test_a_sigterm_drains_the_worker_with_creates_in_flight(client: Client
         sandbox = docker_settings.sandbox_id
 
         async def available() -> bool:
-            return any(s["id"] == sandbox and s["status"] == "available" for s in await client.sandboxes())
+            return any(s.id == sandbox and s.status == "available" for s in await client.sandboxes())
 
         await until(available, 60, "the worker's first heartbeat")
-        ids = [r["id"] for r in await asyncio.gather(*(client.create() for _ in range(6)))]
+        ids = [r.id for r in await asyncio.gather(*(client.create() for _ in range(6)))]
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 120) == 0, "the worker did not exit cleanly after its drain"
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert [(await client.get(i))["state"] for i in ids] == ["ready"] * 6
+    assert [(await client.get(i)).state for i in ids] == ["ready"] * 6
     draining = await firehose(client, "sandbox.drain")
     assert [e["type"] for e in draining] == ["sandbox.draining", "sandbox.drained"]
     assert draining[0]["data"] == {"by": "signal", "stop_desktops": False}
     assert draining[1]["data"]["jobs_left"] == 0
-    listed = next(s for s in await client.sandboxes() if s["id"] == sandbox)
-    assert listed["status"] == "drained" and listed["placed"] == 6
+    listed = next(s for s in await client.sandboxes() if s.id == sandbox)
+    assert listed.status == "drained" and listed.placed == 6
 
 
 async def test_three_sandboxes_caps_loss_drain_and_metrics(images: str) -> None:
@@ -119,7 +119,7 @@ async def test_three_sandboxes_caps_loss_drain_and_metrics(images: str) -> None:
 
 async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     host = stack.env["DOCKER_HOST"]
-    boxes = {s["id"] for s in await wait_sandboxes(client, 3)}
+    boxes = {s.id for s in await wait_sandboxes(client, 3)}
     container_of = {
         await adocker("exec", c, "cat", "/var/lib/docker/orchestrator/sandbox-id", host=host): c
         for c in (await stack.container("sandbox")).split()
@@ -129,24 +129,24 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     # 30 concurrent creates: the least-loaded rule with an atomic cap spreads them 10/10/10.
     started = time.monotonic()
     records = await asyncio.gather(*(client.create(labels={"n": str(i)}) for i in range(30)))
-    spread = collections.Counter(r["sandbox"] for r in records)
+    spread = collections.Counter(r.sandbox for r in records)
     assert sorted(spread.values()) == [10, 10, 10], spread
     with pytest.raises(ApiError) as refused:
         await client.create()
     assert refused.value.status == 503 and refused.value.code == "no_capacity", refused.value
     for r in records:
-        assert (await client.wait_ready(r["id"], timeout=300))["state"] == "ready"
+        assert (await client.wait_ready(r.id, timeout=300)).state == "ready"
     print(f"30 sessions on 3 sandboxes ready {time.monotonic() - started:.1f} s after the creates")
 
     # /metrics: parses, and says what the API says.
     samples = parse_metrics(await client.metrics())
     listed = await client.list()
     for state in ("ready", "pending", "stopped", "failed"):
-        assert metric(samples, "orchestrator_sessions", state=state) == sum(1 for r in listed if r["state"] == state)
+        assert metric(samples, "orchestrator_sessions", state=state) == sum(1 for r in listed if r.state == state)
     for s in await client.sandboxes():
-        assert metric(samples, "orchestrator_sandbox_placed", sandbox=s["id"]) == s["placed"] == 10
-        assert metric(samples, "orchestrator_sandbox_capacity", sandbox=s["id"]) == s["capacity"] == 10
-        assert metric(samples, "orchestrator_queue_depth", sandbox=s["id"]) == 0
+        assert metric(samples, "orchestrator_sandbox_placed", sandbox=s.id) == s.placed == 10
+        assert metric(samples, "orchestrator_sandbox_capacity", sandbox=s.id) == s.capacity == 10
+        assert metric(samples, "orchestrator_queue_depth", sandbox=s.id) == 0
     assert metric(samples, "orchestrator_sandboxes_desired") == 3
     assert metric(samples, "orchestrator_capacity_refusals_total") >= 1
     assert metric(samples, "orchestrator_sandboxes", status="available") == 3
@@ -160,7 +160,7 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
         assert metric(worker, "orchestrator_sandbox_status", sandbox=box, status="available") == 1
 
     a, b, c = sorted(boxes)
-    on = {box: [r["id"] for r in records if r["sandbox"] == box] for box in boxes}
+    on = {box: [r.id for r in records if r.sandbox == box] for box in boxes}
 
     # a's own dockerd restarted (start-dockerd brings it back): its desktops return by their
     # restart policy, the worker re-adopts them, desktop.health goes unhealthy then healthy,
@@ -190,18 +190,18 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     killed = time.monotonic()
 
     async def c_unavailable() -> bool:
-        return any(s["id"] == c and s["status"] == "unavailable" for s in await client.sandboxes())
+        return any(s.id == c and s.status == "unavailable" for s in await client.sandboxes())
 
     await until(c_unavailable, 30, f"sandbox {c} marked unavailable")
     print(f"sandbox {c} marked unavailable {time.monotonic() - killed:.1f} s after its kill")
     await until(lambda: _all_in(client, on[c], "failed"), 30, f"{c}'s sessions failed")
     for sid in on[c]:
-        error = (await client.get(sid))["error"]
-        assert error["code"] == "desktop_lost" and error["cause"] == "sandbox_unavailable", error
+        error = (await client.get(sid)).error
+        assert error is not None and error.code == "desktop_lost" and error.cause == "sandbox_unavailable", error
     moved = await asyncio.gather(*(client.create(labels={"after": "loss"}) for _ in range(3)))
-    assert {r["sandbox"] for r in moved} == {a}, [r["sandbox"] for r in moved]
+    assert {r.sandbox for r in moved} == {a}, [r.sandbox for r in moved]
     for r in moved:
-        await client.wait_ready(r["id"], timeout=180)
+        await client.wait_ready(r.id, timeout=180)
 
     # c comes back: its desktops restart with its dockerd and the sessions recover to ready.
     await adocker("start", container_of[c], host=host)
@@ -219,13 +219,13 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     assert no_b.value.code == "no_sandbox", no_b.value
 
     async def drained() -> bool:
-        return any(s["id"] == b and s["status"] == "drained" for s in await client.sandboxes())
+        return any(s.id == b and s.status == "drained" for s in await client.sandboxes())
 
     await until(drained, 180, f"sandbox {b} drained")
-    b_sessions = [*on[b][3:], *(r["id"] for r in pinned)]
-    assert [(await client.get(sid))["state"] for sid in b_sessions] == ["stopped"] * 10
+    b_sessions = [*on[b][3:], *(r.id for r in pinned)]
+    assert [(await client.get(sid)).state for sid in b_sessions] == ["stopped"] * 10
     for r in pinned:  # each passed through ready before being stopped
-        types = [e.type async for e in client.events(r["id"], after="0", follow=False)]
+        types = [e.type async for e in client.events(r.id, after="0", follow=False)]
         assert "session.ready" in types and types[-1] == "session.stopped", types
     events = await firehose(client, "sandbox.drain")
     assert [e["type"] for e in events if e["sandbox"] == b] == ["sandbox.draining", "sandbox.drained"]
@@ -242,8 +242,8 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
 
 
 async def _placed(client: Client, sandbox: str, count: int) -> bool:
-    return any(s["id"] == sandbox and s["placed"] == count for s in await client.sandboxes())
+    return any(s.id == sandbox and s.placed == count for s in await client.sandboxes())
 
 
 async def _all_in(client: Client, ids: list[str], state: str) -> bool:
-    return all([(await client.get(sid))["state"] == state for sid in ids])
+    return all([(await client.get(sid)).state == state for sid in ids])

@@ -6,15 +6,17 @@ import asyncio
 import json
 from dataclasses import replace
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from orchestrator.client import Client, ServerEvent
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
-from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, LABEL_SESSION, Keys, desktop_name, job_id
+from orchestrator.keys import Keys, job_id
+from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, LABEL_SESSION, desktop_name
 from orchestrator.queue import Operation
-from workers.reconciler import MAX_RESTARTS
+from workers.reconciler import MAX_RESTARTS, RemoveDesktop, RemoveVolume
 from workers.worker import SandboxWorker
 
 from .conftest import TEST_IMAGE, adocker, count_objects, running_worker
@@ -23,7 +25,7 @@ READY = 90.0
 
 
 async def ready_session(client: Client, **kwargs: object) -> tuple[str, list[ServerEvent]]:
-    sid = (await client.create(**kwargs))["id"]  # type: ignore[arg-type]
+    sid = (await client.create(**kwargs)).id  # type: ignore[arg-type]
     events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
     assert events[-1].type == "session.ready", [e.data for e in events]
     return sid, events
@@ -44,7 +46,7 @@ async def test_a_stale_stop_never_touches_a_newer_incarnation(
     sid, events = await ready_session(client)
     await client.stop(sid)
     stopped = await client.wait_for(sid, {"session.stopped"}, timeout=READY, after=events[-1].id)
-    assert (await client.start(sid))["generation"] == 2
+    assert (await client.start(sid)).generation == 2
     restarted = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY, after=stopped[-1].id)
     assert restarted[-1].type == "session.ready"
 
@@ -54,7 +56,7 @@ async def test_a_stale_stop_never_touches_a_newer_incarnation(
     await job_finished(redis, queue, job_id(Operation.STOP.value, sid, 1))
 
     record = await client.get(sid)
-    assert record["state"] == "ready" and record["generation"] == 2
+    assert record.state == "ready" and record.generation == 2
     state = await adocker(
         "inspect",
         "--format",
@@ -101,7 +103,7 @@ async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
         async with running_worker(docker_settings) as patient:
             assert patient.reconciler is not None
             actions = await patient.reconciler.pass_once()
-            assert not [a for a in actions if a.kind.startswith("remove_")]
+            assert not [a for a in actions if isinstance(a, RemoveDesktop | RemoveVolume)]
         assert await count_objects(host, f"ghost-{sandbox}") == (1, 1)
 
         after = await bus.last_id(bus.keys.firehose)
@@ -135,7 +137,7 @@ async def test_a_desktop_removed_from_outside_marks_the_session_desktop_lost(
     assert lost[-1].data["data"]["code"] == "desktop_lost"
     assert "gone" in lost[-1].data["data"]["message"]
     record = await client.get(sid)
-    assert record["state"] == "failed" and record["error"]["code"] == "desktop_lost"
+    assert record.state == "failed" and record.error is not None and record.error.code == "desktop_lost"
     # A failed session can still be deleted, and then nothing is left.
     await client.delete(sid)
     await client.wait_for(sid, {"session.deleted"}, timeout=READY, after=lost[-1].id)
@@ -147,13 +149,13 @@ async def test_ttl_stops_the_session_with_its_events(
 ) -> None:
     host = docker_settings.docker_host
     assert host
-    record = await client._call("POST", "/v1/sessions", json={"ttl_seconds": 1})
-    assert record["spec"]["ttl_seconds"] == 1 and record["spec"]["ttl_action"] == "stop"
-    assert record["expires_at"] > 0
-    events = await client.wait_for(record["id"], {"session.stopped", "session.failed"}, timeout=READY)
+    record = await client.create(ttl_seconds=1)
+    assert record.spec.ttl_seconds == 1 and record.spec.ttl_action == "stop"
+    assert record.expires_at is not None and record.expires_at > 0
+    events = await client.wait_for(record.id, {"session.stopped", "session.failed"}, timeout=READY)
     types = [e.type for e in events]
     assert types[-3:] == ["session.expired", "session.stopping", "session.stopped"], types
-    assert await count_objects(host, record["id"]) == (0, 1)  # stopped: desktop gone, volume kept
+    assert await count_objects(host, record.id) == (0, 1)  # stopped: desktop gone, volume kept
 
 
 async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
@@ -162,9 +164,9 @@ async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
     host = docker_settings.docker_host
     assert host
     secret = "s3cr3t-value-that-must-not-leak"
-    body = {"resources": {"cpus": 0.5, "memory_mb": 512, "pids": 512}, "env": {"API_TOKEN": secret}}
-    record = await client._call("POST", "/v1/sessions", json=body)
-    sid = record["id"]
+    resources = {"cpus": 0.5, "memory_mb": 512, "pids": 512}
+    record = await client.create(resources=resources, env={"API_TOKEN": secret})
+    sid = record.id
     events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
     assert events[-1].type == "session.ready", [e.data for e in events]
 
@@ -174,17 +176,16 @@ async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
     assert host_config["PidsLimit"] == 512
     assert f"API_TOKEN={secret}" in (await adocker("exec", desktop_name(sid), "env", host=host)).splitlines()
 
-    assert record["spec"]["env_keys"] == ["API_TOKEN"]
-    listing = json.dumps(await client.list()) + json.dumps(await client.get(sid))
+    assert record.spec.env_keys == ["API_TOKEN"]
+    listing = msgspec.json.encode([*await client.list(), await client.get(sid)]).decode()
     firehose = await redis.xrange(Keys(docker_settings.key_prefix).firehose)
     assert secret not in listing
     assert all(secret.encode() not in b"".join(fields[b"event"] for _, fields in [entry]) for entry in firehose)
 
 
 async def test_limits_beyond_the_sandbox_are_refused_with_422(client: Client, settings: Settings) -> None:
-    body = {"resources": {"cpus": settings.max_cpus + 1}}
     with pytest.raises(Exception, match="422 resources_exceed_sandbox"):
-        await client._call("POST", "/v1/sessions", json=body)
+        await client.create(resources={"cpus": settings.max_cpus + 1})
     assert await client.list() == []
 
 
@@ -193,26 +194,26 @@ async def test_preload_images_arrive_before_ready_with_their_event(
 ) -> None:
     host = docker_settings.docker_host
     assert host
-    record = await client._call("POST", "/v1/sessions", json={"preload_images": [TEST_IMAGE]})
-    events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=READY)
+    record = await client.create(preload_images=[TEST_IMAGE])
+    events = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=READY)
     types = [e.type for e in events]
     assert types[-3:] == ["dockerd.ready", "images.loaded", "session.ready"], types
     loaded = events[-2].data["data"]
     assert loaded["images"] == [TEST_IMAGE] and loaded["bytes"] > 100_000 and loaded["seconds"] >= 0
     out = await adocker(
-        "exec", desktop_name(record["id"]), "docker", "run", "--rm", TEST_IMAGE, "echo", "preloaded", host=host
+        "exec", desktop_name(record.id), "docker", "run", "--rm", TEST_IMAGE, "echo", "preloaded", host=host
     )
     assert out == "preloaded"
 
-    missing = await client._call("POST", "/v1/sessions", json={"preload_images": ["orchestrator/none:missing"]})
-    events = await client.wait_for(missing["id"], {"session.ready", "session.failed"}, timeout=READY)
+    missing = await client.create(preload_images=["orchestrator/none:missing"])
+    events = await client.wait_for(missing.id, {"session.ready", "session.failed"}, timeout=READY)
     assert events[-1].type == "session.failed" and events[-1].data["data"]["code"] == "image_missing"
 
 
 async def test_image_names_that_look_like_flags_are_refused(client: Client) -> None:
     for bad in ("--privileged", "../x", "a b", ""):
         with pytest.raises(Exception, match="400 invalid_request"):
-            await client._call("POST", "/v1/sessions", json={"preload_images": [bad]})
+            await client.create(preload_images=[bad])
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])
@@ -227,8 +228,8 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
     settings = replace(docker_settings, health_interval_s=0.5, reconcile_interval_s=1.0)
     async with running_worker(settings) as worker:
         sid, events = await ready_session(client)
-        await worker.runtime.load_images(sid, [TEST_IMAGE])
-        await worker.check_health()  # the first finding: healthy (no event for that)
+        await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
+        await worker.health.check()  # the first finding: healthy (no event for that)
         await adocker(how, desktop_name(sid), host=host)
         seen = await client.wait_for(sid, {"desktop.health"}, timeout=10, after=events[-1].id)
         assert seen[-1].data["data"]["status"] == "unhealthy", seen[-1].data
@@ -238,7 +239,7 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
         assert "session.failed" not in types
         if how == "stop":
             assert "desktop.restarted" in types
-        assert (await client.get(sid))["state"] == "ready"
+        assert (await client.get(sid)).state == "ready"
         image = await adocker("exec", desktop_name(sid), "docker", "images", "-q", TEST_IMAGE, host=host)
         assert image, "the inner image did not survive the restart"
 

@@ -141,17 +141,17 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
     async with running_api(sandbox_settings) as base_url, Client(base_url, token=TOKENS["admin"]) as client:
         t = time.monotonic()
         async with asyncio.timeout(60):
-            while not [s for s in await client.sandboxes() if s["id"] == sandbox_settings.sandbox_id]:
+            while not [s for s in await client.sandboxes() if s.id == sandbox_settings.sandbox_id]:
                 await asyncio.sleep(0.1)
         record = await client.create(sandbox=sandbox_settings.sandbox_id)
-        events = await client.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=120)
+        events = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=120)
         assert events[-1].type == "session.ready", events[-1].data["data"]
         timings["session ready (POST to session.ready)"] = time.monotonic() - t
         ready = next(e for e in events if e.type == "dockerd.ready").data["data"]
         assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
-        heartbeat = next(s for s in await client.sandboxes() if s["id"] == sandbox_settings.sandbox_id)
-        assert heartbeat["depth"] == 1 and heartbeat["address_pool"] == "10.213.0.0/16"
-    desktop = f"desktop-{record['id']}"
+        heartbeat = next(s for s in await client.sandboxes() if s.id == sandbox_settings.sandbox_id)
+        assert heartbeat.depth == 1 and heartbeat.address_pool == "10.213.0.0/16"
+    desktop = f"desktop-{record.id}"
     in_desktop = ["exec", sandbox, "docker", "exec", desktop]
     check_level(await info(host, *in_desktop), 2)
 

@@ -16,9 +16,9 @@ SERVE = "busybox mkdir -p /www && echo hello-from-{name} > /www/index.html && ex
 
 async def ready_desktop(client: Client, worker: SandboxWorker) -> str:
     record = await client.create()
-    await client.wait_ready(record["id"], timeout=90)
-    await worker.runtime.load_images(record["id"], [TEST_IMAGE])
-    return f"desktop-{record['id']}"
+    await client.wait_ready(record.id, timeout=90)
+    await worker.runtime.images.copy_into(record.id, [TEST_IMAGE])
+    return f"desktop-{record.id}"
 
 
 async def in_desktop(host: str, desktop: str, *args: str, check: bool = True) -> str:

@@ -1,20 +1,21 @@
-"""Placement in Redis: the Lua script applies the pure rule of orchestrator/placement.py,
-atomically with the reservation, on a real Redis server."""
+"""Placement on a real Redis server: SessionStore.place chooses by the rule of
+orchestrator/placement.py on what Redis holds, and its reservation keeps every cap."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from orchestrator.config import Settings
 from orchestrator.events import EventBus
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 from orchestrator.placement import Candidate, NoCapacity, NoSandbox, choose
+from orchestrator.records import new_record
 from orchestrator.schemas import SessionCreate
-from orchestrator.service import new_record
 from orchestrator.states import SessionState as S
 from orchestrator.store import SessionStore
 from tests.conftest import awaited
@@ -35,7 +36,7 @@ async def fleet(redis: aioredis.Redis, keys: Keys, boxes: list[tuple[str, int, i
             await awaited(redis.rpush(keys.pool(box), *(f"w-{box}-{i}" for i in range(warm))))
 
 
-async def test_the_script_chooses_what_the_pure_rule_chooses(redis: aioredis.Redis, settings: Settings) -> None:
+async def test_placement_chooses_by_the_rule_on_what_redis_holds(redis: aioredis.Redis, settings: Settings) -> None:
     keys = Keys(settings.key_prefix)
     store = SessionStore(redis, EventBus(redis, keys))
     rng = random.Random(8)
@@ -65,11 +66,11 @@ async def test_the_script_chooses_what_the_pure_rule_chooses(redis: aioredis.Red
         try:
             placed = await store.place(record, None, [(b[0], b[2]) for b in boxes], prefer_warm=prefer_warm)
         except (NoCapacity, NoSandbox) as e:
-            assert pure is None, f"round {round_}: the script refused ({e}) but the rule picks {pure}"
+            assert pure is None, f"round {round_}: placement refused ({e}) but the rule picks {pure}"
             usable = [b for b in boxes if b[3] and not b[4]]
             assert isinstance(e, NoCapacity) == bool(usable), f"round {round_}: wrong refusal {e!r}"
             continue
-        assert pure is not None, f"round {round_}: the script placed on {placed.record.sandbox}, the rule refuses"
+        assert pure is not None, f"round {round_}: placement chose {placed.record.sandbox}, the rule refuses"
         assert placed.record.sandbox == pure.id, f"round {round_}: {boxes}, warm={prefer_warm}"
         assert placed.warm == (prefer_warm and pure.warm)
         if placed.warm:
@@ -121,3 +122,46 @@ async def test_a_deleted_session_frees_its_place(redis: aioredis.Redis, settings
         new_record(SessionCreate(id="two"), "", settings), None, [("solo", 1)], prefer_warm=False
     )
     assert placed.created and placed.record.sandbox == "solo"
+
+
+async def test_concurrent_warm_creates_never_share_a_desktop(redis: aioredis.Redis, settings: Settings) -> None:
+    """8 creates at once on a sandbox with 3 warm desktops: each desktop goes to exactly one
+    of them, born ready; the other 5 are placed cold."""
+    keys = Keys(settings.key_prefix)
+    store = SessionStore(redis, EventBus(redis, keys))
+    await fleet(redis, keys, [("w", 0, 50, True, False, 3)])
+
+    async def one(i: int) -> tuple[str, bool]:
+        placed = await store.place(new_record(SessionCreate(), "", settings), None, [("w", 50)], prefer_warm=True)
+        return placed.record.id, placed.warm
+
+    results = await asyncio.gather(*(one(i) for i in range(8)))
+    assert sorted(sid for sid, warm in results if warm) == ["w-w-0", "w-w-1", "w-w-2"]
+    assert [warm for _, warm in results].count(False) == 5
+    assert not await redis.llen(keys.pool("w"))  # type: ignore[misc]
+    assert await redis.scard(keys.placed("w")) == 8  # type: ignore[misc]
+    for sid, warm in results:
+        stored = await store.get(sid)
+        assert stored is not None and stored.sandbox == "w"
+        assert stored.state is (S.READY if warm else S.PENDING)
+
+
+async def test_a_sandbox_that_changes_after_the_read_is_not_used(redis: aioredis.Redis, settings: Settings) -> None:
+    """The reservation re-checks the chosen sandbox: one that went silent or draining since
+    the read is passed over for the next best."""
+    keys = Keys(settings.key_prefix)
+    store = SessionStore(redis, EventBus(redis, keys))
+    await fleet(redis, keys, [("a", 0, 5, True, False, 0), ("b", 3, 5, True, False, 0)])
+    read = store._read_fleet
+
+    async def then_a_goes_away(*args: Any, **kwargs: Any) -> Any:
+        fleet = await read(*args, **kwargs)
+        await redis.delete(keys.sandbox_alive("a"))  # between the read and the reservation
+        return fleet
+
+    store._read_fleet = then_a_goes_away  # type: ignore[method-assign]
+    placed = await store.place(
+        new_record(SessionCreate(id="late"), "", settings), None, [("a", 5), ("b", 5)], prefer_warm=False
+    )
+    assert placed.record.sandbox == "b"
+    assert not await redis.scard(keys.placed("a"))  # type: ignore[misc]

@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.names import Keys
+from orchestrator.keys import Keys
 from workers.worker import SandboxWorker
 
 from .conftest import count_objects
@@ -50,8 +50,8 @@ async def test_redis_cli_alone_enqueues_a_create_that_reaches_dockerd_ready(
     assert events[-1].type == "session.ready", [e.data for e in events]
     assert "dockerd.ready" in [e.type for e in events]
     record = await client.get(session)
-    assert record["spec"]["labels"] == {"producer": "redis-cli"}
-    assert record["sandbox"] == docker_settings.sandbox_id
+    assert record.spec.labels == {"producer": "redis-cli"}
+    assert record.sandbox == docker_settings.sandbox_id
     assert await count_objects(docker_settings.docker_host or "", session) == (1, 1)
 
     # Events can be read the same way: XRANGE on the session's stream, JSON in field "event".

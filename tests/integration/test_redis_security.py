@@ -30,12 +30,12 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
+from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
-from orchestrator.names import Keys
 from orchestrator.queue import JobQueue, Operation, job_deserializer, job_serializer
 from orchestrator.redis_conn import arq_redis_settings, redacted_url, redis_client
 from tests.conftest import awaited, free_port
-from workers.worker import ResilientWorker
+from workers.jobs import ResilientWorker
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "redis.md"
 PREFIX = "orchestrator:"
@@ -194,6 +194,10 @@ async def test_documented_acl_lets_api_and_worker_do_their_work(acl_server: AclS
         assert await awaited(api_redis.smembers(keys.session_index)) == {b"s1"}
         await awaited(worker_redis.rpush(keys.pool("sec"), "w1", "w2"))
         assert await awaited(worker_redis.lrange(keys.pool("sec"), 0, -1)) == [b"w1", b"w2"]
+        # Placement reads the first warm desktop before it claims it.
+        # (redis-py annotates LINDEX as str | None; without decode_responses it is bytes.)
+        first: object = await awaited(api_redis.lindex(keys.pool("sec"), 0))
+        assert first == b"w1"
         assert await awaited(worker_redis.lrem(keys.pool("sec"), 1, "w2")) == 1
         # The commands the API's and the worker's Lua scripts use, run by EVALSHA as they are.
         script = """

@@ -38,12 +38,12 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
             # The platform's images, into the outer desktop the way any image gets there: the
             # sandbox pulls them from its level's registry and copies them in before session.ready.
             record = await outer.create(labels={"role": "self-hosting"}, preload_images=[DESKTOP_IMAGE, SANDBOX_IMAGE])
-            events = await outer.wait_for(record["id"], {"session.ready", "session.failed"}, timeout=400)
+            events = await outer.wait_for(record.id, {"session.ready", "session.failed"}, timeout=400)
             assert events[-1].type == "session.ready", [e.data for e in events]
             loaded = next(e.data["data"] for e in events if e.type == "images.loaded")
             assert set(loaded["images"]) == {DESKTOP_IMAGE, SANDBOX_IMAGE} and loaded["bytes"] > 100_000_000
             mark(f"outer session (depth 2) ready; preload {loaded['bytes'] / 1e6:.0f} MB in {loaded['seconds']} s")
-        desktop = f"desktop-{record['id']}"
+        desktop = f"desktop-{record.id}"
         chain = ["exec", "-i", await stack.container("sandbox"), "docker", "exec", "-i", desktop]
 
         # The same compose files and script; the only difference is the .env.

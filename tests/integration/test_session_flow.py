@@ -33,9 +33,9 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
     host = docker_settings.docker_host
     assert host
     record = await client.create(labels={"purpose": "test"})
-    assert record["state"] == "pending"
-    assert record["sandbox"] == docker_settings.sandbox_id
-    sid = record["id"]
+    assert record.state == "pending"
+    assert record.sandbox == docker_settings.sandbox_id
+    sid = record.id
 
     events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY_TIMEOUT)
     assert types(events) == [
@@ -76,7 +76,7 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
     assert dict(info["DriverStatus"])["Backing Filesystem"] == "extfs"
 
     # An image from the sandbox's daemon, loaded through the desktop's socket, runs inside it.
-    moved = await worker.runtime.load_images(sid, [TEST_IMAGE])
+    moved = await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
     assert moved > 100_000
     out = await adocker(
         "exec",
@@ -91,7 +91,7 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
     )
     assert out == "hello from depth 3"
 
-    assert (await client.get(sid))["state"] == "ready"
+    assert (await client.get(sid)).state == "ready"
 
 
 async def test_stop_then_start_keeps_the_inner_images(
@@ -99,12 +99,12 @@ async def test_stop_then_start_keeps_the_inner_images(
 ) -> None:
     host = docker_settings.docker_host
     assert host
-    sid = (await client.create("keep-me"))["id"]
+    sid = (await client.create("keep-me")).id
     await client.wait_for(sid, {"session.ready"}, timeout=READY_TIMEOUT)
-    await worker.runtime.load_images(sid, [TEST_IMAGE])
+    await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
 
     stopping = await client.stop(sid)
-    assert stopping["state"] == "stopping"
+    assert stopping.state == "stopping"
     events = await client.wait_for(sid, {"session.stopped", "session.failed"}, timeout=READY_TIMEOUT)
     assert events[-1].type == "session.stopped"
     assert await adocker("ps", "-aq", "--filter", f"name=^{desktop_name(sid)}$", host=host) == ""
@@ -112,8 +112,8 @@ async def test_stop_then_start_keeps_the_inner_images(
 
     last = events[-1].id
     started = await client.start(sid)
-    assert started["state"] == "starting"
-    assert started["generation"] == 2
+    assert started.state == "starting"
+    assert started.generation == 2
     events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY_TIMEOUT, after=last)
     assert types(events) == ["session.starting", "desktop.started", "dockerd.ready", "session.ready"]
     assert all(e.data["generation"] == 2 for e in events)
@@ -132,18 +132,18 @@ async def test_delete_leaves_no_container_volume_or_record(
 ) -> None:
     host = docker_settings.docker_host
     assert host
-    sid = (await client.create())["id"]
+    sid = (await client.create()).id
     await client.wait_for(sid, {"session.ready"}, timeout=READY_TIMEOUT)
 
     deleting = await client.delete(sid)
-    assert deleting["state"] == "deleting"
+    assert deleting.state == "deleting"
     events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=READY_TIMEOUT)
     assert events[-1].type == "session.deleted"
 
     assert await adocker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
     assert await adocker("volume", "ls", "-q", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
     assert await worker.store.get(sid) is None
-    assert sid not in [s["id"] for s in await client.list()]
+    assert sid not in [s.id for s in await client.list()]
     with pytest.raises(Exception, match="session_not_found"):
         await client.get(sid)
 
@@ -153,7 +153,7 @@ async def test_delete_while_creating_converges_to_nothing(
 ) -> None:
     host = docker_settings.docker_host
     assert host
-    sid = (await client.create())["id"]
+    sid = (await client.create()).id
     await client.wait_for(sid, {"desktop.started"}, timeout=READY_TIMEOUT)
     await client.delete(sid)
     events = await client.wait_for(sid, {"session.deleted"}, timeout=READY_TIMEOUT)

@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
-from orchestrator.names import Keys, desktop_name, volume_name
+from orchestrator.keys import Keys
+from orchestrator.names import desktop_name, volume_name
 from tests.conftest import awaited
 from workers.worker import SandboxWorker
 
@@ -22,7 +23,7 @@ async def pool_ready(worker: SandboxWorker, size: int, timeout: float = 90) -> l
     async with asyncio.timeout(timeout):
         while len(pooled := await worker.pool.pooled()) != size or worker.pool.making or worker.pool.removing:
             await asyncio.sleep(0.05)
-    info = await worker.beat()
+    info = await worker.heartbeat.beat()
     assert (info.pool_target, info.pool_ready) == (worker.pool.target, size)
     return pooled
 
@@ -48,14 +49,14 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
         async with Client(url, token=TOKENS["admin"]) as client:
             # Three at once, from a full pool: each is ready in the response, none shared.
             records = await asyncio.gather(*(client.create(labels={"n": str(n)}) for n in range(3)))
-            ids = [r["id"] for r in records]
-            assert all(r["state"] == "ready" for r in records)
+            ids = [r.id for r in records]
+            assert all(r.state == "ready" for r in records)
             assert sorted(ids) == sorted(pooled) and len(set(ids)) == 3
             for r in records:
-                events = await client.wait_for(r["id"], {"session.ready"}, timeout=10)
+                events = await client.wait_for(r.id, {"session.ready"}, timeout=10)
                 assert events[-1].data["data"] == {"warm": True}
-                assert (await client.get(r["id"]))["spec"]["labels"] == r["spec"]["labels"]
-                assert await count_objects(host, r["id"]) == (1, 1) and await running(host, r["id"])
+                assert (await client.get(r.id)).spec.labels == r.spec.labels
+                assert await count_objects(host, r.id) == (1, 1) and await running(host, r.id)
             # A claimed desktop carries nothing from anyone: a fresh volume, an empty inner daemon.
             inner = await adocker("exec", desktop_name(ids[0]), "docker", "ps", "-aq", host=host)
             assert (
@@ -64,15 +65,15 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
 
             # The pool is empty now: the next create is made cold (and still works).
             cold = await client.create()
-            if cold["state"] != "ready":  # unless the refill already won the race
-                assert (await client.wait_ready(cold["id"], timeout=90))["state"] == "ready"
+            if cold.state != "ready":  # unless the refill already won the race
+                assert (await client.wait_ready(cold.id, timeout=90)).state == "ready"
 
             # Requests the pool cannot serve go cold even with warm desktops waiting.
             refilled = await pool_ready(worker, 3)
             assert not set(refilled) & set(ids)
             with_env = await client.create(env={"GREETING": "hi"})
-            assert with_env["state"] == "pending" and with_env["id"] not in refilled
-            assert (await client.wait_ready(with_env["id"], timeout=90))["state"] == "ready"
+            assert with_env.state == "pending" and with_env.id not in refilled
+            assert (await client.wait_ready(with_env.id, timeout=90)).state == "ready"
 
             # A warm session is an ordinary session afterwards: stop, start, delete.
             sid = ids[1]

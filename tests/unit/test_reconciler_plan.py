@@ -3,11 +3,23 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.schemas import SessionRecord, SessionSpec
+from orchestrator.queue import Operation
+from orchestrator.schemas import SessionError, SessionRecord, SessionSpec
 from orchestrator.states import SessionState
-from workers.docker import DockerObject
 from workers.pool import plan_pool
-from workers.reconciler import Action, plan
+from workers.reconciler import (
+    Action,
+    DesktopLost,
+    EnqueueCreate,
+    Expire,
+    Recover,
+    RemoveDesktop,
+    RemoveVolume,
+    RestartDesktop,
+    Resume,
+    plan,
+)
+from workers.runtime import DockerObject
 
 S = SessionState
 NOW = 10_000.0
@@ -35,7 +47,7 @@ def volume(sid: str, age: float = 1000) -> DockerObject:
 
 
 def kinds(actions: list[Action]) -> list[tuple[str, str]]:
-    return [(a.kind, a.session) for a in actions]
+    return [(type(a).__name__, a.session) for a in actions]
 
 
 def test_a_healthy_sandbox_needs_nothing() -> None:
@@ -46,24 +58,33 @@ def test_a_healthy_sandbox_needs_nothing() -> None:
 def test_interrupted_operations_are_resumed_unless_someone_holds_the_lease() -> None:
     records = [record("c", S.CREATING), record("d", S.DELETING), record("p", S.PENDING), record("x", S.STOPPING)]
     actions = plan(records, [], [], busy={"x"}, now=NOW, grace_s=60)
-    assert {(a.kind, a.session, a.operation) for a in actions} == {
-        ("resume", "c", "create"),
-        ("resume", "d", "delete"),
-        ("enqueue_create", "p", None),
+    assert set(actions) == {
+        Resume(session="c", operation=Operation.CREATE, generation=1, reason="creating with no worker on it"),
+        Resume(session="d", operation=Operation.DELETE, generation=1, reason="deleting with no worker on it"),
+        EnqueueCreate(session="p", generation=1),
     }
 
 
 def test_lost_and_stale_desktops_of_ready_sessions() -> None:
     records = [record("gone", S.READY), record("dead", S.READY), record("old", S.READY, generation=2)]
     actions = plan(records, [desktop("dead", running=False), desktop("old", 1)], [], busy=set(), now=NOW, grace_s=60)
-    assert sorted(kinds(actions)) == [("desktop_lost", "gone"), ("desktop_lost", "old"), ("restart_desktop", "dead")]
+    assert set(actions) == {
+        DesktopLost(session="gone", generation=1, why="gone"),
+        DesktopLost(session="old", generation=2, why="stale"),
+        RestartDesktop(session="dead", generation=1, reason="the desktop is not running"),
+    }
+    # The session's error message says which.
+    assert [a.reason for a in actions if isinstance(a, DesktopLost)] == ["the desktop is gone", "the desktop is stale"]
 
 
 def test_orphans_only_after_the_grace_period() -> None:
     young = plan([], [desktop("ghost", age=10)], [volume("ghost", age=10)], busy=set(), now=NOW, grace_s=60)
     assert young == []
     old = plan([], [desktop("ghost")], [volume("ghost")], busy=set(), now=NOW, grace_s=60)
-    assert sorted(kinds(old)) == [("remove_desktop", "ghost"), ("remove_volume", "ghost")]
+    assert set(old) == {
+        RemoveDesktop(session="ghost", name="desktop-ghost", reason="its session is unknown or deleted"),
+        RemoveVolume(session="ghost", name="docker-data-ghost", reason="its session is unknown or deleted"),
+    }
 
 
 def test_ttl_expiry_follows_the_spec_action() -> None:
@@ -79,17 +100,17 @@ def test_ttl_expiry_follows_the_spec_action() -> None:
         now=NOW,
         grace_s=60,
     )
-    assert {(a.kind, a.session, a.operation) for a in actions} == {
-        ("expire", "t1", "stop"),
-        ("expire", "t2", "delete"),
-        ("expire", "t4", "delete"),
+    assert set(actions) == {
+        Expire(session="t1", generation=1, then="stop"),
+        Expire(session="t2", generation=1, then="delete"),
+        Expire(session="t4", generation=1, then="delete"),
     }
 
 
 def test_the_warm_pools_desktops_are_not_orphans() -> None:
     objects = ([desktop("w1"), desktop("x")], [volume("w1"), volume("x")])
     actions = plan([], *objects, busy=set(), now=NOW, grace_s=0, pooled=frozenset({"w1"}))
-    assert sorted(kinds(actions)) == [("remove_desktop", "x"), ("remove_volume", "x")]
+    assert sorted(kinds(actions)) == [("RemoveDesktop", "x"), ("RemoveVolume", "x")]
 
 
 @given(
@@ -113,3 +134,14 @@ def test_the_pool_plan_converges_to_its_target(
     # The oldest live desktops are kept (they are claimed first).
     live = [i for i in pooled if running is None or i in running]
     assert kept == live[: len(kept)]
+
+
+def test_a_session_failed_with_its_sandbox_comes_back_with_its_desktop() -> None:
+    lost = SessionError(code="desktop_lost", message="silent", cause="sandbox_unavailable")
+    records = [record("up", S.FAILED, error=lost), record("down", S.FAILED, error=lost), record("old", S.STOPPED)]
+    desktops = [desktop("up"), desktop("down", running=False), desktop("old")]
+    assert set(plan(records, desktops, [], busy=set(), now=NOW, grace_s=60)) == {
+        Recover(session="up", generation=1),
+        RestartDesktop(session="down", generation=1, reason="its sandbox is back and so is its desktop"),
+        RemoveDesktop(session="old", name="desktop-old", reason="left over by a stopped session"),
+    }

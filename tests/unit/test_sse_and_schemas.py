@@ -4,9 +4,9 @@ import msgspec
 import pytest
 
 from orchestrator.client import SseParser
+from orchestrator.errors import ServiceError
 from orchestrator.hub import frame
 from orchestrator.schemas import LifecycleJob, SessionCreate
-from orchestrator.service import ServiceError
 from orchestrator.sse import parse_after
 
 

@@ -1,0 +1,68 @@
+"""The Redis key layout: every key the project writes, under one prefix, in one place.
+
+docs/architecture.md has the map (each key's writer, reader and TTL). arq's own keys
+(``arq:job:<id>``, ``arq:in-progress:<id>``, ``arq:result:<id>``) are fixed by arq."""
+
+from __future__ import annotations
+
+
+def job_id(operation: str, session_id: str, generation: int) -> str:
+    """The same (operation, session, generation) enqueued twice runs once."""
+    return f"{operation}:{session_id}:{generation}"
+
+
+class Keys:
+    """Redis keys, all under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def session_env(self, session_id: str) -> str:
+        return f"{self.prefix}session-env:{session_id}"
+
+    def lock(self, session_id: str) -> str:
+        return f"{self.prefix}lock:{session_id}"
+
+    @property
+    def session_index(self) -> str:
+        return f"{self.prefix}sessions"
+
+    @property
+    def firehose(self) -> str:
+        return f"{self.prefix}events"
+
+    def session_events(self, session_id: str) -> str:
+        return f"{self.prefix}events:session:{session_id}"
+
+    def sandbox(self, sandbox_id: str) -> str:
+        return f"{self.prefix}sandbox:{sandbox_id}"
+
+    @property
+    def sandbox_index(self) -> str:
+        return f"{self.prefix}sandboxes"
+
+    def queue(self, sandbox_id: str) -> str:
+        return f"{self.prefix}queue:{sandbox_id}"
+
+    def pool(self, sandbox_id: str) -> str:
+        """The sandbox's warm desktops, ready and unclaimed: a list of their (pre-chosen) session ids."""
+        return f"{self.prefix}pool:{sandbox_id}"
+
+    def placed(self, sandbox_id: str) -> str:
+        """Ids of the sessions placed on the sandbox and not deleted: what its cap counts."""
+        return f"{self.prefix}placed:{sandbox_id}"
+
+    def sandbox_alive(self, sandbox_id: str) -> str:
+        """Set by every heartbeat with the sandbox's lost_after_s as expiry (Redis's clock)."""
+        return f"{self.prefix}sandbox-alive:{sandbox_id}"
+
+    def sandbox_drain(self, sandbox_id: str) -> str:
+        """Present while the sandbox drains: "api" (stays drained until undrained) or "signal"."""
+        return f"{self.prefix}sandbox-drain:{sandbox_id}"
+
+    def sandbox_lost(self, sandbox_id: str) -> str:
+        """Set once a silent sandbox has been declared unavailable (one declaration per outage)."""
+        return f"{self.prefix}sandbox-lost:{sandbox_id}"

@@ -1,0 +1,37 @@
+"""Making session records: the one place a create request becomes a `pending` record
+(the API's creates and a producer's create job alike)."""
+
+from __future__ import annotations
+
+import time
+
+from .config import SharedSettings
+from .names import new_session_id
+from .schemas import SessionCreate, SessionRecord, SessionSpec, TtlAction, now_rfc3339
+from .states import SessionState
+
+
+def new_record(request: SessionCreate, sandbox: str, settings: SharedSettings) -> SessionRecord:
+    """The `pending` record ``request`` makes on ``sandbox``, with the configured TTL defaults."""
+    ttl = request.ttl_seconds if request.ttl_seconds is not None else settings.default_ttl_s
+    default_action: TtlAction = "delete" if settings.default_ttl_action == "delete" else "stop"
+    spec = SessionSpec(
+        labels=request.labels,
+        resources=request.resources,
+        env_keys=sorted(request.env),
+        ttl_seconds=ttl or None,
+        ttl_action=request.ttl_action or default_action,
+        preload_images=request.preload_images,
+        constraints=request.constraints,
+    )
+    now = now_rfc3339()
+    return SessionRecord(
+        id=request.id or new_session_id(),
+        state=SessionState.PENDING,
+        generation=1,
+        sandbox=sandbox,
+        spec=spec,
+        created_at=now,
+        updated_at=now,
+        expires_at=time.time() + ttl if ttl else None,
+    )

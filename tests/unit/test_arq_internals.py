@@ -1,0 +1,84 @@
+"""workers/jobs.py's ResilientWorker overrides and reads arq internals. These tests fail when an
+arq upgrade moves any of them, before a worker misbehaves in production."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import arq
+import pytest
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from orchestrator.redis_conn import JobRedis
+from workers.jobs import ARQ_WRITTEN_FOR, ResilientWorker
+
+
+async def noop(ctx: dict[str, Any]) -> None:
+    return None
+
+
+def make_worker(redis: JobRedis) -> ResilientWorker:
+    return ResilientWorker(functions=[noop], redis_pool=redis, queue_name="arq-internals:q", handle_signals=False)
+
+
+def test_arq_is_the_minor_version_the_overrides_were_written_for() -> None:
+    assert arq.VERSION.rsplit(".", 1)[0] == ARQ_WRITTEN_FOR, (
+        f"arq {arq.VERSION}: re-check workers/jobs.py ResilientWorker against it, then update ARQ_WRITTEN_FOR"
+    )
+
+
+def test_the_internals_we_use_still_have_their_shape() -> None:
+    assert inspect.iscoroutinefunction(Worker._poll_iteration)
+    assert list(inspect.signature(Worker._poll_iteration).parameters) == ["self"]
+    assert list(inspect.signature(Worker.start_jobs).parameters) == ["self", "job_ids"]
+    assert in_progress_key_prefix == "arq:in-progress:"
+
+
+async def test_a_worker_built_on_our_pool_has_the_attributes_we_read() -> None:
+    redis = JobRedis(host="127.0.0.1", port=1)
+    worker = make_worker(redis)
+    assert worker.pool is redis
+    assert worker.tasks == {}
+    assert worker.allow_pick_jobs is True
+    assert isinstance(worker.health_check_key, str)
+    await redis.aclose()
+
+
+async def test_a_poll_that_cannot_reach_redis_is_survived_not_fatal() -> None:
+    redis = JobRedis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)  # nothing listens there
+    worker = make_worker(redis)
+    await worker._poll_iteration()  # arq's own would raise ConnectionError and end the worker
+    assert worker._outage_since is not None
+    await redis.aclose()
+
+
+async def test_ids_the_worker_runs_itself_are_not_checked_again() -> None:
+    redis = JobRedis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    worker = make_worker(redis)
+    running = asyncio.get_running_loop().create_future()
+    worker.tasks["mine"] = asyncio.ensure_future(running)
+    # With only its own running job queued, start_jobs must not touch Redis (which is away).
+    await worker.start_jobs([b"mine"])
+    with pytest.raises(RedisConnectionError):  # a fresh id does reach arq's start_jobs, and so Redis
+        await worker.start_jobs([b"other"])
+    running.cancel()
+    await redis.aclose()
+
+
+async def test_stale_in_progress_marks_of_queued_jobs_are_released(redis_url: str) -> None:
+    redis = JobRedis.from_url(redis_url)
+    worker = make_worker(redis)
+    await redis.zadd(worker.queue_name, {"dead-run": 1, "live-run": 2})
+    await redis.set(in_progress_key_prefix + "dead-run", b"1")
+    await redis.set(in_progress_key_prefix + "live-run", b"1")
+    worker.tasks["live-run"] = asyncio.ensure_future(asyncio.sleep(10))
+    assert await worker.release_orphaned_jobs() == 1
+    assert not await redis.exists(in_progress_key_prefix + "dead-run")
+    assert await redis.exists(in_progress_key_prefix + "live-run")
+    worker.tasks["live-run"].cancel()
+    await redis.delete(worker.queue_name, in_progress_key_prefix + "live-run")
+    await redis.aclose()

@@ -1,0 +1,199 @@
+"""Lifecycle jobs on arq: the job functions, the typed context they run with, and the one
+place that touches arq's internals (``ResilientWorker``, written for arq 0.28: pinned in
+pyproject, and tests/unit/test_arq_internals.py fails when an upgrade moves what it uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from arq.constants import in_progress_key_prefix
+from arq.worker import Function, Retry, Worker, func
+from redis.exceptions import RedisError
+
+from orchestrator import tracing
+from orchestrator.config import WorkerSettings
+from orchestrator.locks import Busy
+from orchestrator.placement import resource_problem
+from orchestrator.queue import Operation
+from orchestrator.records import new_record
+from orchestrator.redis_conn import JobRedis
+from orchestrator.schemas import LifecycleJob
+from orchestrator.store import SessionStore
+
+from .lifecycle import Lifecycle
+
+log = logging.getLogger("workers.jobs")
+
+# The arq minor version ResilientWorker's overrides were written for.
+ARQ_WRITTEN_FOR = "0.28"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every job function runs with (instead of arq's untyped ``ctx`` dict)."""
+
+    lifecycle: Lifecycle
+    store: SessionStore
+    settings: WorkerSettings
+    # Told each job's run time (seconds) and operation, for the worker's metrics.
+    observe: Callable[[Operation, float], None]
+
+
+async def store_requested(context: JobContext, job: LifecycleJob) -> str | None:
+    """A create job from a producer that bypassed the API: store the session it asks for
+    (idempotently: the same id twice is one session). Returns why not, if it cannot."""
+    assert job.spec is not None
+    settings = context.settings
+    if job.generation != 1:
+        return "a create job carrying a spec must be for generation 1"
+    if job.spec.id not in (None, job.session):
+        return f"spec.id {job.spec.id!r} differs from the job's session {job.session!r}"
+    if job.spec.sandbox not in (None, settings.sandbox_id):
+        return f"spec.sandbox {job.spec.sandbox!r} is not this sandbox ({settings.sandbox_id!r})"
+    problem = resource_problem(job.spec.resources, settings.max_cpus, settings.max_memory_mb, settings.max_pids)
+    if problem:
+        return problem[1]
+    request = msgspec.structs.replace(job.spec, id=job.session)
+    await context.store.create(new_record(request, settings.sandbox_id, settings), request.env)
+    return None
+
+
+def job_function(operation: Operation, context: JobContext) -> Function:
+    async def run(ctx: dict[str, Any], **kwargs: Any) -> str:
+        # Producers in other languages enqueue these: validate like any external input.
+        try:
+            job = msgspec.convert(kwargs, LifecycleJob)
+        except msgspec.ValidationError as e:
+            log.error("refusing %s job with invalid arguments %r: %s", operation.value, kwargs, e)
+            return f"invalid job: {e}"
+        # This job's task only: its events and log lines carry the request's trace id.
+        tracing.current.set(job.trace)
+        if operation is Operation.CREATE and job.spec is not None:
+            problem = await store_requested(context, job)
+            if problem:
+                log.error("refusing create_session for %s: %s", job.session, problem)
+                return f"invalid job: {problem}"
+        started = time.monotonic()
+        try:
+            result = await context.lifecycle.run(operation, job.session, job.generation)
+        except Busy:
+            # Another operation on this session runs now: queue behind it.
+            raise Retry(defer=0.25) from None
+        context.observe(operation, time.monotonic() - started)
+        log.info("%s %s generation %d: %s", operation.value, job.session, job.generation, result)
+        return result
+
+    run.__name__ = operation.value
+    return func(run, name=operation.value)
+
+
+class ResilientWorker(Worker):
+    """arq's Worker, except that losing Redis does not end it. arq lets a Redis error in a
+    poll escape its main loop, which ends the worker; here a failed poll is logged (once per
+    outage) and retried with a backoff, so the worker reconnects by itself when Redis returns.
+    Jobs cut off meanwhile are finished by the reconciler (they are idempotent).
+
+    arq internals used (all checked by tests/unit/test_arq_internals.py): ``_poll_iteration``,
+    ``start_jobs(job_ids)``, ``tasks`` (job id -> task), ``allow_pick_jobs``,
+    ``health_check_key`` and ``arq.constants.in_progress_key_prefix``."""
+
+    _outage_since: float | None = None
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as e:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("Redis is unreachable (%s): polling again until it is back", e)
+            await asyncio.sleep(min(2.0, 0.1 + (time.monotonic() - self._outage_since) / 10))
+            return
+        if self._outage_since is not None:
+            log.info("Redis is back after %.1f s", time.monotonic() - self._outage_since)
+            self._outage_since = None
+            await self.release_orphaned_jobs()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq re-checks every queued id on every poll, running ones included (a job stays in
+        the queue until it ends): four round trips per running job per poll, 8,000 a second
+        for a burst of 20 at our 10 ms poll, which cost the burst more CPU than its Docker
+        work. Ids this worker runs now are skipped here, with no Redis call."""
+        running = self.tasks
+        fresh = [j for j in job_ids if (t := running.get(j.decode())) is None or t.done()]
+        if fresh:
+            await super().start_jobs(fresh)
+
+    async def release_orphaned_jobs(self) -> int:
+        """Queued jobs marked in progress that this worker does not run: their run died with
+        the connection (or with an earlier worker process), and arq would skip them until the
+        mark expires (job_timeout: minutes). One worker consumes a sandbox's queue, so a mark
+        not held by this worker is stale."""
+        released = 0
+        for raw in await self.pool.zrange(self.queue_name, 0, -1):
+            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if job_id not in self.tasks and await self.pool.delete(in_progress_key_prefix + job_id):
+                released += 1
+        if released:
+            log.info("released %d queued jobs left marked in progress by a run that died", released)
+        return released
+
+    def running(self) -> list[asyncio.Task[Any]]:
+        return [t for t in self.tasks.values() if not t.done()]
+
+
+class JobRunner:
+    """Consumes this sandbox's queue with arq, on the process's own Redis client."""
+
+    def __init__(self, redis: JobRedis, queue_name: str, context: JobContext) -> None:
+        settings = context.settings
+        self.queue_name = queue_name
+        self.arq = ResilientWorker(
+            functions=[job_function(op, context) for op in Operation],
+            redis_pool=redis,
+            queue_name=queue_name,
+            # arq's consumer decodes with its own serializers, not the pool's.
+            job_serializer=redis.job_serializer,
+            job_deserializer=redis.job_deserializer,
+            poll_delay=settings.poll_delay_s,
+            max_jobs=settings.max_jobs,
+            job_timeout=int(settings.ready_timeout_s) + 2 * settings.stop_timeout_s + 60,
+            # Jobs are idempotent, so a finished job may run again when re-requested; arq's
+            # job key still suppresses duplicates while one is queued or running.
+            keep_result=0,
+            # A job waiting for a busy session is retried (deferred), not failed.
+            max_tries=10_000,
+            handle_signals=False,
+        )
+
+    def running(self) -> int:
+        return len(self.arq.running())
+
+    async def release_orphaned_jobs(self) -> int:
+        return await self.arq.release_orphaned_jobs()
+
+    async def run(self) -> None:
+        """Poll and run jobs until cancelled (arq's main loop, without its start-up hooks:
+        the worker has done its own start-up before this)."""
+        await self.arq.main()
+
+    async def finish(self, timeout_s: float) -> None:
+        """Take no new job; let the running ones end (bounded), cancel what is left. The
+        caller then cancels ``run``. Queued jobs stay queued for the next worker."""
+        self.arq.allow_pick_jobs = False
+        running = self.arq.running()
+        if running:
+            await asyncio.wait(running, timeout=timeout_s)
+        for task in self.arq.running():
+            task.cancel()
+        left = self.arq.running()
+        if left:
+            await asyncio.wait(left, timeout=5)
+        with contextlib.suppress(RedisError, OSError):
+            await self.arq.pool.delete(self.arq.health_check_key)

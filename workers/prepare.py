@@ -1,0 +1,81 @@
+"""What must be true before a desktop is made: the desktop image is on the sandbox's daemon
+(pulled from this level's registry when missing) and a privilege profile has been chosen by
+trying the candidates on that daemon (workers/privilege.py says which to try)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from orchestrator.config import WorkerSettings
+
+from .privilege import PrivilegeProfile, candidates, read_bounding_set
+from .runtime import DesktopError, DesktopRuntime
+
+log = logging.getLogger("workers.prepare")
+
+
+class DesktopPreparation:
+    def __init__(self, runtime: DesktopRuntime, settings: WorkerSettings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        # Decided for real by choose_privilege; until then, what the runtime was made with.
+        self.profile = runtime.profile
+        self.decided = False
+        self._lock = asyncio.Lock()
+
+    async def at_start(self) -> None:
+        await self.ensure_desktop_image()
+        await self.choose_privilege()
+
+    async def before_desktop(self) -> None:
+        """Before each desktop (lifecycle and pool): retry what start-up could not do yet."""
+        await self.ensure_desktop_image()
+        if not self.decided:
+            await self.choose_privilege()
+
+    async def choose_privilege(self) -> PrivilegeProfile:
+        """Try the candidate profiles on the sandbox's daemon; the first that runs is used.
+        Without the desktop image nothing can be tried: the choice waits for the first desktop."""
+        async with self._lock:
+            profile = await self._probe()
+            self.profile = self.runtime.profile = profile
+            log.info("desktops get privilege profile: %s", profile.describe())
+            return profile
+
+    async def _probe(self) -> PrivilegeProfile:
+        options = candidates(self.settings.privilege, *read_bounding_set())
+        self.decided = True
+        if len(options) == 1:
+            return options[0]
+        for profile in options:
+            try:
+                why = await self.runtime.probe.try_profile(profile)
+            except DesktopError as e:
+                log.warning("cannot probe privilege profiles yet (%s); will try before the first desktop", e)
+                self.decided = False
+                return options[-1]
+            if why is None:
+                return profile
+            log.info("privilege profile %s does not work here: %s", profile.describe(), why)
+        log.warning("no privilege profile passed the probe; using %s", options[-1].describe())
+        return options[-1]
+
+    async def ensure_desktop_image(self) -> None:
+        """Pull the desktop image from this level's registry if the daemon lacks it (a new
+        sandbox's daemon starts empty). Without a registry the image must be loaded otherwise."""
+        registry, image = self.settings.registry, self.settings.desktop_image
+        if registry is None or await self.runtime.images.has(image):
+            return
+        log.info("pulling the desktop image %s from %s", image, registry)
+        started = time.monotonic()
+        try:
+            found = await self.runtime.images.pull(registry, image)
+        except DesktopError as e:
+            log.warning("could not pull the desktop image: %s (will retry before the next desktop)", e)
+            return
+        if found:
+            log.info("pulled %s from %s in %.1f s", image, registry, time.monotonic() - started)
+        else:
+            log.warning("%s has no %s yet (push it: make images); will retry before the next desktop", registry, image)

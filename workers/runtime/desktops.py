@@ -1,0 +1,306 @@
+"""The desktops on the sandbox's daemon: their network, each session's volume and container,
+the socket directory each desktop shares with the worker, and the labelled listings the
+reconciler compares with Redis. Everything is found by its deterministic name."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from datetime import datetime
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.containers import DockerContainer
+from aiodocker.exceptions import DockerError
+from aiodocker.networks import DockerNetwork
+from aiodocker.utils import clean_filters
+from aiodocker.volumes import DockerVolume
+
+from orchestrator.names import (
+    LABEL_DEPTH,
+    LABEL_GENERATION,
+    LABEL_ROLE,
+    LABEL_SANDBOX,
+    LABEL_SESSION,
+    desktop_name,
+    volume_name,
+)
+from orchestrator.schemas import Resources
+
+from ..privilege import PrivilegeProfile
+from .errors import DesktopError, existed, unless_absent
+from .port import Desktop, DockerObject
+
+
+def socket_path(socket_dir: str, session_id: str) -> str:
+    """Where the desktop's dockerd socket appears on the worker's side."""
+    return os.path.join(socket_dir, session_id, "docker.sock")
+
+
+class DockerDesktops:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        *,
+        image: str,
+        sandbox_id: str,
+        depth: int,
+        socket_dir: str,
+        profile: PrivilegeProfile,
+    ) -> None:
+        self._docker = docker
+        self.image = image
+        self.sandbox_id = sandbox_id
+        self.depth = depth  # of the sandbox; desktops run at depth + 1
+        self.socket_dir = socket_dir
+        self.profile = profile
+
+    # -- network ----------------------------------------------------------------------------
+
+    @property
+    def network(self) -> str:
+        return f"desktops-{self.sandbox_id}"
+
+    async def ensure_network(self, icc: bool = False) -> None:
+        """The bridge network desktops join: outbound works, but with inter-container traffic
+        off, so no desktop reaches another's ports (sessions are isolated from each other)."""
+        if await unless_absent(self._docker.networks.get(self.network)) is not None:
+            return
+        config = {
+            "Name": self.network,
+            "Driver": "bridge",
+            "CheckDuplicate": True,
+            "Options": {"com.docker.network.bridge.enable_icc": "true" if icc else "false"},
+            "Labels": {LABEL_SANDBOX: self.sandbox_id, LABEL_ROLE: "desktop-network"},
+        }
+        try:
+            await self._docker.networks.create(config)
+        except DockerError as e:
+            if e.status != 409:  # another worker of this sandbox made it first
+                raise
+
+    async def network_bridge(self) -> str:
+        info = await DockerNetwork(self._docker, self.network).show()
+        name: str = info.get("Options", {}).get("com.docker.network.bridge.name") or f"br-{info['Id'][:12]}"
+        return name
+
+    # -- naming -----------------------------------------------------------------------------
+
+    def labels(self, session_id: str, generation: int | None = None) -> dict[str, str]:
+        labels = {
+            LABEL_SESSION: session_id,
+            LABEL_SANDBOX: self.sandbox_id,
+            LABEL_DEPTH: str(self.depth + 1),
+            LABEL_ROLE: "desktop",
+        }
+        if generation is not None:
+            labels[LABEL_GENERATION] = str(generation)
+        return labels
+
+    def remove_socket_dir(self, session_id: str) -> None:
+        shutil.rmtree(os.path.dirname(socket_path(self.socket_dir, session_id)), ignore_errors=True)
+
+    # -- volume -----------------------------------------------------------------------------
+
+    async def ensure_volume(self, session_id: str) -> bool:
+        if await self.volume_exists(session_id):
+            return False
+        try:
+            await self._docker.volumes.create({"Name": volume_name(session_id), "Labels": self.labels(session_id)})
+        except DockerError as e:
+            raise DesktopError("volume_create_failed", f"could not create the volume: {e.message}") from e
+        return True
+
+    async def volume_exists(self, session_id: str) -> bool:
+        return await unless_absent(self._docker.volumes.get(volume_name(session_id))) is not None
+
+    async def remove_volume(self, session_id: str) -> bool:
+        return await self._remove_volume(volume_name(session_id), "the volume")
+
+    async def remove_volume_by_name(self, name: str) -> None:
+        await self._remove_volume(name, f"volume {name}")
+
+    async def _remove_volume(self, name: str, what: str) -> bool:
+        try:
+            return await existed(DockerVolume(self._docker, name).delete())
+        except DockerError as e:
+            raise DesktopError("volume_remove_failed", f"could not remove {what}: {e.message}") from e
+
+    # -- desktop container ------------------------------------------------------------------
+
+    def _container(self, session_id: str) -> DockerContainer:
+        return self._docker.containers.container(desktop_name(session_id))
+
+    async def inspect(self, session_id: str) -> Desktop | None:
+        info = await unless_absent(self._container(session_id).show())
+        if info is None:
+            return None
+        state = info.get("State") or {}
+        return Desktop(
+            name=desktop_name(session_id),
+            id=info["Id"],
+            running=bool(state.get("Running")),
+            generation=_generation((info.get("Config") or {}).get("Labels") or {}),
+            exit_code=state.get("ExitCode"),
+        )
+
+    def desktop_config(
+        self,
+        session_id: str,
+        generation: int,
+        resources: Resources | None = None,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        sockets = os.path.dirname(socket_path(self.socket_dir, session_id))
+        host_config: dict[str, Any] = {
+            "Binds": [f"{volume_name(session_id)}:/var/lib/docker", f"{sockets}:/run/orchestrator"],
+            "NetworkMode": self.network,
+            # Back by itself when the sandbox's dockerd restarts; a desktop that stops otherwise is
+            # restarted by the reconciler (bounded) or its session fails (desktop_lost).
+            "RestartPolicy": {"Name": "unless-stopped"},
+            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
+            **self.profile.host_config(),
+        }
+        if resources is not None:
+            if resources.cpus is not None:
+                host_config["NanoCpus"] = int(resources.cpus * 1e9)
+            if resources.memory_mb is not None:
+                host_config["Memory"] = resources.memory_mb * 1024 * 1024
+            if resources.pids is not None:
+                host_config["PidsLimit"] = resources.pids
+        # The session's own variables first: ours come last and win.
+        variables = [f"{k}={v}" for k, v in sorted((env or {}).items())]
+        variables += [
+            f"ORCH_DEPTH={self.depth + 1}",
+            f"ORCH_SESSION={session_id}",
+            "ORCH_EXTERNAL_SOCKET=/run/orchestrator/docker.sock",
+        ]
+        return {
+            "Image": self.image,
+            "Hostname": desktop_name(session_id)[:63],
+            "Env": variables,
+            "Labels": self.labels(session_id, generation),
+            "HostConfig": host_config,
+        }
+
+    async def create(
+        self,
+        session_id: str,
+        generation: int,
+        resources: Resources | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Desktop:
+        existing = await self.inspect(session_id)
+        if existing is not None and existing.generation == generation:
+            return existing
+        if existing is not None:
+            await self.remove(session_id)
+        os.makedirs(os.path.dirname(socket_path(self.socket_dir, session_id)), exist_ok=True)
+        config = self.desktop_config(session_id, generation, resources, env)
+        try:
+            await self._docker.containers.create(config, name=desktop_name(session_id))
+        except DockerError as e:
+            if e.status == 409:  # created concurrently by a retry of this job: adopt it
+                pass
+            elif e.status == 404:
+                raise DesktopError("image_missing", f"desktop image {self.image!r} is missing") from e
+            else:
+                raise DesktopError("desktop_create_failed", f"could not create the desktop: {e.message}") from e
+        created = await self.inspect(session_id)
+        if created is None:
+            raise DesktopError("desktop_create_failed", "the desktop vanished right after it was created")
+        return created
+
+    async def start(self, session_id: str) -> None:
+        # An already running desktop answers 304, which aiodocker takes for success.
+        try:
+            await self._container(session_id).start()
+        except DockerError as e:
+            raise DesktopError("desktop_start_failed", f"could not start the desktop: {e.message}") from e
+
+    async def remove(self, session_id: str, stop_timeout: int = 20) -> bool:
+        """Stop (gracefully, so the inner dockerd shuts down cleanly) and remove the desktop."""
+        container = self._container(session_id)
+        # The HTTP call may take the grace period and the kill after it.
+        limit = aiohttp.ClientTimeout(total=stop_timeout + 30)
+        with contextlib.suppress(DockerError, TimeoutError):  # the forced removal follows anyway
+            await container.stop(t=stop_timeout, timeout=limit)
+        try:
+            return await existed(container.delete(force=True))
+        except DockerError as e:
+            if e.status == 409 and "in progress" in e.message:
+                # Someone else (a reconciler, a second worker) is removing it: done when it is gone.
+                return await self._wait_gone(container, stop_timeout + 30)
+            raise DesktopError("desktop_remove_failed", f"could not remove the desktop: {e.message}") from e
+
+    async def _wait_gone(self, container: DockerContainer, limit_s: float) -> bool:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            try:
+                if await unless_absent(container.show()) is None:
+                    return True
+            except DockerError as e:
+                raise DesktopError("desktop_remove_failed", f"could not remove the desktop: {e.message}") from e
+            await asyncio.sleep(0.05)
+        raise DesktopError("desktop_remove_failed", f"{container.id} was still being removed after {limit_s:g} s")
+
+    async def remove_container_by_name(self, name: str) -> None:
+        await existed(self._docker.containers.container(name).delete(force=True))
+
+    async def logs(self, session_id: str, tail: int = 20) -> str:
+        try:
+            lines = await self._container(session_id).log(stdout=True, stderr=True, tail=tail)
+        except DockerError:
+            return ""
+        return "".join(lines).strip()
+
+    # -- listings for the reconciler --------------------------------------------------------
+
+    async def list_desktops(self) -> list[DockerObject]:
+        """An unlabelled container is never ours."""
+        filters = clean_filters({"label": [f"{LABEL_ROLE}=desktop", f"{LABEL_SANDBOX}={self.sandbox_id}"]})
+        found = await self._docker.containers.list(all=True, filters=filters)
+        return [_desktop_object(c) for c in found]
+
+    async def list_volumes(self) -> list[DockerObject]:
+        filters = {"label": [f"{LABEL_SANDBOX}={self.sandbox_id}", LABEL_SESSION]}
+        found: dict[str, Any] = await self._docker.volumes.list(filters=filters)
+        return [_volume_object(v) for v in found.get("Volumes") or []]
+
+
+def _generation(labels: dict[str, str]) -> int | None:
+    raw = labels.get(LABEL_GENERATION, "")
+    return int(raw) if raw.isdigit() else None
+
+
+def _desktop_object(container: DockerContainer) -> DockerObject:
+    # The listing's fields of the container (DockerContainer has no .get()).
+    info = {key: container[key] for key in ("Labels", "Names", "State", "Created") if key in container}
+    labels = info.get("Labels") or {}
+    return DockerObject(
+        kind="desktop",
+        name=(info.get("Names") or ["/?"])[0].lstrip("/"),
+        session=labels.get(LABEL_SESSION, ""),
+        generation=_generation(labels),
+        running=info.get("State") == "running",
+        created_at=float(info.get("Created") or 0),
+    )
+
+
+def _volume_object(volume: dict[str, Any]) -> DockerObject:
+    try:
+        created_at = datetime.fromisoformat((volume.get("CreatedAt") or "").replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        created_at = 0.0
+    return DockerObject(
+        kind="volume",
+        name=volume["Name"],
+        session=(volume.get("Labels") or {}).get(LABEL_SESSION, ""),
+        generation=None,
+        running=False,
+        created_at=created_at,
+    )

@@ -1,0 +1,114 @@
+"""The desktop's own dockerd, reached through the socket its desktop shares with the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiodocker
+import aiohttp
+from aiodocker.exceptions import DockerError
+
+from orchestrator.names import address_pool
+from orchestrator.schemas import DockerdReady
+
+from .desktops import DockerDesktops, socket_path
+from .errors import DesktopError, unless_absent
+
+log = logging.getLogger("workers.runtime.inner")
+
+# How often a wait for dockerd asks the sandbox's daemon whether the desktop still runs.
+EXIT_CHECK_S = 0.5
+
+
+class DockerInnerDaemon:
+    def __init__(self, desktops: DockerDesktops) -> None:
+        # The desktops' side: where the sockets are, and whether a desktop still runs.
+        self._desktops = desktops
+
+    @contextlib.asynccontextmanager
+    async def client(self, session_id: str) -> AsyncIterator[aiodocker.Docker]:
+        """A client of the desktop's dockerd."""
+        client = aiodocker.Docker(url=f"unix://{self._socket(session_id)}")
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    def _socket(self, session_id: str) -> str:
+        return socket_path(self._desktops.socket_dir, session_id)
+
+    async def stop_containers(self, session_id: str, timeout_s: int) -> int:
+        """``docker stop`` every running container of the desktop's own dockerd, all at once,
+        so they get their stop signal and grace before the desktop goes. Best effort: a
+        desktop whose dockerd does not answer is stopped as it is."""
+        try:
+            async with self.client(session_id) as inner, asyncio.timeout(timeout_s + 15):
+                running = await inner.containers.list()
+                await asyncio.gather(*(c.stop(t=timeout_s) for c in running), return_exceptions=True)
+                return len(running)
+        except (DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.info("could not stop the inner containers of %s first: %s", session_id, e)
+            return 0
+
+    async def answers(self, session_id: str) -> bool:
+        """At most 2 s."""
+        connector = aiohttp.UnixConnector(path=self._socket(session_id))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            return await _ping(http)
+
+    async def wait_ready(self, session_id: str, started_at: float, limit_s: float) -> DockerdReady:
+        """Wait until the desktop's dockerd answers ``/_ping``, then read what it reports.
+
+        Fails fast (``desktop_exited``) when the desktop stops, e.g. because start-dockerd
+        refused to run; fails with ``dockerd_timeout`` after ``limit_s`` seconds.
+        """
+        deadline = started_at + limit_s
+        connector = aiohttp.UnixConnector(path=self._socket(session_id))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            next_check = time.monotonic() + EXIT_CHECK_S
+            while not await _ping(http):
+                now = time.monotonic()
+                if now >= deadline:
+                    raise DesktopError("dockerd_timeout", f"the desktop's dockerd did not answer within {limit_s:g} s")
+                if now >= next_check:
+                    next_check = now + EXIT_CHECK_S
+                    await self._fail_if_exited(session_id)
+                await asyncio.sleep(0.02)
+            duration_ms = int((time.monotonic() - started_at) * 1000)
+        async with self.client(session_id) as inner:
+            info = await inner.system.info()
+        driver_status = dict(info.get("DriverStatus") or [])
+        depth = self._desktops.depth + 1
+        return DockerdReady(
+            duration_ms=duration_ms,
+            storage_driver=info.get("Driver", ""),
+            backing_filesystem=driver_status.get("Backing Filesystem", ""),
+            server_version=info.get("ServerVersion", ""),
+            depth=depth,
+            address_pool=address_pool(depth),
+        )
+
+    async def _fail_if_exited(self, session_id: str) -> None:
+        desktop = await self._desktops.inspect(session_id)
+        if desktop is None or not desktop.running:
+            logs = await self._desktops.logs(session_id)
+            code = "?" if desktop is None else desktop.exit_code
+            raise DesktopError(
+                "desktop_exited", f"the desktop exited (status {code}) before its dockerd was ready: {logs[-500:]}"
+            )
+
+    async def has_image(self, session_id: str, image: str) -> bool:
+        async with self.client(session_id) as inner:
+            return await unless_absent(inner.images.inspect(image)) is not None
+
+
+async def _ping(http: aiohttp.ClientSession) -> bool:
+    try:
+        async with http.get("http://dockerd/_ping", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            return resp.status == 200
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False
