@@ -231,8 +231,12 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     assert [e["type"] for e in events if e["sandbox"] == b] == ["sandbox.draining", "sandbox.drained"]
     done = next(e for e in events if e["type"] == "sandbox.drained")
     assert done["data"]["stopped_sessions"] == 10 and done["data"]["jobs_left"] == 0, done
-    logs = await adocker("logs", container_of[b], host=host, stderr=True)
-    assert "the worker exited cleanly (drained): stopping the sandbox" in logs
+
+    async def exited_cleanly() -> bool:  # the drained event comes first, then the worker exits
+        logs = await adocker("logs", container_of[b], host=host, stderr=True)
+        return "the worker exited cleanly (drained): stopping the sandbox" in logs
+
+    await until(exited_cleanly, 60, f"sandbox {b}'s worker exiting cleanly after its drain")
     # Restarted by its policy, it stays drained (idle) until undrained; then it serves again.
     await client.undrain(b)
     await client.start(b_sessions[0])
