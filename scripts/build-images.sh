@@ -56,26 +56,54 @@ build() {  # image, dockerfile, build args...
 }
 
 # Wheels for the image's Python (Debian bookworm: CPython 3.11.2, which matters for markers such as
-# redis's async-timeout), whatever Python runs here.
+# redis's async-timeout), whatever Python runs here: exactly the versions of the runtime lock
+# (requirements/runtime.txt, `make lock`), the same ones the venv gets.
 build_wheels() {
-  local dir=build/wheels arch
+  local dir=build/wheels arch out
   arch=$(uname -m)
   rm -rf "$dir"; mkdir -p "$dir"
+  out=$(mktemp)
   log "building wheels for the sandbox image"
   # Reproducible: the same sources give the same wheel bytes, so the image's layer cache holds
   # and an unchanged checkout rebuilds to the same image (compose then recreates nothing).
-  SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
-    "$PYTHON" -m pip wheel -q --no-deps . -w "$dir" >/dev/null 2>&1 || die "pip wheel . failed"
-  "$PYTHON" - <<'PY' > build/requirements.txt
-import tomllib
-print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
-# pip download does not evaluate python_full_version markers for the target: redis needs
-# async-timeout below CPython 3.11.3, which is what bookworm has.
-print("async-timeout>=4.0.3")
+  if ! SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+    "$PYTHON" -m pip wheel -q --no-deps . -w "$dir" >"$out" 2>&1; then
+    tail -n 30 "$out" >&2; rm -f "$out"; die "pip wheel . failed"
+  fi
+  # pip download evaluates a requirement's markers for the Python running here, not for the
+  # target (--python-version): evaluate them for bookworm's here, then take the locked set as it
+  # is (--no-deps: nothing is resolved anew).
+  "$PYTHON" - requirements/runtime.txt "$arch" <<'PY' > build/requirements.txt
+import sys
+
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # pip always carries its own copy
+    from pip._vendor.packaging.requirements import Requirement
+
+bookworm = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.2",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "os_name": "posix",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": sys.argv[2],
+}
+for line in open(sys.argv[1]):
+    line = line.split("#", 1)[0].strip()
+    if line:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate(bookworm):
+            print(f"{req.name}{req.specifier}")
 PY
-  "$PYTHON" -m pip download -q -d "$dir" --only-binary=:all: --python-version 3.11.2 --implementation cp \
+  if ! "$PYTHON" -m pip download -q -d "$dir" --no-deps --only-binary=:all: --python-version 3.11.2 --implementation cp \
     --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" --platform "manylinux_2_28_$arch" \
-    -r build/requirements.txt >/dev/null 2>&1 || die "pip download of the dependencies failed"
+    -r build/requirements.txt >"$out" 2>&1; then
+    tail -n 30 "$out" >&2; rm -f "$out"; die "pip download of the locked dependencies failed"
+  fi
+  rm -f "$out"
 }
 
 # A few-MB image for tests: a static busybox FROM scratch, loaded into inner daemons.

@@ -9,9 +9,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -19,6 +22,14 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def awaited(reply: Awaitable[T] | T) -> T:
+    """The reply of a ``redis.asyncio`` command, typed: redis-py annotates each command once for
+    both clients, as ``Awaitable[T] | T``, which mypy refuses to await."""
+    if not isinstance(reply, Awaitable):
+        raise TypeError(f"not the reply of a redis.asyncio command: {reply!r}")
+    return await reply
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +74,15 @@ def redis_url() -> Iterator[str]:
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``docker`` every test whose fixtures reach ``docker_host`` (directly or through
+    ``images``, ``docker_settings``, ``worker``...), so ``-m "not docker"`` is exactly the tests
+    that run without a Docker Engine."""
+    for item in items:
+        if isinstance(item, pytest.Function) and "docker_host" in item.fixturenames:
+            item.add_marker(pytest.mark.docker)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from workers.lifecycle import Lifecycle
 from workers.privilege import PrivilegeKind, PrivilegeProfile
 from workers.reconciler import Reconciler
 from workers.runtime import Desktop, DesktopError, Desktops, DockerObject, Images, InnerDaemon, PrivilegeProbe
+from workers.runtime.errors import DesktopErrorCode
 
 DESKTOP_IMAGE = "orchestrator/desktop:dev"
 
@@ -102,7 +103,7 @@ class FakeRuntime:
 
     # -- fault injection ----------------------------------------------------------------
 
-    def fail_next(self, method: str, code: str, message: str = "injected fault") -> None:
+    def fail_next(self, method: str, code: DesktopErrorCode, message: str = "injected fault") -> None:
         """The next call of ``method`` raises DesktopError(code) and does nothing."""
         if not callable(getattr(self, method, None)):
             raise ValueError(f"the port has no method {method!r}")

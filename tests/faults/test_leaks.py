@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import sys
 from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +20,9 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from tests.conftest import free_port
 
-from ..integration.conftest import TOKENS, docker, worker_env
+from ..integration.conftest import TOKENS, adocker, worker_env
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 CYCLES, CONCURRENCY, WARM_UP = 200, 8, 40
 
@@ -59,10 +59,10 @@ async def processes(settings: Settings) -> AsyncIterator[tuple[str, Process, Pro
             await asyncio.wait_for(proc.wait(), 60)
 
 
-async def until(check: Callable[[], object], timeout: float, what: str) -> None:
+async def until(check: Callable[[], Awaitable[object]], timeout: float, what: str) -> None:
     try:
         async with asyncio.timeout(timeout):
-            while not await check():  # type: ignore[misc]
+            while not await check():
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f"{what}: not within {timeout:g} s") from None
@@ -113,9 +113,9 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
         assert sandbox.placed == 0, sandbox
 
     label = f"label=orchestrator.sandbox={settings.sandbox_id}"
-    assert docker("ps", "-aq", "--filter", label, host=host) == ""
-    assert docker("volume", "ls", "-q", "--filter", label, host=host) == ""
-    networks = docker("network", "ls", "--format", "{{.Name}}", "--filter", label, host=host).split()
+    assert await adocker("ps", "-aq", "--filter", label, host=host) == ""
+    assert await adocker("volume", "ls", "-q", "--filter", label, host=host) == ""
+    networks = (await adocker("network", "ls", "--format", "{{.Name}}", "--filter", label, host=host)).split()
     assert len(networks) <= 1, f"one network per sandbox is expected, found {networks}"
 
     # Redis: only the documented, bounded retention is left (README: events).

@@ -24,7 +24,7 @@ from tests.conftest import free_port
 
 from ..integration.conftest import TOKENS, count_objects, running_api, worker_env
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 
 AOF = ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
@@ -117,7 +117,7 @@ async def test_redis_restarted_with_20_creates_in_flight(
         ids = [r.id for r in await asyncio.gather(*(client.create() for _ in range(20)))]
         first = await client.wait_for(ids[0], {"session.creating"}, timeout=60)
 
-        own_redis.stop()
+        await asyncio.to_thread(own_redis.stop)  # off the loop: the API in it keeps answering
         away = asyncio.get_running_loop().time()
         while True:  # the API says so for as long as Redis is away (the outage is the fault)
             health = await http.get("/healthz")
@@ -126,7 +126,7 @@ async def test_redis_restarted_with_20_creates_in_flight(
                 break
             await asyncio.sleep(min(1.0, outage_s))
         assert worker.returncode is None, "the worker died while Redis was away"
-        own_redis.start()
+        await asyncio.to_thread(own_redis.start)
         async with asyncio.timeout(30):  # the API reconnects by itself
             while (await http.get("/healthz")).status_code != 200:
                 await asyncio.sleep(0.1)
@@ -145,4 +145,4 @@ async def test_redis_restarted_with_20_creates_in_flight(
         assert [s.status for s in listed] == ["available"], listed
         unavailable = [e async for e in client.events(after="0", follow=False) if e.type == "sandbox.unavailable"]
         assert not unavailable, "a Redis outage was taken for the sandbox's silence"
-    assert all(count_objects(host, sid) == (1, 1) for sid in ids)
+    assert all([await count_objects(host, sid) == (1, 1) for sid in ids])

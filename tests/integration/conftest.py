@@ -62,6 +62,28 @@ def docker(*args: str, host: str, check: bool = True, stderr: bool = False, time
     return (result.stdout + (result.stderr if stderr else "")).strip()
 
 
+async def adocker(*args: str, host: str, check: bool = True, stderr: bool = False, timeout: float = 120) -> str:
+    """``docker()`` for async tests: the CLI runs as an asyncio subprocess, so the API, workers and
+    SSE streams that the test runs in its own event loop keep going meanwhile."""
+    proc = await asyncio.create_subprocess_exec(
+        "docker",
+        *args,
+        env={**os.environ, "DOCKER_HOST": host},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: leave no CLI behind
+            proc.kill()
+            await proc.wait()
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {err.decode(errors='replace').strip()}")
+    return (out.decode(errors="replace") + (err.decode(errors="replace") if stderr else "")).strip()
+
+
 @pytest.fixture
 def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     tag = uuid.uuid4().hex[:8]
@@ -186,8 +208,8 @@ async def worker(docker_settings: Settings) -> AsyncIterator[SandboxWorker]:
         yield sandbox
 
 
-def labels_of(host: str, kind: str, name: str) -> dict[str, str]:
-    out = docker(
+async def labels_of(host: str, kind: str, name: str) -> dict[str, str]:
+    out = await adocker(
         kind,
         "inspect",
         "--format",
@@ -206,23 +228,30 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return {**os.environ, **to_env(settings), **extra}
 
 
-def count_objects(host: str, session_id: str) -> tuple[int, int]:
+async def count_objects(host: str, session_id: str) -> tuple[int, int]:
     """(containers, volumes) labelled for ``session_id``."""
     label = f"label={LABEL_SESSION}={session_id}"
-    containers = docker("ps", "-aq", "--filter", label, host=host).split()
-    volumes = docker("volume", "ls", "-q", "--filter", label, host=host).split()
+    containers = (await adocker("ps", "-aq", "--filter", label, host=host)).split()
+    volumes = (await adocker("volume", "ls", "-q", "--filter", label, host=host)).split()
     return len(containers), len(volumes)
 
 
-def pipe_in(host: str, chain: list[str], command: str, source: str) -> None:
+async def pipe_in(host: str, chain: list[str], command: str, source: str) -> None:
     """Run ``command`` at the end of the exec ``chain`` (e.g. ["exec", "-i", box]) with ``source``,
     a shell pipeline on this machine, as its stdin: how images and files travel between levels."""
     inner = " ".join(["docker", *chain, "sh", "-c", f"'{command}'"])
-    subprocess.run(
+    proc = await asyncio.create_subprocess_shell(
         f"{source} | {inner}",
-        shell=True,
-        check=True,
-        capture_output=True,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
         env={"DOCKER_HOST": host, "PATH": "/usr/bin:/bin"},
-        timeout=600,
     )
+    try:
+        async with asyncio.timeout(600):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        raise AssertionError(f"{source} | {inner} failed ({proc.returncode}): {err.decode(errors='replace').strip()}")

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.keys import Keys
+from tests.conftest import awaited
 
 from .conftest import ADMIN
 
@@ -28,7 +29,7 @@ BAD_BODIES = [
 
 async def nothing_stored(redis: aioredis.Redis, settings: Settings) -> None:
     keys = Keys(settings.key_prefix)
-    assert await redis.scard(keys.session_index) == 0  # type: ignore[misc]
+    assert await awaited(redis.scard(keys.session_index)) == 0
     assert await redis.zcard(keys.queue(settings.sandbox_id)) == 0
     assert await redis.xlen(keys.firehose) == 0
 

@@ -9,7 +9,7 @@ import contextlib
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,9 @@ from orchestrator.client import Client
 from orchestrator.schemas import SandboxInfo
 from tests.conftest import free_port
 
-from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, docker
+from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, adocker, docker
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "scripts" / "stack.sh"
 
@@ -45,8 +45,12 @@ class Stack:
             ["bash", str(STACK), *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def container(self, service: str) -> str:
-        return docker(
+    async def arun(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """``run()`` for async tests, in a thread: the test's event loop keeps going."""
+        return await asyncio.to_thread(self.run, *args, timeout=timeout)
+
+    async def container(self, service: str) -> str:
+        return await adocker(
             "ps",
             "-q",
             "--filter",
@@ -57,8 +61,7 @@ class Stack:
         )
 
 
-@contextlib.contextmanager
-def compose_stack(host: str, scale: int, **settings: str) -> Iterator[Stack]:
+def start_stack(host: str, scale: int, **settings: str) -> Stack:
     """``scripts/stack.sh up`` on ``host`` (a compose project of its own)."""
     for image in (SANDBOX_IMAGE, DESKTOP_IMAGE):
         if not docker("image", "inspect", "--format", "{{.Id}}", image, host=host, check=False):
@@ -80,10 +83,34 @@ def compose_stack(host: str, scale: int, **settings: str) -> Iterator[Stack]:
     try:
         assert up.returncode == 0, up.stderr
         assert f"pushed {DESKTOP_IMAGE} to this level's registry" in up.stderr
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    print(stack.run("compose", "logs", "--no-color").stdout[-4000:])
+    stack.run("down", "-v", "-t", "10")
+
+
+@contextlib.contextmanager
+def compose_stack(host: str, scale: int, **settings: str) -> Iterator[Stack]:
+    stack = start_stack(host, scale, **settings)
+    try:
         yield stack
     finally:
-        print(stack.run("compose", "logs", "--no-color").stdout[-4000:])
-        stack.run("down", "-v", "-t", "10")
+        stop_stack(stack)
+
+
+@contextlib.asynccontextmanager
+async def acompose_stack(host: str, scale: int, **settings: str) -> AsyncIterator[Stack]:
+    """``compose_stack()`` for async tests: up and down run in a thread, off the event loop."""
+    stack = await asyncio.to_thread(start_stack, host, scale, **settings)
+    try:
+        yield stack
+    finally:
+        await asyncio.to_thread(stop_stack, stack)
 
 
 @pytest.fixture
@@ -118,7 +145,7 @@ async def wait_sandboxes(client: Client, ids: set[str] | int) -> list[SandboxInf
 async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -> None:
     # The host runs compose v2 (scripts/env.sh installs it); v1 runs inside a desktop in the
     # self-hosting test (Debian 12's docker-compose, in the desktop image).
-    version = stack.run("compose", "version").stdout
+    version = (await stack.arun("compose", "version")).stdout
     assert "version 2." in version, f"stack.sh did not use compose v2 ({version}): scripts/env.sh installs it"
     await wait_healthy(stack.url)
     async with Client(stack.url, token=TOKENS["admin"]) as client:
@@ -131,7 +158,7 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         ready = next(e for e in events if e.type == "dockerd.ready").data["data"]
         assert ready["storage_driver"] == "overlay2" and ready["backing_filesystem"] == "extfs"
         assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
-        assert_desktop_isolated(stack, record.sandbox, record.id)
+        await assert_desktop_isolated(stack, record.sandbox, record.id)
         await client.delete(record.id)
         events = await client.wait_for(
             record.id, {"session.deleted", "session.failed"}, timeout=120, after=events[-1].id
@@ -139,8 +166,8 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         assert events[-1].type == "session.deleted"
 
         # The desktop image came through the registry (the sandboxes' daemons started empty).
-        for box in stack.container("sandbox").split():
-            pulled = docker(
+        for box in (await stack.container("sandbox")).split():
+            pulled = await adocker(
                 "exec", box, "docker", "images", "-q", f"registry:5000/{DESKTOP_IMAGE}", host=stack.env["DOCKER_HOST"]
             )
             assert pulled, f"sandbox {box} did not pull {DESKTOP_IMAGE} from the registry"
@@ -148,7 +175,9 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         # Recreated containers (a new image, changed settings) are the same sandboxes: the id
         # lives on the dockerd volume compose keeps, so queues and sessions carry over.
         ids = {s.id for s in sandboxes}
-        recreate = stack.run("compose", "up", "-d", "--no-deps", "--force-recreate", "--scale", "sandbox=2", "sandbox")
+        recreate = await stack.arun(
+            "compose", "up", "-d", "--no-deps", "--force-recreate", "--scale", "sandbox=2", "sandbox"
+        )
         assert recreate.returncode == 0, recreate.stderr
         await wait_sandboxes(client, ids)
         record = await client.create(labels={"via": "compose", "after": "recreate"})
@@ -156,31 +185,35 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         assert (await client.wait_ready(record.id, timeout=180)).state == "ready"
 
 
-def assert_desktop_isolated(stack: Stack, sandbox_id: str, session_id: str) -> None:
+async def assert_desktop_isolated(stack: Stack, sandbox_id: str, session_id: str) -> None:
     """The sandbox's firewall (workers/firewall.py): from inside the desktop, Redis, the API,
     the registry and the sandbox's own ports (the worker's metrics) do not answer, while the
     same probe from the sandbox itself reaches them (so the probe is not what fails)."""
     host = stack.env["DOCKER_HOST"]
     boxes = {
-        docker("exec", c, "cat", "/var/lib/docker/orchestrator/sandbox-id", host=host): c
-        for c in stack.container("sandbox").split()
+        await adocker("exec", c, "cat", "/var/lib/docker/orchestrator/sandbox-id", host=host): c
+        for c in (await stack.container("sandbox")).split()
     }
     box = boxes[sandbox_id]
 
-    def address(container: str) -> str:
-        return docker(
-            "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container, host=host
+    async def address(container: str) -> str:
+        return (
+            await adocker(
+                "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container, host=host
+            )
         ).split()[0]
 
     targets = {
-        "redis": (address(stack.container("redis")), 6379),
-        "api": (address(stack.container("api")), 8080),
-        "registry": (address(stack.container("registry")), 5000),
-        "the sandbox's metrics": (address(box), 9100),
+        "redis": (await address(await stack.container("redis")), 6379),
+        "api": (await address(await stack.container("api")), 8080),
+        "registry": (await address(await stack.container("registry")), 5000),
+        "the sandbox's metrics": (await address(box), 9100),
     }
     for name, (ip, port) in targets.items():
         probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' && echo open || echo closed"
-        from_sandbox = docker("exec", box, "bash", "-c", probe, host=host)
+        from_sandbox = await adocker("exec", box, "bash", "-c", probe, host=host)
         assert from_sandbox == "open", f"{name} at {ip}:{port} does not answer even from the sandbox"
-        from_desktop = docker("exec", box, "docker", "exec", f"desktop-{session_id}", "bash", "-c", probe, host=host)
+        from_desktop = await adocker(
+            "exec", box, "docker", "exec", f"desktop-{session_id}", "bash", "-c", probe, host=host
+        )
         assert from_desktop == "closed", f"the desktop reaches {name} at {ip}:{port}"

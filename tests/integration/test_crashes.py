@@ -18,9 +18,8 @@ from orchestrator.config import Settings
 from orchestrator.states import SessionState
 from workers.lifecycle import FAULT_POINTS
 
-from .conftest import count_objects, docker, running_worker, worker_env
+from .conftest import adocker, count_objects, running_worker, worker_env
 
-pytestmark = pytest.mark.docker
 CREATE_FAULTS = [p for p in FAULT_POINTS if p.startswith("create:")]
 DELETE_FAULTS = [p for p in FAULT_POINTS if p.startswith("delete:")]
 
@@ -65,7 +64,7 @@ async def test_create_converges_after_the_worker_dies_at(client: Client, docker_
         events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=120)
     assert events[-1].type == "session.ready", [(e.type, e.data.get("data")) for e in events]
     assert (await client.get(sid)).state == "ready"
-    assert count_objects(host, sid) == (1, 1)
+    assert await count_objects(host, sid) == (1, 1)
     types = [e.type for e in events]
     assert types.count("session.ready") == 1
     assert "dockerd.ready" in types
@@ -85,9 +84,10 @@ async def test_delete_converges_after_the_worker_dies_at(client: Client, docker_
     async with running_worker(docker_settings):
         events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=120, after=ready[-1].id)
     assert events[-1].type == "session.deleted", [(e.type, e.data.get("data")) for e in events]
-    assert count_objects(host, sid) == (0, 0)
+    assert await count_objects(host, sid) == (0, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_a_burst_of_creates_converges_after_the_worker_is_killed_midway(
     client: Client, docker_settings: Settings
@@ -104,7 +104,7 @@ async def test_a_burst_of_creates_converges_after_the_worker_is_killed_midway(
                 await asyncio.sleep(0.1)
         ids = [r.id for r in await asyncio.gather(*(client.create() for _ in range(20)))]
         async with asyncio.timeout(120):  # some desktops made, not all of them ready yet
-            while len(docker("ps", "-aq", "--filter", label, host=host).split()) < 8:
+            while len((await adocker("ps", "-aq", "--filter", label, host=host)).split()) < 8:
                 await asyncio.sleep(0.05)
         states = [(await client.get(i)).state for i in ids]
         proc.kill()
@@ -114,6 +114,6 @@ async def test_a_burst_of_creates_converges_after_the_worker_is_killed_midway(
         for sid in ids:
             events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=180)
             assert events[-1].type == "session.ready", [(e.type, e.data.get("data")) for e in events]
-    assert all(count_objects(host, sid) == (1, 1) for sid in ids)
-    assert len(docker("ps", "-aq", "--filter", label, host=host).split()) == 20
-    assert len(docker("volume", "ls", "-q", "--filter", label, host=host).split()) == 20
+    assert all([await count_objects(host, sid) == (1, 1) for sid in ids])
+    assert len((await adocker("ps", "-aq", "--filter", label, host=host)).split()) == 20
+    assert len((await adocker("volume", "ls", "-q", "--filter", label, host=host)).split()) == 20

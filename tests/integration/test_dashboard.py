@@ -14,7 +14,6 @@ from workers.worker import SandboxWorker
 
 from .conftest import TOKENS
 
-pytestmark = pytest.mark.docker
 CHROMIUM = os.environ.get("ORCH_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parents[2] / "build" / "dashboard.png"
 

@@ -15,8 +15,6 @@ import pytest
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.docker
-
 
 NETNS_PREFIX = "orchenv"
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 import httpx
 
-from orchestrator.client import Client, SseParser
+from orchestrator.client import Client, ServerEvent, SseParser
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 
@@ -76,7 +77,7 @@ async def test_invalid_last_event_id_is_400(api: str) -> None:
     assert response.json()["code"] == "invalid_event_id"
 
 
-async def collect(api: str, path: str, headers: dict[str, str] | None = None, **params: object) -> list:  # type: ignore[type-arg]
+async def collect(api: str, path: str, headers: dict[str, str] | None = None, **params: str) -> list[ServerEvent]:
     async with (
         httpx.AsyncClient(base_url=api, headers=ADMIN) as http,
         http.stream("GET", path, headers=headers or {}, params={"follow": "false", **params}) as response,
@@ -173,6 +174,7 @@ async def test_the_client_resumes_by_itself_across_an_api_restart(settings: Sett
     received: list[str] = []
     async with Client(f"http://127.0.0.1:{port}", token=TOKENS["admin"]) as client:
         events = client.events("resume-me")
+        assert isinstance(events, AsyncGenerator)  # typed as an AsyncIterator: narrowed for aclose()
         async with asyncio.timeout(30):
             received.append((await anext(events)).id)
             received.append((await anext(events)).id)

@@ -10,9 +10,7 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.names import LABEL_SESSION, volume_name
 
-from .conftest import docker, running_worker
-
-pytestmark = pytest.mark.docker
+from .conftest import adocker, running_worker
 
 
 @pytest.mark.parametrize(
@@ -38,9 +36,9 @@ async def test_a_desktop_that_cannot_become_ready_fails_cleanly(
         assert record.state == "failed"
         assert record.error is not None and record.error.code == code
         # No desktop is left running or stopped; the volume stays with the session until delete.
-        assert docker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+        assert await adocker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
 
         await client.delete(sid)
         events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=90, after=failed.id)
         assert events[-1].type == "session.deleted"
-        assert docker("volume", "ls", "-q", "--filter", f"name=^{volume_name(sid)}$", host=host) == ""
+        assert await adocker("volume", "ls", "-q", "--filter", f"name=^{volume_name(sid)}$", host=host) == ""

@@ -17,10 +17,10 @@ import pytest
 from orchestrator.client import ApiError, Client
 from orchestrator.config import Settings
 
-from .conftest import TOKENS, docker, worker_env
-from .test_compose import Stack, compose_stack, wait_healthy, wait_sandboxes
+from .conftest import TOKENS, adocker, worker_env
+from .test_compose import Stack, acompose_stack, wait_healthy, wait_sandboxes
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 
@@ -111,7 +111,7 @@ async def test_three_sandboxes_caps_loss_drain_and_metrics(images: str) -> None:
         "ORCH_SANDBOX_LOST_AFTER": "5",
         "ORCH_MONITOR_INTERVAL": "1",
     }
-    with compose_stack(images, scale=3, **settings) as stack:
+    async with acompose_stack(images, scale=3, **settings) as stack:
         await wait_healthy(stack.url)
         async with Client(stack.url, token=TOKENS["admin"], timeout=60) as client:
             await run_fleet_scenario(stack, client)
@@ -121,8 +121,8 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     host = stack.env["DOCKER_HOST"]
     boxes = {s.id for s in await wait_sandboxes(client, 3)}
     container_of = {
-        docker("exec", c, "cat", "/var/lib/docker/orchestrator/sandbox-id", host=host): c
-        for c in stack.container("sandbox").split()
+        await adocker("exec", c, "cat", "/var/lib/docker/orchestrator/sandbox-id", host=host): c
+        for c in (await stack.container("sandbox")).split()
     }
     assert set(container_of) == boxes
 
@@ -152,7 +152,7 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     assert metric(samples, "orchestrator_sandboxes", status="available") == 3
     # Each worker's own /metrics: its histograms counted its 10 creates and 10 readiness times.
     for box, container in container_of.items():
-        text = docker("exec", container, "curl", "-fsS", "http://127.0.0.1:9100/metrics", host=host)
+        text = await adocker("exec", container, "curl", "-fsS", "http://127.0.0.1:9100/metrics", host=host)
         worker = parse_metrics(text)
         assert metric(worker, "orchestrator_job_duration_seconds_count", operation="create_session") == 10
         assert metric(worker, "orchestrator_dockerd_ready_seconds_count") == 10
@@ -167,16 +167,16 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     # and what a desktop's own dockerd holds (an image) survives.
     probe = on[a][0]
     in_desktop = ["exec", container_of[a], "docker", "exec", f"desktop-{probe}"]
-    docker(*in_desktop, "sh", "-c", "tar cf - -T /dev/null | docker import - marker:1", host=host)
+    await adocker(*in_desktop, "sh", "-c", "tar cf - -T /dev/null | docker import - marker:1", host=host)
     seen = [e async for e in client.events(probe, after="0", follow=False)]
     restarted = time.monotonic()
-    docker("exec", container_of[a], "pkill", "-TERM", "-x", "dockerd", host=host)
+    await adocker("exec", container_of[a], "pkill", "-TERM", "-x", "dockerd", host=host)
     down = await client.wait_for(probe, {"desktop.health"}, timeout=60, after=seen[-1].id)
     assert down[-1].data["data"]["status"] == "unhealthy", down[-1].data
     up = await client.wait_for(probe, {"desktop.health"}, timeout=180, after=down[-1].id)
     assert up[-1].data["data"]["status"] == "healthy", up[-1].data
     print(f"sandbox {a}'s dockerd restarted: desktop healthy again after {time.monotonic() - restarted:.1f} s")
-    assert docker(*in_desktop, "docker", "image", "inspect", "--format", "{{.Id}}", "marker:1", host=host)
+    assert await adocker(*in_desktop, "docker", "image", "inspect", "--format", "{{.Id}}", "marker:1", host=host)
     await until(lambda: _all_in(client, on[a], "ready"), 120, f"{a}'s sessions ready after its dockerd restart")
     assert not [e for e in [*down, *up] if e.type == "session.failed"]
 
@@ -185,8 +185,8 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     for sid in on[a][:4]:
         await client.delete(sid)
     await until(lambda: _placed(client, a, 6), 120, "four deletes on a")
-    docker("update", "--restart=no", container_of[c], host=host)
-    docker("kill", container_of[c], host=host)
+    await adocker("update", "--restart=no", container_of[c], host=host)
+    await adocker("kill", container_of[c], host=host)
     killed = time.monotonic()
 
     async def c_unavailable() -> bool:
@@ -204,7 +204,7 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
         await client.wait_ready(r.id, timeout=180)
 
     # c comes back: its desktops restart with its dockerd and the sessions recover to ready.
-    docker("start", container_of[c], host=host)
+    await adocker("start", container_of[c], host=host)
     await until(lambda: _all_in(client, on[c], "ready"), 240, f"{c}'s sessions recovered")
 
     # Drain b through the API with creates in flight and stop_desktops: the in-flight creates
@@ -231,8 +231,12 @@ async def run_fleet_scenario(stack: Stack, client: Client) -> None:
     assert [e["type"] for e in events if e["sandbox"] == b] == ["sandbox.draining", "sandbox.drained"]
     done = next(e for e in events if e["type"] == "sandbox.drained")
     assert done["data"]["stopped_sessions"] == 10 and done["data"]["jobs_left"] == 0, done
-    logs = docker("logs", container_of[b], host=host, stderr=True)
-    assert "the worker exited cleanly (drained): stopping the sandbox" in logs
+
+    async def exited_cleanly() -> bool:  # the drained event comes first, then the worker exits
+        logs = await adocker("logs", container_of[b], host=host, stderr=True)
+        return "the worker exited cleanly (drained): stopping the sandbox" in logs
+
+    await until(exited_cleanly, 60, f"sandbox {b}'s worker exiting cleanly after its drain")
     # Restarted by its policy, it stays drained (idle) until undrained; then it serves again.
     await client.undrain(b)
     await client.start(b_sessions[0])

@@ -19,9 +19,8 @@ from orchestrator.queue import Operation
 from workers.reconciler import MAX_RESTARTS, RemoveDesktop, RemoveVolume
 from workers.worker import SandboxWorker
 
-from .conftest import TEST_IMAGE, count_objects, docker, running_worker
+from .conftest import TEST_IMAGE, adocker, count_objects, running_worker
 
-pytestmark = pytest.mark.docker
 READY = 90.0
 
 
@@ -58,7 +57,7 @@ async def test_a_stale_stop_never_touches_a_newer_incarnation(
 
     record = await client.get(sid)
     assert record.state == "ready" and record.generation == 2
-    state = docker(
+    state = await adocker(
         "inspect",
         "--format",
         '{{.State.Running}} {{index .Config.Labels "orchestrator.generation"}}',
@@ -75,8 +74,8 @@ async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
     assert host
     sandbox = docker_settings.sandbox_id
     ours = ["--label", f"{LABEL_SANDBOX}={sandbox}", "--label", f"{LABEL_SESSION}=ghost-{sandbox}"]
-    docker("volume", "create", *ours, f"docker-data-ghost-{sandbox}", host=host)
-    docker(
+    await adocker("volume", "create", *ours, f"docker-data-ghost-{sandbox}", host=host)
+    await adocker(
         "create",
         "--name",
         f"desktop-ghost-{sandbox}",
@@ -89,7 +88,7 @@ async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
         host=host,
     )
     # Not ours: no labels at all, and another sandbox's desktop. Neither may be touched.
-    docker("create", "--name", f"bystander-{sandbox}", TEST_IMAGE, "sleep", "600", host=host)
+    await adocker("create", "--name", f"bystander-{sandbox}", TEST_IMAGE, "sleep", "600", host=host)
     other = [
         "--label",
         f"{LABEL_SANDBOX}=other-{sandbox}",
@@ -98,14 +97,14 @@ async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
         "--label",
         f"{LABEL_ROLE}=desktop",
     ]
-    docker("create", "--name", f"desktop-other-{sandbox}", *other, TEST_IMAGE, "sleep", "600", host=host)
+    await adocker("create", "--name", f"desktop-other-{sandbox}", *other, TEST_IMAGE, "sleep", "600", host=host)
     try:
         # Within the grace period nothing is removed (a create may be between its steps).
         async with running_worker(docker_settings) as patient:
             assert patient.reconciler is not None
             actions = await patient.reconciler.pass_once()
             assert not [a for a in actions if isinstance(a, RemoveDesktop | RemoveVolume)]
-        assert count_objects(host, f"ghost-{sandbox}") == (1, 1)
+        assert await count_objects(host, f"ghost-{sandbox}") == (1, 1)
 
         after = await bus.last_id(bus.keys.firehose)
         async with running_worker(replace(docker_settings, orphan_grace_s=0.0)):
@@ -120,11 +119,11 @@ async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
             ("desktop", f"desktop-ghost-{sandbox}"),
             ("volume", f"docker-data-ghost-{sandbox}"),
         }
-        assert count_objects(host, f"ghost-{sandbox}") == (0, 0)
-        assert docker("ps", "-aq", "--filter", f"name=^bystander-{sandbox}$", host=host)
-        assert docker("ps", "-aq", "--filter", f"name=^desktop-other-{sandbox}$", host=host)
+        assert await count_objects(host, f"ghost-{sandbox}") == (0, 0)
+        assert await adocker("ps", "-aq", "--filter", f"name=^bystander-{sandbox}$", host=host)
+        assert await adocker("ps", "-aq", "--filter", f"name=^desktop-other-{sandbox}$", host=host)
     finally:
-        docker("rm", "-f", f"bystander-{sandbox}", f"desktop-other-{sandbox}", host=host, check=False)
+        await adocker("rm", "-f", f"bystander-{sandbox}", f"desktop-other-{sandbox}", host=host, check=False)
 
 
 async def test_a_desktop_removed_from_outside_marks_the_session_desktop_lost(
@@ -133,7 +132,7 @@ async def test_a_desktop_removed_from_outside_marks_the_session_desktop_lost(
     host = docker_settings.docker_host
     assert host
     sid, events = await ready_session(client)
-    docker("rm", "-f", desktop_name(sid), host=host)
+    await adocker("rm", "-f", desktop_name(sid), host=host)
     lost = await client.wait_for(sid, {"session.failed"}, timeout=30, after=events[-1].id)
     assert lost[-1].data["data"]["code"] == "desktop_lost"
     assert "gone" in lost[-1].data["data"]["message"]
@@ -142,7 +141,7 @@ async def test_a_desktop_removed_from_outside_marks_the_session_desktop_lost(
     # A failed session can still be deleted, and then nothing is left.
     await client.delete(sid)
     await client.wait_for(sid, {"session.deleted"}, timeout=READY, after=lost[-1].id)
-    assert count_objects(host, sid) == (0, 0)
+    assert await count_objects(host, sid) == (0, 0)
 
 
 async def test_ttl_stops_the_session_with_its_events(
@@ -156,7 +155,7 @@ async def test_ttl_stops_the_session_with_its_events(
     events = await client.wait_for(record.id, {"session.stopped", "session.failed"}, timeout=READY)
     types = [e.type for e in events]
     assert types[-3:] == ["session.expired", "session.stopping", "session.stopped"], types
-    assert count_objects(host, record.id) == (0, 1)  # stopped: desktop gone, volume kept
+    assert await count_objects(host, record.id) == (0, 1)  # stopped: desktop gone, volume kept
 
 
 async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
@@ -171,11 +170,11 @@ async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
     events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
     assert events[-1].type == "session.ready", [e.data for e in events]
 
-    host_config = json.loads(docker("inspect", "--format", "{{json .HostConfig}}", desktop_name(sid), host=host))
+    host_config = json.loads(await adocker("inspect", "--format", "{{json .HostConfig}}", desktop_name(sid), host=host))
     assert host_config["NanoCpus"] == 500_000_000
     assert host_config["Memory"] == 512 * 1024 * 1024
     assert host_config["PidsLimit"] == 512
-    assert f"API_TOKEN={secret}" in docker("exec", desktop_name(sid), "env", host=host).splitlines()
+    assert f"API_TOKEN={secret}" in (await adocker("exec", desktop_name(sid), "env", host=host)).splitlines()
 
     assert record.spec.env_keys == ["API_TOKEN"]
     listing = msgspec.json.encode([*await client.list(), await client.get(sid)]).decode()
@@ -201,7 +200,9 @@ async def test_preload_images_arrive_before_ready_with_their_event(
     assert types[-3:] == ["dockerd.ready", "images.loaded", "session.ready"], types
     loaded = events[-2].data["data"]
     assert loaded["images"] == [TEST_IMAGE] and loaded["bytes"] > 100_000 and loaded["seconds"] >= 0
-    out = docker("exec", desktop_name(record.id), "docker", "run", "--rm", TEST_IMAGE, "echo", "preloaded", host=host)
+    out = await adocker(
+        "exec", desktop_name(record.id), "docker", "run", "--rm", TEST_IMAGE, "echo", "preloaded", host=host
+    )
     assert out == "preloaded"
 
     missing = await client.create(preload_images=["orchestrator/none:missing"])
@@ -229,7 +230,7 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
         sid, events = await ready_session(client)
         await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
         await worker.health.check()  # the first finding: healthy (no event for that)
-        docker(how, desktop_name(sid), host=host)
+        await adocker(how, desktop_name(sid), host=host)
         seen = await client.wait_for(sid, {"desktop.health"}, timeout=10, after=events[-1].id)
         assert seen[-1].data["data"]["status"] == "unhealthy", seen[-1].data
         back = await client.wait_for(sid, {"desktop.health"}, timeout=60, after=seen[-1].id)
@@ -239,7 +240,7 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
         if how == "stop":
             assert "desktop.restarted" in types
         assert (await client.get(sid)).state == "ready"
-        image = docker("exec", desktop_name(sid), "docker", "images", "-q", TEST_IMAGE, host=host)
+        image = await adocker("exec", desktop_name(sid), "docker", "images", "-q", TEST_IMAGE, host=host)
         assert image, "the inner image did not survive the restart"
 
 
@@ -256,16 +257,16 @@ async def test_a_desktop_that_keeps_stopping_is_given_up_after_its_restart_budge
         sid, events = await ready_session(client)
         last = events[-1].id
         for attempt in range(1, MAX_RESTARTS + 1):
-            docker("stop", "-t", "1", desktop_name(sid), host=host)
+            await adocker("stop", "-t", "1", desktop_name(sid), host=host)
             seen = await client.wait_for(sid, {"desktop.restarted", "session.failed"}, timeout=60, after=last)
             assert seen[-1].type == "desktop.restarted", [e.type for e in seen]
             assert seen[-1].data["data"]["attempt"] == attempt
             last = seen[-1].id
-        docker("stop", "-t", "1", desktop_name(sid), host=host)
+        await adocker("stop", "-t", "1", desktop_name(sid), host=host)
         seen = await client.wait_for(sid, {"desktop.restarted", "session.failed"}, timeout=60, after=last)
         assert seen[-1].type == "session.failed", [e.type for e in seen]
         assert seen[-1].data["data"]["code"] == "desktop_lost" and "kept stopping" in seen[-1].data["data"]["message"]
-        assert count_objects(host, sid) == (0, 1)  # desktop removed, volume kept
+        assert await count_objects(host, sid) == (0, 1)  # desktop removed, volume kept
         # The volume is still there to resume from: stop, then start brings a new desktop.
         await client.stop(sid)
         stopped = await client.wait_for(sid, {"session.stopped"}, timeout=60, after=seen[-1].id)

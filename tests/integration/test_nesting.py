@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,16 +19,14 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from tests.conftest import free_port
 
-from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, docker, pipe_in
-
-pytestmark = pytest.mark.docker
+from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, adocker, pipe_in
 
 
-def info(host: str, *exec_chain: str) -> dict[str, object]:
+async def info(host: str, *exec_chain: str) -> dict[str, object]:
     out = (
-        docker(*exec_chain, "docker", "info", "--format", "{{json .}}", host=host)
+        await adocker(*exec_chain, "docker", "info", "--format", "{{json .}}", host=host)
         if exec_chain
-        else docker("info", "--format", "{{json .}}", host=host)
+        else await adocker("info", "--format", "{{json .}}", host=host)
     )
     data: dict[str, object] = json.loads(out)
     return data
@@ -37,25 +34,29 @@ def info(host: str, *exec_chain: str) -> dict[str, object]:
 
 def check_level(data: dict[str, object], depth: int) -> None:
     assert data["Driver"] == "overlay2", data["Driver"]
-    assert dict(data["DriverStatus"])["Backing Filesystem"] == "extfs"  # type: ignore[arg-type]
+    status = data["DriverStatus"]  # [["Backing Filesystem", "extfs"], ...]
+    assert isinstance(status, list), status
+    assert dict(status)["Backing Filesystem"] == "extfs", status
     pools = data["DefaultAddressPools"]
     assert pools == [{"Base": f"10.{212 + depth}.0.0/16", "Size": 24}], pools
 
 
-def succeeds(host: str, *args: str) -> bool:
-    return (
-        subprocess.run(
-            ["docker", *args], env={"DOCKER_HOST": host, "PATH": "/usr/bin:/bin"}, capture_output=True
-        ).returncode
-        == 0
+async def succeeds(host: str, *args: str) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        "docker",
+        *args,
+        env={"DOCKER_HOST": host, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
+    return await proc.wait() == 0
 
 
 async def wait_until(probe: list[str], host: str, timeout: float = 90) -> float:
     """Seconds until `docker <probe>` succeeds; fails the test after ``timeout``."""
     started = time.monotonic()
     async with asyncio.timeout(timeout):
-        while not succeeds(host, *probe):
+        while not await succeeds(host, *probe):
             await asyncio.sleep(0.1)
     return time.monotonic() - started
 
@@ -64,14 +65,14 @@ async def wait_until(probe: list[str], host: str, timeout: float = 90) -> float:
 async def sandbox_stack(images: str, settings: Settings) -> AsyncIterator[tuple[str, Settings]]:
     """A Redis container and a sandbox container on a network of their own, on the machine's daemon."""
     host = images
-    if not docker("image", "inspect", "--format", "{{.Id}}", SANDBOX_IMAGE, host=host, check=False):
+    if not await adocker("image", "inspect", "--format", "{{.Id}}", SANDBOX_IMAGE, host=host, check=False):
         pytest.fail(f"{SANDBOX_IMAGE} is missing: run `make images`")
     tag = uuid.uuid4().hex[:8]
     net, redis_name, sandbox_name = f"orchnest{tag}", f"orchnest-redis-{tag}", f"orchnest-sandbox-{tag}"
     port = free_port()
-    docker("network", "create", net, host=host)
+    await adocker("network", "create", net, host=host)
     try:
-        docker(
+        await adocker(
             "run",
             "-d",
             "--name",
@@ -91,7 +92,7 @@ async def sandbox_stack(images: str, settings: Settings) -> AsyncIterator[tuple[
         sandbox_settings = replace(
             settings, redis_url=f"redis://127.0.0.1:{port}/0", sandbox_id=f"nest{tag}", default_sandbox=None
         )
-        docker(
+        await adocker(
             "run",
             "-d",
             "--name",
@@ -116,9 +117,9 @@ async def sandbox_stack(images: str, settings: Settings) -> AsyncIterator[tuple[
         )
         yield sandbox_name, sandbox_settings
     finally:
-        docker("rm", "-f", "-v", sandbox_name, redis_name, host=host, check=False)
-        docker("volume", "rm", "-f", f"orchnest-{tag}", host=host, check=False)
-        docker("network", "rm", net, host=host, check=False)
+        await adocker("rm", "-f", "-v", sandbox_name, redis_name, host=host, check=False)
+        await adocker("volume", "rm", "-f", f"orchnest-{tag}", host=host, check=False)
+        await adocker("network", "rm", net, host=host, check=False)
 
 
 async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbox_stack: tuple[str, Settings]) -> None:
@@ -130,10 +131,10 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
 
     # Level 1: the sandbox's own dockerd, then the images its desktops need (no registry here).
     timings["sandbox dockerd ready"] = await wait_until(["exec", sandbox, "docker", "version"], host)
-    check_level(info(host, "exec", sandbox), 1)
+    check_level(await info(host, "exec", sandbox), 1)
     t = time.monotonic()
     for image in (DESKTOP_IMAGE, TEST_IMAGE):
-        pipe_in(host, ["exec", "-i", sandbox], "docker load -q", f"docker save {image}")
+        await pipe_in(host, ["exec", "-i", sandbox], "docker load -q", f"docker save {image}")
     timings["images into the sandbox"] = time.monotonic() - t
 
     # Level 2: a session through the API, placed on that sandbox by its worker's heartbeat.
@@ -152,14 +153,16 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
         assert heartbeat.depth == 1 and heartbeat.address_pool == "10.213.0.0/16"
     desktop = f"desktop-{record.id}"
     in_desktop = ["exec", sandbox, "docker", "exec", desktop]
-    check_level(info(host, *in_desktop), 2)
+    check_level(await info(host, *in_desktop), 2)
 
     # Level 3: Docker-in-Docker inside the desktop: the desktop image again, same recipe.
     t = time.monotonic()
     for image in (DESKTOP_IMAGE, TEST_IMAGE):
-        docker("exec", sandbox, "sh", "-c", f"docker save {image} | docker exec -i {desktop} docker load -q", host=host)
+        await adocker(
+            "exec", sandbox, "sh", "-c", f"docker save {image} | docker exec -i {desktop} docker load -q", host=host
+        )
     timings["images into the desktop"] = time.monotonic() - t
-    docker(
+    await adocker(
         *in_desktop,
         "docker",
         "run",
@@ -178,11 +181,11 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
         [*in_desktop, "docker", "exec", "dind", "docker", "version"], host
     )
     in_dind = [*in_desktop, "docker", "exec", "dind"]
-    check_level(info(host, *in_dind), 3)
+    check_level(await info(host, *in_dind), 3)
 
     # Level 4: a container of the level-3 daemon prints hello.
-    docker(*in_desktop, "sh", "-c", f"docker save {TEST_IMAGE} | docker exec -i dind docker load -q", host=host)
-    out = docker(*in_dind, "docker", "run", "--rm", TEST_IMAGE, "echo", "hello from depth 4", host=host)
+    await adocker(*in_desktop, "sh", "-c", f"docker save {TEST_IMAGE} | docker exec -i dind docker load -q", host=host)
+    out = await adocker(*in_dind, "docker", "run", "--rm", TEST_IMAGE, "echo", "hello from depth 4", host=host)
     assert out == "hello from depth 4"
     print("\nnesting timings (s): " + ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
 
@@ -193,15 +196,15 @@ async def test_the_sandbox_restarts_a_crashed_worker_and_dockerd(
     host = images
     sandbox, _ = sandbox_stack
     await wait_until(["exec", sandbox, "pgrep", "-f", "orchestrator worker"], host)
-    worker_pid = docker("exec", sandbox, "pgrep", "-f", "orchestrator worker", host=host)
-    docker("exec", sandbox, "kill", "-KILL", worker_pid, host=host)
+    worker_pid = await adocker("exec", sandbox, "pgrep", "-f", "orchestrator worker", host=host)
+    await adocker("exec", sandbox, "kill", "-KILL", worker_pid, host=host)
     await wait_until(["exec", sandbox, "sh", "-c", f"pgrep -f 'orchestrator worker' | grep -vx {worker_pid}"], host)
 
-    dockerd_pid = docker("exec", sandbox, "pgrep", "-x", "dockerd", host=host)
-    docker("exec", sandbox, "kill", "-KILL", dockerd_pid, host=host)
+    dockerd_pid = await adocker("exec", sandbox, "pgrep", "-x", "dockerd", host=host)
+    await adocker("exec", sandbox, "kill", "-KILL", dockerd_pid, host=host)
     await wait_until(["exec", sandbox, "sh", "-c", f"pgrep -x dockerd | grep -vx {dockerd_pid}"], host)
     await wait_until(["exec", sandbox, "docker", "version"], host)
-    logs = docker("logs", sandbox, host=host, stderr=True)
+    logs = await adocker("logs", sandbox, host=host, stderr=True)
     assert "the worker exited with status" in logs
-    dockerd_log = docker("exec", sandbox, "cat", "/var/log/dockerd.log", host=host)
+    dockerd_log = await adocker("exec", sandbox, "cat", "/var/log/dockerd.log", host=host)
     assert "dockerd exited with status" in dockerd_log

@@ -18,6 +18,7 @@ from orchestrator.records import new_record
 from orchestrator.schemas import SessionCreate
 from orchestrator.states import SessionState as S
 from orchestrator.store import SessionStore
+from tests.conftest import awaited
 
 
 async def fleet(redis: aioredis.Redis, keys: Keys, boxes: list[tuple[str, int, int, bool, bool, int]]) -> None:
@@ -26,13 +27,13 @@ async def fleet(redis: aioredis.Redis, keys: Keys, boxes: list[tuple[str, int, i
     for box, placed, _cap, alive, draining, warm in boxes:
         await redis.delete(keys.placed(box), keys.sandbox_alive(box), keys.sandbox_drain(box), keys.pool(box))
         if placed:
-            await redis.sadd(keys.placed(box), *(f"{box}-s{i}" for i in range(placed)))  # type: ignore[misc]
+            await awaited(redis.sadd(keys.placed(box), *(f"{box}-s{i}" for i in range(placed))))
         if alive:
             await redis.set(keys.sandbox_alive(box), "x", px=60_000)
         if draining:
             await redis.set(keys.sandbox_drain(box), '{"by":"api"}')
         if warm:
-            await redis.rpush(keys.pool(box), *(f"w-{box}-{i}" for i in range(warm)))  # type: ignore[misc]
+            await awaited(redis.rpush(keys.pool(box), *(f"w-{box}-{i}" for i in range(warm))))
 
 
 async def test_placement_chooses_by_the_rule_on_what_redis_holds(redis: aioredis.Redis, settings: Settings) -> None:
@@ -74,7 +75,7 @@ async def test_placement_chooses_by_the_rule_on_what_redis_holds(redis: aioredis
         assert placed.warm == (prefer_warm and pure.warm)
         if placed.warm:
             assert placed.record.id == f"w-{pure.id}-0" and placed.record.state.value == "ready"
-        assert await redis.sismember(keys.placed(pure.id), placed.record.id)  # type: ignore[misc]
+        assert await awaited(redis.sismember(keys.placed(pure.id), placed.record.id))
         stored = await store.get(placed.record.id)
         assert stored == placed.record
 
@@ -98,7 +99,7 @@ async def test_concurrent_placements_never_exceed_a_cap(redis: aioredis.Redis, s
     assert results.count(None) == 60
     for box, cap in caps.items():
         assert results.count(box) == cap
-        members = {m.decode() for m in await redis.smembers(keys.placed(box))}  # type: ignore[misc]
+        members = {m.decode() for m in await awaited(redis.smembers(keys.placed(box)))}
         assert len(members) == cap
         assert all([(await store.get(m)) is not None for m in members])
     assert len(await store.list()) == 60
@@ -116,7 +117,7 @@ async def test_a_deleted_session_frees_its_place(redis: aioredis.Redis, settings
     assert not again.created and again.record == first.record
     await store.transition("one", S.DELETING)
     await store.transition("one", S.DELETED)
-    assert not await redis.scard(keys.placed("solo"))  # type: ignore[misc]
+    assert not await awaited(redis.scard(keys.placed("solo")))
     placed = await store.place(
         new_record(SessionCreate(id="two"), "", settings), None, [("solo", 1)], prefer_warm=False
     )

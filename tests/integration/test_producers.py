@@ -17,8 +17,6 @@ from workers.worker import SandboxWorker
 
 from .conftest import count_objects
 
-pytestmark = pytest.mark.docker
-
 
 async def redis_cli(url: str, *args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
@@ -54,7 +52,7 @@ async def test_redis_cli_alone_enqueues_a_create_that_reaches_dockerd_ready(
     record = await client.get(session)
     assert record.spec.labels == {"producer": "redis-cli"}
     assert record.sandbox == docker_settings.sandbox_id
-    assert count_objects(docker_settings.docker_host or "", session) == (1, 1)
+    assert await count_objects(docker_settings.docker_host or "", session) == (1, 1)
 
     # Events can be read the same way: XRANGE on the session's stream, JSON in field "event".
     raw = await redis_cli(url, "--no-raw", "XRANGE", Keys(docker_settings.key_prefix).session_events(session), "-", "+")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import re
 import secrets
@@ -31,7 +32,7 @@ from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
 from orchestrator.queue import JobQueue, Operation
 from orchestrator.redis_conn import redacted_url, redis_client
-from tests.conftest import free_port
+from tests.conftest import awaited, free_port
 from workers.jobs import ResilientWorker
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "redis.md"
@@ -185,12 +186,14 @@ async def test_documented_acl_lets_api_and_worker_do_their_work(acl_server: AclS
             await pipe.execute()
         assert await api_redis.get(keys.session("s1")) == b"record"
         assert await api_redis.mget([keys.session("s1"), keys.sandbox("sec")]) == [b"record", b"{}"]
-        assert await api_redis.smembers(keys.session_index) == {b"s1"}
-        await worker_redis.rpush(keys.pool("sec"), "w1", "w2")  # type: ignore[misc]
-        assert await worker_redis.lrange(keys.pool("sec"), 0, -1) == [b"w1", b"w2"]  # type: ignore[misc]
+        assert await awaited(api_redis.smembers(keys.session_index)) == {b"s1"}
+        await awaited(worker_redis.rpush(keys.pool("sec"), "w1", "w2"))
+        assert await awaited(worker_redis.lrange(keys.pool("sec"), 0, -1)) == [b"w1", b"w2"]
         # Placement reads the first warm desktop before it claims it.
-        assert await api_redis.lindex(keys.pool("sec"), 0) == b"w1"  # type: ignore[misc]
-        assert await worker_redis.lrem(keys.pool("sec"), 1, "w2") == 1  # type: ignore[misc]
+        # (redis-py annotates LINDEX as str | None; without decode_responses it is bytes.)
+        first: object = await awaited(api_redis.lindex(keys.pool("sec"), 0))
+        assert first == b"w1"
+        assert await awaited(worker_redis.lrem(keys.pool("sec"), 1, "w2")) == 1
         # The commands the API's and the worker's Lua scripts use, run by EVALSHA as they are.
         script = """
 redis.call('SET', KEYS[1], ARGV[1])
@@ -207,7 +210,7 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
 """
         script_keys = [keys.session_env("s1"), keys.placed("sec"), keys.pool("sec"), keys.session_events("s0")]
         for client in (api_redis, worker_redis):
-            await worker_redis.rpush(keys.pool("sec"), "w3")  # type: ignore[misc]
+            await awaited(worker_redis.rpush(keys.pool("sec"), "w3"))
             result = await client.register_script(script)(keys=script_keys, args=["x"])
             assert result[:4] == [1, 2, b"w1" if client is api_redis else b"w3", 1], result
         # Events: the publish script, then XREAD / XRANGE / XREVRANGE as SSE and the hub read.
@@ -216,11 +219,14 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
             entry = await bus.publish(make_event("security.test", sandbox="sec", session="s1"))
             assert await bus.last_id(keys.session_events("s1")) == entry
             assert [i for i, _ in await bus.read(keys.firehose, "0-0", count=100)][-1] == entry
-        # Leases: SET NX PX, the renew script (PEXPIRE) and the release script (DEL).
+        # Leases: SET NX PX, the renew script (PEXPIRE) and the release script (DEL). The lease is
+        # 1 s: held past that, under the token it was taken with, only if the renewals worked.
         locks = SessionLocks(worker_redis, keys, lease_s=1.0, owner="sec-worker")
         async with locks.hold("s1", "test"):
-            await asyncio.sleep(0.5)  # past one renewal (lease / 3)
-            assert await locks.held(["s1"]) == {"s1"}
+            token = await worker_redis.get(keys.lock("s1"))
+            assert token is not None
+            await asyncio.sleep(1.3)  # the lease's own 1 s and then some: three renewals (lease / 3)
+            assert await worker_redis.get(keys.lock("s1")) == token
         assert await locks.holder("s1") is None
 
         # Jobs: the API enqueues (once), the worker's arq consumer runs it and keeps the result.
@@ -265,13 +271,19 @@ async def test_documented_acl_refuses_everything_else(acl_server: AclServer) -> 
     api_redis = redis_client(acl_server.api)
     try:
         for client in (worker_redis, api_redis):
-            for command in (("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("SHUTDOWN",)):
+            for command in (
+                client.flushall,
+                functools.partial(client.config_get, "*"),
+                functools.partial(client.keys, "*"),
+                client.acl_list,
+                client.shutdown,
+            ):
                 with pytest.raises(NoPermissionError):
-                    await client.execute_command(*command)
+                    await command()
             with pytest.raises(NoPermissionError):  # outside the key prefix
                 await client.set("other:key", "x")
             with pytest.raises(NoPermissionError):  # EVAL of arbitrary text: only EVALSHA
-                await client.eval("return 1", 0)
+                await awaited(client.eval("return 1", 0))
             with pytest.raises(NoPermissionError):
                 await client.publish("channel", "x")
         with pytest.raises(NoPermissionError):  # the API only reads results...
@@ -433,8 +445,9 @@ def start_sentinel(workdir: Path, master_port: int, requirepass: str | None = No
     try:
         while True:
             with contextlib.suppress(redis.exceptions.RedisError):
-                state = probe.sentinel_master("mymaster")
-                if probe.sentinel_get_master_addr_by_name("mymaster") == ("127.0.0.1", master_port) and (
+                # redis-py leaves its SENTINEL commands unannotated (untyped, in mypy's words).
+                state: dict[str, Any] = probe.sentinel_master("mymaster")  # type: ignore[no-untyped-call]
+                if (state.get("ip"), state.get("port")) == ("127.0.0.1", master_port) and (
                     state.get("is_master") and not state.get("is_sdown") and state.get("role-reported") == "master"
                 ):
                     return server

@@ -15,10 +15,10 @@ import pytest
 from orchestrator.auth import hash_token
 from orchestrator.client import Client
 
-from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, docker, pipe_in
-from .test_compose import ROOT, compose_stack, stack_files, wait_healthy, wait_sandboxes
+from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, adocker, pipe_in
+from .test_compose import ROOT, acompose_stack, stack_files, wait_healthy, wait_sandboxes
 
-pytestmark = pytest.mark.docker
+pytestmark = pytest.mark.slow  # a soak: `-m "not slow"` leaves it out
 
 
 @pytest.mark.timeout(1200)
@@ -29,7 +29,7 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
     def mark(step: str) -> None:  # the time each level took, for the record (pytest -s)
         print(f"self-hosting: {step} at +{time.monotonic() - began:.1f} s")
 
-    with compose_stack(host, scale=1) as stack:
+    async with acompose_stack(host, scale=1) as stack:
         mark("outer stack up (registry, push, compose up)")
         await wait_healthy(stack.url)
         async with Client(stack.url, token=TOKENS["admin"]) as outer:
@@ -44,20 +44,20 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
             assert set(loaded["images"]) == {DESKTOP_IMAGE, SANDBOX_IMAGE} and loaded["bytes"] > 100_000_000
             mark(f"outer session (depth 2) ready; preload {loaded['bytes'] / 1e6:.0f} MB in {loaded['seconds']} s")
         desktop = f"desktop-{record.id}"
-        chain = ["exec", "-i", stack.container("sandbox"), "docker", "exec", "-i", desktop]
+        chain = ["exec", "-i", await stack.container("sandbox"), "docker", "exec", "-i", desktop]
 
         # The same compose files and script; the only difference is the .env.
         for path in stack_files():
             target = f"/stack/{path.relative_to(ROOT)}"
-            pipe_in(host, chain, f"mkdir -p {target.rsplit('/', 1)[0]} && cat > {target}", f"cat {path}")
+            await pipe_in(host, chain, f"mkdir -p {target.rsplit('/', 1)[0]} && cat > {target}", f"cat {path}")
         dotenv = "\n".join(
             ["ORCH_SANDBOX_DEPTH=3", "ORCH_API_PORT=8080", f"ORCH_TOKENS=inner:{hash_token(TOKENS['admin'])}:admin"]
         )
-        pipe_in(host, chain, "cat > /stack/.env", f"printf '%s\\n' '{dotenv}'")
-        inner_up = docker(*chain, "bash", "/stack/scripts/stack.sh", "up", host=host, stderr=True, timeout=600)
+        await pipe_in(host, chain, "cat > /stack/.env", f"printf '%s\\n' '{dotenv}'")
+        inner_up = await adocker(*chain, "bash", "/stack/scripts/stack.sh", "up", host=host, stderr=True, timeout=600)
         # Inside the desktop: Debian 12's compose v1 (the host test covers v2), this level's own
         # registry, the caps override chosen by the same bounding-set check.
-        assert "docker-compose version 1." in docker(*chain, "docker-compose", "version", host=host)
+        assert "docker-compose version 1." in await adocker(*chain, "docker-compose", "version", host=host)
         assert f"pushed {SANDBOX_IMAGE} to this level's registry" in inner_up, inner_up
         mark("inner stack up inside the desktop (registry, push, compose up)")
         # From outside, through the outer desktop: the inner API, with the same CLI.
@@ -76,20 +76,22 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
             TOKENS["admin"],
         ]
         async with asyncio.timeout(300):  # the inner API starts, the inner sandbox loads its image
-            while not (listed := docker(*cli, "sandboxes", "ls", "--json", host=host, check=False)).startswith(
+            while not (listed := await adocker(*cli, "sandboxes", "ls", "--json", host=host, check=False)).startswith(
                 "[\n  {"
             ):
                 await asyncio.sleep(1)
         assert json.loads(listed)
         mark("inner sandbox (depth 3) reporting, desktop image pulled from the inner registry")
-        created = docker(*cli, "sessions", "create", "--label", "level=inner", "--wait", "--timeout", "400", host=host)
+        created = await adocker(
+            *cli, "sessions", "create", "--label", "level=inner", "--wait", "--timeout", "400", host=host
+        )
         assert "dockerd.ready" in created and "depth 4, pool 10.216.0.0/16" in created, created
         inner_id = created.split()[1]
-        lines = docker(*cli, "events", "--session", inner_id, "--json", host=host).splitlines()
-        events = [json.loads(line) for line in lines]
-        ready = next(e for e in events if e["type"] == "dockerd.ready")
+        lines = (await adocker(*cli, "events", "--session", inner_id, "--json", host=host)).splitlines()
+        inner_events = [json.loads(line) for line in lines]
+        ready = next(e for e in inner_events if e["type"] == "dockerd.ready")
         assert ready["data"]["depth"] == 4 and ready["data"]["storage_driver"] == "overlay2"
-        assert events[-1]["type"] == "session.ready"
-        sandboxes = json.loads(docker(*cli, "sandboxes", "ls", "--json", host=host))
+        assert inner_events[-1]["type"] == "session.ready"
+        sandboxes = json.loads(await adocker(*cli, "sandboxes", "ls", "--json", host=host))
         assert [s["depth"] for s in sandboxes] == [3]
         mark(f"inner session's dockerd (depth 4) ready, {ready['data']['duration_ms']} ms after its desktop started")

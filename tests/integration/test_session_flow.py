@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from orchestrator.client import Client
+from orchestrator.client import Client, ServerEvent
 from orchestrator.config import Settings
 from orchestrator.names import (
     LABEL_GENERATION,
@@ -18,14 +18,12 @@ from orchestrator.names import (
 )
 from workers.worker import SandboxWorker
 
-from .conftest import CAPS, TEST_IMAGE, docker, labels_of
-
-pytestmark = pytest.mark.docker
+from .conftest import CAPS, TEST_IMAGE, adocker, labels_of
 
 READY_TIMEOUT = 90.0
 
 
-def types(events: list) -> list[str]:  # type: ignore[type-arg]
+def types(events: list[ServerEvent]) -> list[str]:
     return [e.type for e in events]
 
 
@@ -65,22 +63,22 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
     assert sum(v for k, v in phases.items() if k != "total") <= phases["total"] + 5
 
     # Deterministic names and labels on what was made.
-    container_labels = labels_of(host, "container", desktop_name(sid))
+    container_labels = await labels_of(host, "container", desktop_name(sid))
     assert container_labels[LABEL_SESSION] == sid
     assert container_labels[LABEL_GENERATION] == "1"
     assert container_labels[LABEL_SANDBOX] == docker_settings.sandbox_id
     assert container_labels[LABEL_ROLE] == "desktop"
-    assert labels_of(host, "volume", volume_name(sid))[LABEL_SESSION] == sid
+    assert (await labels_of(host, "volume", volume_name(sid)))[LABEL_SESSION] == sid
 
     # Inside the desktop: its own dockerd, overlay2 on the volume's ext4, not vfs.
-    info = json.loads(docker("exec", desktop_name(sid), "docker", "info", "--format", "{{json .}}", host=host))
+    info = json.loads(await adocker("exec", desktop_name(sid), "docker", "info", "--format", "{{json .}}", host=host))
     assert info["Driver"] == "overlay2"
     assert dict(info["DriverStatus"])["Backing Filesystem"] == "extfs"
 
     # An image from the sandbox's daemon, loaded through the desktop's socket, runs inside it.
     moved = await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
     assert moved > 100_000
-    out = docker(
+    out = await adocker(
         "exec",
         desktop_name(sid),
         "docker",
@@ -109,8 +107,8 @@ async def test_stop_then_start_keeps_the_inner_images(
     assert stopping.state == "stopping"
     events = await client.wait_for(sid, {"session.stopped", "session.failed"}, timeout=READY_TIMEOUT)
     assert events[-1].type == "session.stopped"
-    assert docker("ps", "-aq", "--filter", f"name=^{desktop_name(sid)}$", host=host) == ""
-    assert docker("volume", "ls", "-q", "--filter", f"name=^{volume_name(sid)}$", host=host) == volume_name(sid)
+    assert await adocker("ps", "-aq", "--filter", f"name=^{desktop_name(sid)}$", host=host) == ""
+    assert await adocker("volume", "ls", "-q", "--filter", f"name=^{volume_name(sid)}$", host=host) == volume_name(sid)
 
     last = events[-1].id
     started = await client.start(sid)
@@ -119,11 +117,13 @@ async def test_stop_then_start_keeps_the_inner_images(
     events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY_TIMEOUT, after=last)
     assert types(events) == ["session.starting", "desktop.started", "dockerd.ready", "session.ready"]
     assert all(e.data["generation"] == 2 for e in events)
-    assert labels_of(host, "container", desktop_name(sid))[LABEL_GENERATION] == "2"
+    assert (await labels_of(host, "container", desktop_name(sid)))[LABEL_GENERATION] == "2"
 
-    images = docker("exec", desktop_name(sid), "docker", "images", "--format", "{{.Repository}}:{{.Tag}}", host=host)
+    images = await adocker(
+        "exec", desktop_name(sid), "docker", "images", "--format", "{{.Repository}}:{{.Tag}}", host=host
+    )
     assert TEST_IMAGE in images.split()
-    out = docker("exec", desktop_name(sid), "docker", "run", "--rm", TEST_IMAGE, "echo", "still here", host=host)
+    out = await adocker("exec", desktop_name(sid), "docker", "run", "--rm", TEST_IMAGE, "echo", "still here", host=host)
     assert out == "still here"
 
 
@@ -140,8 +140,8 @@ async def test_delete_leaves_no_container_volume_or_record(
     events = await client.wait_for(sid, {"session.deleted", "session.failed"}, timeout=READY_TIMEOUT)
     assert events[-1].type == "session.deleted"
 
-    assert docker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
-    assert docker("volume", "ls", "-q", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+    assert await adocker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+    assert await adocker("volume", "ls", "-q", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
     assert await worker.store.get(sid) is None
     assert sid not in [s.id for s in await client.list()]
     with pytest.raises(Exception, match="session_not_found"):
@@ -158,8 +158,8 @@ async def test_delete_while_creating_converges_to_nothing(
     await client.delete(sid)
     events = await client.wait_for(sid, {"session.deleted"}, timeout=READY_TIMEOUT)
     assert "session.ready" not in types(events)
-    assert docker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
-    assert docker("volume", "ls", "-q", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+    assert await adocker("ps", "-aq", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
+    assert await adocker("volume", "ls", "-q", "--filter", f"label={LABEL_SESSION}={sid}", host=host) == ""
 
 
 async def test_desktop_refuses_to_start_without_a_volume(docker_settings: Settings) -> None:
@@ -167,7 +167,7 @@ async def test_desktop_refuses_to_start_without_a_volume(docker_settings: Settin
     host = docker_settings.docker_host
     assert host
     name = f"{docker_settings.sandbox_id}-novolume"
-    docker(
+    await adocker(
         "create",
         "--name",
         name,
@@ -177,8 +177,8 @@ async def test_desktop_refuses_to_start_without_a_volume(docker_settings: Settin
         docker_settings.desktop_image,
         host=host,
     )
-    docker("start", name, host=host)
-    status = docker("wait", name, host=host)
+    await adocker("start", name, host=host)
+    status = await adocker("wait", name, host=host)
     assert status == "1"
-    logs = docker("logs", name, host=host, stderr=True)
+    logs = await adocker("logs", name, host=host, stderr=True)
     assert "/var/lib/docker is not a mount point" in logs

@@ -14,8 +14,6 @@ from workers.worker import SandboxWorker
 
 from .conftest import TOKENS
 
-pytestmark = pytest.mark.docker
-
 
 async def test_a_trace_id_travels_from_the_request_through_the_job(
     api: str, client: Client, worker: SandboxWorker, caplog: pytest.LogCaptureFixture

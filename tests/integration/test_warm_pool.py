@@ -6,18 +6,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-import pytest
 import redis.asyncio as aioredis
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.keys import Keys
 from orchestrator.names import desktop_name, volume_name
+from tests.conftest import awaited
 from workers.worker import SandboxWorker
 
-from .conftest import TOKENS, count_objects, docker, running_api, running_worker
-
-pytestmark = pytest.mark.docker
+from .conftest import TOKENS, adocker, count_objects, running_api, running_worker
 
 
 async def pool_ready(worker: SandboxWorker, size: int, timeout: float = 90) -> list[str]:
@@ -30,8 +28,8 @@ async def pool_ready(worker: SandboxWorker, size: int, timeout: float = 90) -> l
     return pooled
 
 
-def running(host: str, session_id: str) -> bool:
-    return docker("inspect", "--format", "{{.State.Running}}", desktop_name(session_id), host=host) == "true"
+async def running(host: str, session_id: str) -> bool:
+    return await adocker("inspect", "--format", "{{.State.Running}}", desktop_name(session_id), host=host) == "true"
 
 
 async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
@@ -46,7 +44,7 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
         # Several reconcile passes ran meanwhile; none touched the pooled desktops.
         assert worker.reconciler is not None
         await worker.reconciler.pass_once()
-        assert all(running(host, i) for i in pooled)
+        assert all([await running(host, i) for i in pooled])
 
         async with Client(url, token=TOKENS["admin"]) as client:
             # Three at once, from a full pool: each is ready in the response, none shared.
@@ -58,10 +56,12 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
                 events = await client.wait_for(r.id, {"session.ready"}, timeout=10)
                 assert events[-1].data["data"] == {"warm": True}
                 assert (await client.get(r.id)).spec.labels == r.spec.labels
-                assert count_objects(host, r.id) == (1, 1) and running(host, r.id)
+                assert await count_objects(host, r.id) == (1, 1) and await running(host, r.id)
             # A claimed desktop carries nothing from anyone: a fresh volume, an empty inner daemon.
-            inner = docker("exec", desktop_name(ids[0]), "docker", "ps", "-aq", host=host)
-            assert inner == "" and docker("exec", desktop_name(ids[0]), "docker", "images", "-q", host=host) == ""
+            inner = await adocker("exec", desktop_name(ids[0]), "docker", "ps", "-aq", host=host)
+            assert (
+                inner == "" and await adocker("exec", desktop_name(ids[0]), "docker", "images", "-q", host=host) == ""
+            )
 
             # The pool is empty now: the next create is made cold (and still works).
             cold = await client.create()
@@ -83,14 +83,14 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
             await client.wait_ready(sid, timeout=90)
             await client.delete(sid)
             await client.wait_for(sid, {"session.deleted"}, timeout=60)
-            assert count_objects(host, sid) == (0, 0)
+            assert await count_objects(host, sid) == (0, 0)
 
     # Pool size lowered to 0: the next worker drops the unclaimed desktops, volumes included.
     async with running_worker(replace(settings, pool_size=0)) as worker:
         await pool_ready(worker, 0)
         # The list empties first (a drop is LREM, then the removal): wait for the removals.
         async with asyncio.timeout(60):
-            while not all(count_objects(host, i) == (0, 0) for i in refilled):
+            while not all([await count_objects(host, i) == (0, 0) for i in refilled]):
                 await asyncio.sleep(0.2)
-        assert await redis.llen(Keys(settings.key_prefix).pool(settings.sandbox_id)) == 0
-        assert docker("volume", "ls", "-q", "--filter", f"name={volume_name(refilled[0])}", host=host) == ""
+        assert await awaited(redis.llen(Keys(settings.key_prefix).pool(settings.sandbox_id))) == 0
+        assert await adocker("volume", "ls", "-q", "--filter", f"name={volume_name(refilled[0])}", host=host) == ""

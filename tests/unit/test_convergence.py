@@ -23,11 +23,12 @@ from orchestrator.errors import ServiceError
 from orchestrator.locks import Busy
 from orchestrator.states import IN_PROGRESS, SessionState
 from tests.fakes import Crash, QueuedJob, Stack, open_stack
+from workers.runtime.errors import DesktopErrorCode
 
 S = SessionState
 SESSIONS = ("model-0", "model-1")
 # Failures the real runtime reports with these codes, on the calls the lifecycle makes.
-FAULTS = (
+FAULTS: tuple[tuple[str, DesktopErrorCode], ...] = (
     ("ensure_volume", "volume_create_failed"),
     ("create", "desktop_create_failed"),
     ("start", "desktop_start_failed"),
@@ -65,7 +66,7 @@ class StopFromOutside:
 @dataclass(frozen=True)
 class Fault:
     method: str
-    code: str
+    code: DesktopErrorCode
 
 
 @dataclass(frozen=True)

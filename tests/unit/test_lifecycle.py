@@ -13,6 +13,7 @@ from orchestrator.schemas import SessionCreate, SessionRecord
 from orchestrator.states import SessionState
 from tests.fakes import QueuedJob, Stack, open_stack
 from workers.reconciler import RemoveDesktop
+from workers.runtime.errors import DesktopErrorCode
 
 SID = "s-lifecycle"
 CREATED = ["session.pending", "session.creating", "volume.created", "session.starting", "desktop.started"]
@@ -74,7 +75,7 @@ async def test_a_create_reaches_ready_with_every_step_announced(stack: Stack) ->
     ],
 )
 async def test_a_create_that_fails_removes_the_desktop_and_keeps_the_volume(
-    stack: Stack, method: str, code: str, events: list[str]
+    stack: Stack, method: str, code: DesktopErrorCode, events: list[str]
 ) -> None:
     await stack.create(SID)
     stack.runtime.fail_next(method, code)
@@ -154,7 +155,7 @@ async def test_a_stop_whose_desktop_cannot_be_removed_fails_and_the_reconciler_r
     [("remove", "desktop_remove_failed", True), ("remove_volume", "volume_remove_failed", False)],
 )
 async def test_a_delete_whose_step_fails_stays_deleting_until_a_retry_finishes_it(
-    stack: Stack, method: str, code: str, desktop_left: bool
+    stack: Stack, method: str, code: DesktopErrorCode, desktop_left: bool
 ) -> None:
     ready = await ready_session(stack)
     await stack.sessions.delete(SID)

@@ -8,6 +8,7 @@ from orchestrator.keys import job_id
 from orchestrator.names import address_pool, desktop_name, is_valid_session_id, new_session_id, volume_name
 from orchestrator.placement import Candidate, NoSandbox, Unsatisfiable, better, choose, eligible
 from orchestrator.schemas import SandboxInfo
+from orchestrator.states import SandboxStatus
 from workers.runtime import split_reference
 
 
@@ -42,7 +43,9 @@ def test_invalid_ids(bad: str) -> None:
     assert not is_valid_session_id(bad)
 
 
-def sandbox(id: str, status: str = "available", labels: dict[str, str] | None = None) -> SandboxInfo:
+def sandbox(
+    id: str, status: SandboxStatus = SandboxStatus.AVAILABLE, labels: dict[str, str] | None = None
+) -> SandboxInfo:
     return SandboxInfo(
         id=id,
         depth=1,
@@ -60,7 +63,12 @@ def sandbox(id: str, status: str = "available", labels: dict[str, str] | None = 
 
 
 def test_eligible_sandboxes_are_available_named_and_labelled() -> None:
-    fleet = [sandbox("a"), sandbox("b", labels={"gpu": "true"}), sandbox("c", "draining"), sandbox("d", "unavailable")]
+    fleet = [
+        sandbox("a"),
+        sandbox("b", labels={"gpu": "true"}),
+        sandbox("c", SandboxStatus.DRAINING),
+        sandbox("d", SandboxStatus.UNAVAILABLE),
+    ]
     assert [s.id for s in eligible(fleet, None, {})] == ["a", "b"]
     assert [s.id for s in eligible(fleet, None, {"gpu": "true"})] == ["b"]
     assert [s.id for s in eligible(fleet, "a", {})] == ["a"]
@@ -73,10 +81,10 @@ def test_eligible_sandboxes_are_available_named_and_labelled() -> None:
         eligible(fleet, None, {"gpu": "false"})
     assert labels.value.field == "constraints"
     with pytest.raises(NoSandbox, match="no sandbox that could take it is available"):
-        eligible([sandbox("d", "unavailable")], None, {})
+        eligible([sandbox("d", SandboxStatus.UNAVAILABLE)], None, {})
     # Known labels on a sandbox that is away: a wait (503), not a mistake (422).
     with pytest.raises(NoSandbox):
-        eligible([sandbox("d", "unavailable", labels={"gpu": "true"})], None, {"gpu": "true"})
+        eligible([sandbox("d", SandboxStatus.UNAVAILABLE, labels={"gpu": "true"})], None, {"gpu": "true"})
 
 
 def test_the_least_loaded_wins_by_ratio_then_count_then_id() -> None:

@@ -5,8 +5,9 @@ import pytest
 
 from orchestrator.client import SseParser
 from orchestrator.errors import ServiceError
+from orchestrator.hub import frame
 from orchestrator.schemas import LifecycleJob, SessionCreate
-from orchestrator.sse import frame, parse_after
+from orchestrator.sse import parse_after
 
 
 def test_frames_round_trip_through_the_parser() -> None:
