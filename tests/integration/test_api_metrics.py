@@ -14,6 +14,7 @@ from orchestrator.client import ApiError, Client
 from orchestrator.config import Settings
 from orchestrator.keys import Keys
 from orchestrator.schemas import SandboxInfo
+from tests.conftest import awaited
 
 
 def heartbeat(id: str, capacity: int, pool_ready: int = 0, pool_target: int = 0) -> bytes:
@@ -39,10 +40,10 @@ async def test_metrics_say_what_redis_holds(client: Client, redis: aioredis.Redi
     # "up": live, cap 3, two sessions placed already and a job queued 5 s ago; "gone": no heartbeat.
     await redis.set(keys.sandbox("up"), heartbeat("up", 3, pool_ready=1, pool_target=2))
     await redis.set(keys.sandbox_alive("up"), "x", px=60_000)
-    await redis.sadd(keys.placed("up"), "old-1", "old-2")  # type: ignore[misc]
+    await awaited(redis.sadd(keys.placed("up"), "old-1", "old-2"))
     await redis.zadd(keys.queue("up"), {"create_session:old-1:1": time.time() * 1000 - 5000})
     await redis.set(keys.sandbox("gone"), heartbeat("gone", 6))
-    await redis.sadd(keys.sandbox_index, "up", "gone")  # type: ignore[misc]
+    await awaited(redis.sadd(keys.sandbox_index, "up", "gone"))
 
     await client.create("fits")  # the last place on "up"
     with pytest.raises(ApiError, match="no_capacity"):

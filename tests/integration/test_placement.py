@@ -138,8 +138,8 @@ async def test_concurrent_warm_creates_never_share_a_desktop(redis: aioredis.Red
     results = await asyncio.gather(*(one(i) for i in range(8)))
     assert sorted(sid for sid, warm in results if warm) == ["w-w-0", "w-w-1", "w-w-2"]
     assert [warm for _, warm in results].count(False) == 5
-    assert not await redis.llen(keys.pool("w"))  # type: ignore[misc]
-    assert await redis.scard(keys.placed("w")) == 8  # type: ignore[misc]
+    assert not await awaited(redis.llen(keys.pool("w")))
+    assert await awaited(redis.scard(keys.placed("w"))) == 8
     for sid, warm in results:
         stored = await store.get(sid)
         assert stored is not None and stored.sandbox == "w"
@@ -164,4 +164,4 @@ async def test_a_sandbox_that_changes_after_the_read_is_not_used(redis: aioredis
         new_record(SessionCreate(id="late"), "", settings), None, [("a", 5), ("b", 5)], prefer_warm=False
     )
     assert placed.record.sandbox == "b"
-    assert not await redis.scard(keys.placed("a"))  # type: ignore[misc]
+    assert not await awaited(redis.scard(keys.placed("a")))
