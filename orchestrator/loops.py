@@ -16,9 +16,14 @@ log = logging.getLogger("orchestrator.loops")
 
 
 async def every(interval_s: float, duty: Callable[[], Awaitable[object]], name: str) -> NoReturn:
-    """Run ``duty`` every ``interval_s`` seconds (after the first interval), forever."""
+    """Run ``duty`` every ``interval_s`` seconds (the first after one interval), forever. The
+    rate is fixed, start to start: a slow run (a heartbeat waiting on a busy dockerd) does not
+    push the next one back, which matters when a peer judges liveness by the beats. Runs never
+    overlap: one that overruns its interval is followed by the next at once."""
+    next_run = anyio.current_time() + interval_s
     while True:
-        await anyio.sleep(interval_s)
+        await anyio.sleep(max(0.0, next_run - anyio.current_time()))
+        next_run = max(next_run + interval_s, anyio.current_time())
         try:
             await duty()
         except (RedisError, OSError) as e:  # a dependency is away: expected, no traceback

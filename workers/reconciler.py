@@ -304,9 +304,11 @@ class Reconciler:
         try:
             await self.runtime.desktops.start(action.session)
         except DesktopError as e:
+            gone = False  # removed from outside meanwhile (docker rm -f stops it first): say so
             with contextlib.suppress(DesktopError):
-                await self.runtime.desktops.remove(action.session, stop_timeout=2)
-            await self.store.fail(action.session, action.generation, "desktop_lost", f"restarting it failed: {e}")
+                gone = not await self.runtime.desktops.remove(action.session, stop_timeout=2)
+            why = "the desktop is gone" if gone else f"restarting it failed: {e}"
+            await self.store.fail(action.session, action.generation, "desktop_lost", why)
             return
         await self._event("desktop.restarted", action, attempt=len(recent) + 1)
 
