@@ -99,6 +99,9 @@ async def test_a_worker_reads_only_its_own_sandboxs_records(stack: Stack) -> Non
     assert {r.id for r in await stack.store.list()} == {*SIDS, "skew-elsewhere"}
     assert [r.id for r in await stack.store.list(sandbox=SANDBOX)] == list(SIDS)
     assert [r.id for r in await stack.store.list(sandbox="another")] == ["skew-elsewhere"]
+    # A stray member of the placed set (a record that moved on) is not this sandbox's.
+    await stack.redis.sadd(stack.keys.placed(SANDBOX), "skew-elsewhere")  # type: ignore[misc]
+    assert [r.id for r in await stack.store.list(sandbox=SANDBOX)] == list(SIDS)
 
 
 async def test_a_newer_heartbeat_breaks_no_listing(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
