@@ -295,6 +295,14 @@ class SharedSettings(RedisSettings):
         doc="most memory (MiB) one desktop may ask for",
     )
     max_pids: int = setting("ORCH_MAX_PIDS", 65536, parse=_int, doc="most processes one desktop may ask for")
+    # The reconciler removes a record-less desktop or volume only on a tombstone (or the pool's
+    # own word): it must outlive any leftover a delete can leave (a sandbox down for days).
+    tombstone_ttl_s: int = setting(
+        "ORCH_TOMBSTONE_TTL",
+        3 * 86400,
+        parse=_int,
+        doc="seconds a deleted session's tombstone lasts (its leftovers are removable meanwhile)",
+    )
     default_ttl_s: int = setting("ORCH_DEFAULT_TTL", 0, parse=_int, doc="TTL (s) of sessions that set none; 0: none")
     default_ttl_action: str = setting(
         "ORCH_DEFAULT_TTL_ACTION", "stop", parse=_text, doc="what a TTL's end does: `stop` or `delete`"
@@ -389,7 +397,13 @@ class WorkerSettings(SharedSettings):
         "ORCH_RECONCILE_INTERVAL", 10.0, parse=_float, doc="seconds between reconciler passes"
     )
     orphan_grace_s: float = setting(
-        "ORCH_ORPHAN_GRACE", 300.0, parse=_float, doc="age (s) before an unknown session's object is removed"
+        "ORCH_ORPHAN_GRACE",
+        300.0,
+        parse=_float,
+        doc="age (s) before a deleted session's leftover object is removed",
+    )
+    reconcile_max_removals: int = setting(
+        "ORCH_RECONCILE_MAX_REMOVALS", 20, parse=_int, doc="desktops and volumes one reconciler pass removes at most"
     )
     lock_lease_s: float = setting(
         "ORCH_LOCK_LEASE", 15.0, parse=_float, doc="seconds a dead worker's session lock lasts"

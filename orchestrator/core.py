@@ -37,7 +37,7 @@ def connect(settings: SharedSettings) -> Core:
         redis=redis,
         keys=keys,
         bus=bus,
-        store=SessionStore(redis, bus),
+        store=SessionStore(redis, bus, tombstone_ttl_s=settings.tombstone_ttl_s),
         sandboxes=SandboxRegistry(redis, keys),
         queue=JobQueue(redis, keys),
     )

@@ -23,6 +23,11 @@ class Keys:
     def session_env(self, session_id: str) -> str:
         return f"{self.prefix}session-env:{session_id}"
 
+    def session_deleted(self, session_id: str) -> str:
+        """A deleted session's tombstone (TTL): the evidence that lets the reconciler remove
+        its leftover desktop or volume. Written by the DELETED transition, dropped by a new record."""
+        return f"{self.prefix}session-deleted:{session_id}"
+
     def lock(self, session_id: str) -> str:
         return f"{self.prefix}lock:{session_id}"
 
@@ -50,6 +55,11 @@ class Keys:
     def pool(self, sandbox_id: str) -> str:
         """The sandbox's warm desktops, ready and unclaimed: a list of their (pre-chosen) session ids."""
         return f"{self.prefix}pool:{sandbox_id}"
+
+    def pool_making(self, sandbox_id: str) -> str:
+        """Ids of warm desktops being made (added before the first object): a leftover of one
+        that never reached the pool list is the pool's own, never handed out, so removable."""
+        return f"{self.prefix}pool-making:{sandbox_id}"
 
     def placed(self, sandbox_id: str) -> str:
         """Ids of the sessions placed on the sandbox and not deleted: what its cap counts."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 from .config import SharedSettings
 from .names import new_session_id
-from .schemas import SessionCreate, SessionRecord, SessionSpec, TtlAction, now_rfc3339
+from .schemas import SessionCreate, SessionRecord, SessionSpec, StoredResources, TtlAction, now_rfc3339
 from .states import SessionState
 
 
@@ -17,7 +19,7 @@ def new_record(request: SessionCreate, sandbox: str, settings: SharedSettings) -
     default_action: TtlAction = "delete" if settings.default_ttl_action == "delete" else "stop"
     spec = SessionSpec(
         labels=request.labels,
-        resources=request.resources,
+        resources=msgspec.convert(msgspec.to_builtins(request.resources), StoredResources),
         env_keys=sorted(request.env),
         ttl_seconds=ttl or None,
         ttl_action=request.ttl_action or default_action,

@@ -20,6 +20,8 @@ not failed); an unavailable one just went silent.
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 import redis.asyncio as aioredis
 
@@ -31,6 +33,7 @@ from .states import SandboxStatus
 # unavailable) rather than forgotten at once.
 SANDBOX_INFO_TTL_S = 86400
 
+log = logging.getLogger("orchestrator.sandboxes")
 _decode_info = msgspec.json.Decoder(SandboxInfo).decode
 _decode_drain = msgspec.json.Decoder(DrainRequest).decode
 
@@ -103,7 +106,11 @@ class SandboxRegistry:
             if raw is None:
                 gone.append(i)
                 continue
-            info = _decode_info(raw)
+            try:
+                info = _decode_info(raw)
+            except msgspec.DecodeError as e:  # one bad heartbeat must not hide the fleet
+                log.warning("sandbox %s's heartbeat does not decode (%s): skipped", i, e)
+                continue
             out.append(
                 msgspec.structs.replace(
                     info, status=_status(info.status, bool(alive), bool(draining)), placed=int(placed)

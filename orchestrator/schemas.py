@@ -1,6 +1,9 @@
 """Wire types (msgspec): request bodies, records, job payloads, events, errors.
 
-Every external input is decoded into one of these at the edge; unknown fields are refused.
+Every external input is decoded into one of these at the edge. Request bodies (``Strict``:
+SessionCreate, its Resources, LifecycleJob) refuse unknown fields. What is read back from Redis
+or from the server (``Stored``: records, heartbeats, events, drain requests, responses) ignores
+them: during a rolling upgrade a newer process's extra field must not break an older one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
+    """A request body: a field this version does not know is a client's mistake."""
+
+
+class Stored(msgspec.Struct, kw_only=True):
+    """Written by some version of this project, read by this one: unknown fields are ignored."""
 
 
 EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
@@ -43,6 +50,10 @@ class Resources(Strict, omit_defaults=True):
     pids: Annotated[int, msgspec.Meta(ge=64, le=4 * 1024 * 1024)] | None = None
 
 
+class StoredResources(Resources, forbid_unknown_fields=False):
+    """Resources as a record keeps them (lenient: see ``Stored``)."""
+
+
 class SessionCreate(Strict):
     """Body of ``POST /v1/sessions``."""
 
@@ -62,9 +73,9 @@ class SessionCreate(Strict):
     constraints: Labels = {}
 
 
-class SessionSpec(Strict):
+class SessionSpec(Stored):
     labels: Labels = {}
-    resources: Resources = msgspec.field(default_factory=Resources)
+    resources: StoredResources = msgspec.field(default_factory=StoredResources)
     env_keys: list[str] = []
     ttl_seconds: int | None = None
     ttl_action: TtlAction = "stop"
@@ -72,7 +83,7 @@ class SessionSpec(Strict):
     constraints: dict[str, str] = {}
 
 
-class SessionError(Strict, omit_defaults=True):
+class SessionError(Stored, omit_defaults=True):
     code: str
     message: str
     # desktop_lost: "sandbox_unavailable" when the API declared it because the sandbox went
@@ -80,7 +91,7 @@ class SessionError(Strict, omit_defaults=True):
     cause: ErrorCause | None = None
 
 
-class SessionRecord(Strict):
+class SessionRecord(Stored):
     id: str
     state: SessionState
     generation: int
@@ -95,11 +106,11 @@ class SessionRecord(Strict):
     expires_at: float | None = None
 
 
-class SessionList(Strict):
+class SessionList(Stored):
     sessions: list[SessionRecord]
 
 
-class ErrorBody(Strict):
+class ErrorBody(Stored):
     code: str
     message: str
     field: str | None = None
@@ -117,7 +128,7 @@ class LifecycleJob(Strict, omit_defaults=True):
     trace: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")] | None = None
 
 
-class Event(Strict):
+class Event(Stored):
     """The envelope of everything on the event streams; the stream entry id is the event id."""
 
     type: str
@@ -130,7 +141,7 @@ class Event(Strict):
     trace: str | None = None
 
 
-class SessionChanged(Strict, omit_defaults=True):
+class SessionChanged(Stored, omit_defaults=True):
     """``data`` of ``session.<state>``: where it came from; for ``session.failed``, why."""
 
     from_: str | None = msgspec.field(default=None, name="from")
@@ -145,23 +156,23 @@ class SessionChanged(Strict, omit_defaults=True):
     recovered: bool | None = None
 
 
-class VolumeCreated(Strict):
+class VolumeCreated(Stored):
     name: str
 
 
-class DesktopStarted(Strict):
+class DesktopStarted(Stored):
     container: str
     id: str
     privilege: str
 
 
-class ImagesLoaded(Strict):
+class ImagesLoaded(Stored):
     images: list[str]
     bytes: int
     seconds: float
 
 
-class DockerdReady(Strict):
+class DockerdReady(Stored):
     duration_ms: int
     storage_driver: str
     backing_filesystem: str
@@ -170,7 +181,7 @@ class DockerdReady(Strict):
     address_pool: str
 
 
-class SandboxInfo(Strict):
+class SandboxInfo(Stored):
     id: str
     depth: int
     version: str
@@ -203,7 +214,7 @@ class SandboxInfo(Strict):
     lost_after_s: float = 0.0
 
 
-class DrainRequest(msgspec.Struct):
+class DrainRequest(Stored):
     """The value of a sandbox's drain key: who asked (api | signal) and whether its ready
     desktops are stopped too."""
 
@@ -211,7 +222,7 @@ class DrainRequest(msgspec.Struct):
     stop_desktops: bool = False
 
 
-class SandboxList(Strict):
+class SandboxList(Stored):
     sandboxes: list[SandboxInfo]
 
 

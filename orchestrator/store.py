@@ -4,6 +4,7 @@ without its event and no event describes a change that did not happen."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,13 @@ from .placement import Candidate, NoCapacity, NoSandbox, choose
 from .schemas import SessionError, SessionRecord, now_rfc3339
 from .states import SessionState
 
-# KEYS: record, index, firehose, session stream, session env, the sandbox's placed set.
+log = logging.getLogger("orchestrator.store")
+
+# KEYS: record, index, firehose, session stream, session env, the sandbox's placed set,
+#       the session's tombstone.
 # ARGV: expected revision (-1: must not exist), new record json ('' deletes it and its env),
 #       session id, event json, firehose maxlen, session maxlen, session stream ttl after
-#       deletion (0: none), env json to store with the record ('': leave as is).
+#       deletion (0: none), env json to store with the record ('': leave as is), tombstone ttl.
 # Returns {1, entry id} or {0, current record json or ''}.
 CAS_LUA = """
 local cur = redis.call('GET', KEYS[1])
@@ -36,7 +40,10 @@ if ARGV[2] == '' then
   redis.call('DEL', KEYS[1], KEYS[5])
   redis.call('SREM', KEYS[2], ARGV[3])
   redis.call('SREM', KEYS[6], ARGV[3])
+  -- The tombstone: the reconciler's evidence that the session's leftovers may go (H3).
+  redis.call('SET', KEYS[7], '1', 'EX', ARGV[9])
 else
+  if expected < 0 then redis.call('DEL', KEYS[7]) end
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
   redis.call('SADD', KEYS[6], ARGV[3])
@@ -54,7 +61,8 @@ return {1, id}
 # record, its env and its event) are one script, so concurrent creates never exceed a cap,
 # two never share a warm desktop, and no record exists without its place (or the reverse).
 # KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
-#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its env.
+#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its env,
+#   11 its tombstone (a new record drops it).
 # ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
 #   6 env json ('' none), 7 firehose maxlen, 8 session maxlen.
 # Returns {1, entry id}; {0, existing record} when the requested id exists; {2, why} when the
@@ -71,6 +79,7 @@ if ARGV[3] ~= '' then
 end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[4])
+redis.call('DEL', KEYS[11])
 redis.call('SADD', KEYS[3], ARGV[1])
 if ARGV[6] ~= '' then redis.call('SET', KEYS[10], ARGV[6]) end
 local entry = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[5])
@@ -134,8 +143,9 @@ Mutation = Callable[[SessionRecord], dict[str, Any]]
 
 
 class SessionStore:
-    def __init__(self, redis: aioredis.Redis, bus: EventBus) -> None:
+    def __init__(self, redis: aioredis.Redis, bus: EventBus, *, tombstone_ttl_s: int = 3 * 86400) -> None:
         self._redis = redis
+        self.tombstone_ttl_s = max(1, tombstone_ttl_s)
         self.bus = bus
         self.keys: Keys = bus.keys
         self._cas = redis.register_script(CAS_LUA)
@@ -145,12 +155,38 @@ class SessionStore:
         raw = await self._redis.get(self.keys.session(session_id))
         return None if raw is None else _decode_record(raw)
 
-    async def list(self) -> list[SessionRecord]:
-        ids = sorted(_text(i) for i in await self._redis.smembers(self.keys.session_index))  # type: ignore[misc]
+    async def list(self, sandbox: str | None = None) -> list[SessionRecord]:
+        """Every record (the API), or only ``sandbox``'s: a worker reads its own placed set,
+        not the fleet's records. A record this version cannot decode is skipped and logged."""
+        index = self.keys.session_index if sandbox is None else self.keys.placed(sandbox)
+        ids = sorted(_text(i) for i in await self._redis.smembers(index))  # type: ignore[misc]
         if not ids:
             return []
         raws = await self._redis.mget([self.keys.session(i) for i in ids])
-        return [_decode_record(raw) for raw in raws if raw is not None]
+        records = [_decode_listed(i, raw) for i, raw in zip(ids, raws, strict=True) if raw is not None]
+        # The placed set is the sandbox's, but a record moved on is not: keep only its own.
+        return [r for r in records if r is not None and (sandbox is None or r.sandbox == sandbox)]
+
+    async def deleted(self, session_ids: Sequence[str]) -> set[str]:
+        """Which of ``session_ids`` have a tombstone (deleted within ORCH_TOMBSTONE_TTL) and no record."""
+        if not session_ids:
+            return set()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for i in session_ids:
+                pipe.exists(self.keys.session_deleted(i))
+                pipe.exists(self.keys.session(i))
+            replies = await pipe.execute()
+        return {i for n, i in enumerate(session_ids) if replies[2 * n] and not replies[2 * n + 1]}
+
+    async def existing(self, session_ids: Sequence[str]) -> set[str]:
+        """Which of ``session_ids`` have a record now."""
+        if not session_ids:
+            return set()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for i in session_ids:
+                pipe.exists(self.keys.session(i))
+            replies = await pipe.execute()
+        return {i for i, there in zip(session_ids, replies, strict=True) if there}
 
     async def get_env(self, session_id: str) -> dict[str, str]:
         """The desktop's environment, kept apart from the record so no listing shows it."""
@@ -242,6 +278,7 @@ class SessionStore:
                 k.firehose,
                 k.session_events(session),
                 k.session_env(session),
+                k.session_deleted(session),
             ],
             args=[
                 session,
@@ -336,6 +373,7 @@ class SessionStore:
                 keys.session_events(session_id),
                 keys.session_env(session_id),
                 keys.placed(sandbox),
+                keys.session_deleted(session_id),
             ],
             args=[
                 expected_revision,
@@ -346,10 +384,21 @@ class SessionStore:
                 self.bus.session_maxlen,
                 DELETED_STREAM_TTL_S if record is None else 0,
                 _encode(env) if env else b"",
+                self.tombstone_ttl_s,
             ],
         )
         ok = int(reply[0]) == 1
         return ok, (reply[1] or None) if not ok else None
+
+
+def _decode_listed(session_id: str, raw: bytes) -> SessionRecord | None:
+    """One listed record, or None (logged) when it does not decode: one bad record must not
+    fail a whole listing, health pass or reconcile pass."""
+    try:
+        return _decode_record(raw)
+    except msgspec.DecodeError as e:
+        log.warning("session record %s does not decode (%s): skipped", session_id, e)
+        return None
 
 
 def _text(value: bytes | str) -> str:

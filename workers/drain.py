@@ -121,7 +121,7 @@ class Drain:
         return int(await redis.zcard(queue))
 
     async def _stop_ready_sessions(self) -> list[str]:
-        mine = [r for r in await self.store.list() if r.sandbox == self.sandbox_id]
+        mine = await self.store.list(sandbox=self.sandbox_id)
         records = [r for r in mine if r.state in (SessionState.READY, SessionState.FAILED)]
 
         async def stop(record: SessionRecord) -> str | None:

@@ -30,7 +30,7 @@ class HealthCheck:
 
     async def check(self) -> None:
         """One pass over this sandbox's ready sessions."""
-        records = [r for r in await self.store.list() if r.sandbox == self.sandbox_id and r.state is SessionState.READY]
+        records = [r for r in await self.store.list(sandbox=self.sandbox_id) if r.state is SessionState.READY]
         try:
             async with asyncio.timeout(DOCKER_PROBE_TIMEOUT_S):
                 running: set[str] | None = {d.session for d in await self.runtime.desktops.list_desktops() if d.running}

@@ -43,9 +43,8 @@ def machine_memory_mb() -> int:
 async def sessions_by_state(store: SessionStore, sandbox_id: str) -> dict[str, int]:
     """A sandbox's sessions, counted by state (every state present, 0 when none)."""
     counts = dict.fromkeys((s.value for s in SessionState), 0)
-    for record in await store.list():
-        if record.sandbox == sandbox_id:
-            counts[record.state.value] += 1
+    for record in await store.list(sandbox=sandbox_id):
+        counts[record.state.value] += 1
     return counts
 
 

@@ -38,6 +38,8 @@ class Snapshot:
     pool_ready: int
     pool_target: int
     status: SandboxStatus
+    # Labelled desktops and volumes the last reconcile pass kept for want of evidence (H3).
+    unknown_objects: int = 0
 
 
 class _Gauges(Collector):
@@ -70,6 +72,11 @@ class _Gauges(Collector):
         yield gauge("orchestrator_sandbox_capacity", "Sessions this sandbox takes.", s.capacity)
         yield gauge("orchestrator_pool_ready", "Warm desktops ready and unclaimed.", s.pool_ready)
         yield gauge("orchestrator_pool_target", "Warm desktops to keep ready.", s.pool_target)
+        yield gauge(
+            "orchestrator_reconcile_unknown_objects",
+            "Labelled desktops and volumes no record, tombstone or pool entry explains: kept, not removed.",
+            s.unknown_objects,
+        )
         status = GaugeMetricFamily(
             "orchestrator_sandbox_status", "1 for this sandbox's status.", labels=["sandbox", "status"]
         )

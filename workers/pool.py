@@ -62,6 +62,7 @@ class WarmPool:
         self.runtime = runtime
         self.redis = redis
         self.key = keys.pool(sandbox_id)
+        self.making_key = keys.pool_making(sandbox_id)
         self.target = target
         self.ready_timeout_s = ready_timeout_s
         self.check_interval_s = check_interval_s
@@ -80,6 +81,17 @@ class WarmPool:
         """Ids the pool owns (ready or being made): the reconciler must not take them for orphans.
         Read this before the session records: a claim moves an id from here to a record atomically."""
         return self.owned(await self.pooled())
+
+    async def leftovers(self, present: set[str]) -> set[str]:
+        """Ids in the making set that no make of this process is on: an earlier run's (or a
+        failed cleanup's) half-made desktops, never handed out, so the reconciler may remove
+        their objects. ``present``: the sessions with objects now; the rest are forgotten."""
+        ids = {i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(self.making_key)}  # type: ignore[misc]
+        ids -= self.making | self.removing
+        gone = ids - present
+        if gone:
+            await self.redis.srem(self.making_key, *gone)  # type: ignore[misc]
+        return ids - gone
 
     def owned(self, pooled: list[str]) -> set[str]:
         """``pooled`` (a read of the list) plus the desktops being made or removed."""
@@ -120,12 +132,18 @@ class WarmPool:
         session_id = new_session_id()
         self.making.add(session_id)
         try:
+            # In Redis before any object exists: the only evidence that lets the reconciler
+            # remove what a crash here leaves (a wiped Redis leaves none, so nothing is removed).
+            await self.redis.sadd(self.making_key, session_id)  # type: ignore[misc]
             await self.runtime.desktops.ensure_volume(session_id)
             await self.runtime.desktops.create(session_id, 1)
             started = time.monotonic()
             await self.runtime.desktops.start(session_id)
             info = await self.runtime.inner.wait_ready(session_id, started, self.ready_timeout_s)
-            await self.redis.rpush(self.key, session_id)  # type: ignore[misc]
+            async with self.redis.pipeline(transaction=True) as pipe:  # made: from one set to the list
+                pipe.rpush(self.key, session_id)
+                pipe.srem(self.making_key, session_id)
+                await pipe.execute()
             self.made += 1
             log.info("warm pool: %s ready (dockerd %d ms)", session_id, info.duration_ms)
         except BaseException:
@@ -155,6 +173,7 @@ class WarmPool:
         try:
             await self.runtime.desktops.remove(session_id, stop_timeout=2)
             await self.runtime.desktops.remove_volume(session_id)
+            await self.redis.srem(self.making_key, session_id)  # type: ignore[misc]
         except DesktopError:
             log.exception("warm pool: could not remove %s; the reconciler will", session_id)
         finally:

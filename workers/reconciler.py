@@ -105,7 +105,8 @@ class Expire:
 
 @dataclass(frozen=True, kw_only=True)
 class RemoveDesktop:
-    """A labelled desktop nobody needs (its session is unknown, deleted, stopped or failed)."""
+    """A labelled desktop nobody needs: its session was deleted (tombstone), is the pool's own
+    unfinished one, or is stopped or failed."""
 
     session: str
     name: str
@@ -114,14 +115,63 @@ class RemoveDesktop:
 
 @dataclass(frozen=True, kw_only=True)
 class RemoveVolume:
-    """A labelled volume whose session is unknown or deleted."""
+    """A labelled volume whose session was deleted (tombstone) or is the pool's unfinished one."""
 
     session: str
     name: str
     reason: str
 
 
-Action = EnqueueCreate | Resume | DesktopLost | RestartDesktop | Recover | Expire | RemoveDesktop | RemoveVolume
+@dataclass(frozen=True, kw_only=True)
+class KeepUnknown:
+    """A labelled object that no record, tombstone or pool entry explains. Never removed on
+    the absence of evidence (Redis may have been emptied, or this worker reads another db or
+    prefix): kept, and an alarm raised. An operator re-adopts it (README "The reconciler")."""
+
+    session: str
+    name: str
+    kind: Literal["desktop", "volume"]
+    reason: str
+    # None of the sandbox's labelled objects is known to Redis: emptied, or the wrong db/prefix.
+    redis_looks_empty: bool = False
+
+
+Action = (
+    EnqueueCreate
+    | Resume
+    | DesktopLost
+    | RestartDesktop
+    | Recover
+    | Expire
+    | RemoveDesktop
+    | RemoveVolume
+    | KeepUnknown
+)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What Redis positively says about sessions that have no record: removable, and why."""
+
+    # A tombstone (session-deleted:<id>): deleted within ORCH_TOMBSTONE_TTL.
+    deleted: frozenset[str] = frozenset()
+    # In the pool's making set (pool-making:<sandbox>) and not being made now: a warm desktop
+    # the pool made and never handed out.
+    pool_made: frozenset[str] = frozenset()
+
+    def why(self, session: str) -> str | None:
+        if session in self.deleted:
+            return "its session was deleted"
+        if session in self.pool_made:
+            return "a warm desktop the pool never finished"
+        return None
+
+
+NOTHING = Evidence()
+MAX_REMOVALS = 20
+# Names one alarm event carries at most (the count is exact).
+ALARM_NAMES = 100
+UNKNOWN = "no record, tombstone or pool entry explains it: kept"
 
 
 def plan(
@@ -133,11 +183,15 @@ def plan(
     now: float,
     grace_s: float,
     pooled: frozenset[str] = frozenset(),
+    evidence: Evidence = NOTHING,
+    max_removals: int = MAX_REMOVALS,
 ) -> list[Action]:
     """Corrections for one sandbox. ``records`` are this sandbox's sessions; ``busy`` are those
     whose lease is held (some worker is on it: leave them alone); ``pooled`` are the warm
-    pool's desktops (no record yet, and none of the reconciler's business)."""
+    pool's desktops (no record yet, and none of the reconciler's business). An object with no
+    record goes only on ``evidence``; at most ``max_removals`` objects go per pass."""
     by_id = {r.id: r for r in records}
+    desktops, volumes = list(desktops), list(volumes)
     desktop_of = {d.session: d for d in desktops}
     actions: list[Action] = []
     for r in by_id.values():
@@ -145,14 +199,48 @@ def plan(
             action = _session_action(r, desktop_of.get(r.id), now, grace_s)
             if action is not None:
                 actions.append(action)
-    unknown = "its session is unknown or deleted"
-    for d in desktops:
-        if d.session not in by_id and d.session not in pooled and now - d.created_at >= grace_s:
-            actions.append(RemoveDesktop(session=d.session, name=d.name, reason=unknown))
-    for v in volumes:
-        if v.session not in by_id and v.session not in pooled and now - v.created_at >= grace_s:
-            actions.append(RemoveVolume(session=v.session, name=v.name, reason=unknown))
+    orphans = [o for o in (*desktops, *volumes) if o.session not in by_id and o.session not in pooled]
+    actions.extend(_orphan_actions(orphans, evidence, now, grace_s, everything=len(desktops) + len(volumes)))
+    return _capped(actions, max_removals)
+
+
+def _orphan_actions(
+    orphans: list[DockerObject], evidence: Evidence, now: float, grace_s: float, *, everything: int
+) -> list[Action]:
+    """Record-less objects: removed on evidence (once past the grace: a create may be between
+    its steps), else kept and reported. None known at all means Redis looks empty or foreign."""
+    unknown = [o for o in orphans if evidence.why(o.session) is None]
+    keep, empty = UNKNOWN, bool(unknown) and len(unknown) == everything
+    if empty:
+        keep = f"{UNKNOWN}; Redis looks empty or foreign: none of this sandbox's {everything} objects is known to it"
+    actions: list[Action] = []
+    for o in orphans:
+        if now - o.created_at < grace_s:
+            continue
+        why = evidence.why(o.session)
+        if why is None:
+            actions.append(
+                KeepUnknown(session=o.session, name=o.name, kind=o.kind, reason=keep, redis_looks_empty=empty)
+            )
+        elif o.kind == "desktop":
+            actions.append(RemoveDesktop(session=o.session, name=o.name, reason=why))
+        else:
+            actions.append(RemoveVolume(session=o.session, name=o.name, reason=why))
     return actions
+
+
+def _capped(actions: list[Action], max_removals: int) -> list[Action]:
+    """At most ``max_removals`` removals (the first ones: desktops before their volumes); the
+    rest wait for the next pass. A bound on what one wrong pass can destroy."""
+    out: list[Action] = []
+    removals = 0
+    for a in actions:
+        if isinstance(a, RemoveDesktop | RemoveVolume):
+            removals += 1
+            if removals > max_removals:
+                continue
+        out.append(a)
+    return out
 
 
 def _session_action(r: SessionRecord, desktop: DockerObject | None, now: float, grace_s: float) -> Action | None:
@@ -205,7 +293,15 @@ RESTART_WINDOW_S = 600.0
 
 
 class Reconciler:
-    def __init__(self, lifecycle: Lifecycle, queue: JobQueue, *, grace_s: float, pool: WarmPool | None = None) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        queue: JobQueue,
+        *,
+        grace_s: float,
+        pool: WarmPool | None = None,
+        max_removals: int = MAX_REMOVALS,
+    ) -> None:
         # The same store, bus, Docker runtime and leases the lifecycle jobs use.
         self.lifecycle = lifecycle
         self.store: SessionStore = lifecycle.store
@@ -216,6 +312,11 @@ class Reconciler:
         self.queue = queue
         self.grace_s = grace_s
         self.pool = pool
+        self.max_removals = max_removals
+        # Objects kept for want of evidence: how many the last pass saw (the worker's gauge),
+        # and the names already alarmed about in this run (one event per object per run).
+        self.unknown_objects = 0
+        self._alarmed: set[str] = set()
         # Recent restarts per session (monotonic times): the restart budget.
         self._restarts: dict[str, list[float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -224,12 +325,27 @@ class Reconciler:
         # The pool first: a claim turns a pooled id into a record atomically, so read in this
         # order no claimed desktop is ever seen with neither.
         pooled = frozenset(await self.pool.known()) if self.pool is not None else frozenset()
-        records = [r for r in await self.store.list() if r.sandbox == self.sandbox_id]
+        records = await self.store.list(sandbox=self.sandbox_id)
         desktops = await self.runtime.desktops.list_desktops()
         volumes = await self.runtime.desktops.list_volumes()
         busy = await self.locks.held([r.id for r in records])
-        actions = plan(records, desktops, volumes, busy=busy, now=time.time(), grace_s=self.grace_s, pooled=pooled)
+        known = {r.id for r in records} | pooled
+        pooled, evidence = await self._evidence(known, pooled, {o.session for o in (*desktops, *volumes)})
+        actions = plan(
+            records,
+            desktops,
+            volumes,
+            busy=busy,
+            now=time.time(),
+            grace_s=self.grace_s,
+            pooled=pooled,
+            evidence=evidence,
+            max_removals=self.max_removals,
+        )
+        await self._alarm([a for a in actions if isinstance(a, KeepUnknown)])
         for action in actions:
+            if isinstance(action, KeepUnknown):
+                continue
             try:
                 await self._apply(action)
             except (StaleGeneration, TransitionError, SessionNotFound) as e:
@@ -237,6 +353,49 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile %s %s failed; the next pass retries", _name(action), action.session)
         return actions
+
+    async def _evidence(
+        self, known: set[str], pooled: frozenset[str], present: set[str]
+    ) -> tuple[frozenset[str], Evidence]:
+        """Read after the Docker listing, for the objects the records did not explain: which
+        have a record by now (made meanwhile: not orphans), which a tombstone, which are the
+        pool's own unfinished ones. Redis emptied or foreign answers none: nothing is removable."""
+        # Every pass (also forgets making-set ids whose objects are all gone).
+        pool_made = await self.pool.leftovers(present) if self.pool is not None else set()
+        unknown = sorted(present - known)
+        if not unknown:
+            return pooled, NOTHING
+        now_known = await self.store.existing(unknown)
+        if self.pool is not None:
+            now_known |= await self.pool.known()  # made ready meanwhile
+        rest = [i for i in unknown if i not in now_known]
+        deleted = await self.store.deleted(rest)
+        return pooled | frozenset(now_known), Evidence(frozenset(deleted), frozenset(pool_made) - now_known)
+
+    async def _alarm(self, kept: list[KeepUnknown]) -> None:
+        """Objects kept for want of evidence: a gauge every pass; a warning and a
+        ``reconcile.unknown_objects`` event for each object the first time this run sees it."""
+        self.unknown_objects = len(kept)
+        new = [k for k in kept if k.name not in self._alarmed]
+        if not new:
+            return
+        self._alarmed.update(k.name for k in new)
+        names = [k.name for k in new]
+        reason, empty = new[0].reason, any(k.redis_looks_empty for k in kept)
+        log.warning(
+            "reconcile: %d labelled object(s) with no record, tombstone or pool entry kept, not removed (%s): %s",
+            len(kept),
+            reason,
+            ", ".join(names[:20]),
+        )
+        data = {
+            "count": len(kept),
+            "names": names[:ALARM_NAMES],
+            "sessions": sorted({k.session for k in new})[:ALARM_NAMES],
+            "redis_looks_empty": empty,
+            "reason": reason,
+        }
+        await self.bus.publish(make_event("reconcile.unknown_objects", sandbox=self.sandbox_id, data=data))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -247,7 +406,7 @@ class Reconciler:
 
     async def _event(self, type: str, action: Action, **data: object) -> None:
         payload = {"reason": action.reason, **data}
-        if isinstance(action, RemoveDesktop | RemoveVolume):
+        if isinstance(action, RemoveDesktop | RemoveVolume | KeepUnknown):
             # About an object whose session may be unknown: firehose only.
             session, generation = None, None
             payload["session"] = action.session
@@ -287,6 +446,8 @@ class Reconciler:
             case RemoveVolume(name=name):
                 await self.runtime.desktops.remove_volume_by_name(name)
                 await self._event("reconcile.removed", action, kind="volume", name=name)
+            case KeepUnknown():
+                pass  # never removed: alarmed about in pass_once
             case _:
                 assert_never(action)
 

@@ -79,7 +79,13 @@ class SandboxWorker:
             prepare=self.preparation.before_desktop,
         )
         self.lifecycle_queue = core.queue
-        self.reconciler = Reconciler(self.lifecycle, core.queue, grace_s=settings.orphan_grace_s, pool=self.pool)
+        self.reconciler = Reconciler(
+            self.lifecycle,
+            core.queue,
+            grace_s=settings.orphan_grace_s,
+            pool=self.pool,
+            max_removals=settings.reconcile_max_removals,
+        )
         context = JobContext(self.lifecycle, self.store, settings, observe=self.metrics.observe_job)
         self.jobs = JobRunner(self.redis, self.keys.queue(settings.sandbox_id), context)
         self.drain = Drain(
@@ -193,6 +199,7 @@ class SandboxWorker:
             pool_ready=len(await self.pool.pooled()),
             pool_target=self.pool.target,
             status=self.drain.status,
+            unknown_objects=self.reconciler.unknown_objects,
         )
 
 

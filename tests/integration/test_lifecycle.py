@@ -67,8 +67,8 @@ async def test_a_stale_stop_never_touches_a_newer_incarnation(
     assert state == "true 2"
 
 
-async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
-    client: Client, docker_settings: Settings, bus: EventBus
+async def test_a_deleted_sessions_leftovers_are_removed_after_the_grace_period_and_nothing_else(
+    client: Client, docker_settings: Settings, bus: EventBus, redis: aioredis.Redis
 ) -> None:
     host = docker_settings.docker_host
     assert host
@@ -107,7 +107,12 @@ async def test_orphans_are_removed_after_the_grace_period_and_nothing_else(
         assert await count_objects(host, f"ghost-{sandbox}") == (1, 1)
 
         after = await bus.last_id(bus.keys.firehose)
-        async with running_worker(replace(docker_settings, orphan_grace_s=0.0)):
+        async with running_worker(replace(docker_settings, orphan_grace_s=0.0)) as eager:
+            # No record and no tombstone: kept, whatever its age (H3), and reported.
+            assert eager.reconciler.unknown_objects == 2
+            assert await count_objects(host, f"ghost-{sandbox}") == (1, 1)
+            # Its tombstone, as the deleted transition writes it: now the leftovers may go.
+            await redis.set(bus.keys.session_deleted(f"ghost-{sandbox}"), "1", ex=3600)
             removed: list[dict[str, object]] = []
             async with asyncio.timeout(30):
                 while len(removed) < 2:

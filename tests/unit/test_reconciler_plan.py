@@ -8,10 +8,13 @@ from orchestrator.schemas import SessionError, SessionRecord, SessionSpec
 from orchestrator.states import SessionState
 from workers.pool import plan_pool
 from workers.reconciler import (
+    UNKNOWN,
     Action,
     DesktopLost,
     EnqueueCreate,
+    Evidence,
     Expire,
+    KeepUnknown,
     Recover,
     RemoveDesktop,
     RemoveVolume,
@@ -77,14 +80,67 @@ def test_lost_and_stale_desktops_of_ready_sessions() -> None:
     assert [a.reason for a in actions if isinstance(a, DesktopLost)] == ["the desktop is gone", "the desktop is stale"]
 
 
-def test_orphans_only_after_the_grace_period() -> None:
-    young = plan([], [desktop("ghost", age=10)], [volume("ghost", age=10)], busy=set(), now=NOW, grace_s=60)
+def test_a_deleted_sessions_leftovers_go_only_after_the_grace_period() -> None:
+    gone = Evidence(deleted=frozenset({"ghost"}))
+    young = plan(
+        [], [desktop("ghost", age=10)], [volume("ghost", age=10)], busy=set(), now=NOW, grace_s=60, evidence=gone
+    )
     assert young == []
-    old = plan([], [desktop("ghost")], [volume("ghost")], busy=set(), now=NOW, grace_s=60)
-    assert set(old) == {
-        RemoveDesktop(session="ghost", name="desktop-ghost", reason="its session is unknown or deleted"),
-        RemoveVolume(session="ghost", name="docker-data-ghost", reason="its session is unknown or deleted"),
-    }
+    old = plan([], [desktop("ghost")], [volume("ghost")], busy=set(), now=NOW, grace_s=60, evidence=gone)
+    assert old == [
+        RemoveDesktop(session="ghost", name="desktop-ghost", reason="its session was deleted"),
+        RemoveVolume(session="ghost", name="docker-data-ghost", reason="its session was deleted"),
+    ]
+
+
+def test_objects_nothing_explains_are_kept_and_reported_never_removed() -> None:
+    # H3: Redis came back empty (or this worker reads another db or prefix), the objects are a
+    # month old and there is no grace: nothing is removed, every object is reported.
+    month = 30 * 86400
+    desktops = [desktop(f"s-{i}", age=month) for i in range(3)]
+    volumes = [volume(f"s-{i}", age=month) for i in range(3)]
+    actions = plan([], desktops, volumes, busy=set(), now=NOW, grace_s=0)
+    assert all(isinstance(a, KeepUnknown) for a in actions) and len(actions) == 6
+    assert all(a.redis_looks_empty for a in actions if isinstance(a, KeepUnknown))
+    assert "Redis looks empty or foreign: none of this sandbox's 6 objects" in actions[0].reason
+
+
+def test_one_unknown_object_among_known_ones_is_kept_but_redis_does_not_look_empty() -> None:
+    actions = plan([record("a", S.READY)], [desktop("a")], [volume("a"), volume("x")], busy=set(), now=NOW, grace_s=0)
+    assert actions == [
+        KeepUnknown(session="x", name="docker-data-x", kind="volume", reason=UNKNOWN, redis_looks_empty=False)
+    ]
+
+
+def test_the_pools_own_unfinished_desktop_is_removed() -> None:
+    evidence = Evidence(pool_made=frozenset({"w"}))
+    actions = plan([], [desktop("w", running=False)], [volume("w")], busy=set(), now=NOW, grace_s=0, evidence=evidence)
+    assert kinds(actions) == [("RemoveDesktop", "w"), ("RemoveVolume", "w")]
+    assert {a.reason for a in actions} == {"a warm desktop the pool never finished"}
+
+
+def test_removals_per_pass_are_capped() -> None:
+    ids = [f"d-{i}" for i in range(5)]
+    evidence = Evidence(deleted=frozenset(ids))
+    desktops, volumes = [desktop(i) for i in ids], [volume(i) for i in ids]
+    actions = plan([], desktops, volumes, busy=set(), now=NOW, grace_s=0, evidence=evidence, max_removals=3)
+    # Desktops first (a volume in use cannot go before its desktop); the rest wait a pass.
+    assert kinds(actions) == [("RemoveDesktop", i) for i in ids[:3]]
+
+
+@given(
+    sessions=st.sets(st.sampled_from("abcdefgh")),
+    deleted=st.sets(st.sampled_from("abcdefgh")),
+    pool_made=st.sets(st.sampled_from("abcdefgh")),
+)
+def test_nothing_is_ever_removed_without_evidence(sessions: set[str], deleted: set[str], pool_made: set[str]) -> None:
+    evidence = Evidence(deleted=frozenset(deleted), pool_made=frozenset(pool_made))
+    objects = ([desktop(i) for i in sessions], [volume(i) for i in sessions])
+    actions = plan([], *objects, busy=set(), now=NOW, grace_s=0, evidence=evidence, max_removals=100)
+    removed = {a.session for a in actions if isinstance(a, RemoveDesktop | RemoveVolume)}
+    kept = {a.session for a in actions if isinstance(a, KeepUnknown)}
+    assert removed == sessions & (deleted | pool_made)
+    assert kept == sessions - removed
 
 
 def test_ttl_expiry_follows_the_spec_action() -> None:
@@ -109,7 +165,8 @@ def test_ttl_expiry_follows_the_spec_action() -> None:
 
 def test_the_warm_pools_desktops_are_not_orphans() -> None:
     objects = ([desktop("w1"), desktop("x")], [volume("w1"), volume("x")])
-    actions = plan([], *objects, busy=set(), now=NOW, grace_s=0, pooled=frozenset({"w1"}))
+    gone = Evidence(deleted=frozenset({"x", "w1"}))
+    actions = plan([], *objects, busy=set(), now=NOW, grace_s=0, pooled=frozenset({"w1"}), evidence=gone)
     assert sorted(kinds(actions)) == [("RemoveDesktop", "x"), ("RemoveVolume", "x")]
 
 

@@ -56,6 +56,8 @@ EVERYTHING = Settings(
     health_interval_s=0.75,
     reconcile_interval_s=0.5,
     orphan_grace_s=30.0,
+    reconcile_max_removals=5,
+    tombstone_ttl_s=3600,
     lock_lease_s=2.0,
     poll_delay_s=0.125,
     max_jobs=4,
@@ -75,7 +77,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 49
+    assert len(fields) == 51
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
