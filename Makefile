@@ -84,7 +84,7 @@ test-docker: venv images
 
 test: venv images lint
 	bash scripts/env.sh up --test >/dev/null
-	$(WITH_ENV) ORCH_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -ra tests
+	$(WITH_ENV) ORCH_REQUIRE_DOCKER=1 $(VENV)/bin/pytest -ra --durations=15 tests
 
 bench: venv images
 	$(WITH_ENV) $(PY) -m bench $(SCENARIOS)
