@@ -80,7 +80,9 @@ class SandboxWorker:
         )
         self.lifecycle_queue = core.queue
         self.reconciler = Reconciler(self.lifecycle, core.queue, grace_s=settings.orphan_grace_s, pool=self.pool)
-        context = JobContext(self.lifecycle, self.store, settings, observe=self.metrics.observe_job)
+        context = JobContext(
+            self.lifecycle, self.store, settings, self.metrics.observe_job, self.metrics.observe_rejected
+        )
         self.jobs = JobRunner(self.redis, self.keys.queue(settings.sandbox_id), context)
         self.drain = Drain(
             settings, core.sandboxes, self.bus, self.store, self.lifecycle, self.pool, self.jobs, self._beat
