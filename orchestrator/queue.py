@@ -73,7 +73,8 @@ class _Envelope(msgspec.Struct):
     f: str
     a: list[Any]
     k: dict[str, Any]
-    et: Annotated[int, msgspec.Meta(ge=0)]
+    # ms since the epoch, any JSON number arq can turn into a datetime (year 9999 at most).
+    et: Annotated[float, msgspec.Meta(ge=0, le=253_402_300_799_999)]
     t: Annotated[int, msgspec.Meta(ge=0)] | None = None  # arq's enqueue_job writes null
 
 
