@@ -194,3 +194,16 @@ async def test_a_create_job_with_a_spec_obeys_the_cap_and_the_drain(
     assert any("refusing create_session for second: no_capacity" in r.getMessage() for r in caplog.records)
     for record in caplog.records:
         assert MARKER not in record.getMessage()
+
+
+async def test_a_shape_the_screen_misses_is_removed_not_fatal(
+    stack: Stack, arq_worker: tuple[ResilientWorker, list[Rejection]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last line of defence: were the screen to pass a body arq fails on (here ``"t":
+    "1"``, which made arq raise out of run_job and end the worker), it is still removed."""
+    worker, rejected = arq_worker
+    monkeypatch.setattr("workers.jobs.screen", lambda raw, functions: None)
+    await put(stack, "slipped-through", body(t="1"))
+    await poll_until_empty(worker)
+    assert rejected == [Rejection.UNRUNNABLE]
+    assert not await stack.redis.exists(job_key_prefix + "slipped-through", in_progress_key_prefix + "slipped-through")
