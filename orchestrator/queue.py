@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any
+import re
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import Annotated, Any
 
+import msgspec
 from arq.connections import ArqRedis
 from arq.jobs import Job
 
@@ -41,6 +45,81 @@ def job_serializer(obj: dict[str, Any]) -> bytes:
 def job_deserializer(raw: bytes) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(raw)
     return data
+
+
+class Rejection(enum.StrEnum):
+    """Why a queued job was removed unrun (``orchestrator_jobs_rejected_total{reason}``)."""
+
+    MISSING_BODY = "missing_body"  # an id in the queue with no ``arq:job:<id>``
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    BAD_ENVELOPE = "bad_envelope"  # ``t``, ``f``, ``a``, ``k`` or ``et`` missing or mistyped
+    UNKNOWN_FUNCTION = "unknown_function"
+    BAD_ARGUMENTS = "bad_arguments"  # ``a`` not empty, or ``k`` not a valid LifecycleJob
+    UNRUNNABLE = "unrunnable"  # arq failed on it anyway (a shape this screen misses)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: Rejection
+    # Names and error paths only, never a value: the arguments may carry a session's env.
+    detail: str
+
+
+class _Envelope(msgspec.Struct):
+    """arq's job body, with the types arq's run_job relies on (it compares ``t`` with an
+    int and does arithmetic on ``et``: a string there raised inside arq and ended the worker)."""
+
+    f: str
+    a: list[Any]
+    k: dict[str, Any]
+    # ms since the epoch, any JSON number arq can turn into a datetime (year 9999 at most).
+    et: Annotated[float, msgspec.Meta(ge=0, le=253_402_300_799_999)]
+    t: Annotated[int, msgspec.Meta(ge=0)] | None = None  # arq's enqueue_job writes null
+
+
+_PATH = re.compile(r" - at (`[^`]*`(?: in `[^`]*`)?)$")
+
+
+def error_path(e: msgspec.ValidationError) -> str:
+    """Where a validation failed, without the message (msgspec's message may quote the
+    offending value, e.g. ``Invalid enum value '...'``)."""
+    text = str(e)
+    if text.startswith("Object contains unknown field") or text.startswith("Object missing required field"):
+        return text  # names a field, not a value
+    found = _PATH.search(text)
+    return f"invalid at {found.group(1)}" if found else "invalid"
+
+
+def names(kwargs: dict[str, Any]) -> list[str]:
+    """A job's argument names, bounded, for a log line (its values never go there)."""
+    return sorted(str(k)[:40] for k in kwargs)[:12]
+
+
+def screen(raw: bytes | None, functions: Container[str]) -> Rejected | None:
+    """Check a job body before arq touches it: None when arq can run it and the function
+    will accept its arguments. Producers in any language write these (docs/jobs.md)."""
+    if raw is None:
+        return Rejected(Rejection.MISSING_BODY, "no job body")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return Rejected(Rejection.NOT_JSON, "the body is not JSON")
+    if not isinstance(body, dict):
+        return Rejected(Rejection.NOT_OBJECT, f"the body is a JSON {type(body).__name__}, not an object")
+    try:
+        envelope = msgspec.convert(body, _Envelope)
+    except msgspec.ValidationError as e:
+        return Rejected(Rejection.BAD_ENVELOPE, error_path(e))
+    if envelope.f not in functions:
+        return Rejected(Rejection.UNKNOWN_FUNCTION, "f names no lifecycle function")
+    if envelope.a:
+        return Rejected(Rejection.BAD_ARGUMENTS, "positional arguments (a) must be empty")
+    try:
+        msgspec.convert(envelope.k, LifecycleJob)
+    except msgspec.ValidationError as e:
+        return Rejected(Rejection.BAD_ARGUMENTS, f"k {error_path(e)}; argument names {names(envelope.k)}")
+    return None
 
 
 def oldest_age_s(oldest: list[tuple[Any, float]], now: float) -> float:

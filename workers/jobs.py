@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import Function, Retry, Worker, func
 from redis.exceptions import RedisError
 
 from orchestrator import tracing
 from orchestrator.config import WorkerSettings
 from orchestrator.locks import Busy
-from orchestrator.placement import resource_problem
-from orchestrator.queue import Operation
+from orchestrator.placement import NoCapacity, NoSandbox, resource_problem
+from orchestrator.queue import Operation, Rejected, Rejection, error_path, names, screen
 from orchestrator.records import new_record
 from orchestrator.redis_conn import JobRedis
 from orchestrator.schemas import LifecycleJob
@@ -35,6 +35,10 @@ log = logging.getLogger("workers.jobs")
 ARQ_WRITTEN_FOR = "0.28"
 
 
+def _ignore(_: Rejection) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class JobContext:
     """What every job function runs with (instead of arq's untyped ``ctx`` dict)."""
@@ -44,42 +48,57 @@ class JobContext:
     settings: WorkerSettings
     # Told each job's run time (seconds) and operation, for the worker's metrics.
     observe: Callable[[Operation, float], None]
+    # Told the reason of each malformed job removed from the queue unrun, for the metrics.
+    rejected: Callable[[Rejection], None] = _ignore
 
 
-async def store_requested(context: JobContext, job: LifecycleJob) -> str | None:
+async def store_requested(context: JobContext, job: LifecycleJob) -> tuple[str, str] | None:
     """A create job from a producer that bypassed the API: store the session it asks for
-    (idempotently: the same id twice is one session). Returns why not, if it cannot."""
+    (idempotently: the same id twice is one session) through placement, with this sandbox
+    as the only candidate, so its cap, a drain and liveness refuse it as they refuse the
+    API, with the API's codes. Returns (code, why) if it cannot."""
     assert job.spec is not None
     settings = context.settings
     if job.generation != 1:
-        return "a create job carrying a spec must be for generation 1"
+        return "invalid_job", "a create job carrying a spec must be for generation 1"
     if job.spec.id not in (None, job.session):
-        return f"spec.id {job.spec.id!r} differs from the job's session {job.session!r}"
+        return "invalid_job", "spec.id differs from the job's session"
     if job.spec.sandbox not in (None, settings.sandbox_id):
-        return f"spec.sandbox {job.spec.sandbox!r} is not this sandbox ({settings.sandbox_id!r})"
+        return "invalid_job", f"spec.sandbox is not this sandbox ({settings.sandbox_id!r})"
     problem = resource_problem(job.spec.resources, settings.max_cpus, settings.max_memory_mb, settings.max_pids)
     if problem:
-        return problem[1]
+        return "resources_exceed_sandbox", problem[1]
     request = msgspec.structs.replace(job.spec, id=job.session)
-    await context.store.create(new_record(request, settings.sandbox_id, settings), request.env)
+    record = new_record(request, settings.sandbox_id, settings)
+    try:
+        await context.store.place(
+            record, request.env, [(settings.sandbox_id, settings.max_sessions)], prefer_warm=False
+        )
+    except NoCapacity as e:
+        return "no_capacity", str(e)
+    except NoSandbox as e:
+        return "no_sandbox", str(e)
     return None
 
 
 def job_function(operation: Operation, context: JobContext) -> Function:
     async def run(ctx: dict[str, Any], **kwargs: Any) -> str:
-        # Producers in other languages enqueue these: validate like any external input.
+        # Producers in other languages enqueue these: validate like any external input
+        # (ResilientWorker.run_job screened the job already; this keeps the types honest).
         try:
             job = msgspec.convert(kwargs, LifecycleJob)
         except msgspec.ValidationError as e:
-            log.error("refusing %s job with invalid arguments %r: %s", operation.value, kwargs, e)
-            return f"invalid job: {e}"
+            # Names and the error path only: the values may hold a session's env.
+            log.error("refusing %s job: %s (arguments %s)", operation.value, error_path(e), names(kwargs))
+            return f"invalid job: {error_path(e)}"
         # This job's task only: its events and log lines carry the request's trace id.
         tracing.current.set(job.trace)
+        log.info("%s %s generation %d started", operation.value, job.session, job.generation)
         if operation is Operation.CREATE and job.spec is not None:
-            problem = await store_requested(context, job)
-            if problem:
-                log.error("refusing create_session for %s: %s", job.session, problem)
-                return f"invalid job: {problem}"
+            refused = await store_requested(context, job)
+            if refused:
+                log.error("refusing create_session for %s: %s: %s", job.session, *refused)
+                return f"refused: {refused[0]}: {refused[1]}"
         started = time.monotonic()
         try:
             result = await context.lifecycle.run(operation, job.session, job.generation)
@@ -100,11 +119,43 @@ class ResilientWorker(Worker):
     outage) and retried with a backoff, so the worker reconnects by itself when Redis returns.
     Jobs cut off meanwhile are finished by the reconciler (they are idempotent).
 
+    It also screens every job before arq runs it (``run_job``): arq lets a malformed body
+    (``"t": "1"``) raise out of its run_job, which ends the worker on every start while the
+    job stays queued. A malformed job is removed with its keys, counted and logged instead.
+
     arq internals used (all checked by tests/unit/test_arq_internals.py): ``_poll_iteration``,
-    ``start_jobs(job_ids)``, ``tasks`` (job id -> task), ``allow_pick_jobs``,
-    ``health_check_key`` and ``arq.constants.in_progress_key_prefix``."""
+    ``start_jobs(job_ids)``, ``run_job(job_id, score)``, ``tasks`` (job id -> task),
+    ``functions`` (name -> function), ``allow_pick_jobs``, ``health_check_key`` and
+    ``arq.constants``' ``in_progress_key_prefix``, ``job_key_prefix`` and ``retry_key_prefix``."""
 
     _outage_since: float | None = None
+
+    def __init__(self, *args: Any, on_reject: Callable[[Rejection], None] = _ignore, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_reject = on_reject
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job, for a job whose body passes ``screen``; any other is rejected. A
+        Redis error still ends the task (the poll loop treats it as an outage)."""
+        rejected = screen(await self.pool.get(job_key_prefix + job_id), self.functions)
+        if rejected is None:
+            try:
+                await super().run_job(job_id, score)
+                return
+            except (RedisError, OSError):
+                raise
+            except Exception as e:  # the last line of defence: no job ends the worker
+                rejected = Rejected(Rejection.UNRUNNABLE, f"arq raised {type(e).__name__}")
+        await self.reject(job_id, rejected)
+
+    async def reject(self, job_id: str, rejected: Rejected) -> None:
+        """Remove a job unrun: from the queue, with its body, retry count and in-progress mark."""
+        async with self.pool.pipeline(transaction=True) as tr:
+            tr.delete(job_key_prefix + job_id, retry_key_prefix + job_id, in_progress_key_prefix + job_id)
+            tr.zrem(self.queue_name, job_id)
+            await tr.execute()
+        log.warning("rejected job %r: %s: %s", job_id[:200], rejected.reason.value, rejected.detail)
+        self.on_reject(rejected.reason)
 
     async def _poll_iteration(self) -> None:
         try:
@@ -154,6 +205,9 @@ class JobRunner:
     def __init__(self, redis: JobRedis, queue_name: str, context: JobContext) -> None:
         settings = context.settings
         self.queue_name = queue_name
+        # arq's INFO lines print each job's arguments (env included) and result: its
+        # worker logs warnings only; job_function logs a start and end line without values.
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)
         self.arq = ResilientWorker(
             functions=[job_function(op, context) for op in Operation],
             redis_pool=redis,
@@ -170,6 +224,7 @@ class JobRunner:
             # A job waiting for a busy session is retried (deferred), not failed.
             max_tries=10_000,
             handle_signals=False,
+            on_reject=context.rejected,
         )
 
     def running(self) -> int:

@@ -162,8 +162,8 @@ class Lifecycle:
 
     async def _stop(self, record: SessionRecord) -> str:
         session_id, generation = record.id, record.generation
-        if record.state in (S.READY, S.FAILED):
-            record = await self.store.transition(session_id, S.STOPPING, generation=generation)
+        # Only a record already moved to stopping (by the API, a drain or a TTL expiry, each
+        # under its rules): a stop job alone, from anyone with queue access, stops nothing.
         if record.state is not S.STOPPING:
             return f"nothing to do in state {record.state.value}"
         try:

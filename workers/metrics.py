@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from orchestrator.queue import Operation
+from orchestrator.queue import Operation, Rejection
 from orchestrator.states import SandboxStatus
 
 log = logging.getLogger("workers.metrics")
@@ -104,11 +104,20 @@ class WorkerMetrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.jobs_rejected = Counter(
+            "orchestrator_jobs_rejected",
+            "Malformed jobs removed from the queue unrun, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self._gauges = _Gauges(self.sandbox_id)
         self.registry.register(self._gauges)
 
     def observe_job(self, operation: Operation, seconds: float) -> None:
         self.job_seconds.labels(operation=operation.value).observe(seconds)
+
+    def observe_rejected(self, reason: Rejection) -> None:
+        self.jobs_rejected.labels(reason=reason.value).inc()
 
     def observe_dockerd_ready(self, seconds: float) -> None:
         self.dockerd_ready_seconds.observe(seconds)

@@ -86,7 +86,9 @@ class SandboxWorker:
             pool=self.pool,
             max_removals=settings.reconcile_max_removals,
         )
-        context = JobContext(self.lifecycle, self.store, settings, observe=self.metrics.observe_job)
+        context = JobContext(
+            self.lifecycle, self.store, settings, self.metrics.observe_job, self.metrics.observe_rejected
+        )
         self.jobs = JobRunner(self.redis, self.keys.queue(settings.sandbox_id), context)
         self.drain = Drain(
             settings, core.sandboxes, self.bus, self.store, self.lifecycle, self.pool, self.jobs, self._beat

@@ -236,10 +236,11 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
             ran.append(kwargs)
             return "ok"
 
+        # (A valid session id: the worker screens out jobs whose arguments the function refuses.)
         # Jobs travel on the same client as everything else (arq takes our pool).
         queue = JobQueue(api_redis, keys)
-        assert await queue.enqueue(Operation.CREATE, "sec", "s1", 1)
-        assert not await queue.enqueue(Operation.CREATE, "sec", "s1", 1)
+        assert await queue.enqueue(Operation.CREATE, "sec", "job-s1", 1)
+        assert not await queue.enqueue(Operation.CREATE, "sec", "job-s1", 1)
         worker = ResilientWorker(
             functions=[func(create_session, name=Operation.CREATE.value)],
             redis_pool=worker_redis,
@@ -256,9 +257,9 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
             assert await worker.release_orphaned_jobs() == 0
         finally:
             await worker.close()
-        assert ran == [{"session": "s1", "generation": 1}]
+        assert ran == [{"session": "job-s1", "generation": 1}]
         # Finished with its result kept: the API (reading arq:result:*) still refuses a duplicate.
-        assert not await queue.enqueue(Operation.CREATE, "sec", "s1", 1)
+        assert not await queue.enqueue(Operation.CREATE, "sec", "job-s1", 1)
 
         assert denials(acl_server) == [], "the documented ACL refused a command the components use"
     finally:

@@ -9,7 +9,7 @@ from typing import Any
 
 import arq
 import pytest
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -35,7 +35,12 @@ def test_the_internals_we_use_still_have_their_shape() -> None:
     assert inspect.iscoroutinefunction(Worker._poll_iteration)
     assert list(inspect.signature(Worker._poll_iteration).parameters) == ["self"]
     assert list(inspect.signature(Worker.start_jobs).parameters) == ["self", "job_ids"]
+    assert inspect.iscoroutinefunction(Worker.run_job)
+    assert list(inspect.signature(Worker.run_job).parameters) == ["self", "job_id", "score"]
     assert in_progress_key_prefix == "arq:in-progress:"
+    # docs/jobs.md tells producers the job key; ResilientWorker.reject deletes these three.
+    assert job_key_prefix == "arq:job:"
+    assert retry_key_prefix == "arq:retry:"
 
 
 async def test_a_worker_built_on_our_pool_has_the_attributes_we_read() -> None:
@@ -44,6 +49,7 @@ async def test_a_worker_built_on_our_pool_has_the_attributes_we_read() -> None:
     assert worker.pool is redis
     assert worker.tasks == {}
     assert worker.allow_pick_jobs is True
+    assert set(worker.functions) == {"noop"}  # name -> function: what screen checks "f" against
     assert isinstance(worker.health_check_key, str)
     await redis.aclose()
 
@@ -81,4 +87,20 @@ async def test_stale_in_progress_marks_of_queued_jobs_are_released(redis_url: st
     assert await redis.exists(in_progress_key_prefix + "live-run")
     worker.tasks["live-run"].cancel()
     await redis.delete(worker.queue_name, in_progress_key_prefix + "live-run")
+    await redis.aclose()
+
+
+async def test_the_job_start_task_runs_our_run_job(redis_url: str) -> None:
+    """start_jobs must reach the override (arq calls self.run_job(job_id, score)): a queued id
+    with no body is rejected by ours (counted), where arq's own would only log "expired"."""
+    redis = JobRedis.from_url(redis_url)
+    seen: list[str] = []
+    worker = ResilientWorker(
+        functions=[noop], redis_pool=redis, queue_name="arq-internals:q2", handle_signals=False, on_reject=seen.append
+    )
+    await redis.zadd(worker.queue_name, {"no-body": 1})
+    await worker.start_jobs([b"no-body"])
+    await asyncio.gather(*worker.tasks.values())
+    assert seen == ["missing_body"]
+    assert not await redis.exists(worker.queue_name, in_progress_key_prefix + "no-body")
     await redis.aclose()
