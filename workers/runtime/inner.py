@@ -109,8 +109,12 @@ class DockerInnerDaemon:
             )
 
     async def has_image(self, session_id: str, image: str) -> bool:
-        async with self.client(session_id) as inner:
-            return await unless_absent(inner.images.inspect(image)) is not None
+        try:
+            async with self.client(session_id) as inner:
+                return await unless_absent(inner.images.inspect(image)) is not None
+        except TimeoutError as e:  # its read timeout: the desktop's dockerd stalled
+            silent = f"the desktop's dockerd did not answer within {self.read_timeout_s:g} s"
+            raise DesktopError("preload_failed", f"could not look for {image!r}: {silent}") from e
 
 
 async def _ping(http: aiohttp.ClientSession) -> bool:
