@@ -344,6 +344,12 @@ class ApiSettings(SharedSettings):
     )
 
 
+def operation_deadline(provision_s: float, ready_s: float, preload_s: float, stop_s: float) -> float:
+    """The default deadline of one lifecycle operation: every step's own timeout, one after
+    another (a stop's two removals included), and a margin for the Redis and event writes."""
+    return provision_s + ready_s + preload_s + 2 * stop_s + 30
+
+
 @dataclass(frozen=True)
 class WorkerSettings(SharedSettings):
     """A sandbox worker's."""
@@ -378,6 +384,23 @@ class WorkerSettings(SharedSettings):
     stop_timeout_s: int = setting("ORCH_STOP_TIMEOUT", 20, parse=_int, doc="seconds a desktop has to stop")
     provision_timeout_s: float = setting(
         "ORCH_PROVISION_TIMEOUT", 60.0, parse=_float, doc="seconds to make a desktop's volume and container"
+    )
+    preload_timeout_s: float = setting(
+        "ORCH_PRELOAD_TIMEOUT", 300.0, parse=_float, doc="seconds to copy a session's preload_images into its desktop"
+    )
+    # The backstop over every step's own timeout: whatever hangs, the lease is released.
+    operation_timeout_s: float = setting(
+        "ORCH_OPERATION_TIMEOUT",
+        0.0,
+        parse=_float,
+        doc="seconds one create, start, stop or delete may take; 0: provision + ready + preload + 2 stop + 30",
+    )
+    # A stalled daemon (a SIGSTOPped dockerd in a desktop) must not hang a pull, export or import.
+    docker_read_timeout_s: float = setting(
+        "ORCH_DOCKER_READ_TIMEOUT",
+        60.0,
+        parse=_float,
+        doc="seconds a streaming Docker call (pull, image export/import, inner daemon calls) may go silent",
     )
     heartbeat_interval_s: float = setting(
         "ORCH_HEARTBEAT_INTERVAL", 5.0, parse=_float, doc="seconds between the sandbox's heartbeats"
@@ -460,6 +483,15 @@ class WorkerSettings(SharedSettings):
     hostname: str = setting(
         None, factory=socket.gethostname, shown="", parse=_text, doc="the machine's name, in the worker's id"
     )
+
+    @property
+    def operation_deadline_s(self) -> float:
+        """ORCH_OPERATION_TIMEOUT, or the sum of the steps' own timeouts when it is 0."""
+        if self.operation_timeout_s > 0:
+            return self.operation_timeout_s
+        return operation_deadline(
+            self.provision_timeout_s, self.ready_timeout_s, self.preload_timeout_s, self.stop_timeout_s
+        )
 
     def __post_init__(self) -> None:
         super().__post_init__()

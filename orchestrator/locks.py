@@ -1,5 +1,11 @@
 """Per-session leases in Redis: at most one lifecycle operation per session runs at a time,
-across every worker of every sandbox. A lease lapses by itself when its holder dies."""
+across every worker of every sandbox. A lease lapses by itself when its holder dies.
+
+A lease is also a fence. ``hold`` runs its block under a cancel scope that the renewer
+cancels as soon as the lease is lost (a renewal answered 0, or renewals failed for as long
+as the lease lasts), so a holder that lost its lease stops at its next await; and its token
+is a fencing token: the store refuses a transition that carries it once the lock key holds
+another value (store.CAS_LUA), which covers the moment between the loss and the cancel."""
 
 from __future__ import annotations
 
@@ -7,10 +13,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
+import anyio
 import redis.asyncio as aioredis
 
+from .errors import CodedError
 from .keys import Keys
 
 log = logging.getLogger("orchestrator.locks")
@@ -28,6 +38,26 @@ return 0
 
 class Busy(Exception):
     """Another operation holds the session's lease."""
+
+
+class LeaseLost(CodedError):
+    """The session's lease lapsed or was taken while its holder was acting: the holder was
+    stopped (or one of its transitions refused) so that it does not race the next holder."""
+
+    def __init__(self, session_id: str, why: str) -> None:
+        super().__init__("lease_lost", f"lost the lease of session {session_id!r}: {why}")
+        self.session_id = session_id
+
+
+@dataclass
+class Lease:
+    """A held lease: ``token`` is the fencing token the store checks transitions against."""
+
+    session_id: str
+    key: str
+    token: str
+    lost: str | None = None  # why, once lost
+    _scope: anyio.CancelScope = field(default_factory=anyio.CancelScope, repr=False)
 
 
 class SessionLocks:
@@ -51,28 +81,60 @@ class SessionLocks:
         return {i for i, v in zip(session_ids, values, strict=True) if v is not None}
 
     @contextlib.asynccontextmanager
-    async def hold(self, session_id: str, operation: str) -> AsyncIterator[None]:
-        """Hold the session's lease for the block, renewing it; raise Busy if someone else has it."""
+    async def hold(self, session_id: str, operation: str) -> AsyncIterator[Lease]:
+        """Hold the session's lease for the block, renewing it; raise Busy if someone else has
+        it. A lost lease cancels the block, which then raises LeaseLost."""
         key = self.keys.lock(session_id)
-        token = f"{self.owner}/{operation}:{secrets.token_hex(4)}"
-        if not await self._redis.set(key, token, nx=True, px=self.lease_ms):
+        lease = Lease(session_id, key, f"{self.owner}/{operation}:{secrets.token_hex(4)}")
+        acquired_at = time.monotonic()
+        if not await self._redis.set(key, lease.token, nx=True, px=self.lease_ms):
             raise Busy(f"session {session_id!r} is busy ({await self.holder(session_id)})")
-        renewer = asyncio.create_task(self._keep(key, token))
+        # A task, not a task group: a group would wrap the block's own exceptions in a group.
+        renewer = asyncio.create_task(self._keep(lease, acquired_at))
         try:
-            yield
+            with lease._scope:
+                yield lease
+        except Exception as e:
+            if lease.lost is not None:  # e.g. a transition the store refused for the fence
+                raise LeaseLost(session_id, lease.lost) from e
+            raise
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            with contextlib.suppress(Exception):  # an unreleased lease lapses on its own
-                await self._release(keys=[key], args=[token])
+            # Shielded (a cancelled block still releases) and bounded; an unreleased lease lapses.
+            bounded = anyio.move_on_after(self.lease_ms / 1000)
+            with contextlib.suppress(Exception), anyio.CancelScope(shield=True), bounded:
+                await self._release(keys=[key], args=[lease.token])
+        if lease.lost is not None:
+            # The block was cancelled (its CancelledError ends in the scope): say why.
+            raise LeaseLost(session_id, lease.lost)
 
-    async def _keep(self, key: str, token: str) -> None:
+    async def _keep(self, lease: Lease, renewed_at: float) -> None:
+        """Renew every third of the lease; cancel the block once the lease is lost. A renewal
+        waits no longer than the lease has left (a paused Redis answers nothing at all), or a
+        tenth of the lease when none is left (the loop was busy): a 1 from Redis still proves
+        the lease held, since the script extends only the token it finds."""
+        lease_s = self.lease_ms / 1000
         while True:
-            await asyncio.sleep(self.lease_ms / 3000)
-            try:
-                if not await self._renew(keys=[key], args=[token, self.lease_ms]):
-                    log.error("lost the lease %s (%s); another worker may act on this session", key, token)
-                    return
-            except Exception:
-                log.exception("renewing %s failed; retrying", key)
+            await anyio.sleep(lease_s / 3)
+            sent = time.monotonic()
+            answer: int | None = None
+            with anyio.move_on_after(max(lease_s / 10, renewed_at + lease_s - sent)):
+                try:
+                    answer = int(await self._renew(keys=[lease.key], args=[lease.token, self.lease_ms]))
+                except Exception:
+                    log.exception("renewing %s failed; retrying", lease.key)
+            if answer == 1:
+                renewed_at = sent  # Redis's expiry is at least this far out
+            elif answer == 0:
+                self._lose(lease, "another holder has it or it lapsed")
+                return
+            elif time.monotonic() >= renewed_at + lease_s:
+                self._lose(lease, f"no renewal succeeded for {lease_s:g} s")
+                return
+
+    def _lose(self, lease: Lease, why: str) -> None:
+        log.error("lost the lease %s (%s): %s; stopping its operation", lease.key, lease.token, why)
+        lease.lost = why
+        lease._scope.cancel()

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from . import states
 from .events import EventBus, encode_event, make_event
 from .keys import Keys
+from .locks import LeaseLost
 from .placement import Candidate, NoCapacity, NoSandbox, choose
 from .schemas import SessionError, SessionRecord, now_rfc3339
 from .states import SessionState
@@ -27,7 +28,11 @@ log = logging.getLogger("orchestrator.store")
 #       session id, event json, firehose maxlen, session maxlen, session stream ttl after
 #       deletion (0: none), env json to store with the record ('': leave as is), tombstone ttl.
 # Returns {1, entry id} or {0, current record json or ''}.
+# Fence (KEYS[8], ARGV[10]): a lifecycle operation's write passes the session's lock key and
+# its lease token; unless the lock key still holds that token, nothing is written and the
+# script returns {2, ''}. The API's writes hold no lease and pass '' (no fence).
 CAS_LUA = """
+if ARGV[10] ~= '' and redis.call('GET', KEYS[8]) ~= ARGV[10] then return {2, ''} end
 local cur = redis.call('GET', KEYS[1])
 local expected = tonumber(ARGV[1])
 if expected < 0 then
@@ -305,13 +310,15 @@ class SessionStore:
         generation: int | None = None,
         mutate: Mutation | None = None,
         event_data: dict[str, Any] | None = None,
+        fence: str | None = None,
     ) -> SessionRecord:
         """Move a session to ``target`` if the state machine allows it from its current state.
 
         ``generation``: refuse (StaleGeneration) unless the record is at this generation.
         ``mutate``: further field changes, computed from the current record.
-        Raises SessionNotFound, StaleGeneration or states.TransitionError; never applies
-        a refused transition.
+        ``fence``: a lease token; refuse (LeaseLost) unless the session's lock still holds it.
+        Raises SessionNotFound, StaleGeneration, LeaseLost or states.TransitionError; never
+        applies a refused transition.
         """
         for _ in range(20):
             current = await self.get(session_id)
@@ -331,16 +338,18 @@ class SessionStore:
                 data.update(code=new.error.code, message=new.error.message)
             event = self._state_event(new, current.state, data)
             body = None if target is SessionState.DELETED else new
-            ok, _ = await self._write(session_id, current.sandbox, current.revision, body, event)
+            ok, _ = await self._write(session_id, current.sandbox, current.revision, body, event, fence=fence)
             if ok:
                 return new
         raise ConcurrentUpdate(f"session {session_id!r} kept changing; gave up after 20 tries")
 
-    async def fail(self, session_id: str, generation: int | None, code: str, message: str) -> SessionRecord:
+    async def fail(
+        self, session_id: str, generation: int | None, code: str, message: str, *, fence: str | None = None
+    ) -> SessionRecord:
         # Messages may quote Docker at length: the record and its event stay small.
         error = SessionError(code=code, message=message if len(message) <= 2000 else message[:1997] + "...")
         return await self.transition(
-            session_id, SessionState.FAILED, generation=generation, mutate=lambda _: {"error": error}
+            session_id, SessionState.FAILED, generation=generation, mutate=lambda _: {"error": error}, fence=fence
         )
 
     def _state_event(self, record: SessionRecord, previous: SessionState | None, data: dict[str, Any]) -> bytes:
@@ -363,6 +372,7 @@ class SessionStore:
         record: SessionRecord | None,
         event: bytes,
         env: dict[str, str] | None = None,
+        fence: str | None = None,
     ) -> tuple[bool, bytes | None]:
         keys = self.keys
         reply = await self._cas(
@@ -374,6 +384,7 @@ class SessionStore:
                 keys.session_env(session_id),
                 keys.placed(sandbox),
                 keys.session_deleted(session_id),
+                keys.lock(session_id),
             ],
             args=[
                 expected_revision,
@@ -385,8 +396,11 @@ class SessionStore:
                 DELETED_STREAM_TTL_S if record is None else 0,
                 _encode(env) if env else b"",
                 self.tombstone_ttl_s,
+                fence or "",
             ],
         )
+        if int(reply[0]) == 2:
+            raise LeaseLost(session_id, "the lock holds another token (the store refused the write)")
         ok = int(reply[0]) == 1
         return ok, (reply[1] or None) if not ok else None
 

@@ -217,7 +217,8 @@ class JobRunner:
             job_deserializer=redis.job_deserializer,
             poll_delay=settings.poll_delay_s,
             max_jobs=settings.max_jobs,
-            job_timeout=int(settings.ready_timeout_s) + 2 * settings.stop_timeout_s + 60,
+            # Past the operation's own deadline and the coded failure after it (stop + 30 s).
+            job_timeout=int(settings.operation_deadline_s) + settings.stop_timeout_s + 60,
             # Jobs are idempotent, so a finished job may run again when re-requested; arq's
             # job key still suppresses duplicates while one is queued or running.
             keep_result=0,

@@ -14,14 +14,16 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
 import anyio
 from redis.exceptions import RedisError
 
+from orchestrator.config import operation_deadline
 from orchestrator.events import EventBus, make_event
-from orchestrator.locks import SessionLocks
+from orchestrator.locks import LeaseLost, SessionLocks
 from orchestrator.names import volume_name
 from orchestrator.placement import resource_problem
 from orchestrator.queue import Operation
@@ -34,6 +36,11 @@ from .runtime import Desktop, DesktopError, Runtime
 log = logging.getLogger("workers.lifecycle")
 S = SessionState
 SUPERSEDED = (StaleGeneration, TransitionError, SessionNotFound)
+
+# The running operation's lease token, which every transition it stores carries as its fence
+# (store.CAS_LUA). A context variable, so that each step does not pass it along by hand; set
+# by ``Lifecycle.run`` for its own task (and the tasks it starts) only.
+_fence: ContextVar[str | None] = ContextVar("lifecycle_fence", default=None)
 
 # Steps where the test-only fault hook (ORCH_FAULT_KILL_AT) can kill the worker.
 FAULT_POINTS = (
@@ -84,6 +91,8 @@ class Lifecycle:
         provision_timeout_s: float,
         ready_timeout_s: float,
         stop_timeout_s: int,
+        preload_timeout_s: float = 300.0,
+        operation_timeout_s: float | None = None,
         limits: tuple[float, int, int] = (0.0, 0, 0),
         fault_kill_at: str | None = None,
     ) -> None:
@@ -95,6 +104,11 @@ class Lifecycle:
         self.provision_timeout_s = provision_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        # One deadline over a whole operation, whatever step hangs (a stalled desktop).
+        self.preload_timeout_s = preload_timeout_s
+        self.operation_timeout_s = operation_timeout_s or operation_deadline(
+            provision_timeout_s, ready_timeout_s, preload_timeout_s, stop_timeout_s
+        )
         self.limits = limits
         self.fault_kill_at = fault_kill_at
         # Called before each desktop is made (the worker settles its privilege profile there).
@@ -123,16 +137,42 @@ class Lifecycle:
         )
 
     async def run(self, operation: Operation, session_id: str, generation: int) -> str:
-        """Run ``operation`` under the session's lease. Raises locks.Busy when another
-        operation holds it (the caller retries later)."""
-        async with self.locks.hold(session_id, operation.verb):
-            record = await self._current(session_id, generation)
-            if record is None:
-                return "skipped"
+        """Run ``operation`` under the session's lease, within the operation deadline.
+        Raises locks.Busy when another operation holds it (the caller retries later), and
+        locks.LeaseLost when the lease was lost midway (the operation was stopped)."""
+        async with self.locks.hold(session_id, operation.verb) as lease:
+            fenced = _fence.set(lease.token)
             try:
-                return await self._dispatch(operation, record)
+                record = await self._current(session_id, generation)
+                if record is None:
+                    return "skipped"
+                with anyio.move_on_after(self.operation_timeout_s):
+                    return await self._dispatch(operation, record)
+                return await self._timed_out(operation, record)
             except SUPERSEDED as e:
                 return f"superseded: {e}"
+            finally:
+                _fence.reset(fenced)
+
+    async def _transition(self, session_id: str, target: SessionState, **kwargs: Any) -> SessionRecord:
+        """A store transition fenced by the running operation's lease."""
+        return await self.store.transition(session_id, target, fence=_fence.get(), **kwargs)
+
+    async def _timed_out(self, operation: Operation, record: SessionRecord) -> str:
+        """The operation deadline passed: end with a coded failure, under the lease still, and
+        bounded too (removing a desktop is the sandbox's daemon's work, not the stalled one's)."""
+        message = f"{operation.value} took longer than its deadline ({self.operation_timeout_s:g} s)"
+        log.warning("%s of %s: %s", operation.value, record.id, message)
+        with anyio.move_on_after(self.stop_timeout_s + 30):
+            match operation:
+                case Operation.CREATE | Operation.START:
+                    await self._fail(record, "operation_timeout", message)  # desktop removed, volume kept
+                case Operation.STOP:
+                    fence = _fence.get()
+                    await self.store.fail(record.id, record.generation, "operation_timeout", message, fence=fence)
+                case Operation.DELETE:
+                    pass  # stays deleting: the reconciler resumes it on a later pass
+        return "retry later: operation_timeout" if operation is Operation.DELETE else "failed: operation_timeout"
 
     async def _dispatch(self, operation: Operation, record: SessionRecord) -> str:
         match operation:
@@ -150,7 +190,7 @@ class Lifecycle:
     async def _create(self, record: SessionRecord) -> str:
         queued_since = record.updated_at  # when it was requested: the job's wait starts there
         if record.state is S.PENDING:
-            record = await self.store.transition(record.id, S.CREATING, generation=record.generation)
+            record = await self._transition(record.id, S.CREATING, generation=record.generation)
         if record.state not in (S.CREATING, S.STARTING):
             return f"nothing to do in state {record.state.value}"
         return await self._bring_up(record, queued_since)
@@ -172,9 +212,9 @@ class Lifecycle:
             await self.runtime.desktops.remove(session_id, self.stop_timeout_s)
             self.runtime.desktops.remove_socket_dir(session_id)
         except DesktopError as e:
-            await self.store.fail(session_id, generation, e.code, e.message)
+            await self.store.fail(session_id, generation, e.code, e.message, fence=_fence.get())
             return f"failed: {e.code}"
-        await self.store.transition(session_id, S.STOPPED, generation=generation)
+        await self._transition(session_id, S.STOPPED, generation=generation)
         return "stopped"
 
     async def _delete(self, record: SessionRecord) -> str:
@@ -191,9 +231,7 @@ class Lifecycle:
             # Stays deleting: the reconciler resumes the delete on its next pass.
             log.warning("deleting %s: %s; the reconciler retries", session_id, e)
             return f"retry later: {e.code}"
-        await self.store.transition(
-            session_id, S.DELETED, generation=generation, event_data={"volume_removed": removed}
-        )
+        await self._transition(session_id, S.DELETED, generation=generation, event_data={"volume_removed": removed})
         return "deleted"
 
     # -- the shared path of create and start ----------------------------------------------
@@ -207,7 +245,7 @@ class Lifecycle:
         except DesktopError as e:
             await self._fail(record, e.code, e.message)
             return f"failed: {e.code}"
-        except SUPERSEDED:
+        except (*SUPERSEDED, LeaseLost):
             raise
         except RedisError:
             # Redis is away: nothing says the session failed, and recording it would fail too.
@@ -229,12 +267,12 @@ class Lifecycle:
         phases.mark("prepare")
         desktop = await self._provision(record, env, phases)
         if record.state is S.CREATING:
-            record = await self.store.transition(record.id, S.STARTING, generation=record.generation)
+            record = await self._transition(record.id, S.STARTING, generation=record.generation)
         await self._start_and_wait(record, desktop, phases)
         if record.spec.preload_images:
             await self._preload(record)
             phases.mark("preload")
-        await self.store.transition(
+        await self._transition(
             record.id, S.READY, generation=record.generation, event_data={"phases_ms": phases.result()}
         )
         return "ready"
@@ -284,8 +322,13 @@ class Lifecycle:
         """Copy the requested images from the sandbox's daemon into the desktop's (a resumed
         desktop keeps them on its volume: only missing ones move)."""
         started = time.monotonic()
-        loaded = [i for i in record.spec.preload_images if not await self.runtime.inner.has_image(record.id, i)]
-        moved = await self.runtime.images.copy_into(record.id, loaded) if loaded else 0
+        loaded: list[str] = []
+        moved = 0
+        with anyio.move_on_after(self.preload_timeout_s) as deadline:
+            loaded = [i for i in record.spec.preload_images if not await self.runtime.inner.has_image(record.id, i)]
+            moved = await self.runtime.images.copy_into(record.id, loaded) if loaded else 0
+        if deadline.cancelled_caught:
+            raise DesktopError("preload_timeout", f"copying the images took longer than {self.preload_timeout_s:g} s")
         data = ImagesLoaded(images=loaded, bytes=moved, seconds=round(time.monotonic() - started, 3))
         await self._event(record, "images.loaded", to_data(data))
 
@@ -297,6 +340,6 @@ class Lifecycle:
         except DesktopError:
             log.exception("could not remove the failed desktop of %s", record.id)
         try:
-            await self.store.fail(record.id, record.generation, code, message)
+            await self.store.fail(record.id, record.generation, code, message, fence=_fence.get())
         except SUPERSEDED as e:
             log.info("not marking %s failed: %s", record.id, e)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, assert_never
 
 from orchestrator.events import EventBus, make_event
-from orchestrator.locks import Busy, SessionLocks
+from orchestrator.locks import Busy, LeaseLost, SessionLocks
 from orchestrator.queue import JobQueue, Operation
 from orchestrator.schemas import SessionRecord, TtlAction
 from orchestrator.states import SessionState, TransitionError
@@ -484,5 +484,9 @@ class Reconciler:
             log.info("reconcile: resumed %s of %s: %s", operation, session_id, result)
         except Busy:
             log.info("reconcile: %s of %s is already being worked on", operation, session_id)
+        except LeaseLost as e:
+            # Stopped midway (within lifecycle.run's deadline, like every resume): the next
+            # holder, or a later pass, carries on.
+            log.warning("reconcile: resuming %s of %s stopped: %s", operation, session_id, e)
         except Exception:
             log.exception("reconcile: resuming %s of %s failed", operation, session_id)

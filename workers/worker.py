@@ -64,6 +64,8 @@ class SandboxWorker:
             provision_timeout_s=settings.provision_timeout_s,
             ready_timeout_s=settings.ready_timeout_s,
             stop_timeout_s=settings.stop_timeout_s,
+            preload_timeout_s=settings.preload_timeout_s,
+            operation_timeout_s=settings.operation_deadline_s,
             limits=(settings.max_cpus, settings.max_memory_mb, settings.max_pids),
             fault_kill_at=settings.fault_kill_at,
         )
@@ -215,6 +217,7 @@ def _runtime(settings: WorkerSettings) -> DesktopRuntime:
         # The first candidate until DesktopPreparation has tried them on the daemon.
         profile=candidates(settings.privilege, *read_bounding_set())[0],
         registry=settings.registry,
+        read_timeout_s=settings.docker_read_timeout_s,
     )
 
 

@@ -51,6 +51,9 @@ EVERYTHING = Settings(
     ready_timeout_s=12.5,
     stop_timeout_s=3,
     provision_timeout_s=7.25,
+    preload_timeout_s=33.5,
+    operation_timeout_s=99.5,
+    docker_read_timeout_s=8.5,
     heartbeat_interval_s=1.0,
     lost_after_s=4.0,
     health_interval_s=0.75,
@@ -77,7 +80,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 51
+    assert len(fields) == 54
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]

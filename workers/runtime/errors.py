@@ -22,6 +22,7 @@ DesktopErrorCode = Literal[
     "image_missing",
     "image_pull_failed",
     "preload_failed",
+    "preload_timeout",
     "provision_timeout",
     "resources_exceed_sandbox",
     "volume_create_failed",

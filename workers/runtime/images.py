@@ -7,6 +7,7 @@ import urllib.parse
 from collections.abc import AsyncIterator
 
 import aiodocker
+import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
 
 from .errors import DesktopError, DesktopErrorCode, unless_absent
@@ -17,9 +18,13 @@ CHUNK_BYTES = 1 << 20
 
 
 class DockerImages:
-    def __init__(self, docker: aiodocker.Docker, inner: DockerInnerDaemon, *, registry: str | None) -> None:
+    def __init__(
+        self, docker: aiodocker.Docker, inner: DockerInnerDaemon, *, registry: str | None, read_timeout_s: float = 60.0
+    ) -> None:
         self._docker = docker
         self._inner = inner
+        # Streams (pull progress, an image archive) have no total: a silence ends them instead.
+        self._timeout = aiohttp.ClientTimeout(sock_connect=read_timeout_s, sock_read=read_timeout_s)
         # This level's registry: images missing from the sandbox's daemon are pulled from it.
         self.registry = registry
 
@@ -38,7 +43,11 @@ class DockerImages:
         remote = f"{registry}/{image}"
         repository, tag = split_reference(remote)
         try:
-            await self._docker.images.pull(repository, tag=tag)
+            # aiodocker annotates a float (total and read alike); a ClientTimeout is what it uses.
+            await self._docker.images.pull(repository, tag=tag, timeout=self._timeout)  # type: ignore[call-overload]
+        except TimeoutError as e:
+            silent = f"no progress for {self._timeout.sock_read:g} s"
+            raise DesktopError("image_pull_failed", f"pulling {remote}: {silent}") from e
         except DockerStreamError as e:
             # The pull answers 200 and reports failure inside its progress stream.
             if "not found" in e.message or "manifest unknown" in e.message:
@@ -66,14 +75,18 @@ class DockerImages:
             # The project's one call into aiodocker's private API: its export_image() takes one
             # name, and an archive per image would carry the layers they share once for each.
             query = urllib.parse.urlencode([("names", image) for image in images])
-            async with self._docker._query(f"images/get?{query}", timeout=None) as tar:
+            async with self._docker._query(f"images/get?{query}", timeout=self._timeout) as tar:
                 async for chunk in tar.content.iter_chunked(CHUNK_BYTES):
                     moved += len(chunk)
                     yield chunk
 
         try:
             async with self._inner.client(session_id) as inner:
-                await inner.images.import_image(chunks())
+                await inner.images.import_image(chunks(), timeout=self._inner.timeout())
+        except TimeoutError as e:
+            # Either daemon went silent (a desktop's dockerd can be stopped by its tenant).
+            silent = f"no data for {self._timeout.sock_read:g} s"
+            raise DesktopError("preload_failed", f"could not copy {', '.join(images)}: {silent}") from e
         except DockerError as e:
             code: DesktopErrorCode = "image_missing" if e.status == 404 else "preload_failed"
             raise DesktopError(code, f"could not copy {', '.join(images)} into the desktop: {e.message}") from e

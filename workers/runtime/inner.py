@@ -25,14 +25,21 @@ EXIT_CHECK_S = 0.5
 
 
 class DockerInnerDaemon:
-    def __init__(self, desktops: DockerDesktops) -> None:
+    def __init__(self, desktops: DockerDesktops, *, read_timeout_s: float = 60.0) -> None:
         # The desktops' side: where the sockets are, and whether a desktop still runs.
         self._desktops = desktops
+        # A desktop's dockerd is the tenant's: it may stall (SIGSTOP) and must not hang us.
+        self.read_timeout_s = read_timeout_s
+
+    def timeout(self, extra_s: float = 0.0) -> aiohttp.ClientTimeout:
+        """No total (an image import may be long), but no silence longer than the read timeout."""
+        return aiohttp.ClientTimeout(sock_connect=self.read_timeout_s, sock_read=self.read_timeout_s + extra_s)
 
     @contextlib.asynccontextmanager
-    async def client(self, session_id: str) -> AsyncIterator[aiodocker.Docker]:
-        """A client of the desktop's dockerd."""
-        client = aiodocker.Docker(url=f"unix://{self._socket(session_id)}")
+    async def client(self, session_id: str, extra_s: float = 0.0) -> AsyncIterator[aiodocker.Docker]:
+        """A client of the desktop's dockerd, its reads bounded (``extra_s`` more for a call
+        that waits by design, as a stop does for its grace period)."""
+        client = aiodocker.Docker(url=f"unix://{self._socket(session_id)}", timeout=self.timeout(extra_s))
         try:
             yield client
         finally:
@@ -46,7 +53,7 @@ class DockerInnerDaemon:
         so they get their stop signal and grace before the desktop goes. Best effort: a
         desktop whose dockerd does not answer is stopped as it is."""
         try:
-            async with self.client(session_id) as inner, asyncio.timeout(timeout_s + 15):
+            async with self.client(session_id, extra_s=timeout_s) as inner, asyncio.timeout(timeout_s + 15):
                 running = await inner.containers.list()
                 await asyncio.gather(*(c.stop(t=timeout_s) for c in running), return_exceptions=True)
                 return len(running)
@@ -102,8 +109,12 @@ class DockerInnerDaemon:
             )
 
     async def has_image(self, session_id: str, image: str) -> bool:
-        async with self.client(session_id) as inner:
-            return await unless_absent(inner.images.inspect(image)) is not None
+        try:
+            async with self.client(session_id) as inner:
+                return await unless_absent(inner.images.inspect(image)) is not None
+        except TimeoutError as e:  # its read timeout: the desktop's dockerd stalled
+            silent = f"the desktop's dockerd did not answer within {self.read_timeout_s:g} s"
+            raise DesktopError("preload_failed", f"could not look for {image!r}: {silent}") from e
 
 
 async def _ping(http: aiohttp.ClientSession) -> bool:
