@@ -143,6 +143,8 @@ class SessionChanged(Strict, omit_defaults=True):
     warm: bool | None = None
     # session.ready from failed: its sandbox came back with the desktop still answering.
     recovered: bool | None = None
+    # session.deleting/deleted by POST /v1/sandboxes/{id}/retire (volume_removed: false).
+    reason: Literal["sandbox_retired"] | None = None
 
 
 class VolumeCreated(Strict):
@@ -213,6 +215,14 @@ class DrainRequest(msgspec.Struct):
 
 class SandboxList(Strict):
     sandboxes: list[SandboxInfo]
+
+
+class SandboxRetired(Strict):
+    """What ``POST /v1/sandboxes/{id}/retire`` did: the sessions it ended (each now deleted,
+    its volume left on the dead sandbox)."""
+
+    id: str
+    sessions: list[str]
 
 
 def now_rfc3339() -> str:
