@@ -176,13 +176,10 @@ class SandboxRegistry:
 
     async def known(self, sandbox_id: str) -> bool:
         """Whether anything of the sandbox is left: its info (a day after its last beat), its
-        index entry, its placed set or its retired marker."""
+        placed set or its retired marker."""
         k = self.keys
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(k.sandbox(sandbox_id), k.placed(sandbox_id), k.sandbox_retired(sandbox_id))
-            pipe.sismember(k.sandbox_index, sandbox_id)
-            found, member = await pipe.execute()
-        return bool(found) or bool(member)
+        found = await self._redis.exists(k.sandbox(sandbox_id), k.placed(sandbox_id), k.sandbox_retired(sandbox_id))
+        return bool(found)
 
     async def retire(self, sandbox_id: str) -> bool:
         """Mark the sandbox retired and drop its keys (RETIRE_LUA); False while it is live."""

@@ -4,9 +4,11 @@ whom (L4) and what the CLI lets reach a terminal (L7)."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import msgspec
 import pytest
+import yaml  # type: ignore[import-untyped]
 from rich.console import Console
 
 from orchestrator import cli
@@ -100,3 +102,13 @@ async def test_an_unexpected_bring_up_error_puts_nothing_internal_on_the_session
         failed = (await stack.events("s-internal"))[-1]
         for text in (record.error.message, str(failed.data)):
             assert "inner-secret" not in text and "RuntimeError" not in text
+
+
+def test_every_redis_the_project_starts_fsyncs_each_write() -> None:
+    """L8: with ``everysec`` a crash can lose the last second, an acknowledged create with it."""
+    root = Path(__file__).resolve().parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--appendfsync") + 1] == "always"
+    env_sh = (root / "scripts" / "env.sh").read_text()
+    assert "--appendfsync always" in env_sh and "everysec" not in env_sh
