@@ -5,9 +5,11 @@ API tells callers when Redis or the queue fails (L4)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-from typing import Any
+import logging
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -25,6 +27,8 @@ from orchestrator.states import SandboxStatus
 from orchestrator.states import SessionState as S
 from orchestrator.store import SessionStore
 from tests.conftest import awaited, free_port
+from tests.fakes import open_stack
+from workers.drain import Drain
 
 from .conftest import running_api
 
@@ -213,3 +217,36 @@ async def test_an_enqueue_failure_tells_the_caller_nothing_internal(
         await client.create("q-one")
     assert (refused.value.status, refused.value.code) == (503, "queue_unavailable")
     assert "redis-internal" not in refused.value.message and "111" not in refused.value.message
+
+
+async def test_a_worker_of_a_retired_sandbox_stops_and_a_restarted_one_idles(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """workers/drain.py: the watch ends the worker's run; at start it idles, beating nothing."""
+    caplog.set_level(logging.WARNING, "workers.drain")
+    async with open_stack(redis_url) as stack:
+        registry = SandboxRegistry(stack.redis, stack.keys)
+        beats: list[None] = []
+
+        async def beat() -> None:
+            beats.append(None)
+
+        drain = Drain(
+            stack.settings, registry, stack.bus, stack.store, stack.lifecycle, cast(Any, None), cast(Any, None), beat
+        )
+        assert await registry.retire(stack.settings.sandbox_id)
+
+        async with asyncio.timeout(10):
+            await drain.watch()  # returns: the worker's run ends as after a drain
+        assert drain.drained.is_set() and drain.status is SandboxStatus.DRAINED
+
+        stop = asyncio.Event()
+        idling = asyncio.create_task(drain.wait_while_drained(stop))
+        async with asyncio.timeout(10):
+            while "is retired: this worker idles" not in caplog.text:
+                await asyncio.sleep(0.01)
+        assert not idling.done()
+        stop.set()
+        async with asyncio.timeout(10):
+            assert await idling is False
+        assert beats == []
