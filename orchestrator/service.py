@@ -100,6 +100,8 @@ class Sessions:
             and request.sandbox in (None, default)
             and not request.constraints
         )
+        if fallback and default is not None and await self.registry.is_retired(default):
+            fallback = False  # retired: it will never take these jobs (placement refuses below)
         if fallback:
             # Nothing has reported yet (say, make up's worker starts after the API): the
             # configured default's queue holds the job until that worker comes up. No cap is

@@ -250,3 +250,16 @@ async def test_a_worker_of_a_retired_sandbox_stops_and_a_restarted_one_idles(
         async with asyncio.timeout(10):
             assert await idling is False
         assert beats == []
+
+
+async def test_a_retired_default_sandbox_takes_no_fallback_creates(
+    client: Client, settings: Settings, parts: Parts
+) -> None:
+    """ORCH_DEFAULT_SANDBOX queues creates while nothing has reported; never for a retired one."""
+    assert settings.default_sandbox
+    await live(parts, settings.default_sandbox, SandboxStatus.DRAINED)
+    await client.retire(settings.default_sandbox)
+    with pytest.raises(ApiError) as refused:
+        await client.create("f-one")
+    assert refused.value.status in (422, 503)
+    assert await client.list() == []
