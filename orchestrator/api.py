@@ -33,7 +33,7 @@ from .events import EventBus
 from .hub import StreamHub
 from .loops import every
 from .monitor import SandboxMonitor
-from .schemas import ErrorBody, SandboxInfo, SandboxList, SessionCreate, SessionList, SessionRecord
+from .schemas import ErrorBody, SandboxInfo, SandboxList, SandboxRetired, SessionCreate, SessionList, SessionRecord
 from .service import Sessions, check_session_id
 from .sse import EventFeed, EventFilter, parse_after
 from .states import SessionState
@@ -275,13 +275,28 @@ async def undrain_sandbox(sandbox_id: FromPath[str], state: State) -> SandboxInf
     return await _sessions(state).undrain(sandbox_id)
 
 
+@post(
+    "/v1/sandboxes/{sandbox_id:str}/retire",
+    summary="Retire a sandbox that will not return",
+    guards=ADMIN,
+    status_code=202,
+)
+async def retire_sandbox(sandbox_id: FromPath[str], state: State) -> SandboxRetired:
+    """For an unavailable or drained sandbox that is gone for good: each of its sessions is
+    deleted (``reason: sandbox_retired``, ``volume_removed: false``), it is listed no more and
+    its heartbeats are refused. 409 ``sandbox_live`` while it is available or draining."""
+    return await _sessions(state).retire(sandbox_id)
+
+
 @get("/healthz", summary="Liveness and Redis reachability")
 async def healthz(state: State) -> Response[dict[str, Any]]:
     try:
         async with asyncio.timeout(2):
             await state.redis.ping()
     except Exception as e:
-        return Response({"status": "unhealthy", "redis": str(e)}, status_code=503)
+        # Open to anyone: the error (host, port, auth failure) goes to the log, not the caller.
+        log.warning("healthz: Redis does not answer: %s", e)
+        return Response({"status": "unhealthy", "redis": "unreachable"}, status_code=503)
     return Response({"status": "ok", "version": __version__})
 
 
@@ -327,6 +342,7 @@ ROUTES = [
     list_sandboxes,
     drain_sandbox,
     undrain_sandbox,
+    retire_sandbox,
     healthz,
     metrics,
     openapi_json,

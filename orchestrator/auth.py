@@ -47,13 +47,14 @@ def new_token() -> str:
 
 def parse_tokens(spec: str) -> tuple[Token, ...]:
     tokens = []
-    for raw_entry in spec.replace("\n", ";").split(";"):
+    for number, raw_entry in enumerate(spec.replace("\n", ";").split(";"), start=1):
         entry = raw_entry.strip()
         if not entry or entry.startswith("#"):
             continue
         parts = entry.split(":", 2)  # scopes contain ':' themselves
         if len(parts) != 3:
-            raise ValueError(f"token entry {parts[0]!r}... must look like name:sha256hex:scope+scope")
+            # Never quote the entry: a raw token pasted here would land in the startup log.
+            raise ValueError(f"ORCH_TOKENS entry {number} must look like name:sha256hex:scope+scope")
         name, digest, scopes = parts
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"token {name!r}: the hash must be 64 lowercase hex digits (sha256)")

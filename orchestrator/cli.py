@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -31,6 +32,21 @@ from .client import ApiError, Client
 EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
 # Colors and the spinner only on a terminal; pipes and scripts get plain text.
 console = Console(highlight=False)
+
+
+# C0 controls (ESC among them), DEL and C1: what another client put in a label, an id or an
+# error text must not drive the operator's terminal (L7).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _plain(text: object) -> str:
+    """A value from the API as printable text: control characters dropped."""
+    return _CONTROL.sub("", str(text))
+
+
+def _markup(text: object) -> str:
+    """A value from the API for a rich markup string: control characters dropped, markup escaped."""
+    return escape(_plain(text))
 
 
 def _api_url(args: argparse.Namespace) -> str:
@@ -101,12 +117,12 @@ async def _follow(client: Client, session_id: str, done: set[str], timeout: floa
                     elapsed = (ts - first).total_seconds()
                     details = _describe(event.type, event.data.get("data", {}))
                     console.print(
-                        f"  +{elapsed:6.3f}s  [{_style(event.type)}]{event.type:18}[/] {escape(details)}",
+                        f"  +{elapsed:6.3f}s  [{_style(event.type)}]{_markup(event.type):18}[/] {_markup(details)}",
                         highlight=False,
                         soft_wrap=True,  # one event, one line, whatever the width: scripts read it
                     )
                     if status is not None:
-                        status.update(f"{event.type} (+{elapsed:.3f}s)")
+                        status.update(f"{_markup(event.type)} (+{elapsed:.3f}s)")
                     if event.type == "session.failed":
                         return EXIT_FAILED
                     if event.type in done:
@@ -119,10 +135,11 @@ async def _follow(client: Client, session_id: str, done: set[str], timeout: floa
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> None:
+    rows = [[_plain(cell) for cell in row] for row in rows]
     if console.is_terminal:
         table = Table(*columns, box=None, header_style="bold")
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(escape(cell) for cell in row))
         console.print(table)
         return
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
@@ -134,7 +151,7 @@ async def _sessions(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if args.action == "create":
             record = await client.create(args.id, _labels(args.label), args.sandbox)
-            print(f"session {record.id} on sandbox {record.sandbox}: {record.state.value}")
+            print(f"session {_plain(record.id)} on sandbox {_plain(record.sandbox)}: {record.state.value}")
             if args.wait:
                 return await _follow(client, record.id, {"session.ready"}, args.timeout)
             return 0
@@ -168,7 +185,7 @@ async def _sessions(args: argparse.Namespace) -> int:
                 after = event.id
         verbs = {"stop": client.stop, "start": client.start, "rm": client.delete}
         record = await verbs[args.action](args.id)
-        print(f"session {record.id}: {record.state.value}")
+        print(f"session {_plain(record.id)}: {record.state.value}")
         if args.wait:
             done = {"stop": {"session.stopped"}, "start": {"session.ready"}, "rm": {"session.deleted"}}
             return await _follow(client, record.id, done[args.action], args.timeout, after)
@@ -182,7 +199,13 @@ async def _sandboxes(args: argparse.Namespace) -> int:
                 info = await client.drain(args.sandbox, stop_desktops=args.stop_desktops)
             else:
                 info = await client.undrain(args.sandbox)
-            print(f"sandbox {info.id}: {info.status}")
+            print(f"sandbox {_plain(info.id)}: {info.status}")
+            return 0
+        if args.action == "retire":
+            retired = await client.retire(args.sandbox)
+            print(f"sandbox {_plain(retired.id)}: retired, {len(retired.sessions)} sessions deleted")
+            for session in retired.sessions:
+                print(f"  {_plain(session)}")
             return 0
         rows = await client.sandboxes()
     if args.json:
@@ -215,10 +238,10 @@ async def _events(args: argparse.Namespace) -> int:
                 print(json.dumps({"id": event.id, **event.data}), flush=True)
             else:
                 env = event.data
-                data = escape(json.dumps(env.get("data", {}), sort_keys=True))
+                data = _markup(json.dumps(env.get("data", {}), sort_keys=True))
                 console.print(
-                    f"{event.id:18} {env.get('ts', ''):24} [{_style(event.type)}]{event.type:18}[/] "
-                    f"{env.get('session') or '-':24} {data}",
+                    f"{_markup(event.id):18} {_markup(env.get('ts', '')):24} "
+                    f"[{_style(event.type)}]{_markup(event.type):18}[/] {_markup(env.get('session') or '-'):24} {data}",
                     highlight=False,
                     soft_wrap=True,
                 )
@@ -287,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("sandbox")
     drain.add_argument("--stop-desktops", action="store_true", help="also stop its ready sessions (volumes kept)")
     sandboxes.add_parser("undrain", help="take sessions again").add_argument("sandbox")
+    sandboxes.add_parser(
+        "retire", help="for an unavailable or drained sandbox that will not return: delete its sessions, forget it"
+    ).add_argument("sandbox")
 
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
     new = token.add_parser("new", help="make a token; prints it and the ORCH_TOKENS entry holding its hash")
@@ -328,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"orchestrator: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ApiError as e:
-        print(f"orchestrator: {e.code}: {e.message}", file=sys.stderr)
+        print(f"orchestrator: {_plain(e.code)}: {_plain(e.message)}", file=sys.stderr)
         return EXIT_API
     except httpx.TransportError as e:
         print(f"orchestrator: cannot reach the API at {_api_url(args)}: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ import anyio
 import httpx
 import msgspec
 
-from .schemas import SandboxInfo, SandboxList, SessionList, SessionRecord
+from .schemas import SandboxInfo, SandboxList, SandboxRetired, SessionList, SessionRecord
 
 T = TypeVar("T")
 
@@ -140,6 +140,9 @@ class Client:
 
     async def undrain(self, sandbox_id: str) -> SandboxInfo:
         return await self._call(SandboxInfo, "DELETE", f"/v1/sandboxes/{sandbox_id}/drain")
+
+    async def retire(self, sandbox_id: str) -> SandboxRetired:
+        return await self._call(SandboxRetired, "POST", f"/v1/sandboxes/{sandbox_id}/retire")
 
     async def metrics(self) -> str:
         response = await self._http.get("/metrics")

@@ -76,3 +76,8 @@ class Keys:
     def sandbox_lost(self, sandbox_id: str) -> str:
         """Set once a silent sandbox has been declared unavailable (one declaration per outage)."""
         return f"{self.prefix}sandbox-lost:{sandbox_id}"
+
+    def sandbox_retired(self, sandbox_id: str) -> str:
+        """Set when an operator retires a sandbox that will not return: its heartbeats are
+        refused from then on (it is listed nowhere). Kept: deleting it lets the id back in."""
+        return f"{self.prefix}sandbox-retired:{sandbox_id}"

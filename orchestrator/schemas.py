@@ -37,8 +37,17 @@ TtlAction = Literal["stop", "delete"]
 DrainBy = Literal["api", "signal"]
 # Why a session failed, when the code alone does not say: its sandbox went silent.
 ErrorCause = Literal["sandbox_unavailable"]
-# An image reference as Docker names it; never starts with '-' (no flag injection).
-ImageRef = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._/:@-]{0,254}$")]
+# An image reference in Docker's grammar (distribution/reference): [domain[:port]/]path
+# components of [a-z0-9]+ joined by '.', '_', '__' or dashes, then [:tag][@digest]. So no
+# '..', no empty or dot-led component (nothing a URL path would resolve: L1) and no leading
+# '-' (no flag injection). The lookahead refuses a newline, which '$' lets through at the end.
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REF_RE = (
+    rf"^(?!.*\n)(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?/)?{_PATH_PART}(?:/{_PATH_PART})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,})?$"
+)
+ImageRef = Annotated[str, msgspec.Meta(pattern=IMAGE_REF_RE, max_length=255)]
 
 
 class Resources(Strict, omit_defaults=True):
@@ -154,6 +163,8 @@ class SessionChanged(Stored, omit_defaults=True):
     warm: bool | None = None
     # session.ready from failed: its sandbox came back with the desktop still answering.
     recovered: bool | None = None
+    # session.deleting/deleted by POST /v1/sandboxes/{id}/retire (volume_removed: false).
+    reason: Literal["sandbox_retired"] | None = None
 
 
 class VolumeCreated(Stored):
@@ -224,6 +235,14 @@ class DrainRequest(Stored):
 
 class SandboxList(Stored):
     sandboxes: list[SandboxInfo]
+
+
+class SandboxRetired(Strict):
+    """What ``POST /v1/sandboxes/{id}/retire`` did: the sessions it ended (each now deleted,
+    its volume left on the dead sandbox)."""
+
+    id: str
+    sessions: list[str]
 
 
 def now_rfc3339() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import re
@@ -14,6 +15,7 @@ import msgspec
 from . import states
 from .config import ApiSettings
 from .errors import ServiceError
+from .events import make_event
 from .names import SANDBOX_ID_RE, is_valid_session_id
 from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, resource_problem
 from .queue import JobQueue, Operation
@@ -23,6 +25,7 @@ from .schemas import (
     DrainRequest,
     Resources,
     SandboxInfo,
+    SandboxRetired,
     SessionCreate,
     SessionRecord,
 )
@@ -97,6 +100,8 @@ class Sessions:
             and request.sandbox in (None, default)
             and not request.constraints
         )
+        if fallback and default is not None and await self.registry.is_retired(default):
+            fallback = False  # retired: it will never take these jobs (placement refuses below)
         if fallback:
             # Nothing has reported yet (say, make up's worker starts after the API): the
             # configured default's queue holds the job until that worker comes up. No cap is
@@ -171,6 +176,41 @@ class Sessions:
         await self.registry.clear_drain(info.id)
         return await self.sandbox(info.id)
 
+    async def retire(self, sandbox_id: str) -> SandboxRetired:
+        """For a sandbox that will never return (say, ``make up`` gave it a new id): refused
+        (409 ``sandbox_live``) while it beats. Its keys go, later heartbeats are refused, and
+        each of its sessions is deleted (``reason: sandbox_retired``, ``volume_removed: false``):
+        its desktop and volume lived there, so nothing can recover it. Deleted, not failed: a
+        requested delete must complete (it never turns into a failure), and a failed session
+        would hold its place and be listed forever. Asking again finishes an interrupted one."""
+        if not SANDBOX_ID_RE.fullmatch(sandbox_id):
+            raise ServiceError(400, "invalid_sandbox_id", f"sandbox id {sandbox_id[:80]!r} is invalid", field="id")
+        mine = [r for r in await self.store.list() if r.sandbox == sandbox_id]
+        if not mine and not await self.registry.known(sandbox_id):
+            raise ServiceError(404, "sandbox_not_found", f"sandbox {sandbox_id!r} is unknown")
+        if not await self.registry.retire(sandbox_id):
+            raise ServiceError(
+                409, "sandbox_live", f"sandbox {sandbox_id!r} is live: drain it (or wait until it is unavailable) first"
+            )
+        ended = [r.id for r in mine if await self._end_retired(r)]
+        await self.registry.forget_placed(sandbox_id)
+        log.warning("sandbox %s retired: %d sessions deleted (volumes left on it)", sandbox_id, len(ended))
+        event = make_event("sandbox.retired", sandbox=sandbox_id, data={"sessions": len(ended)})
+        await self.store.bus.publish(event)
+        return SandboxRetired(id=sandbox_id, sessions=ended)
+
+    async def _end_retired(self, record: SessionRecord) -> bool:
+        """deleting (unless it is) then deleted, each with its event; False if it went meanwhile."""
+        why = {"reason": "sandbox_retired"}
+        try:
+            if record.state is not S.DELETING:
+                with contextlib.suppress(states.TransitionError):  # a delete got there first
+                    await self.store.transition(record.id, S.DELETING, event_data=why)
+            await self.store.transition(record.id, S.DELETED, event_data={**why, "volume_removed": False})
+        except SessionNotFound:
+            return False
+        return True
+
     async def get(self, session_id: str) -> SessionRecord:
         check_session_id(session_id)
         record = await self.store.get(session_id)
@@ -232,4 +272,7 @@ class Sessions:
         except Exception as e:
             # The record says what should happen; the reconciler re-enqueues from it.
             log.exception("enqueueing %s for %s failed", operation.value, record.id)
-            raise ServiceError(503, "queue_unavailable", f"could not enqueue {operation.value}: {e}") from e
+            # The exception (hosts, Redis errors) stays in the log; the caller learns what failed.
+            raise ServiceError(
+                503, "queue_unavailable", f"could not enqueue {operation.verb} (the record is kept; retry)"
+            ) from e

@@ -137,7 +137,7 @@ start_redis() {
   mkdir -p "$RUN_DIR" "$STATE_DIR/redis"
   log "starting redis on 127.0.0.1:$REDIS_PORT (AOF on, dir $STATE_DIR/redis)"
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$STATE_DIR/redis" \
-    --appendonly yes --appendfsync everysec --daemonize yes --pidfile "$pid" \
+    --appendonly yes --appendfsync always --daemonize yes --pidfile "$pid" \
     --logfile "$RUN_DIR/redis.log" --save '' >/dev/null
   for _ in $(seq 100); do redis_ok "$url" && { log "redis ready"; echo "$url"; return; }; sleep 0.1; done
   die "redis did not answer within 10 s (log: $RUN_DIR/redis.log)"

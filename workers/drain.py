@@ -4,7 +4,11 @@ A drain is asked for by the API (the drain key, ``by: api``) or by SIGTERM (``by
 The worker then: stops being a placement target (the key), empties its warm pool, lets the
 queued and running jobs finish (bounded by drain_timeout_s), optionally stops its ready
 desktops (inner containers first), says ``sandbox.drained`` and ends. An API drain persists:
-a restarted worker idles, listed as drained, until the sandbox is undrained."""
+a restarted worker idles, listed as drained, until the sandbox is undrained.
+
+A retired sandbox (an operator said it will not return, orchestrator/sandboxes.py) is not
+drained: its worker, if it comes back anyway, stops working at once (its sessions and queue
+are gone, its heartbeats refused) and, restarted, idles listed nowhere until stopped."""
 
 from __future__ import annotations
 
@@ -80,8 +84,14 @@ class Drain:
                 return
             try:
                 request = await self.registry.drain_request(self.sandbox_id)
+                retired = await self.registry.is_retired(self.sandbox_id)
             except RedisError:
                 continue
+            if retired:
+                log.warning("sandbox %s was retired: this worker stops", self.sandbox_id)
+                self.status = SandboxStatus.DRAINED
+                self.drained.set()
+                return
             if request is not None:
                 await self.run(request)
                 return
@@ -141,6 +151,15 @@ class Drain:
         through the API keeps this sandbox idle, listed as drained, until it is undrained.
         Returns False when ``stop`` was set meanwhile."""
         announced = False
+        while await self.registry.is_retired(self.sandbox_id):
+            if not announced:
+                log.warning("sandbox %s is retired: this worker idles until stopped", self.sandbox_id)
+                announced = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.heartbeat_interval_s):
+                    await stop.wait()
+            if stop.is_set():
+                return False
         while True:
             request = await self.registry.drain_request(self.sandbox_id)
             if request is None:

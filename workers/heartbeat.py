@@ -70,6 +70,7 @@ class Heartbeat:
         self.status = status
         # Desktops of sessions (not the pool's) last seen on the sandbox's dockerd.
         self._desktops_seen = 0
+        self._refused = False
 
     async def beat(self) -> SandboxInfo:
         settings = self.settings
@@ -111,6 +112,12 @@ class Heartbeat:
             sessions_by_state=by_state,
             lost_after_s=settings.lost_after_s,
         )
-        await self.registry.beat(info)
+        if not await self.registry.beat(info):
+            # Retired by an operator: listed nowhere, whatever this worker says (the drain
+            # watch stops its work; a restarted one idles, workers/drain.py).
+            if not self._refused:
+                log.warning("sandbox %s is retired: its heartbeats are refused", info.id)
+                self._refused = True
+            return info
         await self.bus.publish(make_event("sandbox.heartbeat", sandbox=info.id, data=to_data(info)))
         return info

@@ -252,9 +252,9 @@ class Lifecycle:
             # The job ends; once Redis is back the reconciler resumes it (the lease lapses).
             log.warning("bringing up %s stopped: Redis is unreachable; the reconciler resumes it", record.id)
             raise
-        except Exception as e:
+        except Exception:
             log.exception("bringing up %s failed", record.id)
-            await self._fail(record, "internal_error", f"{type(e).__name__}: {e}")
+            await self._fail(record, "internal_error", "the worker hit an unexpected error (details in its log)")
             return "failed: internal_error"
 
     async def _bring_up_steps(self, record: SessionRecord, phases: Phases) -> str:

@@ -7,6 +7,14 @@ import json
 import os
 import sys
 
+import redis.asyncio as aioredis
+
+from orchestrator.client import Client
+from orchestrator.config import Settings
+from orchestrator.keys import Keys
+from orchestrator.sandboxes import SandboxRegistry
+from orchestrator.schemas import SandboxInfo
+from orchestrator.states import SandboxStatus
 from tests.conftest import free_port
 
 from .conftest import TOKENS
@@ -57,3 +65,36 @@ async def test_exit_codes_scripts_can_rely_on(api: str) -> None:
     assert code == 5 and "cannot reach the API" in err
     code, _, err = await cli(api, "sessions", "create", "--label", "no-equals-sign")
     assert code == 2 and "key=value" in err
+
+
+async def test_sandboxes_retire(api: str, settings: Settings) -> None:
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        keys = Keys(settings.key_prefix)
+        registry = SandboxRegistry(redis, keys)
+        info = SandboxInfo(
+            id="cli-gone", depth=1, version="0", hostname="h", sessions=0, capacity=1, load=0.0,
+            free_disk_bytes=0, privilege="caps", ts="2026-01-01T00:00:00.000Z", status=SandboxStatus.DRAINED,
+        )  # fmt: skip
+        assert await registry.beat(info)  # drained: said goodbye, no alive key
+        code, out, _ = await cli(api, "sandboxes", "ls")
+        assert code == 0 and "cli-gone" in out
+        code, out, err = await cli(api, "sandboxes", "retire", "cli-gone")
+        assert code == 0, err
+        assert "sandbox cli-gone: retired, 0 sessions deleted" in out
+        code, out, _ = await cli(api, "sandboxes", "ls")
+        assert code == 0 and "cli-gone" not in out
+        code, _, err = await cli(api, "sandboxes", "retire", "never-seen")
+        assert code == 1 and "sandbox_not_found" in err
+    finally:
+        await redis.aclose()
+
+
+async def test_what_other_clients_wrote_reaches_the_terminal_without_control_characters(api: str) -> None:
+    """L7: a label value with ESC sequences, printed by ls, and an API error text."""
+    async with Client(api, token=TOKENS["admin"]) as client:
+        await client.create("cli-evil", labels={"note": "\x1b[2J\x1b]0;owned\x07[bold]x"})
+    code, out, _ = await cli(api, "sessions", "ls")
+    assert code == 0 and "cli-evil" in out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "note=[2J]0;owned[bold]x" in out

@@ -32,6 +32,9 @@ from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
 from orchestrator.queue import JobQueue, Operation
 from orchestrator.redis_conn import redacted_url, redis_client
+from orchestrator.sandboxes import SandboxRegistry
+from orchestrator.schemas import DrainRequest, SandboxInfo
+from orchestrator.states import SandboxStatus
 from tests.conftest import awaited, free_port
 from workers.jobs import ResilientWorker
 
@@ -228,6 +231,22 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
             await asyncio.sleep(1.3)  # the lease's own 1 s and then some: three renewals (lease / 3)
             assert await worker_redis.get(keys.lock("s1")) == token
         assert await locks.holder("s1") is None
+
+        # The sandbox protocol's scripts: a worker beats and leaves, the API retires its
+        # sandbox, and a later beat is refused.
+        worker_registry, api_registry = SandboxRegistry(worker_redis, keys), SandboxRegistry(api_redis, keys)
+        left = SandboxInfo(
+            id="gone", depth=1, version="0", hostname="h", sessions=0, capacity=1, load=0.0,
+            free_disk_bytes=0, privilege="caps", ts="2026-01-01T00:00:00.000Z", status=SandboxStatus.DRAINED,
+        )  # fmt: skip
+        assert await worker_registry.mark_alive("gone", 60.0)
+        assert await worker_registry.beat(left)
+        assert await api_registry.request_drain("gone", DrainRequest())
+        assert await api_registry.declare_lost("gone", left.ts)
+        assert await api_registry.known("gone") and await api_registry.retire("gone")
+        await api_registry.forget_placed("gone")
+        assert not await worker_registry.mark_alive("gone", 60.0)
+        assert not await worker_registry.beat(left)
 
         # Jobs: the API enqueues (once), the worker's arq consumer runs it and keeps the result.
         ran: list[dict[str, Any]] = []

@@ -304,6 +304,8 @@ def test_redis_and_registry_persist() -> None:
     (container,) = pod_spec(redis)["containers"]
     args = container["args"]
     assert args[0] == "redis-server" and args[args.index("--appendonly") + 1] == "yes"
+    # Every write fsynced before its reply: an acknowledged create survives a crash (docs/redis.md).
+    assert args[args.index("--appendfsync") + 1] == "always"
     data = args[args.index("--dir") + 1]
     claim_names = {c["metadata"]["name"] for c in redis["spec"]["volumeClaimTemplates"]}
     assert any(m["mountPath"] == data and m["name"] in claim_names for m in container["volumeMounts"])

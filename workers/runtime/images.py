@@ -11,7 +11,7 @@ import aiohttp
 from aiodocker.exceptions import DockerError, DockerStreamError
 
 from .errors import DesktopError, DesktopErrorCode, unless_absent
-from .inner import DockerInnerDaemon
+from .inner import DockerInnerDaemon, image_in_path
 
 # Chunks of the image archive as they stream from one daemon to the other.
 CHUNK_BYTES = 1 << 20
@@ -29,7 +29,7 @@ class DockerImages:
         self.registry = registry
 
     async def has(self, image: str) -> bool:
-        return await unless_absent(self._docker.images.inspect(image)) is not None
+        return await unless_absent(self._docker.images.inspect(image_in_path(image))) is not None
 
     async def ensure(self, image: str) -> bool:
         """True if the sandbox's daemon has ``image``, pulling it from the registry if needed."""
@@ -58,7 +58,7 @@ class DockerImages:
                 return False
             raise DesktopError("image_pull_failed", f"pulling {remote}: {e.message}") from e
         own_repository, own_tag = split_reference(image)
-        await self._docker.images.tag(remote, own_repository, tag=own_tag)
+        await self._docker.images.tag(image_in_path(remote), own_repository, tag=own_tag)
         return True
 
     async def copy_into(self, session_id: str, images: list[str]) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import aiodocker
@@ -22,6 +23,15 @@ log = logging.getLogger("workers.runtime.inner")
 
 # How often a wait for dockerd asks the sandbox's daemon whether the desktop still runs.
 EXIT_CHECK_S = 0.5
+
+
+def image_in_path(image: str) -> str:
+    """``image`` as a Docker API path segment (aiodocker puts names into ``images/{name}/json``
+    as they are): quoted, and refused if it has a component a URL would resolve (``..``,
+    ``.``, empty), so no name reaches another endpoint (L1; requests are checked by ImageRef)."""
+    if any(part in ("", ".", "..") for part in image.split("/")):
+        raise DesktopError("image_missing", f"image {image[:200]!r} is not a valid reference")
+    return urllib.parse.quote(image, safe="/:@")
 
 
 class DockerInnerDaemon:
@@ -111,7 +121,7 @@ class DockerInnerDaemon:
     async def has_image(self, session_id: str, image: str) -> bool:
         try:
             async with self.client(session_id) as inner:
-                return await unless_absent(inner.images.inspect(image)) is not None
+                return await unless_absent(inner.images.inspect(image_in_path(image))) is not None
         except TimeoutError as e:  # its read timeout: the desktop's dockerd stalled
             silent = f"the desktop's dockerd did not answer within {self.read_timeout_s:g} s"
             raise DesktopError("preload_failed", f"could not look for {image!r}: {silent}") from e
