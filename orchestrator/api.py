@@ -35,7 +35,7 @@ from .loops import every
 from .monitor import SandboxMonitor
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SandboxRetired, SessionCreate, SessionList, SessionRecord
 from .service import Sessions, check_session_id
-from .sse import EventFeed, EventFilter, parse_after
+from .sse import EventFeed, EventFilter, StreamLimits, check_filter_counts, parse_after
 from .states import SessionState
 
 log = logging.getLogger("orchestrator.api")
@@ -90,15 +90,19 @@ def _auth_error(_: Request[Any, Any, Any], exc: AuthError) -> Response[ErrorBody
     return response
 
 
+def _token(connection: ASGIConnection[Any, Any, Any, Any]) -> auth.Token:
+    header = connection.headers.get("authorization")
+    # Browsers' EventSource cannot send headers: GETs may carry the token as ?access_token=.
+    if header is None and connection.scope.get("method") == "GET" and "access_token" in connection.query_params:
+        header = "Bearer " + connection.query_params["access_token"]
+    return authenticate(header, connection.app.state.tokens)
+
+
 def require(*any_of: str) -> Any:
     """A guard: the request's bearer token must hold one of these scopes (any valid token if none)."""
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        header = connection.headers.get("authorization")
-        # Browsers' EventSource cannot send headers: GETs may carry the token as ?access_token=.
-        if header is None and connection.scope.get("method") == "GET" and "access_token" in connection.query_params:
-            header = "Bearer " + connection.query_params["access_token"]
-        token = authenticate(header, connection.app.state.tokens)
+        token = _token(connection)
         if any_of:
             authorize(token, *any_of)
 
@@ -164,18 +168,38 @@ async def delete_session(session_id: FromPath[str], state: State) -> SessionReco
     return await _sessions(state).delete(session_id)
 
 
-def _sse(feed: EventFeed) -> Stream:
+def _sse(request: Request[Any, Any, Any], feed: EventFeed) -> Stream:
+    """The stream, holding one of its token's slots (429 ``too_many_streams`` over a cap)."""
+    limits: StreamLimits = request.app.state.stream_limits
     return Stream(
-        feed.frames(),
+        limits.admit(_token(request).name, feed.frames()),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
+def _check_query(request: Request[Any, Any, Any], settings: ApiSettings) -> None:
+    length = len(request.scope.get("query_string", b""))
+    if length > settings.max_query_bytes:
+        raise ServiceError(
+            414, "query_too_long", f"the query string has {length} bytes; at most {settings.max_query_bytes}"
+        )
+
+
 def _filter(types: list[str] | None, sessions: list[str] | None, labels: list[str] | None) -> EventFilter:
+    check_filter_counts(type=types, session=sessions, label=labels)  # before any is parsed
     for session_id in sessions or []:
         check_session_id(session_id)
     return EventFilter(types=tuple(types or ()), sessions=frozenset(sessions or ()), labels=_label_pairs(labels))
+
+
+async def _check_stream_exists(state: State, session_id: str) -> None:
+    """A session's stream exists for a record or for a stream still kept (a deleted session's
+    events stay readable until its stream expires); anything else is 404, so made-up ids open
+    nothing."""
+    keys = state.core.keys
+    if not await state.redis.exists(keys.session(session_id), keys.session_events(session_id)):  # one round trip
+        raise ServiceError(404, "session_not_found", f"session {session_id!r} does not exist", "session_id")
 
 
 def _label_pairs(items: list[str] | None) -> dict[str, str]:
@@ -212,6 +236,7 @@ async def firehose_events(
     label: LabelFilter = None,
 ) -> Stream:
     """Live by default; ``?after=0`` replays what is kept."""
+    _check_query(request, state.settings)
     bus: EventBus = state.bus
     stream = bus.stream_key(None)
     feed_filter = _filter(type_, session, label)
@@ -219,6 +244,7 @@ async def firehose_events(
     if start is None:
         start = await bus.last_id(stream) if follow else "0-0"
     return _sse(
+        request,
         EventFeed(
             bus,
             stream,
@@ -228,7 +254,7 @@ async def firehose_events(
             feed_filter,
             labels_of=lambda sid: _labels_of(state, sid),
             hub=state.hub,
-        )
+        ),
     )
 
 
@@ -242,14 +268,16 @@ async def session_events(
     type_: TypeFilter = None,
 ) -> Stream:
     """From the session's beginning by default: a dashboard sees the whole history."""
+    _check_query(request, state.settings)
     check_session_id(session_id)
     bus: EventBus = state.bus
     start = parse_after(request.headers.get("last-event-id"), after) or "0-0"
     feed_filter = _filter(type_, None, None)
+    await _check_stream_exists(state, session_id)
     feed = EventFeed(
         bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow, feed_filter, hub=state.hub
     )
-    return _sse(feed)
+    return _sse(request, feed)
 
 
 @get("/v1/sandboxes", summary="Live sandboxes (from their heartbeats)", guards=ADMIN)
@@ -375,12 +403,22 @@ def _lifespan(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        core = connect(settings)
+        core = connect(
+            settings, max_connections=settings.redis_max_connections, pool_timeout_s=settings.redis_pool_timeout_s
+        )
         hub = StreamHub(core.bus, block_ms=int(settings.sse_keepalive_s * 1000))
+        stream_limits = StreamLimits(settings.sse_max_streams, settings.sse_max_streams_per_token)
         sessions = Sessions(core.store, core.queue, core.sandboxes, settings)
         monitor = SandboxMonitor(core.sandboxes, core.store, core.bus)
         app.state.update(
-            tokens=tokens, settings=settings, core=core, redis=core.redis, bus=core.bus, hub=hub, sessions=sessions
+            tokens=tokens,
+            settings=settings,
+            core=core,
+            redis=core.redis,
+            bus=core.bus,
+            hub=hub,
+            sessions=sessions,
+            stream_limits=stream_limits,
         )
         try:
             async with anyio.create_task_group() as tasks:

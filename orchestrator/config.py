@@ -240,6 +240,23 @@ class RedisSettings:
         "REDIS_TLS_CERT_FILE", None, parse=_text, doc="client certificate, for servers with tls-auth-clients"
     )
     redis_tls_key: str | None = setting("REDIS_TLS_KEY_FILE", None, parse=_text, doc="the client certificate's key")
+    # Every client: a half-open connection (a partition, a dead master) fails a command after
+    # this instead of hanging a heartbeat or job until TCP gives up (keep-alive probes too).
+    redis_socket_timeout_s: float = setting(
+        "ORCH_REDIS_SOCKET_TIMEOUT",
+        30.0,
+        parse=_float,
+        doc="seconds a Redis command may wait for its reply (more than ORCH_SSE_KEEPALIVE: the SSE reader blocks)",
+    )
+    redis_connect_timeout_s: float = setting(
+        "ORCH_REDIS_CONNECT_TIMEOUT", 5.0, parse=_float, doc="seconds to open a Redis connection"
+    )
+    redis_health_check_s: int = setting(
+        "ORCH_REDIS_HEALTH_CHECK_INTERVAL",
+        15,
+        parse=_int,
+        doc="a pooled Redis connection idle this long (s) is PINGed before use; 0: never",
+    )
     key_prefix: str = setting(
         "ORCH_KEY_PREFIX",
         "orchestrator:",
@@ -342,6 +359,47 @@ class ApiSettings(SharedSettings):
         read=_read_tokens,
         doc="API tokens `name:sha256hex:scope+scope;...`, plus those in the file `ORCH_TOKENS_FILE` names",
     )
+    # Bounds at the edge (docs/operations.md): what one client, or all, can hold of the process.
+    sse_max_streams: int = setting(
+        "ORCH_SSE_MAX_STREAMS", 2000, parse=_int, doc="open event streams one API process serves at most"
+    )
+    sse_max_streams_per_token: int = setting(
+        "ORCH_SSE_MAX_STREAMS_PER_TOKEN", 100, parse=_int, doc="open event streams one token may hold per API process"
+    )
+    max_query_bytes: int = setting(
+        "ORCH_MAX_QUERY_BYTES", 4096, parse=_int, doc="longest query string of an event stream request"
+    )
+    max_header_bytes: int = setting(
+        "ORCH_MAX_HEADER_BYTES", 16 * 1024, parse=_int, doc="longest request line plus headers (`orchestrator api`)"
+    )
+    max_connections: int = setting(
+        "ORCH_API_MAX_CONNECTIONS",
+        4096,
+        parse=_int,
+        doc="connections and requests `orchestrator api` serves at once; more get 503",
+    )
+    redis_max_connections: int = setting(
+        "ORCH_REDIS_MAX_CONNECTIONS", 64, parse=_int, doc="Redis connections of one API process at most"
+    )
+    redis_pool_timeout_s: float = setting(
+        "ORCH_REDIS_POOL_TIMEOUT",
+        5.0,
+        parse=_float,
+        doc="seconds an API request waits for a free Redis connection, then fails",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sse_keepalive_s >= self.redis_socket_timeout_s:
+            raise ValueError(
+                f"ORCH_SSE_KEEPALIVE ({self.sse_keepalive_s:g} s) must be less than ORCH_REDIS_SOCKET_TIMEOUT"
+                f" ({self.redis_socket_timeout_s:g} s): the SSE reader blocks in Redis that long"
+            )
+        if self.sse_max_streams >= self.max_connections:
+            raise ValueError(
+                f"ORCH_SSE_MAX_STREAMS ({self.sse_max_streams}) must be less than ORCH_API_MAX_CONNECTIONS"
+                f" ({self.max_connections}): event streams would leave no room for other requests"
+            )
 
 
 def operation_deadline(provision_s: float, ready_s: float, preload_s: float, stop_s: float) -> float:

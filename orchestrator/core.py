@@ -28,9 +28,9 @@ class Core:
         await self.redis.aclose()
 
 
-def connect(settings: SharedSettings) -> Core:
-    """Build the graph; connections open lazily, on first use."""
-    redis = redis_client(settings)
+def connect(settings: SharedSettings, *, max_connections: int | None = None, pool_timeout_s: float = 5.0) -> Core:
+    """Build the graph; connections open lazily, on first use, at most ``max_connections``."""
+    redis = redis_client(settings, max_connections=max_connections, pool_timeout_s=pool_timeout_s)
     keys = Keys(settings.key_prefix)
     bus = EventBus(redis, keys, firehose_maxlen=settings.firehose_maxlen, session_maxlen=settings.session_stream_maxlen)
     return Core(

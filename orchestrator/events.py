@@ -8,6 +8,7 @@ has one id wherever a client reads it, and resuming works across both streams.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ import redis.asyncio as aioredis
 from . import tracing
 from .keys import Keys
 from .schemas import Event, now_rfc3339
+
+log = logging.getLogger("orchestrator.events")
 
 # KEYS: firehose, session stream (optional). ARGV: event json, firehose maxlen, session maxlen.
 PUBLISH_LUA = """
@@ -106,17 +109,33 @@ class EventBus:
         reply = await self._redis.xread({stream: after}, count=count, block=block_ms)
         return decode_entries(reply[0][1]) if reply else []
 
+    async def read_tolerant(
+        self, stream: str, after: str, *, block_ms: int | None = None, count: int = 500
+    ) -> tuple[str, list[tuple[str, Event]]]:
+        """``read`` for a shared reader, which must not stall on one bad entry: the id read up
+        to (``after`` when nothing came) and the entries that decode (the others are logged)."""
+        reply = await self._redis.xread({stream: after}, count=count, block=block_ms)
+        if not reply or not reply[0][1]:
+            return after, []
+        entries = reply[0][1]
+        return _text(entries[-1][0]), decode_entries(entries, skip_bad=True)
+
     async def history(self, stream: str) -> list[tuple[str, Event]]:
         return decode_entries(await self._redis.xrange(stream))
 
 
-def decode_entries(entries: Sequence[tuple[Any, dict[Any, Any]]]) -> list[tuple[str, Event]]:
+def decode_entries(entries: Sequence[tuple[Any, dict[Any, Any]]], *, skip_bad: bool = False) -> list[tuple[str, Event]]:
     out = []
     for entry_id, fields in entries:
         raw = fields.get(b"event", fields.get("event"))
         if raw is None:
             continue
-        out.append((_text(entry_id), _decode_event(raw)))
+        try:
+            out.append((_text(entry_id), _decode_event(raw)))
+        except msgspec.DecodeError:
+            if not skip_bad:
+                raise
+            log.warning("skipping stream entry %s: not an event", _text(entry_id))
     return out
 
 

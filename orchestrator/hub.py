@@ -1,21 +1,28 @@
-"""Fan-out of Redis streams to the SSE clients of one API process.
+"""Fan-out of the event streams to the SSE clients of one API process.
 
-One reader per stream with live followers (``XREAD BLOCK`` on one connection), however many
-clients follow it; each entry is decoded and framed once and handed to every follower's
-bounded buffer. A client that falls behind by more than its buffer is cut loose (``Overflow``)
-and reads Redis at its own pace from its last id (``EventFeed`` does that), so a stalled
-client delays nobody and loses nothing.
+One reader per process, whatever the number of streams and clients: it follows the firehose
+alone (one ``XREAD BLOCK`` on one pooled connection) and hands each batch to the firehose's
+followers and each event to the followers of its session. That is exact because every entry of
+a session stream is also in the firehose, with the same id, in the same order (``events.py``
+and the store's scripts write both in one script). So a client asking for a made-up session
+costs no Redis connection, and a new stream needs no change to the blocking read: it is
+already being read. Each entry is decoded and framed once for all followers.
+
+A follower that falls behind by more than its buffer is cut loose (``Overflow``) and reads
+Redis at its own pace from its last id, without blocking (``EventFeed`` does that, then
+follows again), so a stalled client delays nobody and loses nothing.
 
 No gap at hand-over: a follower registers first (its ``start`` is the reader's position at
 that moment, and every later batch is buffered for it), then catches up on anything before
-``start`` from Redis directly, then drains its buffer, skipping ids it has already sent."""
+``start`` from its own stream directly, then drains its buffer, skipping ids it has sent."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections import deque
+import time
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -57,8 +64,8 @@ class Follower:
         self._wake.set()
 
     async def next(self) -> list[Entry]:
-        """The next batch; an empty one when the stream was quiet for a keep-alive period (the
-        shared reader's block timeout: one timer for all followers, none per follower)."""
+        """The next batch; an empty one when its stream was quiet for a keep-alive period (one
+        timer in the shared reader for all followers, none per follower)."""
         if not self._batches and not self.overflowed:
             self._wake.clear()
             await self._wake.wait()
@@ -67,12 +74,18 @@ class Follower:
         return self._batches.popleft()
 
 
-@dataclass
-class _Reader:
-    stream: str
-    position: str
+@dataclass(eq=False)
+class _Channel:
+    """The followers of one stream: the firehose (session None) or one session's."""
+
+    session: str | None
     followers: set[Follower] = field(default_factory=set)
-    task: asyncio.Task[None] | None = None
+    handed_at: float = field(default_factory=time.monotonic)  # last batch or keep-alive
+
+    def hand(self, batch: list[Entry], now: float) -> None:
+        self.handed_at = now
+        for follower in list(self.followers):
+            follower.offer(batch)
 
 
 class StreamHub:
@@ -80,64 +93,108 @@ class StreamHub:
         self.bus = bus
         self.block_ms = block_ms
         self.buffer_batches = buffer_batches
-        self._readers: dict[str, _Reader] = {}
-        self._lock = asyncio.Lock()
+        self._channels: dict[str | None, _Channel] = {}
+        self._position: str | None = None  # the firehose id read up to; None: no reader yet
+        self._task: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._session_prefix = bus.keys.session_events("")
 
     @property
     def followers(self) -> int:
-        return sum(len(r.followers) for r in self._readers.values())
+        return sum(len(c.followers) for c in self._channels.values())
+
+    @property
+    def channels(self) -> int:
+        return len(self._channels)
+
+    def _session_of(self, stream: str) -> str | None:
+        if stream == self.bus.keys.firehose:
+            return None
+        if stream.startswith(self._session_prefix):
+            return stream[len(self._session_prefix) :]
+        raise ValueError(f"the hub serves the firehose and session streams, not {stream!r}")
 
     @contextlib.asynccontextmanager
     async def follow(self, stream: str) -> AsyncIterator[Follower]:
-        async with self._lock:  # one reader per stream, started at the stream's newest entry
-            reader = self._readers.get(stream)
-            if reader is None:
-                reader = _Reader(stream, await self.bus.last_id(stream))
-                reader.task = asyncio.create_task(self._run(reader), name=f"hub:{stream}")
-                self._readers[stream] = reader
-            follower = Follower(reader.position, self.buffer_batches)
-            reader.followers.add(follower)
+        session = self._session_of(stream)
+        await self._ensure_reader()
+        assert self._position is not None
+        channel = self._channels.get(session)
+        if channel is None:
+            channel = self._channels[session] = _Channel(session)
+        # No await between reading the position and registering: every batch after it is ours.
+        follower = Follower(self._position, self.buffer_batches)
+        channel.followers.add(follower)
         try:
             yield follower
         finally:
-            reader.followers.discard(follower)
-            if not reader.followers and self._readers.get(stream) is reader:
-                del self._readers[stream]
-                if reader.task is not None:
-                    reader.task.cancel()
+            channel.followers.discard(follower)
+            if not channel.followers and self._channels.get(session) is channel:
+                del self._channels[session]
+
+    async def _ensure_reader(self) -> None:
+        """One reader for the process, started at the firehose's newest entry on first use and
+        kept running (an idle one costs one blocked connection, not a reconnect per client)."""
+        if self._task is not None and not self._task.done():
+            return
+        async with self._start_lock:
+            if self._task is not None and not self._task.done():
+                return
+            if self._position is None:
+                self._position = await self.bus.last_id(self.bus.keys.firehose)
+            self._task = asyncio.create_task(self._run(), name="hub:reader")
 
     async def close(self) -> None:
-        readers, self._readers = list(self._readers.values()), {}
-        for reader in readers:
-            if reader.task is not None:
-                reader.task.cancel()
-        for reader in readers:
-            if reader.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader.task
+        task, self._task = self._task, None
+        self._channels = {}
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    async def _run(self, reader: _Reader) -> None:
+    async def _run(self) -> None:
         delay = 0.1
         while True:
+            assert self._position is not None
             try:
-                entries = await self.bus.read(reader.stream, reader.position, block_ms=self.block_ms, count=BATCH)
+                upto, entries = await self.bus.read_tolerant(
+                    self.bus.keys.firehose, self._position, block_ms=self.block_ms, count=BATCH
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # Redis away: followers get keep-alives; retry with backoff
-                log.warning("hub: reading %s failed (%s); retrying in %.1f s", reader.stream, e, delay)
-                for follower in list(reader.followers):
-                    follower.offer([])
+                log.warning("hub: reading the firehose failed (%s); retrying in %.1f s", e, delay)
+                self._keep_alive(time.monotonic(), force=True)
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
                 continue
             delay = 0.1
-            if not entries:
-                for follower in list(reader.followers):
-                    follower.offer([])  # quiet for block_ms: each follower sends a keep-alive
-                continue
+            self._dispatch(upto, entries)
+
+    def _dispatch(self, upto: str, entries: list[tuple[str, Event]]) -> None:
+        """Position and hand-out together (no await): a follower registering now either gets
+        this batch or starts after it."""
+        now = time.monotonic()
+        self._position = upto
+        if entries:
             batch = [(entry_id, event, frame(entry_id, event.type, encode_event(event))) for entry_id, event in entries]
-            # Position and hand-out together (no await between): a follower registering now
-            # either gets this batch or starts after it.
-            reader.position = batch[-1][0]
-            for follower in list(reader.followers):
-                follower.offer(batch)
+            by_session: dict[str, list[Entry]] = defaultdict(list)
+            for entry in batch:
+                if entry[1].session is not None:
+                    by_session[entry[1].session].append(entry)
+            firehose = self._channels.get(None)
+            if firehose is not None:
+                firehose.hand(batch, now)
+            for session, part in by_session.items():
+                channel = self._channels.get(session)
+                if channel is not None:
+                    channel.hand(part, now)
+        self._keep_alive(now)
+
+    def _keep_alive(self, now: float, force: bool = False) -> None:
+        """An empty batch (a keep-alive frame) to the followers of each stream quiet for a
+        keep-alive period, however busy the others are."""
+        period = self.block_ms / 1000
+        for channel in list(self._channels.values()):
+            if force or now - channel.handed_at >= period:
+                channel.hand([], now)

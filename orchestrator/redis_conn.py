@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.sentinel import Sentinel
 
 from .config import RedisSettings
@@ -83,17 +84,52 @@ class _SentinelMaster(JobRedis):
                 await client.aclose()
 
 
-def redis_client(settings: RedisSettings, **kwargs: Any) -> JobRedis:
-    """A client of the Redis master; ``kwargs`` go to ``redis.asyncio.Redis``."""
+# Keep-alive probes on an idle connection: a peer gone without a FIN is found in ~25 s, not
+# the kernel's default two hours.
+_KEEPALIVE = {
+    name: value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+}
+
+
+def _timeouts(settings: RedisSettings, options: dict[str, Any]) -> dict[str, Any]:
+    """Socket timeouts, keep-alive and health checks for every connection (the URL's own
+    ``socket_timeout=`` and the like still win)."""
+    out: dict[str, Any] = {
+        "socket_timeout": settings.redis_socket_timeout_s,
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "health_check_interval": settings.redis_health_check_s,
+    }
+    if "path" not in options:  # TCP only: a unix socket has no keep-alive
+        out["socket_keepalive"] = True
+        out["socket_keepalive_options"] = {getattr(socket, name): value for name, value in _KEEPALIVE.items()}
+    return {key: value for key, value in out.items() if key not in options}
+
+
+def redis_client(
+    settings: RedisSettings, *, max_connections: int | None = None, pool_timeout_s: float = 5.0, **kwargs: Any
+) -> JobRedis:
+    """A client of the Redis master; ``kwargs`` go to ``redis.asyncio.Redis``. With
+    ``max_connections``, at most that many connections: a command waits up to ``pool_timeout_s``
+    for a free one, then fails (Sentinel: it fails at once, redis-py's sentinel pool cannot wait)."""
     options = _url_options(settings)
     tls = _tls(settings, options)
+    kwargs = {**_timeouts(settings, options), **kwargs}
+    if max_connections is not None:
+        kwargs["max_connections"] = max_connections
     if not settings.redis_sentinels:
-        client: JobRedis = JobRedis.from_url(settings.redis_url, **tls, **kwargs)
-        return client
+        if max_connections is None:
+            client: JobRedis = JobRedis.from_url(settings.redis_url, **tls, **kwargs)
+            return client
+        pool = BlockingConnectionPool.from_url(settings.redis_url, timeout=pool_timeout_s, **tls, **kwargs)
+        pooled = JobRedis(connection_pool=pool)
+        pooled.auto_close_connection_pool = True  # aclose() closes the pool too (as from_url's)
+        return pooled
     if "path" in options:
         raise ValueError("REDIS_SENTINELS needs a redis:// or rediss:// REDIS_URL, not unix://")
     master = {k: v for k, v in options.items() if k not in ("host", "port", "path", "connection_class")}
-    to_sentinels: dict[str, Any] = {k: v for k, v in master.items() if k.startswith("socket_")}
+    to_sentinels: dict[str, Any] = {k: v for k, v in {**master, **kwargs}.items() if k.startswith("socket_")}
     if settings.redis_sentinel_password:
         to_sentinels["password"] = settings.redis_sentinel_password
     if tls:

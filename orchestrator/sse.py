@@ -2,14 +2,16 @@
 reconnects with ``Last-Event-ID`` gets exactly what it missed, in order.
 
 A following client catches up from Redis on what it asked for, then takes live events from the
-process's shared reader for the stream (``hub.py``): one Redis read per event for all clients.
-A client that falls behind the shared reader goes back to reading Redis itself, at its own
-pace and one batch at a time: a stalled client holds one batch of memory and delays nobody."""
+process's one shared reader (``hub.py``): one Redis read per event for all clients and streams.
+A client that falls behind the shared reader reads Redis itself, at its own pace, one batch at
+a time and without blocking, until it has caught up, then follows the shared reader again: a
+stalled client holds one batch of memory, delays nobody, and never holds a connection idle."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sized
 from dataclasses import dataclass, field
 
 from .errors import ServiceError
@@ -17,7 +19,10 @@ from .events import EventBus, encode_event
 from .hub import Overflow, StreamHub, frame
 from .schemas import Event
 
-_ENTRY_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# ASCII digits only (``\d`` would take any Unicode digit), each part at most 20 digits and
+# within uint64: what Redis accepts, so a bad id is a 400 before any frame, never a failure after.
+_ENTRY_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+_UINT64_MAX = 2**64 - 1
 BATCH = 200
 
 LabelLookup = Callable[[str], Awaitable[dict[str, str] | None]]
@@ -28,7 +33,7 @@ def parse_after(last_event_id: str | None, after: str | None) -> str | None:
     value = last_event_id if last_event_id else after
     if value is None or value == "":
         return None
-    if not _ENTRY_ID.fullmatch(value):
+    if not _ENTRY_ID.fullmatch(value) or any(int(part) > _UINT64_MAX for part in value.split("-")):
         raise ServiceError(
             400,
             "invalid_event_id",
@@ -43,13 +48,31 @@ def entry_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+# Each filter is checked against every event a stream carries: a bounded list keeps a stream's
+# cost per event bounded (50,000 type filters took 9-25 ms of the event loop per event).
+MAX_FILTERS = 32
+
+
+def check_filter_counts(**lists: Sized | None) -> None:
+    """400 ``too_many_filters`` when a filter list (named by its query parameter) is too long."""
+    for name, items in lists.items():
+        if items is not None and len(items) > MAX_FILTERS:
+            raise ServiceError(
+                400, "too_many_filters", f"{len(items)} {name} filters; at most {MAX_FILTERS} of each", name
+            )
+
+
 @dataclass(frozen=True)
 class EventFilter:
-    """Which events a client wants: types (exact, or a prefix ending in ``*``), sessions, labels."""
+    """Which events a client wants: types (exact, or a prefix ending in ``*``), sessions, labels;
+    at most MAX_FILTERS of each."""
 
     types: tuple[str, ...] = ()
     sessions: frozenset[str] = frozenset()
     labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_filter_counts(type=self.types, session=self.sessions, label=self.labels)
 
     def wants_type(self, type: str) -> bool:
         return not self.types or any(type.startswith(t[:-1]) if t.endswith("*") else type == t for t in self.types)
@@ -106,14 +129,18 @@ class EventFeed:
         reset = await self._trimmed()
         if reset is not None:
             yield reset
-        if self.follow and self.hub is not None:
+        if not self.follow or self.hub is None:
+            async for chunk in self._own(block=self.follow):
+                yield chunk
+            return
+        while True:
             try:
                 async for chunk in self._shared():
                     yield chunk
             except Overflow:
-                pass  # fell behind the shared reader: on at our own pace, from our last id
-        async for chunk in self._own():
-            yield chunk
+                pass  # fell behind the shared reader: catch up at our own pace, from our last id
+            async for chunk in self._own(block=False):
+                yield chunk
 
     async def _shared(self) -> AsyncIterator[bytes]:
         assert self.hub is not None
@@ -143,13 +170,14 @@ class EventFeed:
                     if await self._matches(event):
                         yield data
 
-    async def _own(self) -> AsyncIterator[bytes]:
+    async def _own(self, block: bool) -> AsyncIterator[bytes]:
+        """Read Redis directly from our last id; without ``block``, until there is nothing more."""
         while True:
             entries = await self.bus.read(
-                self.stream, self.after, block_ms=self.keepalive_ms if self.follow else None, count=BATCH
+                self.stream, self.after, block_ms=self.keepalive_ms if block else None, count=BATCH
             )
             if not entries:
-                if not self.follow:
+                if not block:
                     return
                 yield b": keep-alive\n\n"
                 continue
@@ -172,3 +200,54 @@ class EventFeed:
         )
         self.after = "0-0"  # then everything still kept, in order
         return b"event: reset\ndata: " + data + b"\n\n"
+
+
+class StreamLimits:
+    """Open SSE streams of this process, in all and per token: a stream takes a slot before its
+    200 is sent (over a cap: 429 ``too_many_streams``) and gives it back when it ends."""
+
+    def __init__(self, per_process: int, per_token: int) -> None:
+        self.per_process = per_process
+        self.per_token = per_token
+        self.open = 0
+        self._by_token: dict[str, int] = {}
+
+    def admit(self, token: str, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``frames``, holding one of ``token``'s slots until it ends (or, never started, is
+        collected: a client gone before the first frame must not keep its slot)."""
+        if self.open >= self.per_process:
+            raise ServiceError(
+                429, "too_many_streams", f"this API process serves at most {self.per_process} event streams"
+            )
+        if self._by_token.get(token, 0) >= self.per_token:
+            raise ServiceError(
+                429, "too_many_streams", f"token {token!r} has {self.per_token} event streams open, the most allowed"
+            )
+        self.open += 1
+        self._by_token[token] = self._by_token.get(token, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open -= 1
+                left = self._by_token[token] - 1
+                if left:
+                    self._by_token[token] = left
+                else:
+                    del self._by_token[token]
+
+        async def held() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in frames:
+                    yield chunk
+            finally:
+                release()
+                close = getattr(frames, "aclose", None)
+                if close is not None:
+                    await close()  # now, not at collection: its hub follower leaves at once
+
+        stream = held()
+        weakref.finalize(stream, release)
+        return stream

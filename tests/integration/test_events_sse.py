@@ -126,6 +126,7 @@ async def test_a_resume_point_that_was_trimmed_away_gets_a_reset_event(api: str,
 
 
 async def test_a_stalled_client_does_not_delay_the_others(api: str, client: Client, bus: EventBus) -> None:
+    await publish(bus, "slow-one", 1)  # a stream of no session yet: 404
     host, port = api.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     request = f"GET /v1/sessions/slow-one/events HTTP/1.1\r\nHost: x\r\nAuthorization: {ADMIN['Authorization']}"

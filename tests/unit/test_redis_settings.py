@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from redis.asyncio.connection import SSLConnection
+from redis.asyncio.connection import BlockingConnectionPool, SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from orchestrator.config import Settings
@@ -140,3 +140,25 @@ async def test_sentinel_settings() -> None:
         await client.aclose()
     # Jobs use this client too, so arq gets the sentinels' password (it could not pass one itself).
     assert isinstance(client, JobRedis)
+
+
+def test_every_client_times_out_and_probes_a_silent_connection() -> None:
+    settings = Settings(redis_url="redis://redis:6379/0", redis_socket_timeout_s=20.0, redis_health_check_s=7)
+    kwargs = redis_client(settings).connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (20.0, 5.0)
+    assert kwargs["socket_keepalive"] is True and kwargs["socket_keepalive_options"]
+    assert kwargs["health_check_interval"] == 7
+    # The URL's own options win; a unix socket gets no TCP keep-alive.
+    url = redis_client(Settings(redis_url="redis://redis/0?socket_timeout=3")).connection_pool.connection_kwargs
+    assert url["socket_timeout"] == 3
+    assert (
+        "socket_keepalive" not in redis_client(Settings(redis_url="unix:///r.sock")).connection_pool.connection_kwargs
+    )
+
+
+def test_the_api_pool_is_bounded_and_waits_for_a_free_connection() -> None:
+    client = redis_client(Settings(), max_connections=9, pool_timeout_s=1.5)
+    pool = client.connection_pool
+    assert isinstance(pool, BlockingConnectionPool)
+    assert (pool.max_connections, pool.timeout) == (9, 1.5)
+    assert client.auto_close_connection_pool

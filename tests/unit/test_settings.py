@@ -27,6 +27,9 @@ EVERYTHING = Settings(
     redis_tls_ca="/etc/redis/ca.crt",
     redis_tls_cert="/etc/redis/client.crt",
     redis_tls_key="/etc/redis/client.key",
+    redis_socket_timeout_s=12.0,
+    redis_connect_timeout_s=2.5,
+    redis_health_check_s=7,
     key_prefix="t-1:",
     max_sessions=7,
     max_cpus=1.5,
@@ -41,6 +44,13 @@ EVERYTHING = Settings(
     monitor_interval_s=0.25,
     default_sandbox="sb",
     tokens="a:" + "0" * 64 + ":admin;b:" + "1" * 64 + ":events:read",
+    sse_max_streams=300,
+    sse_max_streams_per_token=30,
+    max_query_bytes=2048,
+    max_header_bytes=8192,
+    max_connections=512,
+    redis_max_connections=16,
+    redis_pool_timeout_s=1.5,
     sandbox_id="sb-2",
     depth=3,
     docker_host="unix:///run/inner.sock",
@@ -80,7 +90,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 54
+    assert len(fields) == 64
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
@@ -230,3 +240,14 @@ def test_the_readme_has_the_generated_table() -> None:
     assert table in readme
     for field in env_fields(Settings):
         assert f"| `{config.spec_of(field).env}` |" in table
+
+
+def test_the_sse_reader_blocks_for_less_than_the_redis_socket_timeout() -> None:
+    with pytest.raises(ValueError, match="ORCH_SSE_KEEPALIVE"):
+        Settings(sse_keepalive_s=30.0, redis_socket_timeout_s=30.0)
+    Settings(sse_keepalive_s=29.0, redis_socket_timeout_s=30.0)
+
+
+def test_event_streams_leave_room_for_other_requests() -> None:
+    with pytest.raises(ValueError, match="ORCH_SSE_MAX_STREAMS"):
+        Settings(sse_max_streams=100, max_connections=100)

@@ -7,7 +7,7 @@ from orchestrator.client import SseParser
 from orchestrator.errors import ServiceError
 from orchestrator.hub import frame
 from orchestrator.schemas import LifecycleJob, SessionCreate
-from orchestrator.sse import parse_after
+from orchestrator.sse import MAX_FILTERS, EventFilter, parse_after
 
 
 def test_frames_round_trip_through_the_parser() -> None:
@@ -87,3 +87,30 @@ def test_trace_ids_come_from_valid_traceparent_headers_only() -> None:
     for bad in (None, "", "garbage", f"00-{'0' * 32}-00f067aa0ba902b7-01", f"00-{trace}-short-01"):
         assert from_traceparent(bad) is None
     assert from_traceparent(traceparent(trace)) == trace
+
+
+@pytest.mark.parametrize(
+    "bad", ["\u0661\u0662\u0663", "1-\u0661", str(2**64), f"1-{2**64}", "1" * 21, "1-2-3", "-1", "1-"]
+)
+def test_event_ids_are_ascii_digits_within_uint64(bad: str) -> None:
+    with pytest.raises(ServiceError) as e:
+        parse_after(None, bad)
+    assert e.value.code == "invalid_event_id" and e.value.field == "after"
+
+
+def test_the_largest_event_id_is_accepted() -> None:
+    top = str(2**64 - 1)
+    assert parse_after(top, None) == f"{top}-0"
+    assert parse_after(None, f"{top}-{top}") == f"{top}-{top}"
+
+
+def test_filter_lists_are_bounded() -> None:
+    EventFilter(types=tuple(f"t{i}" for i in range(MAX_FILTERS)))
+    for too_many in (
+        {"types": tuple(f"t{i}" for i in range(MAX_FILTERS + 1))},
+        {"sessions": frozenset(f"s{i}" for i in range(MAX_FILTERS + 1))},
+        {"labels": {f"k{i}": "v" for i in range(MAX_FILTERS + 1)}},
+    ):
+        with pytest.raises(ServiceError) as e:
+            EventFilter(**too_many)
+        assert e.value.code == "too_many_filters" and e.value.status == 400
