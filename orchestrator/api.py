@@ -23,6 +23,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
+from redis.exceptions import RedisError
 
 from . import __version__, api_metrics, auth, tracing
 from .auth import AuthError, authenticate, authorize
@@ -76,6 +77,13 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     if exc.status_code == 413:
         detail = f"request body is larger than {request.app.request_max_body_size} bytes"
     return _error(exc.status_code, code, detail)
+
+
+def _redis_error(_: Request[Any, Any, Any], exc: RedisError) -> Response[ErrorBody]:
+    """Redis away, or every pooled connection busy past the pool's wait: a dependency, not a
+    bug (503, so clients retry), with the details in the log only."""
+    log.warning("Redis unavailable for a request: %s", exc)
+    return _error(503, "redis_unavailable", "the store is unavailable; retry shortly")
 
 
 def _internal_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
@@ -381,6 +389,7 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     AuthError: _auth_error,
     ValidationException: _validation_error,
     HTTPException: _http_error,
+    RedisError: _redis_error,
     Exception: _internal_error,
 }
 OPENAPI = OpenAPIConfig(

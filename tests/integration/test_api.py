@@ -240,3 +240,16 @@ async def test_the_openapi_document_validates(api: str) -> None:
     for path in ("/v1/sessions", "/v1/sessions/{session_id}", "/v1/events", "/v1/sandboxes"):
         assert path in spec["paths"], path
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+async def test_redis_away_is_a_503_in_the_error_shape_not_a_500(settings: Settings) -> None:
+    from dataclasses import replace
+
+    from .conftest import running_api
+
+    away = replace(settings, redis_url="redis://127.0.0.1:1/0", redis_connect_timeout_s=0.5)
+    async with running_api(away) as url, httpx.AsyncClient(base_url=url, headers=ADMIN) as http:
+        response = await http.get("/v1/sessions")
+        assert response.status_code == 503, response.text
+        assert response.json()["code"] == "redis_unavailable"
+        assert "127.0.0.1" not in response.text  # no internal detail to the caller
