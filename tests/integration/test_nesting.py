@@ -190,15 +190,19 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
     print("\nnesting timings (s): " + ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
 
 
+WORKER_PROCESS = "python.* -m workers"
+
+
 async def test_the_sandbox_restarts_a_crashed_worker_and_dockerd(
     images: str, sandbox_stack: tuple[str, Settings]
 ) -> None:
     host = images
     sandbox, _ = sandbox_stack
-    await wait_until(["exec", sandbox, "pgrep", "-f", "orchestrator worker"], host)
-    worker_pid = await adocker("exec", sandbox, "pgrep", "-f", "orchestrator worker", host=host)
+    # `orchestrator worker` replaces itself with `python3 -m workers` (same pid).
+    await wait_until(["exec", sandbox, "pgrep", "-f", WORKER_PROCESS], host)
+    worker_pid = await adocker("exec", sandbox, "pgrep", "-f", WORKER_PROCESS, host=host)
     await adocker("exec", sandbox, "kill", "-KILL", worker_pid, host=host)
-    await wait_until(["exec", sandbox, "sh", "-c", f"pgrep -f 'orchestrator worker' | grep -vx {worker_pid}"], host)
+    await wait_until(["exec", sandbox, "sh", "-c", f"pgrep -f '{WORKER_PROCESS}' | grep -vx {worker_pid}"], host)
 
     dockerd_pid = await adocker("exec", sandbox, "pgrep", "-x", "dockerd", host=host)
     await adocker("exec", sandbox, "kill", "-KILL", dockerd_pid, host=host)

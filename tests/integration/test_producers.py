@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.client import Client
+from orchestrator.client import ApiError, Client
 from orchestrator.config import Settings
 from orchestrator.keys import Keys
 from orchestrator.names import desktop_name
@@ -29,6 +29,18 @@ async def redis_cli(url: str, *args: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     return out.decode().strip()
+
+
+async def session_exists(client: Client, session: str, *, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                await client.get(session)
+                return
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+            await asyncio.sleep(0.1)
 
 
 async def test_redis_cli_alone_enqueues_a_create_that_reaches_dockerd_ready(
@@ -50,6 +62,9 @@ async def test_redis_cli_alone_enqueues_a_create_that_reaches_dockerd_ready(
     queue = Keys(docker_settings.key_prefix).queue(docker_settings.sandbox_id)
     assert await redis_cli(url, "ZADD", queue, now, job_id) == "1"
 
+    # The worker stores the record when it takes the job; until then the session's stream is
+    # unknown (404), so wait for the record, then read its events from the beginning.
+    await session_exists(client, session, timeout=60)
     events = await client.wait_for(session, {"session.ready", "session.failed"}, timeout=90)
     assert events[-1].type == "session.ready", [e.data for e in events]
     assert "dockerd.ready" in [e.type for e in events]
