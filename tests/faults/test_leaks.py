@@ -118,7 +118,7 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
     networks = (await adocker("network", "ls", "--format", "{{.Name}}", "--filter", label, host=host)).split()
     assert len(networks) <= 1, f"one network per sandbox is expected, found {networks}"
 
-    # Redis: only the documented, bounded retention is left (README: events).
+    # Redis: only the documented, bounded retention is left (README: events; tombstones).
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         prefix = settings.key_prefix
@@ -127,7 +127,12 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
         assert len(streams) == CYCLES  # each deleted session's stream, kept for an hour
         for key in streams[:: CYCLES // 10]:
             assert 0 < await redis.ttl(key) <= 3600, key
-        rest = set(keys) - set(streams)
+        # Each deleted session's tombstone (the reconciler's evidence), kept ORCH_TOMBSTONE_TTL.
+        tombstones = [k for k in keys if k.startswith(f"{prefix}session-deleted:")]
+        assert len(tombstones) == CYCLES
+        for key in tombstones[:: CYCLES // 10]:
+            assert 0 < await redis.ttl(key) <= settings.tombstone_ttl_s, key
+        rest = set(keys) - set(streams) - set(tombstones)
         sid = settings.sandbox_id
         allowed = {f"{prefix}{k}" for k in ("events", "sandboxes", f"sandbox:{sid}", f"sandbox-alive:{sid}")}
         assert rest <= allowed, f"left over: {sorted(rest - allowed)}"
