@@ -57,6 +57,7 @@ class Lease:
     key: str
     token: str
     lost: str | None = None  # why, once lost
+    released: bool = False  # the block ended: the renewer stops, whatever became of a cancel
     _scope: anyio.CancelScope = field(default_factory=anyio.CancelScope, repr=False)
 
 
@@ -99,9 +100,12 @@ class SessionLocks:
                 raise LeaseLost(session_id, lease.lost) from e
             raise
         finally:
+            # Never wait on the renewer unbounded: a cancellation racing one of its timeouts
+            # can be absorbed, and a renewer that lives on keeps the lease forever (seen: a
+            # create that never returned and a delete Busy behind it for minutes).
+            lease.released = True
             renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await asyncio.wait({renewer}, timeout=self.lease_ms / 1000)
             # Shielded (a cancelled block still releases) and bounded; an unreleased lease lapses.
             bounded = anyio.move_on_after(self.lease_ms / 1000)
             with contextlib.suppress(Exception), anyio.CancelScope(shield=True), bounded:
@@ -117,14 +121,22 @@ class SessionLocks:
         the lease held, since the script extends only the token it finds."""
         lease_s = self.lease_ms / 1000
         while True:
-            await anyio.sleep(lease_s / 3)
+            await asyncio.sleep(lease_s / 3)
+            if lease.released:
+                return
             sent = time.monotonic()
             answer: int | None = None
-            with anyio.move_on_after(max(lease_s / 10, renewed_at + lease_s - sent)):
-                try:
+            try:
+                # asyncio's own timeout (not anyio's scope inside a plain task): an external
+                # cancel arriving as it expires still ends the task.
+                async with asyncio.timeout(max(lease_s / 10, renewed_at + lease_s - sent)):
                     answer = int(await self._renew(keys=[lease.key], args=[lease.token, self.lease_ms]))
-                except Exception:
-                    log.exception("renewing %s failed; retrying", lease.key)
+            except TimeoutError:
+                pass
+            except Exception:
+                log.exception("renewing %s failed; retrying", lease.key)
+            if lease.released:
+                return
             if answer == 1:
                 renewed_at = sent  # Redis's expiry is at least this far out
             elif answer == 0:
