@@ -41,7 +41,14 @@ class DesktopPreparation:
         async with self._lock:
             profile = await self._probe()
             self.profile = self.runtime.profile = profile
-            log.info("desktops get privilege profile: %s", profile.describe())
+            if profile.unsafe:
+                log.warning(
+                    "UNSAFE privilege profile: %s. Root in a desktop is root on this machine "
+                    "(docs/threat-model.md); use userns unless an operator must have this one",
+                    profile.describe(),
+                )
+            else:
+                log.info("desktops get privilege profile: %s", profile.describe())
             return profile
 
     async def _probe(self) -> PrivilegeProfile:

@@ -5,11 +5,18 @@ VMs and hardened CI runners lack CAP_SYS_RESOURCE), runc refuses ``--privileged`
 ``caps`` profile adds every capability the bounding set has, unconfines seccomp, AppArmor
 and the masked /proc and /sys paths, and the desktop remounts its cgroups itself.
 A named OCI runtime (``runtime:sysbox-runc``) needs none of that.
+
+``userns`` is the safe one: the desktop's dockerd and everything in the desktop run in a user
+namespace (desktop_image/userns-desktop.sh) where uid 0 is an unprivileged uid range of the
+sandbox, one range per desktop (a slot kept on the session's volume). The container itself
+keeps a few capabilities for that set-up only, with a private cgroup namespace.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +72,104 @@ class PrivilegeKind(enum.StrEnum):
     PRIVILEGED = "privileged"
     CAPS = "caps"
     RUNTIME = "runtime"
+    USERNS = "userns"
+
+
+# Root in a desktop is root on the machine under these (docs/threat-model.md): named only.
+UNSAFE = frozenset({PrivilegeKind.PRIVILEGED, PrivilegeKind.CAPS})
+
+# -- userns: the uid ranges --------------------------------------------------------------------
+# Desktop n of a sandbox maps its uid 0 to USERNS_FIRST + n * USERNS_SIZE, USERNS_SIZE ids
+# (what dockerd and the images it runs expect). The slot is chosen when the session's volume is
+# made and kept on it as a label: the files on the volume belong to that range, so a resumed
+# desktop gets the same one, and no two volumes of a sandbox hold the same slot.
+USERNS_FIRST = 100_000
+USERNS_SIZE = 65_536
+USERNS_SLOTS = (2**32 - 1 - USERNS_FIRST) // USERNS_SIZE  # ranges that end below 2^32 - 1
+# The privilege probe's range: the last slot, which free_slot never hands out.
+PROBE_SLOT = USERNS_SLOTS - 1
+LABEL_USERNS_SLOT = "orchestrator.userns-slot"
+
+
+def slot_base(slot: int) -> int:
+    if not 0 <= slot < USERNS_SLOTS:
+        raise ValueError(f"uid range slot {slot} is out of 0..{USERNS_SLOTS - 1}")
+    return USERNS_FIRST + slot * USERNS_SIZE
+
+
+def free_slot(taken: Iterable[int]) -> int:
+    """The lowest slot no volume of the sandbox holds (the probe's is never given)."""
+    used = set(taken)
+    for slot in range(PROBE_SLOT):
+        if slot not in used:
+            return slot
+    raise ValueError("every uid range of this sandbox is taken")
+
+
+def parse_slot(labels: dict[str, str]) -> int | None:
+    raw = labels.get(LABEL_USERNS_SLOT, "")
+    return int(raw) if raw.isascii() and raw.isdigit() and int(raw) < USERNS_SLOTS else None
+
+
+# The container's own capabilities under userns: what the set-up needs (mounts, chown, the
+# uid maps, the veth pair and its NAT, nsenter), nothing that reaches the machine's kernel
+# state (modules, clock, raw I/O, reboot, open_by_handle_at). The namespaces get a full set of
+# their own, which counts only inside them.
+USERNS_CAPS = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "SETFCAP",
+    "NET_ADMIN",
+    "NET_RAW",
+    "NET_BIND_SERVICE",
+    "SYS_ADMIN",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "MKNOD",
+    "AUDIT_WRITE",
+)
+
+# Calls nothing in a desktop needs and the known escapes use; inherited by every process in
+# the desktop, nested containers included (each adds its own dockerd's profile on top). Not
+# Docker's default profile: that one refuses keyctl, which runc inside needs.
+DENIED_SYSCALLS = (
+    "open_by_handle_at",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "create_module",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "stime",
+    "swapon",
+    "swapoff",
+    "acct",
+    "iopl",
+    "ioperm",
+)
+SECCOMP_PROFILE = json.dumps(
+    {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        # The compat architectures too, or a 32-bit call would pass the filter.
+        "archMap": [
+            {"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]},
+            {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": ["SCMP_ARCH_ARM"]},
+        ],
+        "syscalls": [{"names": list(DENIED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    },
+    separators=(",", ":"),
+)
 
 
 @dataclass(frozen=True)
@@ -80,7 +185,14 @@ class PrivilegeProfile:
             return f"caps (all but {', '.join(self.missing_caps) or 'none'}; {self.reason})"
         if self.kind is PrivilegeKind.RUNTIME:
             return f"runtime {self.runtime} ({self.reason})"
+        if self.kind is PrivilegeKind.USERNS:
+            ids = f"{USERNS_SIZE} unprivileged uids per desktop from {USERNS_FIRST} up"
+            return f"userns ({ids}; {self.reason})"
         return f"privileged ({self.reason})"
+
+    @property
+    def unsafe(self) -> bool:
+        return self.kind in UNSAFE
 
     def host_config(self) -> dict[str, Any]:
         """The HostConfig fields this profile sets on a desktop container."""
@@ -88,6 +200,8 @@ class PrivilegeProfile:
             return {"Privileged": True}
         if self.kind is PrivilegeKind.RUNTIME:
             return {"Runtime": self.runtime}
+        if self.kind is PrivilegeKind.USERNS:
+            return userns_host_config()
         return {
             "CapAdd": ["ALL"],
             "CapDrop": list(self.missing_caps),
@@ -96,6 +210,39 @@ class PrivilegeProfile:
             "MaskedPaths": [],
             "ReadonlyPaths": [],
         }
+
+    def desktop_env(self, slot: int | None) -> list[str]:
+        """What the desktop's init needs to know of the profile (desktop-init.sh)."""
+        if self.kind is not PrivilegeKind.USERNS:
+            return []
+        if slot is None:
+            raise ValueError("a userns desktop needs its uid range slot")
+        return [f"ORCH_USERNS_BASE={slot_base(slot)}", f"ORCH_USERNS_SIZE={USERNS_SIZE}"]
+
+    def probe_config(self) -> dict[str, Any]:
+        """The probe container's command and environment: `true`, or under userns the whole
+        set-up and `true` inside the namespaces (an image without it fails the probe)."""
+        if self.kind is PrivilegeKind.USERNS:
+            return {"Entrypoint": ["userns-desktop", "--probe"], "Cmd": [], "Env": self.desktop_env(PROBE_SLOT)}
+        return {"Entrypoint": ["true"], "Cmd": []}
+
+
+def userns_host_config() -> dict[str, Any]:
+    return {
+        # Mounting cgroup v1 shows this container's own cgroup as the root: no release_agent,
+        # no other container's limits, no devices.allow of the machine's root.
+        "CgroupnsMode": "private",
+        "CapDrop": ["ALL"],
+        "CapAdd": list(USERNS_CAPS),
+        "SecurityOpt": [f"seccomp={SECCOMP_PROFILE}", "apparmor=unconfined"],
+        # The namespaces mount a /proc and /sys of their own, which the kernel allows only
+        # where one is fully visible already. What they then see of the machine's /proc/sys,
+        # sysrq-trigger and the like belongs to an unmapped uid 0: read-only at most.
+        "MaskedPaths": [],
+        "ReadonlyPaths": [],
+        # Per network namespace, for the veth pair's NAT and the DNAT to Docker's resolver.
+        "Sysctls": {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.route_localnet": "1"},
+    }
 
 
 # Docker 20.10 (Debian 12's) knows capabilities up to AUDIT_READ (37): its "ALL" never adds the
@@ -110,19 +257,22 @@ def missing_capabilities(cap_bounding_hex: str, cap_last_cap: int) -> tuple[str,
 
 
 def choose_profile(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> PrivilegeProfile:
-    """``setting`` is auto | privileged | caps | runtime:<name>."""
+    """``setting`` is auto | userns | privileged | caps | runtime:<name>. What ``auto`` gives
+    here is only a guess: the worker decides by probing ``candidates``."""
     missing = missing_capabilities(cap_bounding_hex, cap_last_cap)
     if setting.startswith("runtime:"):
         name = setting.removeprefix("runtime:")
         if not name:
             raise ValueError("privilege 'runtime:' needs a runtime name, e.g. runtime:sysbox-runc")
         return PrivilegeProfile(PrivilegeKind.RUNTIME, "configured", runtime=name)
+    if setting == "userns":
+        return PrivilegeProfile(PrivilegeKind.USERNS, "configured")
     if setting == "privileged":
         return PrivilegeProfile(PrivilegeKind.PRIVILEGED, "configured")
     if setting == "caps":
         return PrivilegeProfile(PrivilegeKind.CAPS, "configured", missing_caps=missing)
     if setting != "auto":
-        raise ValueError(f"privilege must be auto, privileged, caps or runtime:<name>, got {setting!r}")
+        raise ValueError(f"privilege must be auto, userns, privileged, caps or runtime:<name>, got {setting!r}")
     if missing:
         return PrivilegeProfile(
             PrivilegeKind.CAPS, "capability bounding set lacks " + ", ".join(missing), missing_caps=missing
@@ -131,18 +281,20 @@ def choose_profile(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> Pr
 
 
 def candidates(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> list[PrivilegeProfile]:
-    """Profiles to try, best first. Explicit settings give one; ``auto`` gives what the bounding
-    set suggests, then the fallbacks that matter when this process's set is not the daemon's
-    (a worker in a container sees its own, smaller set): the daemon decides by trying."""
+    """Profiles to try, best first. Explicit settings give one; ``auto`` gives userns first, then
+    (unsafe, logged so) what the bounding set suggests and the fallbacks that matter when this
+    process's set is not the daemon's (a worker in a container sees its own, smaller set):
+    the daemon decides by trying."""
     if setting != "auto":
         return [choose_profile(setting, cap_bounding_hex, cap_last_cap)]
     found = [
+        PrivilegeProfile(PrivilegeKind.USERNS, "probe"),
         PrivilegeProfile(PrivilegeKind.PRIVILEGED, "probe"),
         PrivilegeProfile(PrivilegeKind.CAPS, "probe: all capabilities", missing_caps=()),
         PrivilegeProfile(PrivilegeKind.CAPS, "probe: all but SYS_RESOURCE", missing_caps=("SYS_RESOURCE",)),
     ]
     own = choose_profile("auto", cap_bounding_hex, cap_last_cap)
-    if own.kind is PrivilegeKind.CAPS and own.missing_caps not in {p.missing_caps for p in found[1:]}:
+    if own.kind is PrivilegeKind.CAPS and own.missing_caps not in {p.missing_caps for p in found[2:]}:
         found.append(own)
     return found
 

@@ -41,8 +41,72 @@ def test_auto_candidates_go_from_most_to_least_capable() -> None:
     from workers.privilege import candidates
 
     kinds = [(p.kind, p.missing_caps) for p in candidates("auto", NO_SYS_RESOURCE, 40)]
-    assert kinds == [("privileged", ()), ("caps", ()), ("caps", ("SYS_RESOURCE",))]
+    assert kinds == [("userns", ()), ("privileged", ()), ("caps", ()), ("caps", ("SYS_RESOURCE",))]
     # A worker inside a default container sees a small bounding set: that guess comes last.
     small = candidates("auto", "00000000a80425fb", 40)
     assert small[-1].kind == "caps" and "SYS_ADMIN" in small[-1].missing_caps
     assert [p.kind for p in candidates("caps", FULL, 40)] == ["caps"]
+
+
+def test_userns_is_named_and_safe_and_the_others_are_unsafe() -> None:
+    from workers.privilege import candidates
+
+    userns = choose_profile("userns", NO_SYS_RESOURCE, 40)
+    assert userns.kind == "userns" and not userns.unsafe
+    assert candidates("userns", FULL, 40) == [userns]
+    assert choose_profile("caps", FULL, 40).unsafe and choose_profile("privileged", FULL, 40).unsafe
+    assert not choose_profile("runtime:sysbox-runc", FULL, 40).unsafe
+
+
+def test_userns_container_has_a_private_cgroupns_few_capabilities_and_a_seccomp_deny_list() -> None:
+    import json
+
+    config = choose_profile("userns", FULL, 40).host_config()
+    assert config["CgroupnsMode"] == "private"
+    assert config["CapDrop"] == ["ALL"]
+    for dangerous in ("SYS_MODULE", "SYS_TIME", "SYS_BOOT", "SYS_RAWIO", "DAC_READ_SEARCH", "SYS_RESOURCE"):
+        assert dangerous not in config["CapAdd"], dangerous
+    assert "Privileged" not in config
+    (seccomp,) = [o.removeprefix("seccomp=") for o in config["SecurityOpt"] if o.startswith("seccomp=")]
+    profile = json.loads(seccomp)
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    denied = {name for rule in profile["syscalls"] for name in rule["names"] if rule["action"] == "SCMP_ACT_ERRNO"}
+    assert {"open_by_handle_at", "init_module", "finit_module", "kexec_load", "reboot", "clock_settime"} <= denied
+    # 32-bit calls go through the same filter.
+    assert "SCMP_ARCH_X86" in profile["archMap"][0]["subArchitectures"]
+
+
+def test_uid_ranges_are_disjoint_above_100000_and_below_2_32() -> None:
+    from workers.privilege import PROBE_SLOT, USERNS_SIZE, USERNS_SLOTS, free_slot, slot_base
+
+    assert slot_base(0) == 100_000
+    assert slot_base(1) - slot_base(0) == USERNS_SIZE == 65_536
+    assert slot_base(USERNS_SLOTS - 1) + USERNS_SIZE - 1 <= 2**32 - 1
+    with pytest.raises(ValueError):
+        slot_base(USERNS_SLOTS)
+    with pytest.raises(ValueError):
+        slot_base(-1)
+    assert free_slot([]) == 0
+    assert free_slot([0, 1, 3]) == 2
+    # The probe's slot is never a desktop's.
+    with pytest.raises(ValueError, match="taken"):
+        free_slot(range(PROBE_SLOT))
+
+
+def test_userns_desktops_learn_their_range_and_others_nothing() -> None:
+    userns = choose_profile("userns", FULL, 40)
+    assert userns.desktop_env(2) == [f"ORCH_USERNS_BASE={100_000 + 2 * 65_536}", "ORCH_USERNS_SIZE=65536"]
+    with pytest.raises(ValueError):
+        userns.desktop_env(None)
+    assert choose_profile("caps", FULL, 40).desktop_env(None) == []
+    assert userns.probe_config()["Entrypoint"] == ["userns-desktop", "--probe"]
+    assert choose_profile("caps", FULL, 40).probe_config()["Entrypoint"] == ["true"]
+
+
+def test_slot_labels_are_parsed_strictly() -> None:
+    from workers.privilege import LABEL_USERNS_SLOT, USERNS_SLOTS, parse_slot
+
+    assert parse_slot({LABEL_USERNS_SLOT: "7"}) == 7
+    for bad in ("", "-1", "x", str(USERNS_SLOTS), "٣"):
+        assert parse_slot({LABEL_USERNS_SLOT: bad}) is None, bad
+    assert parse_slot({}) is None

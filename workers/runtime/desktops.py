@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import time
 from datetime import datetime
@@ -31,7 +32,7 @@ from orchestrator.names import (
 )
 from orchestrator.schemas import Resources
 
-from ..privilege import PrivilegeProfile
+from ..privilege import LABEL_USERNS_SLOT, PrivilegeKind, PrivilegeProfile, free_slot, parse_slot
 from .errors import DesktopError, existed, unless_absent
 from .port import Desktop, DockerObject
 
@@ -109,11 +110,67 @@ class DockerDesktops:
     async def ensure_volume(self, session_id: str) -> bool:
         if await self.volume_exists(session_id):
             return False
+        if self.profile.kind is PrivilegeKind.USERNS:
+            await self._create_userns_volume(session_id)
+        else:
+            await self._create_volume(session_id, self.labels(session_id))
+        return True
+
+    async def _create_volume(self, session_id: str, labels: dict[str, str]) -> None:
         try:
-            await self._docker.volumes.create({"Name": volume_name(session_id), "Labels": self.labels(session_id)})
+            await self._docker.volumes.create({"Name": volume_name(session_id), "Labels": labels})
         except DockerError as e:
             raise DesktopError("volume_create_failed", f"could not create the volume: {e.message}") from e
-        return True
+
+    # -- userns: one uid range per volume ---------------------------------------------------
+
+    async def _volume_slots(self) -> dict[str, int]:
+        """The uid range slot of each volume of this sandbox that has one."""
+        filters = {"label": [f"{LABEL_SANDBOX}={self.sandbox_id}"]}
+        found: dict[str, Any] = await self._docker.volumes.list(filters=filters)
+        slots = {}
+        for volume in found.get("Volumes") or []:
+            slot = parse_slot(volume.get("Labels") or {})
+            if slot is not None:
+                slots[volume["Name"]] = slot
+        return slots
+
+    async def _create_userns_volume(self, session_id: str, attempts: int = 20) -> int:
+        """Create the volume with the lowest free slot. Another worker of the sandbox may pick
+        the same slot at the same moment, so each checks after creating: a new volume that
+        finds another with its slot gives way (removed, still empty, and picks again). The
+        first to see no rival keeps it, and any later one sees it: no two keep one slot."""
+        name = volume_name(session_id)
+        for _ in range(attempts):
+            slots = await self._volume_slots()
+            slot = free_slot(s for n, s in slots.items() if n != name)
+            await self._create_volume(session_id, {**self.labels(session_id), LABEL_USERNS_SLOT: str(slot)})
+            after = await self._volume_slots()
+            mine = after.get(name)
+            if mine is None:  # made meanwhile under another profile: Docker kept its labels
+                raise DesktopError("volume_create_failed", f"volume {name} exists without a uid range slot")
+            rivals = [n for n, s in after.items() if s == mine and n != name]
+            if not rivals:
+                return mine
+            await self._remove_volume(name, "the volume that lost its uid range slot")
+            await asyncio.sleep(random.uniform(0.01, 0.1))
+        raise DesktopError("volume_create_failed", f"no free uid range slot after {attempts} attempts")
+
+    async def userns_slot(self, session_id: str) -> int | None:
+        """The slot on the session's volume (None for other profiles). A volume made under
+        another profile has none, and its files belong to the sandbox's root: refused."""
+        if self.profile.kind is not PrivilegeKind.USERNS:
+            return None
+        info = await unless_absent(DockerVolume(self._docker, volume_name(session_id)).show())
+        if info is None:
+            raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
+        slot = parse_slot(info.get("Labels") or {})
+        if slot is None:
+            raise DesktopError(
+                "volume_not_userns",
+                f"the volume of {session_id} was made under another privilege profile (no uid range slot)",
+            )
+        return slot
 
     async def volume_exists(self, session_id: str) -> bool:
         return await unless_absent(self._docker.volumes.get(volume_name(session_id))) is not None
@@ -154,6 +211,7 @@ class DockerDesktops:
         generation: int,
         resources: Resources | None = None,
         env: dict[str, str] | None = None,
+        userns_slot: int | None = None,
     ) -> dict[str, Any]:
         sockets = os.path.dirname(socket_path(self.socket_dir, session_id))
         host_config: dict[str, Any] = {
@@ -179,6 +237,7 @@ class DockerDesktops:
             f"ORCH_SESSION={session_id}",
             "ORCH_EXTERNAL_SOCKET=/run/orchestrator/docker.sock",
         ]
+        variables += self.profile.desktop_env(userns_slot)
         return {
             "Image": self.image,
             "Hostname": desktop_name(session_id)[:63],
@@ -200,7 +259,8 @@ class DockerDesktops:
         if existing is not None:
             await self.remove(session_id)
         os.makedirs(os.path.dirname(socket_path(self.socket_dir, session_id)), exist_ok=True)
-        config = self.desktop_config(session_id, generation, resources, env)
+        slot = await self.userns_slot(session_id)
+        config = self.desktop_config(session_id, generation, resources, env, userns_slot=slot)
         try:
             await self._docker.containers.create(config, name=desktop_name(session_id))
         except DockerError as e:

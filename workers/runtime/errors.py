@@ -16,6 +16,7 @@ T = TypeVar("T")
 DesktopErrorCode = Literal[
     "desktop_create_failed",
     "desktop_exited",
+    "desktop_not_userns",
     "desktop_remove_failed",
     "desktop_start_failed",
     "dockerd_timeout",
@@ -27,6 +28,7 @@ DesktopErrorCode = Literal[
     "resources_exceed_sandbox",
     "volume_create_failed",
     "volume_lost",
+    "volume_not_userns",
     "volume_remove_failed",
 ]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import stat
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -16,6 +18,7 @@ from aiodocker.exceptions import DockerError
 from orchestrator.names import address_pool
 from orchestrator.schemas import DockerdReady
 
+from ..privilege import USERNS_SIZE, slot_base
 from .desktops import DockerDesktops, socket_path
 from .errors import DesktopError, unless_absent
 
@@ -96,6 +99,7 @@ class DockerInnerDaemon:
                     await self._fail_if_exited(session_id)
                 await asyncio.sleep(0.02)
             duration_ms = int((time.monotonic() - started_at) * 1000)
+        await self._check_userns(session_id)
         async with self.client(session_id) as inner:
             info = await inner.system.info()
         driver_status = dict(info.get("DriverStatus") or [])
@@ -108,6 +112,25 @@ class DockerInnerDaemon:
             depth=depth,
             address_pool=address_pool(depth),
         )
+
+    async def _check_userns(self, session_id: str) -> None:
+        """Under userns, the socket must be the namespaced dockerd's: made by its root, a uid of
+        the desktop's range. A dockerd running as the sandbox's root (an image without the
+        userns set-up, which would be the caps profile in all but name) is refused."""
+        slot = await self._desktops.userns_slot(session_id)
+        if slot is None:
+            return
+        base = slot_base(slot)
+        try:
+            info = os.lstat(self._socket(session_id))  # never a link's target (H1)
+        except OSError as e:
+            raise DesktopError("desktop_not_userns", f"the desktop's socket is gone: {e}") from e
+        if not stat.S_ISSOCK(info.st_mode) or not base <= info.st_uid < base + USERNS_SIZE:
+            raise DesktopError(
+                "desktop_not_userns",
+                f"the desktop's dockerd is not in its user namespace (socket uid {info.st_uid}, "
+                f"expected {base}..{base + USERNS_SIZE - 1}): does the desktop image have userns-desktop?",
+            )
 
     async def _fail_if_exited(self, session_id: str) -> None:
         desktop = await self._desktops.inspect(session_id)

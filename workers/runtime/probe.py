@@ -27,12 +27,12 @@ class DockerPrivilegeProbe:
 
     async def try_profile(self, profile: PrivilegeProfile) -> str | None:
         """Run a throwaway container of the desktop image with ``profile``: None if it runs,
-        else why not (runc refuses e.g. --privileged where CAP_SYS_RESOURCE is missing)."""
+        else why not (runc refuses e.g. --privileged where CAP_SYS_RESOURCE is missing; the
+        userns set-up fails where the kernel or the daemon does not allow it)."""
         name = f"privilege-probe-{self.sandbox_id}-{os.getpid()}"
         config: dict[str, Any] = {
             "Image": self.image,
-            "Entrypoint": ["true"],
-            "Cmd": [],
+            **profile.probe_config(),
             "Labels": {LABEL_SANDBOX: self.sandbox_id, LABEL_ROLE: "probe"},
             "HostConfig": profile.host_config(),
         }
@@ -43,7 +43,10 @@ class DockerPrivilegeProbe:
             await probe.start()
             result = await probe.wait(timeout=PROBE_TIMEOUT)
             status = result.get("StatusCode")
-            return None if status == 0 else f"the probe exited with status {status}"
+            if status == 0:
+                return None
+            logs = "".join(await probe.log(stdout=True, stderr=True, tail=5)).strip()
+            return f"the probe exited with status {status}: {logs[-300:]}"
         except DockerError as e:
             if e.status == 404 and "image" in e.message.lower():
                 # Nothing learnt about privileges: the image is not here (yet).
