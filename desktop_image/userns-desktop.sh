@@ -136,8 +136,12 @@ connect_network() {  # $1: the namespaces' pid
 }
 
 start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini)
+  # --cgroup: a cgroup namespace of the user namespace's own, rooted where this process is (the
+  # container's cgroup, the root of its private namespace, so every path reads the same), lets a
+  # Docker-in-Docker inside mount cgroup v1 for its dockerd: the mount shows the desktop's
+  # cgroup as its root, never the machine's (no release_agent there).
   unshare --user --map-users="$BASE,0,$SIZE" --map-groups="$BASE,0,$SIZE" --setuid 0 --setgid 0 \
-    --mount --pid --fork --mount-proc --net --uts --ipc \
+    --mount --pid --fork --mount-proc --net --uts --ipc --cgroup \
     tini -g -- "$@" &
   unshare_pid=$!
   pid=$(inner_pid "$unshare_pid") || { wait "$unshare_pid" || :; die "the namespaces did not start"; }

@@ -434,7 +434,10 @@ class WorkerSettings(SharedSettings):
         doc="host directory of the bind-mounted folders holding each desktop's dockerd socket",
     )
     privilege: str = setting(
-        "ORCH_PRIVILEGE", "auto", parse=_text, doc="`auto`, `privileged`, `caps` or `runtime:<name>`"
+        "ORCH_PRIVILEGE",
+        "auto",
+        parse=_text,
+        doc="`auto` (userns where it works), `userns`, `privileged`, `caps` or `runtime:<name>`",
     )
     ready_timeout_s: float = setting(
         "ORCH_READY_TIMEOUT", 60.0, parse=_float, doc="seconds a desktop's dockerd has to get ready"

@@ -7,6 +7,7 @@ What the outcomes mean is in docs/threat-model.md ("The escape suite")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -65,8 +66,11 @@ s=1; for d in /sys/fs/cgroup/devices /sys/fs/cgroup; do
 done
 say machine_disk_from_root_cgroup "$s"
 
-s=1; $b mkdir -p /tmp/cg && $b mount -t cgroup -o memory cgroup /tmp/cg 2>/dev/null && s=0
-say mount_cgroup_v1 "$s"
+# A fresh cgroup v1 mount: at the machine's hierarchy root it has release_agent (and every
+# other container's limits); in a cgroup namespace of the desktop's own it shows the desktop's.
+s=1; $b mkdir -p /tmp/cg && $b mount -t cgroup -o memory cgroup /tmp/cg 2>/dev/null \
+  && { [ -e /tmp/cg/release_agent ] && s=0; $b umount /tmp/cg; }
+say mount_cgroup_v1_at_machine_root "$s"
 
 s=1; for f in /sys/fs/cgroup/devices/devices.allow /sys/fs/cgroup/devices.allow; do
   [ -e "$f" ] && printf 'c 1:3 rwm' > "$f" 2>/dev/null && s=0
@@ -137,7 +141,7 @@ async def test_escapes_from_a_desktop(profiled: tuple[str, Settings, SandboxWork
         "sysrq_trigger_writable",
         "machine_disk_readable",
         "machine_disk_from_root_cgroup",
-        "mount_cgroup_v1",
+        "mount_cgroup_v1_at_machine_root",
         "devices_allow_writable",
     }
     for where, found in seen.items():
@@ -158,7 +162,24 @@ async def test_escapes_from_a_desktop(profiled: tuple[str, Settings, SandboxWork
         # (This kernel has no magic SysRq at all: no /proc/sysrq-trigger to try.)
         assert as_root["sysrq_trigger_writable"] in ("ALLOWED", "absent")
         assert as_root["release_agent_writable"].startswith("ALLOWED")
+        assert as_root["mount_cgroup_v1_at_machine_root"] == "ALLOWED"
 
     # And the desktop still does its job: a container runs inside.
     out = await adocker("exec", desktop, "docker", "run", "--rm", TEST_IMAGE, "echo", "inside", host=host)
     assert out == "inside"
+
+
+async def test_auto_chooses_userns_where_it_works(docker_settings: Settings, client: Client) -> None:
+    """On this machine (our CI kind) the default is the user-namespaced profile, reported in the
+    heartbeat and on each desktop.started; a fallback to an unsafe one would fail here."""
+    assert docker_settings.privilege == "auto"
+    async with running_worker(docker_settings):
+        async with asyncio.timeout(30):
+            while not (mine := [s for s in await client.sandboxes() if s.id == docker_settings.sandbox_id]):
+                await asyncio.sleep(0.1)
+        assert mine[0].privilege.startswith("userns"), mine[0].privilege
+        sid = (await client.create()).id
+        events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
+        assert events[-1].type == "session.ready", [e.data for e in events]
+        (started,) = [e.data["data"] for e in events if e.type == "desktop.started"]
+        assert started["privilege"] == "userns"

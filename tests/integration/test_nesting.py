@@ -112,6 +112,9 @@ async def sandbox_stack(images: str, settings: Settings) -> AsyncIterator[tuple[
             "ORCH_DEPTH=1",
             "-e",
             "ORCH_POLL_DELAY=0.01",
+            # The image the test loads into the sandbox, under whatever tag this run uses.
+            "-e",
+            f"ORCH_DESKTOP_IMAGE={DESKTOP_IMAGE}",
             SANDBOX_IMAGE,
             host=host,
         )
