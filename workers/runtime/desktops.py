@@ -220,6 +220,8 @@ class DockerDesktops:
         try:
             await self._container(session_id).start()
         except DockerError as e:
+            if e.status == 404:
+                raise DesktopError("desktop_gone", "the desktop is gone") from e
             raise DesktopError("desktop_start_failed", f"could not start the desktop: {e.message}") from e
 
     async def remove(self, session_id: str, stop_timeout: int = 20) -> bool:
@@ -286,7 +288,9 @@ def _desktop_object(container: DockerContainer) -> DockerObject:
         name=(info.get("Names") or ["/?"])[0].lstrip("/"),
         session=labels.get(LABEL_SESSION, ""),
         generation=_generation(labels),
-        running=info.get("State") == "running",
+        # Restarting: the daemon's restart policy is bringing it back (its own backoff); the
+        # reconciler must not start it too, nor spend its restart budget on it.
+        running=info.get("State") in ("running", "restarting"),
         created_at=float(info.get("Created") or 0),
     )
 
