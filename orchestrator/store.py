@@ -22,17 +22,21 @@ from .states import SessionState
 
 log = logging.getLogger("orchestrator.store")
 
-# KEYS: record, index, firehose, session stream, session env, the sandbox's placed set,
-#       the session's tombstone.
+# KEYS: record, index, firehose, session stream, the sandbox's placed set, the session's
+#       tombstone, its lock.
 # ARGV: expected revision (-1: must not exist), new record json ('' deletes it and its env),
 #       session id, event json, firehose maxlen, session maxlen, session stream ttl after
-#       deletion (0: none), env json to store with the record ('': leave as is), tombstone ttl.
+#       deletion (0: none), env json to store with the record ('': leave as is), tombstone ttl,
+#       lease token, the session's env key.
 # Returns {1, entry id} or {0, current record json or ''}.
-# Fence (KEYS[8], ARGV[10]): a lifecycle operation's write passes the session's lock key and
+# The env key is an argument, not one of KEYS: Redis checks a script's declared keys as read
+# and write, and the API's ACL user may only write env (SET, DEL: docs/redis.md). The project
+# runs on one Redis (or Sentinel), never Cluster, so undeclared keys are fine.
+# Fence (KEYS[7], ARGV[10]): a lifecycle operation's write passes the session's lock key and
 # its lease token; unless the lock key still holds that token, nothing is written and the
 # script returns {2, ''}. The API's writes hold no lease and pass '' (no fence).
 CAS_LUA = """
-if ARGV[10] ~= '' and redis.call('GET', KEYS[8]) ~= ARGV[10] then return {2, ''} end
+if ARGV[10] ~= '' and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {2, ''} end
 local cur = redis.call('GET', KEYS[1])
 local expected = tonumber(ARGV[1])
 if expected < 0 then
@@ -42,17 +46,17 @@ else
   if cjson.decode(cur)['revision'] ~= expected then return {0, cur} end
 end
 if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1], KEYS[5])
+  redis.call('DEL', KEYS[1], ARGV[11])
   redis.call('SREM', KEYS[2], ARGV[3])
-  redis.call('SREM', KEYS[6], ARGV[3])
+  redis.call('SREM', KEYS[5], ARGV[3])
   -- The tombstone: the reconciler's evidence that the session's leftovers may go (H3).
-  redis.call('SET', KEYS[7], '1', 'EX', ARGV[9])
+  redis.call('SET', KEYS[6], '1', 'EX', ARGV[9])
 else
-  if expected < 0 then redis.call('DEL', KEYS[7]) end
+  if expected < 0 then redis.call('DEL', KEYS[6]) end
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
-  redis.call('SADD', KEYS[6], ARGV[3])
-  if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8]) end
+  redis.call('SADD', KEYS[5], ARGV[3])
+  if ARGV[8] ~= '' then redis.call('SET', ARGV[11], ARGV[8]) end
 end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], id, 'event', ARGV[4])
@@ -66,10 +70,11 @@ return {1, id}
 # record, its env and its event) are one script, so concurrent creates never exceed a cap,
 # two never share a warm desktop, and no record exists without its place (or the reverse).
 # KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
-#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its env,
-#   11 its tombstone (a new record drops it).
+#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its
+#   tombstone (a new record drops it).
 # ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
-#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen.
+#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen, 9 its env key (an argument,
+#   not one of KEYS, for the API's write-only access: see CAS_LUA).
 # Returns {1, entry id}; {0, existing record} when the requested id exists; {2, why} when the
 #   sandbox no longer qualifies: 'gone', 'draining', 'full' or 'claimed' (the desktop is taken).
 RESERVE_LUA = """
@@ -84,9 +89,9 @@ if ARGV[3] ~= '' then
 end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[11])
+redis.call('DEL', KEYS[10])
 redis.call('SADD', KEYS[3], ARGV[1])
-if ARGV[6] ~= '' then redis.call('SET', KEYS[10], ARGV[6]) end
+if ARGV[6] ~= '' then redis.call('SET', ARGV[9], ARGV[6]) end
 local entry = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[5])
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], entry, 'event', ARGV[5])
 return {1, entry}
@@ -282,7 +287,6 @@ class SessionStore:
                 k.pool(sandbox),
                 k.firehose,
                 k.session_events(session),
-                k.session_env(session),
                 k.session_deleted(session),
             ],
             args=[
@@ -294,6 +298,7 @@ class SessionStore:
                 _encode(env) if env and warm_id is None else b"",
                 self.bus.firehose_maxlen,
                 self.bus.session_maxlen,
+                k.session_env(session),
             ],
         )
         if int(reply[0]) == 0:
@@ -381,7 +386,6 @@ class SessionStore:
                 keys.session_index,
                 keys.firehose,
                 keys.session_events(session_id),
-                keys.session_env(session_id),
                 keys.placed(sandbox),
                 keys.session_deleted(session_id),
                 keys.lock(session_id),
@@ -397,6 +401,7 @@ class SessionStore:
                 _encode(env) if env else b"",
                 self.tombstone_ttl_s,
                 fence or "",
+                keys.session_env(session_id),
             ],
         )
         if int(reply[0]) == 2:
