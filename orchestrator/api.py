@@ -19,6 +19,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
@@ -31,6 +32,7 @@ from .config import ApiSettings, Settings
 from .core import connect
 from .errors import ServiceError
 from .events import EventBus
+from .http_headers import add_security_headers
 from .hub import StreamHub
 from .loops import every
 from .monitor import SandboxMonitor
@@ -104,10 +106,16 @@ def _auth_error(_: Request[Any, Any, Any], exc: AuthError) -> Response[ErrorBody
 
 def _token(connection: ASGIConnection[Any, Any, Any, Any]) -> auth.Token:
     header = connection.headers.get("authorization")
-    # Browsers' EventSource cannot send headers: GETs may carry the token as ?access_token=.
-    if header is None and connection.scope.get("method") == "GET" and "access_token" in connection.query_params:
+    # Browsers' EventSource cannot send headers: event streams (and the dashboard page that opens
+    # one) may carry the token as ?access_token=; nothing else does (a URL lands in logs, L2).
+    if header is None and _token_in_url_allowed(connection) and "access_token" in connection.query_params:
         header = "Bearer " + connection.query_params["access_token"]
     return authenticate(header, connection.app.state.tokens)
+
+
+def _token_in_url_allowed(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    path: str = connection.scope["path"]
+    return connection.scope.get("method") == "GET" and (path == "/dashboard" or path.endswith("/events"))
 
 
 def require(*any_of: str) -> Any:
@@ -399,8 +407,10 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
 OPENAPI = OpenAPIConfig(
     title="Nested desktop orchestrator",
     version=__version__,
-    # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
+    # Schema files under /docs, behind a token like everything but /healthz. No HTML viewer:
+    # each of Litestar's loads third-party scripts (a CDN) into a page whose URL holds a token (L2).
     openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
+    render_plugins=[JsonRenderPlugin(), YamlRenderPlugin()],
     security=[{"bearer": []}],
     components=Components(
         security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
@@ -462,4 +472,5 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OPENAPI,
         request_max_body_size=settings.max_body_bytes,
+        before_send=[add_security_headers],
     )
