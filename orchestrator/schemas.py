@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .names import DEFAULT_TENANT
 from .states import SandboxStatus, SessionState
 
 SessionId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{2,62}$", max_length=63)]
@@ -113,6 +114,9 @@ class SessionRecord(Stored):
     error: SessionError | None = None
     # When the TTL runs out (Unix seconds), counted from the last create or start.
     expires_at: float | None = None
+    # Whose session it is: the tenant of the token that created it (auth.py). A record written
+    # before tenancy decodes as the default tenant's, which every session then was.
+    tenant: str = DEFAULT_TENANT
 
 
 class SessionList(Stored):
@@ -148,6 +152,10 @@ class Event(Stored):
     data: dict[str, Any] = {}
     # The operation's trace id (the API request's, carried by the job); null when none caused it.
     trace: str | None = None
+    # The session's tenant (null for sandbox events, and for a session whose record was gone when
+    # the event was published): what a tenant's token is shown. Keep it the last field: the
+    # event bus fills it in inside Redis by replacing the encoding's trailing ',"tenant":null}'.
+    tenant: str | None = None
 
 
 class SessionChanged(Stored, omit_defaults=True):
