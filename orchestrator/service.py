@@ -103,6 +103,12 @@ class Sessions:
         try:
             return await self._create(request, tenant)
         except QuotaExceeded as e:
+            # At the quota: unless the count held leftovers (store.PRUNE_LUA), that is the answer.
+            if not await self.store.prune_tenant(tenant):
+                raise ServiceError(429, "quota_exceeded", str(e)) from None
+        try:
+            return await self._create(request, tenant)
+        except QuotaExceeded as e:
             raise ServiceError(429, "quota_exceeded", str(e)) from None
 
     async def _create(self, request: SessionCreate, tenant: str) -> tuple[bool, SessionRecord]:

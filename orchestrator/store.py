@@ -109,6 +109,31 @@ return {1, entry}
 # progress, so a few tries do. After half of them a create stops racing for warm desktops
 # and takes the cold path, as one that finds the pools empty does.
 PLACE_TRIES = 10
+
+# A tenant's set holds an id only while that id's record exists and is the tenant's, unless
+# something wrote the record without this version's scripts: an older process during a rolling
+# upgrade deleting a session (its script does not know the set), an operator's DEL. Such a
+# leftover would hold a place in the quota for good, so a refused create prunes the set, then
+# tries once more. Each member is checked and removed in one script: no create or delete can
+# come between (both change the record and the set together).
+# KEYS: 1 the tenant's set, then each member's record. ARGV: 1 the tenant, then the members.
+# Returns how many were removed.
+PRUNE_LUA = """
+local removed = 0
+for i = 2, #ARGV do
+  local raw = redis.call('GET', KEYS[i])
+  local owner = nil
+  if raw then
+    local ok, record = pcall(cjson.decode, raw)
+    if ok and type(record) == 'table' then owner = record['tenant'] or 'default' end
+  end
+  if owner ~= ARGV[1] then
+    redis.call('SREM', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
 _NO_CAPACITY = "every sandbox that could take this session is at its cap"
 _NO_SANDBOX = "no sandbox that could take this session is available (silent or draining)"
 
@@ -181,6 +206,7 @@ class SessionStore:
         self.keys: Keys = bus.keys
         self._cas = redis.register_script(CAS_LUA)
         self._reserve_script = redis.register_script(RESERVE_LUA)
+        self._prune_script = redis.register_script(PRUNE_LUA)
 
     async def get(self, session_id: str, *, tenant: str | None = None) -> SessionRecord | None:
         """The record; with ``tenant``, None unless it is that tenant's (as if it did not exist)."""
@@ -205,6 +231,20 @@ class SessionStore:
             for r in records
             if r is not None and (sandbox is None or r.sandbox == sandbox) and (tenant is None or r.tenant == tenant)
         ]
+
+    async def prune_tenant(self, tenant: str) -> int:
+        """Drop the ids in ``tenant``'s set whose record is gone or another's (PRUNE_LUA);
+        returns how many went."""
+        key = self.keys.tenant_sessions(tenant)
+        members = sorted(_text(m) for m in await self._redis.smembers(key))  # type: ignore[misc]
+        if not members:
+            return 0
+        removed = await self._prune_script(
+            keys=[key, *(self.keys.session(m) for m in members)], args=[tenant, *members]
+        )
+        if removed:
+            log.warning("tenant %s: %d ids without their record left its quota count", tenant, removed)
+        return int(removed)
 
     async def deleted(self, session_ids: Sequence[str]) -> set[str]:
         """Which of ``session_ids`` have a tombstone (deleted within ORCH_TOMBSTONE_TTL) and no record."""

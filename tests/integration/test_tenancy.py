@@ -341,3 +341,21 @@ async def test_a_record_from_before_tenancy_is_the_default_tenants(fleet: Fleet)
     await fleet.worker_event("old-one")
     published = [e for e in await stored(fleet.admin, "old-one") if e.type == "dockerd.ready"]
     assert [e.data["tenant"] for e in published] == ["default"]
+
+
+async def test_ids_left_in_a_tenants_count_without_their_record_are_pruned_at_the_quota(fleet: Fleet) -> None:
+    """What an older process's delete (its script knows no tenant set) or an operator's DEL
+    leaves: ids counted without their record, or with a record another tenant made anew since.
+    At the quota, the create prunes them and goes through; a real quota still refuses."""
+    await fleet.acme.create("acme-one")
+    await fleet.beta.create("beta-one")
+    counted = fleet.keys.tenant_sessions("acme")
+    await awaited(fleet.redis.sadd(counted, "ghost-one", "beta-one"))  # gone; now beta's
+    assert await awaited(fleet.redis.scard(counted)) == QUOTA
+    second = await fleet.acme.create("acme-two")
+    assert {m.decode() for m in await awaited(fleet.redis.smembers(counted))} == {"acme-one", "acme-two"}
+    await fleet.acme.create("acme-three")
+    with pytest.raises(ApiError, match="429 quota_exceeded"):
+        await fleet.acme.create()
+    assert {s.id for s in await fleet.acme.list()} == {"acme-one", second.id, "acme-three"}
+    assert await awaited(fleet.redis.sismember(fleet.keys.tenant_sessions("beta"), "beta-one"))
