@@ -9,9 +9,12 @@ import pytest
 from orchestrator import cli
 from orchestrator.auth import authenticate, hash_token, parse_tokens, token_entry
 from orchestrator.events import MAX_EVENT_BYTES, encode_event, make_event
-from orchestrator.schemas import Event, SessionRecord
+from orchestrator.queue import Operation
+from orchestrator.records import new_record
+from orchestrator.schemas import Event, SessionCreate, SessionRecord
 from orchestrator.service import id_from_idempotency_key
 from orchestrator.sse import EventFilter
+from tests.fakes import SANDBOX, open_stack
 
 H = hash_token("raw")
 
@@ -108,3 +111,20 @@ def test_the_filter_shows_a_tenant_only_events_carrying_it() -> None:
     sandbox = make_event("sandbox.heartbeat", sandbox="s")
     assert [EventFilter(tenant="acme").shows(e) for e in (mine, theirs, sandbox)] == [True, False, False]
     assert all(EventFilter().shows(e) for e in (mine, theirs, sandbox))  # admin: everything
+
+
+async def test_every_event_of_a_tenants_session_carries_its_tenant_through_the_lifecycle(redis_url: str) -> None:
+    """The worker's own events (volume, desktop, dockerd, images) name no tenant: the bus
+    fills it in from the record. The real lifecycle over the fake Docker, to ready and deleted."""
+    async with open_stack(redis_url) as stack:
+        record = new_record(SessionCreate(id="acme-one"), SANDBOX, stack.settings, "acme")
+        assert (await stack.store.create(record))[0]
+        await stack.queue.enqueue(Operation.CREATE, SANDBOX, record.id, 1)
+        assert await stack.run_queued() == ["ready"]
+        await stack.sessions.delete(record.id)
+        assert await stack.run_queued() == ["deleted"]
+        events = await stack.events(record.id)
+        types = [e.type for e in events]
+        assert {"volume.created", "desktop.started", "dockerd.ready", "session.ready", "session.deleted"} <= set(types)
+        assert {e.tenant for e in events} == {"acme"}, [(e.type, e.tenant) for e in events]
+        assert not await stack.redis.exists(stack.keys.tenant_sessions("acme"))  # the delete took it out
