@@ -2,7 +2,10 @@
 # PID 1's child in the desktop: prepare and supervise dockerd, then stay up until told to stop.
 # tini -g forwards SIGTERM to the whole group, so dockerd shuts its containers down cleanly.
 set -eu
-start-dockerd --supervise &
+. /usr/local/lib/orchestrator/session-env.sh
+# The session's env (a root-only file, never the container's Env) reaches dockerd and what it
+# runs; loaded in the child, so a session variable never changes this script.
+(load_session_env && exec /usr/local/bin/start-dockerd --supervise) &
 supervisor=$!
 trap 'kill -TERM "$supervisor" 2>/dev/null; wait "$supervisor"; exit 0' TERM INT
 wait "$supervisor"

@@ -23,7 +23,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from . import __version__, api_metrics, auth, tracing
 from .auth import AuthError, authenticate, authorize
@@ -82,7 +82,11 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 def _redis_error(_: Request[Any, Any, Any], exc: RedisError) -> Response[ErrorBody]:
     """Redis away, or every pooled connection busy past the pool's wait: a dependency, not a
     bug (503, so clients retry), with the details in the log only."""
-    log.warning("Redis unavailable for a request: %s", exc)
+    if isinstance(exc, NoPermissionError):
+        # Not an outage: this process's ACL user lacks a command or key (docs/redis.md).
+        log.error("Redis refused a command by its ACL (fix the API user's ACL): %s", exc)
+    else:
+        log.warning("Redis unavailable for a request: %s", exc)
     return _error(503, "redis_unavailable", "the store is unavailable; retry shortly")
 
 

@@ -22,45 +22,48 @@ from .states import SessionState
 
 log = logging.getLogger("orchestrator.store")
 
-# KEYS: record, index, firehose, session stream, session env, the sandbox's placed set,
-#       the session's tombstone, (8: below), the tenant's session set.
+# KEYS: record, index, firehose, session stream, the sandbox's placed set, the session's
+#       tombstone, its lock, its tenant's session set.
 # ARGV: expected revision (-1: must not exist), new record json ('' deletes it and its env),
 #       session id, event json, firehose maxlen, session maxlen, session stream ttl after
 #       deletion (0: none), env json to store with the record ('': leave as is), tombstone ttl,
-#       (10: below), the tenant's quota for a new record (0: none).
+#       lease token, the session's env key, the tenant's quota for a new record (0: none).
 # Returns {1, entry id}, {0, current record json or ''}, or {3, ''} when a new record would
 # take its tenant over the quota. The tenant's set is kept like the placed set: added to on
 # every write of a record (so a record written before tenancy is counted from its next change),
 # removed from with the record, in the same script: concurrent creates never exceed a quota.
-# Fence (KEYS[8], ARGV[10]): a lifecycle operation's write passes the session's lock key and
+# The env key is an argument, not one of KEYS: Redis checks a script's declared keys as read
+# and write, and the API's ACL user may only write env (SET, DEL: docs/redis.md). The project
+# runs on one Redis (or Sentinel), never Cluster, so undeclared keys are fine.
+# Fence (KEYS[7], ARGV[10]): a lifecycle operation's write passes the session's lock key and
 # its lease token; unless the lock key still holds that token, nothing is written and the
 # script returns {2, ''}. The API's writes hold no lease and pass '' (no fence).
 CAS_LUA = """
-if ARGV[10] ~= '' and redis.call('GET', KEYS[8]) ~= ARGV[10] then return {2, ''} end
+if ARGV[10] ~= '' and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {2, ''} end
 local cur = redis.call('GET', KEYS[1])
 local expected = tonumber(ARGV[1])
 if expected < 0 then
   if cur then return {0, cur} end
-  local quota = tonumber(ARGV[11])
-  if quota > 0 and redis.call('SCARD', KEYS[9]) >= quota then return {3, ''} end
+  local quota = tonumber(ARGV[12])
+  if quota > 0 and redis.call('SCARD', KEYS[8]) >= quota then return {3, ''} end
 else
   if not cur then return {0, ''} end
   if cjson.decode(cur)['revision'] ~= expected then return {0, cur} end
 end
 if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1], KEYS[5])
+  redis.call('DEL', KEYS[1], ARGV[11])
   redis.call('SREM', KEYS[2], ARGV[3])
-  redis.call('SREM', KEYS[6], ARGV[3])
-  redis.call('SREM', KEYS[9], ARGV[3])
+  redis.call('SREM', KEYS[5], ARGV[3])
+  redis.call('SREM', KEYS[8], ARGV[3])
   -- The tombstone: the reconciler's evidence that the session's leftovers may go (H3).
-  redis.call('SET', KEYS[7], '1', 'EX', ARGV[9])
+  redis.call('SET', KEYS[6], '1', 'EX', ARGV[9])
 else
-  if expected < 0 then redis.call('DEL', KEYS[7]) end
+  if expected < 0 then redis.call('DEL', KEYS[6]) end
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
-  redis.call('SADD', KEYS[6], ARGV[3])
-  redis.call('SADD', KEYS[9], ARGV[3])
-  if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8]) end
+  redis.call('SADD', KEYS[5], ARGV[3])
+  redis.call('SADD', KEYS[8], ARGV[3])
+  if ARGV[8] ~= '' then redis.call('SET', ARGV[11], ARGV[8]) end
 end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], id, 'event', ARGV[4])
@@ -74,10 +77,12 @@ return {1, id}
 # record, its env and its event) are one script, so concurrent creates never exceed a cap,
 # two never share a warm desktop, and no record exists without its place (or the reverse).
 # KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
-#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its env,
-#   11 its tombstone (a new record drops it), 12 its tenant's session set.
+#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its
+#   tombstone (a new record drops it), 11 its tenant's session set.
 # ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
-#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen, 9 the tenant's quota (0 none).
+#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen, 9 its env key (an argument,
+#   not one of KEYS, for the API's write-only access: see CAS_LUA), 10 the tenant's quota
+#   (0: none).
 # Returns {1, entry id}; {0, existing record} when the requested id exists; {3, ''} when the
 #   tenant is at its quota; {2, why} when the sandbox no longer qualifies: 'gone', 'draining',
 #   'full' or 'claimed' (the desktop is taken). A claimed warm desktop becomes the claimer's
@@ -85,8 +90,8 @@ return {1, id}
 RESERVE_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
-local quota = tonumber(ARGV[9])
-if quota > 0 and redis.call('SCARD', KEYS[12]) >= quota then return {3, ''} end
+local quota = tonumber(ARGV[10])
+if quota > 0 and redis.call('SCARD', KEYS[11]) >= quota then return {3, ''} end
 if redis.call('EXISTS', KEYS[5]) == 0 then return {2, 'gone'} end
 if redis.call('EXISTS', KEYS[6]) == 1 then return {2, 'draining'} end
 if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[2]) then return {2, 'full'} end
@@ -96,10 +101,10 @@ if ARGV[3] ~= '' then
 end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[11])
+redis.call('DEL', KEYS[10])
 redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SADD', KEYS[12], ARGV[1])
-if ARGV[6] ~= '' then redis.call('SET', KEYS[10], ARGV[6]) end
+redis.call('SADD', KEYS[11], ARGV[1])
+if ARGV[6] ~= '' then redis.call('SET', ARGV[9], ARGV[6]) end
 local entry = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[5])
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], entry, 'event', ARGV[5])
 return {1, entry}
@@ -370,7 +375,6 @@ class SessionStore:
                 k.pool(sandbox),
                 k.firehose,
                 k.session_events(session),
-                k.session_env(session),
                 k.session_deleted(session),
                 k.tenant_sessions(new.tenant),
             ],
@@ -383,6 +387,7 @@ class SessionStore:
                 _encode(env) if env and warm_id is None else b"",
                 self.bus.firehose_maxlen,
                 self.bus.session_maxlen,
+                k.session_env(session),
                 quota,
             ],
         )
@@ -481,7 +486,6 @@ class SessionStore:
                 keys.session_index,
                 keys.firehose,
                 keys.session_events(session_id),
-                keys.session_env(session_id),
                 keys.placed(sandbox),
                 keys.session_deleted(session_id),
                 keys.lock(session_id),
@@ -498,6 +502,7 @@ class SessionStore:
                 _encode(env) if env else b"",
                 self.tombstone_ttl_s,
                 fence or "",
+                keys.session_env(session_id),
                 quota,
             ],
         )
