@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .names import DEFAULT_TENANT
 from .states import SandboxStatus, SessionState
 
 # Every pattern ends in (?!\n)$: '$' alone also matches before a trailing newline.
@@ -114,6 +115,9 @@ class SessionRecord(Stored):
     error: SessionError | None = None
     # When the TTL runs out (Unix seconds), counted from the last create or start.
     expires_at: float | None = None
+    # Whose session it is: the tenant of the token that created it (auth.py). A record written
+    # before tenancy decodes as the default tenant's, which every session then was.
+    tenant: str = DEFAULT_TENANT
 
 
 class SessionList(Stored):
@@ -149,6 +153,10 @@ class Event(Stored):
     data: dict[str, Any] = {}
     # The operation's trace id (the API request's, carried by the job); null when none caused it.
     trace: str | None = None
+    # The session's tenant (null for sandbox events, and for a session whose record was gone when
+    # the event was published): what a tenant's token is shown. Keep it the last field: the
+    # event bus fills it in inside Redis by replacing the encoding's trailing ',"tenant":null}'.
+    tenant: str | None = None
 
 
 class SessionChanged(Stored, omit_defaults=True):
