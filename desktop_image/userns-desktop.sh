@@ -3,7 +3,7 @@
 # containers and everything a user runs in the desktop live in a user namespace where uid 0
 # is the unprivileged uid ORCH_USERNS_BASE of the sandbox (ORCH_USERNS_SIZE ids from there).
 #
-#   userns-desktop           set up as the container's root (the "outer" side), start the
+#   userns-desktop [--supervise]  set up as the container's root (the "outer" side), start the
 #                            namespaces and supervise them (desktop-init runs this)
 #   userns-desktop --probe   the same set-up, then `true` in the namespaces: does it work here?
 #   userns-desktop --inner   (internal) inside the namespaces: /run, DNS, then start-dockerd
@@ -82,6 +82,12 @@ prepare_files() {
   chown "$BASE:$BASE" /var/lib/docker /run/orchestrator /etc/docker "$LOG"
   printf 'root:%s:%s\n' "$BASE" "$SIZE" > /etc/subuid
   cp /etc/subuid /etc/subgid
+  # The session's env file (workers/runtime/session_env.py) is root's: the namespaces' root's
+  # too, so login shells there get it (profile.d). Still no one else's.
+  if [ -d /etc/orchestrator ]; then
+    chown "$BASE:$BASE" /etc/orchestrator
+    [ ! -f /etc/orchestrator/session.env ] || chown "$BASE:$BASE" /etc/orchestrator/session.env
+  fi
   # The outer side's docker CLI (docker exec DESKTOP docker ...) reaches the desktop's dockerd.
   ln -sfn /run/orchestrator/docker.sock /var/run/docker.sock
   # The namespaces' resolv.conf: the outer end of the veth when Docker's resolver serves this
@@ -193,8 +199,8 @@ probe() {
 }
 
 case "${1:-}" in
-  '') outer ;;
+  ''|--supervise) outer ;;
   --inner) inner ;;
   --probe) probe ;;
-  *) die "usage: userns-desktop [--probe]" ;;
+  *) die "usage: userns-desktop [--supervise|--probe]" ;;
 esac

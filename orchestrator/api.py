@@ -19,11 +19,12 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from . import __version__, api_metrics, auth, tracing
 from .auth import AuthError, authenticate, authorize
@@ -31,6 +32,7 @@ from .config import ApiSettings, Settings
 from .core import connect
 from .errors import ServiceError
 from .events import EventBus
+from .http_headers import add_security_headers
 from .hub import StreamHub
 from .loops import every
 from .monitor import SandboxMonitor
@@ -82,7 +84,11 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 def _redis_error(_: Request[Any, Any, Any], exc: RedisError) -> Response[ErrorBody]:
     """Redis away, or every pooled connection busy past the pool's wait: a dependency, not a
     bug (503, so clients retry), with the details in the log only."""
-    log.warning("Redis unavailable for a request: %s", exc)
+    if isinstance(exc, NoPermissionError):
+        # Not an outage: this process's ACL user lacks a command or key (docs/redis.md).
+        log.error("Redis refused a command by its ACL (fix the API user's ACL): %s", exc)
+    else:
+        log.warning("Redis unavailable for a request: %s", exc)
     return _error(503, "redis_unavailable", "the store is unavailable; retry shortly")
 
 
@@ -100,10 +106,21 @@ def _auth_error(_: Request[Any, Any, Any], exc: AuthError) -> Response[ErrorBody
 
 def _token(connection: ASGIConnection[Any, Any, Any, Any]) -> auth.Token:
     header = connection.headers.get("authorization")
-    # Browsers' EventSource cannot send headers: GETs may carry the token as ?access_token=.
-    if header is None and connection.scope.get("method") == "GET" and "access_token" in connection.query_params:
+    # Browsers' EventSource cannot send headers: event streams (and the dashboard page that opens
+    # one) may carry the token as ?access_token=; nothing else does (a URL lands in logs, L2).
+    if header is None and _token_in_url_allowed(connection) and "access_token" in connection.query_params:
         header = "Bearer " + connection.query_params["access_token"]
     return authenticate(header, connection.app.state.tokens)
+
+
+def _token_in_url_allowed(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    path: str = connection.scope["path"]
+    return connection.scope.get("method") == "GET" and (path == "/dashboard" or path.endswith("/events"))
+
+
+def _caller(request: Request[Any, Any, Any]) -> auth.Token:
+    """The request's token (its guard has let it through; authenticating again is one hash)."""
+    return _token(request)
 
 
 def require(*any_of: str) -> Any:
@@ -131,6 +148,7 @@ def _sessions(state: State) -> Sessions:
 
 @post("/v1/sessions", status_code=202, summary="Create a session", guards=WRITE)
 async def create_session(
+    request: Request[Any, Any, Any],
     state: State,
     data: JSONBody[SessionCreate | None] = None,
     idempotency_key: Annotated[
@@ -138,32 +156,39 @@ async def create_session(
     ] = None,
 ) -> Response[SessionRecord]:
     # An empty body is a session with every default.
-    created, record = await _sessions(state).create(data or SessionCreate(), idempotency_key)
+    # The session is the token's tenant's (admin tokens' too: admin sees all, but owns its own).
+    created, record = await _sessions(state).create(data or SessionCreate(), idempotency_key, _caller(request).tenant)
     return Response(record, status_code=202 if created else 200)
 
 
 @get("/v1/sessions", summary="List sessions", guards=READ)
 async def list_sessions(
+    request: Request[Any, Any, Any],
     state: State,
     session_state: Annotated[SessionState | None, QueryParameter(name="state")] = None,
     label: Annotated[list[str] | None, QueryParameter(description="k=v; repeat to require several")] = None,
 ) -> SessionList:
-    return SessionList(sessions=await _sessions(state).list(session_state, _label_pairs(label)))
+    tenant = _caller(request).visible_tenant
+    return SessionList(sessions=await _sessions(state).list(session_state, _label_pairs(label), tenant))
+
+
+# Each session verb sees the caller's tenant's sessions only (admin: all); another tenant's is
+# 404 session_not_found, the answer an unknown id gets (service.py).
 
 
 @get("/v1/sessions/{session_id:str}", summary="Get a session", guards=READ)
-async def get_session(session_id: FromPath[str], state: State) -> SessionRecord:
-    return await _sessions(state).get(session_id)
+async def get_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
+    return await _sessions(state).get(session_id, _caller(request).visible_tenant)
 
 
 @post("/v1/sessions/{session_id:str}/stop", status_code=202, summary="Stop a session (keeps its volume)", guards=WRITE)
-async def stop_session(session_id: FromPath[str], state: State) -> SessionRecord:
-    return await _sessions(state).stop(session_id)
+async def stop_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
+    return await _sessions(state).stop(session_id, _caller(request).visible_tenant)
 
 
 @post("/v1/sessions/{session_id:str}/start", status_code=202, summary="Start a stopped session again", guards=WRITE)
-async def start_session(session_id: FromPath[str], state: State) -> SessionRecord:
-    return await _sessions(state).start(session_id)
+async def start_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
+    return await _sessions(state).start(session_id, _caller(request).visible_tenant)
 
 
 @delete(
@@ -172,8 +197,8 @@ async def start_session(session_id: FromPath[str], state: State) -> SessionRecor
     summary="Delete a session, its desktop and volume",
     guards=WRITE,
 )
-async def delete_session(session_id: FromPath[str], state: State) -> SessionRecord:
-    return await _sessions(state).delete(session_id)
+async def delete_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
+    return await _sessions(state).delete(session_id, _caller(request).visible_tenant)
 
 
 def _sse(request: Request[Any, Any, Any], feed: EventFeed) -> Stream:
@@ -194,20 +219,37 @@ def _check_query(request: Request[Any, Any, Any], settings: ApiSettings) -> None
         )
 
 
-def _filter(types: list[str] | None, sessions: list[str] | None, labels: list[str] | None) -> EventFilter:
+def _filter(
+    types: list[str] | None, sessions: list[str] | None, labels: list[str] | None, tenant: str | None
+) -> EventFilter:
     check_filter_counts(type=types, session=sessions, label=labels)  # before any is parsed
     for session_id in sessions or []:
         check_session_id(session_id)
-    return EventFilter(types=tuple(types or ()), sessions=frozenset(sessions or ()), labels=_label_pairs(labels))
+    return EventFilter(
+        types=tuple(types or ()), sessions=frozenset(sessions or ()), labels=_label_pairs(labels), tenant=tenant
+    )
 
 
-async def _check_stream_exists(state: State, session_id: str) -> None:
+async def _check_stream_exists(state: State, session_id: str, tenant: str | None) -> None:
     """A session's stream exists for a record or for a stream still kept (a deleted session's
     events stay readable until its stream expires); anything else is 404, so made-up ids open
-    nothing."""
+    nothing. For a tenant's token (``tenant``), it must be its tenant's: the record's, or when
+    the record is gone, the tenant its newest events carry; else the same 404."""
     keys = state.core.keys
-    if not await state.redis.exists(keys.session(session_id), keys.session_events(session_id)):  # one round trip
-        raise ServiceError(404, "session_not_found", f"session {session_id!r} does not exist", "session_id")
+    missing = ServiceError(404, "session_not_found", f"session {session_id!r} does not exist", "session_id")
+    if tenant is None:
+        if not await state.redis.exists(keys.session(session_id), keys.session_events(session_id)):  # one trip
+            raise missing
+        return
+    record = await _sessions(state).store.get(session_id)
+    owner: str | None
+    if record is not None:
+        owner = record.tenant
+    else:
+        bus: EventBus = state.bus
+        owner = await bus.recent_tenant(keys.session_events(session_id))
+    if owner != tenant:
+        raise missing
 
 
 def _label_pairs(items: list[str] | None) -> dict[str, str]:
@@ -220,8 +262,9 @@ def _label_pairs(items: list[str] | None) -> dict[str, str]:
     return labels
 
 
-async def _labels_of(state: State, session_id: str) -> dict[str, str] | None:
-    record = await _sessions(state).store.get(session_id)
+async def _labels_of(state: State, session_id: str, tenant: str | None) -> dict[str, str] | None:
+    # The tenant too: an id another tenant made anew since must not lend its labels to old events.
+    record = await _sessions(state).store.get(session_id, tenant=tenant)
     return None if record is None else record.spec.labels
 
 
@@ -243,11 +286,13 @@ async def firehose_events(
     session: Annotated[list[str] | None, QueryParameter(description="session id; repeatable")] = None,
     label: LabelFilter = None,
 ) -> Stream:
-    """Live by default; ``?after=0`` replays what is kept."""
+    """Live by default; ``?after=0`` replays what is kept. A tenant's token gets its tenant's
+    session events only; sandbox events (no session) and events without a tenant are admin's."""
     _check_query(request, state.settings)
     bus: EventBus = state.bus
     stream = bus.stream_key(None)
-    feed_filter = _filter(type_, session, label)
+    tenant = _caller(request).visible_tenant
+    feed_filter = _filter(type_, session, label, tenant)
     start = parse_after(request.headers.get("last-event-id"), after)
     if start is None:
         start = await bus.last_id(stream) if follow else "0-0"
@@ -260,7 +305,7 @@ async def firehose_events(
             state.settings.sse_keepalive_s,
             follow,
             feed_filter,
-            labels_of=lambda sid: _labels_of(state, sid),
+            labels_of=lambda sid: _labels_of(state, sid, tenant),
             hub=state.hub,
         ),
     )
@@ -280,8 +325,10 @@ async def session_events(
     check_session_id(session_id)
     bus: EventBus = state.bus
     start = parse_after(request.headers.get("last-event-id"), after) or "0-0"
-    feed_filter = _filter(type_, None, None)
-    await _check_stream_exists(state, session_id)
+    tenant = _caller(request).visible_tenant
+    # Filtered by tenant as well: a deleted id made anew by another tenant shares the stream key.
+    feed_filter = _filter(type_, None, None, tenant)
+    await _check_stream_exists(state, session_id, tenant)
     feed = EventFeed(
         bus, bus.stream_key(session_id), start, state.settings.sse_keepalive_s, follow, feed_filter, hub=state.hub
     )
@@ -395,8 +442,10 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
 OPENAPI = OpenAPIConfig(
     title="Nested desktop orchestrator",
     version=__version__,
-    # Interactive docs and schema files under /docs, behind a token like everything but /healthz.
+    # Schema files under /docs, behind a token like everything but /healthz. No HTML viewer:
+    # each of Litestar's loads third-party scripts (a CDN) into a page whose URL holds a token (L2).
     openapi_router=Router(path="/docs", route_handlers=[], guards=ANY_TOKEN),
+    render_plugins=[JsonRenderPlugin(), YamlRenderPlugin()],
     security=[{"bearer": []}],
     components=Components(
         security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
@@ -458,4 +507,5 @@ def create_app(settings: ApiSettings | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OPENAPI,
         request_max_body_size=settings.max_body_bytes,
+        before_send=[add_security_headers],
     )

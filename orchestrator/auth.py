@@ -1,9 +1,12 @@
 """Bearer tokens with scopes. Pure: parsing, hashing, checking; the API wires it in.
 
 Tokens are configured by their SHA-256 (never in clear): ``ORCH_TOKENS`` holds entries
-``name:sha256hex:scope+scope`` separated by ``;`` or newlines (``ORCH_TOKENS_FILE`` the same,
-in a file). ``orchestrator token new`` makes one. Comparisons run in constant time, over every
-configured token, and neither tokens nor their hashes are logged.
+``name:sha256hex:scope+scope[:tenant=NAME]`` separated by ``;`` or newlines (``ORCH_TOKENS_FILE``
+the same, in a file). ``orchestrator token new`` makes one. Comparisons run in constant time,
+over every configured token, and neither tokens nor their hashes are logged.
+
+Tenancy: a token belongs to a tenant (``default`` when its entry names none). Its sessions are
+its tenant's; it sees and acts on no other tenant's. ``admin`` sees and acts on every tenant's.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+
+from .names import DEFAULT_TENANT, TENANT_RE
 
 SESSIONS_WRITE = "sessions:write"  # producers: create, stop, start, delete, read sessions
 EVENTS_READ = "events:read"  # dashboards: event streams, read sessions
@@ -24,6 +29,17 @@ class Token:
     name: str
     digest: bytes
     scopes: frozenset[str]
+    tenant: str = DEFAULT_TENANT
+
+    @property
+    def sees_all(self) -> bool:
+        """Admin tokens are fleet-wide: every tenant's sessions and events, and sandbox events."""
+        return ADMIN in self.scopes
+
+    @property
+    def visible_tenant(self) -> str | None:
+        """The one tenant whose sessions and events this token sees; None: every tenant's."""
+        return None if self.sees_all else self.tenant
 
     def allows(self, *any_of: str) -> bool:
         return ADMIN in self.scopes or any(s in self.scopes for s in any_of)
@@ -45,6 +61,18 @@ def new_token() -> str:
     return "orch_" + secrets.token_urlsafe(32)
 
 
+def token_entry(name: str, raw: str, scopes: list[str], tenant: str | None = None) -> str:
+    """The ORCH_TOKENS entry for ``raw`` (its hash, never itself)."""
+    entry = f"{name}:{hash_token(raw)}:{'+'.join(scopes)}"
+    return entry if tenant is None else f"{entry}{_TENANT_FIELD}{tenant}"
+
+
+# The optional last field of an entry. Scopes contain ':' themselves (``sessions:write``), so
+# the tenant is named, not positional: no scope contains "tenant=", so this marker is unambiguous
+# and every entry written before tenancy parses as it did (into the default tenant).
+_TENANT_FIELD = ":tenant="
+
+
 def parse_tokens(spec: str) -> tuple[Token, ...]:
     tokens = []
     for number, raw_entry in enumerate(spec.replace("\n", ";").split(";"), start=1):
@@ -54,15 +82,21 @@ def parse_tokens(spec: str) -> tuple[Token, ...]:
         parts = entry.split(":", 2)  # scopes contain ':' themselves
         if len(parts) != 3:
             # Never quote the entry: a raw token pasted here would land in the startup log.
-            raise ValueError(f"ORCH_TOKENS entry {number} must look like name:sha256hex:scope+scope")
-        name, digest, scopes = parts
+            raise ValueError(f"ORCH_TOKENS entry {number} must look like name:sha256hex:scope+scope[:tenant=NAME]")
+        name, digest, rest = parts
+        scopes, named, tenant = rest.partition(_TENANT_FIELD)
+        if not named:
+            tenant = DEFAULT_TENANT
+        elif not TENANT_RE.fullmatch(tenant):
+            # Not quoted either: whatever was pasted there stays out of the log.
+            raise ValueError(f"token {name!r}: the tenant must match {TENANT_RE.pattern}")
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ValueError(f"token {name!r}: the hash must be 64 lowercase hex digits (sha256)")
         wanted = frozenset(s for s in scopes.replace(",", "+").split("+") if s)
         unknown = wanted - SCOPES
         if unknown or not wanted:
             raise ValueError(f"token {name!r}: unknown or missing scopes {sorted(unknown)}; use {sorted(SCOPES)}")
-        tokens.append(Token(name, bytes.fromhex(digest), wanted))
+        tokens.append(Token(name, bytes.fromhex(digest), wanted, tenant))
     return tuple(tokens)
 
 

@@ -26,8 +26,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import tracing
-from .auth import SCOPES, hash_token, new_token
+from .auth import SCOPES, new_token, token_entry
 from .client import ApiError, Client
+from .names import TENANT_RE
 
 EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
 # Colors and the spinner only on a terminal; pipes and scripts get plain text.
@@ -69,6 +70,12 @@ def _labels(items: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"label {item!r} must look like key=value")
         labels[key] = value
     return labels
+
+
+def _tenant(raw: str) -> str:
+    if not TENANT_RE.fullmatch(raw):
+        raise argparse.ArgumentTypeError(f"a tenant must match {TENANT_RE.pattern}")
+    return raw
 
 
 def _print_json(obj: Any) -> None:
@@ -323,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     new = token.add_parser("new", help="make a token; prints it and the ORCH_TOKENS entry holding its hash")
     new.add_argument("--name", required=True)
     new.add_argument("--scope", action="append", required=True, choices=sorted(SCOPES))
+    new.add_argument("--tenant", type=_tenant, help="whose sessions it makes and sees (default: the `default` tenant)")
 
     events = sub.add_parser("events", help="print events")
     events.add_argument("--session")
@@ -352,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             raw = new_token()
             print(f"token:       {raw}")
-            print(f"ORCH_TOKENS: {args.name}:{hash_token(raw)}:{'+'.join(args.scope)}")
+            print(f"ORCH_TOKENS: {token_entry(args.name, raw, args.scope, args.tenant)}")
             return 0
         return asyncio.run(_events(args))
     except UsageError as e:

@@ -201,8 +201,18 @@ class Client:
                     if event.type in types:
                         return seen
         except TimeoutError:
-            got = ", ".join(e.type for e in seen) or "nothing"
+            # A failure says why (its code and message): what a CI log needs to be read.
+            got = ", ".join(_described(e) for e in seen) or "nothing"
             raise TimeoutError(
                 f"no {' or '.join(sorted(types))} for {session_id} within {timeout:g} s (saw: {got})"
             ) from None
         raise RuntimeError("event stream ended")
+
+
+def _described(event: ServerEvent) -> str:
+    if event.type != "session.failed":
+        return event.type
+    data = event.data.get("data")
+    if not isinstance(data, dict):
+        return event.type
+    return f"{event.type} ({data.get('code')}: {data.get('message')})"

@@ -357,7 +357,15 @@ class ApiSettings(SharedSettings):
         "",
         parse=_text,
         read=_read_tokens,
-        doc="API tokens `name:sha256hex:scope+scope;...`, plus those in the file `ORCH_TOKENS_FILE` names",
+        doc="API tokens `name:sha256hex:scope+scope[:tenant=NAME];...`, plus those in the file"
+        " `ORCH_TOKENS_FILE` names",
+    )
+    # Counted atomically with each create (the store's scripts), over all of a tenant's tokens.
+    tenant_max_sessions: int = setting(
+        "ORCH_TENANT_MAX_SESSIONS",
+        0,
+        parse=_int,
+        doc="sessions (not deleted) one tenant may hold; more creates get 429 `quota_exceeded`; 0: no limit",
     )
     # Bounds at the edge (docs/operations.md): what one client, or all, can hold of the process.
     sse_max_streams: int = setting(
@@ -395,6 +403,8 @@ class ApiSettings(SharedSettings):
                 f"ORCH_SSE_KEEPALIVE ({self.sse_keepalive_s:g} s) must be less than ORCH_REDIS_SOCKET_TIMEOUT"
                 f" ({self.redis_socket_timeout_s:g} s): the SSE reader blocks in Redis that long"
             )
+        if self.tenant_max_sessions < 0:
+            raise ValueError(f"ORCH_TENANT_MAX_SESSIONS must be 0 (no limit) or more, got {self.tenant_max_sessions}")
         if self.sse_max_streams >= self.max_connections:
             raise ValueError(
                 f"ORCH_SSE_MAX_STREAMS ({self.sse_max_streams}) must be less than ORCH_API_MAX_CONNECTIONS"

@@ -21,11 +21,35 @@ from .schemas import Event, now_rfc3339
 
 log = logging.getLogger("orchestrator.events")
 
-# KEYS: firehose, session stream (optional). ARGV: event json, firehose maxlen, session maxlen.
+# KEYS: firehose, session stream (optional), the session's record (optional: when the event
+#   has a session but no tenant). ARGV: event json, firehose maxlen, session maxlen.
+# The tenant is filled in from the record, in the script, so it is the record's at the moment
+# the event is written (exact, and no round trip): a worker's events (desktop.started,
+# dockerd.ready, desktop.health, ...) need not know it. A record without a tenant field predates
+# tenancy: the default tenant's. No record, or one that does not decode: no tenant (the event is
+# then shown to admin tokens only). The JSON is spliced, not re-encoded (cjson would turn an
+# empty object into an array): the encoding ends with ',"tenant":null}' (schemas.Event).
 PUBLISH_LUA = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+local event = ARGV[1]
+if KEYS[3] then
+  local raw = redis.call('GET', KEYS[3])
+  if raw then
+    local ok, record = pcall(cjson.decode, raw)
+    local tenant = nil
+    if ok and type(record) == 'table' then
+      tenant = record['tenant']
+      if tenant == nil then tenant = 'default' end
+    end
+    local tail = ',"tenant":null}'
+    if type(tenant) == 'string' and string.find(tenant, '^[a-z0-9][a-z0-9%-]*$')
+        and string.sub(event, -#tail) == tail then
+      event = string.sub(event, 1, -#tail - 1) .. ',"tenant":"' .. tenant .. '"}'
+    end
+  end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', event)
 if KEYS[2] then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, 'event', ARGV[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, 'event', event)
 end
 return id
 """
@@ -41,6 +65,7 @@ def make_event(
     session: str | None = None,
     generation: int | None = None,
     data: dict[str, Any] | None = None,
+    tenant: str | None = None,
 ) -> Event:
     return Event(
         type=type,
@@ -50,6 +75,7 @@ def make_event(
         generation=generation,
         data=data or {},
         trace=tracing.current.get(),
+        tenant=tenant,
     )
 
 
@@ -84,6 +110,8 @@ class EventBus:
         keys = [self.keys.firehose]
         if event.session is not None:
             keys.append(self.keys.session_events(event.session))
+            if event.tenant is None:
+                keys.append(self.keys.session(event.session))  # the script fills the tenant in
         entry_id = await self._publish(keys=keys, args=[encode_event(event), self.firehose_maxlen, self.session_maxlen])
         return _text(entry_id)
 
@@ -97,6 +125,14 @@ class EventBus:
         """The newest entry id of ``stream`` ("0-0" when empty): reading after it means live only."""
         entries = await self._redis.xrevrange(stream, count=1)
         return _text(entries[0][0]) if entries else "0-0"
+
+    async def recent_tenant(self, stream: str, look_back: int = 16) -> str | None:
+        """The tenant the newest of the last ``look_back`` events of ``stream`` carries, if any:
+        whose a deleted session was (its ``session.deleted`` carries it)."""
+        for _, event in decode_entries(await self._redis.xrevrange(stream, count=look_back), skip_bad=True):
+            if event.tenant is not None:
+                return event.tenant
+        return None
 
     async def first_id(self, stream: str) -> str | None:
         entries = await self._redis.xrange(stream, count=1)

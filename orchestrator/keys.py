@@ -42,6 +42,11 @@ class Keys:
     def session_events(self, session_id: str) -> str:
         return f"{self.prefix}events:session:{session_id}"
 
+    def tenant_sessions(self, tenant: str) -> str:
+        """Ids of the tenant's sessions not deleted: what its quota (ORCH_TENANT_MAX_SESSIONS)
+        counts. Kept by the store's scripts with the record, as the ``placed`` sets are."""
+        return f"{self.prefix}tenant-sessions:{tenant}"
+
     def sandbox(self, sandbox_id: str) -> str:
         return f"{self.prefix}sandbox:{sandbox_id}"
 

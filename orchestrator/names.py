@@ -8,6 +8,11 @@ import secrets
 
 SESSION_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}$")
 SANDBOX_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# A tenant names a Redis key (its session set) and goes into events unescaped: keep it plain.
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Whose sessions are those of a token without a tenant, of a record written before tenancy
+# and of a producer's create job (it bypasses the API and its tokens).
+DEFAULT_TENANT = "default"
 
 LABEL_SESSION = "orchestrator.session"
 LABEL_GENERATION = "orchestrator.generation"

@@ -8,13 +8,16 @@ import time
 import msgspec
 
 from .config import SharedSettings
-from .names import new_session_id
+from .names import DEFAULT_TENANT, new_session_id
 from .schemas import SessionCreate, SessionRecord, SessionSpec, StoredResources, TtlAction, now_rfc3339
 from .states import SessionState
 
 
-def new_record(request: SessionCreate, sandbox: str, settings: SharedSettings) -> SessionRecord:
-    """The `pending` record ``request`` makes on ``sandbox``, with the configured TTL defaults."""
+def new_record(
+    request: SessionCreate, sandbox: str, settings: SharedSettings, tenant: str = DEFAULT_TENANT
+) -> SessionRecord:
+    """The `pending` record ``request`` makes on ``sandbox`` for ``tenant`` (a producer's create
+    job names none: the default tenant), with the configured TTL defaults."""
     ttl = request.ttl_seconds if request.ttl_seconds is not None else settings.default_ttl_s
     default_action: TtlAction = "delete" if settings.default_ttl_action == "delete" else "stop"
     spec = SessionSpec(
@@ -36,4 +39,5 @@ def new_record(request: SessionCreate, sandbox: str, settings: SharedSettings) -
         created_at=now,
         updated_at=now,
         expires_at=time.time() + ttl if ttl else None,
+        tenant=tenant,
     )

@@ -13,10 +13,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .names import DEFAULT_TENANT
 from .states import SandboxStatus, SessionState
 
-SessionId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{2,62}$", max_length=63)]
-LabelKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
+# Every pattern ends in (?!\n)$: '$' alone also matches before a trailing newline.
+SessionId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{2,62}(?!\n)$", max_length=63)]
+LabelKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}(?!\n)$")]
 LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
 
@@ -29,7 +31,7 @@ class Stored(msgspec.Struct, kw_only=True):
     """Written by some version of this project, read by this one: unknown fields are ignored."""
 
 
-EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}(?!\n)$")]
 EnvValue = Annotated[str, msgspec.Meta(max_length=8192, pattern=r"^[^\x00]*$")]
 Env = Annotated[dict[EnvKey, EnvValue], msgspec.Meta(max_length=128)]
 TtlAction = Literal["stop", "delete"]
@@ -69,7 +71,7 @@ class SessionCreate(Strict):
     id: SessionId | None = None
     labels: Labels = {}
     # Pin the session to a sandbox; by default the API places it.
-    sandbox: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] | None = None
+    sandbox: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}(?!\n)$")] | None = None
     resources: Resources = msgspec.field(default_factory=Resources)
     # Environment of the desktop: stored apart from the record, never echoed in events, logs or lists.
     env: Env = {}
@@ -113,6 +115,9 @@ class SessionRecord(Stored):
     error: SessionError | None = None
     # When the TTL runs out (Unix seconds), counted from the last create or start.
     expires_at: float | None = None
+    # Whose session it is: the tenant of the token that created it (auth.py). A record written
+    # before tenancy decodes as the default tenant's, which every session then was.
+    tenant: str = DEFAULT_TENANT
 
 
 class SessionList(Stored):
@@ -134,7 +139,7 @@ class LifecycleJob(Strict, omit_defaults=True):
     # request here; the worker then stores the session record itself.
     spec: SessionCreate | None = None
     # The trace id of the request that caused the job: its events and log lines carry it.
-    trace: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")] | None = None
+    trace: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}(?!\n)$")] | None = None
 
 
 class Event(Stored):
@@ -148,6 +153,10 @@ class Event(Stored):
     data: dict[str, Any] = {}
     # The operation's trace id (the API request's, carried by the job); null when none caused it.
     trace: str | None = None
+    # The session's tenant (null for sandbox events, and for a session whose record was gone when
+    # the event was published): what a tenant's token is shown. Keep it the last field: the
+    # event bus fills it in inside Redis by replacing the encoding's trailing ',"tenant":null}'.
+    tenant: str | None = None
 
 
 class SessionChanged(Stored, omit_defaults=True):

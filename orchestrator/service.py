@@ -16,7 +16,7 @@ from . import states
 from .config import ApiSettings
 from .errors import ServiceError
 from .events import make_event
-from .names import SANDBOX_ID_RE, is_valid_session_id
+from .names import DEFAULT_TENANT, SANDBOX_ID_RE, is_valid_session_id
 from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, resource_problem
 from .queue import JobQueue, Operation
 from .records import new_record
@@ -30,7 +30,7 @@ from .schemas import (
     SessionRecord,
 )
 from .states import SandboxStatus, SessionState
-from .store import SessionNotFound, SessionStore
+from .store import QuotaExceeded, SessionNotFound, SessionStore
 
 log = logging.getLogger("orchestrator.service")
 S = SessionState
@@ -61,8 +61,12 @@ def _caps(sandboxes: list[SandboxInfo]) -> str:
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
-def id_from_idempotency_key(key: str) -> str:
-    """A retried create with the same Idempotency-Key names the same session."""
+def id_from_idempotency_key(key: str, tenant: str = DEFAULT_TENANT) -> str:
+    """A retried create with the same Idempotency-Key names the same session: the tenant's
+    own. The key is namespaced by the tenant, so two tenants' clients using the same key never
+    share a session (nor learn that the other used it). The default tenant's ids are those of
+    before tenancy (the key alone): a retry across the upgrade still finds its session. The
+    two never collide: a key holds no NUL."""
     if not IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise ServiceError(
             400,
@@ -70,7 +74,8 @@ def id_from_idempotency_key(key: str) -> str:
             "Idempotency-Key must be 1 to 200 visible ASCII characters",
             field="Idempotency-Key",
         )
-    digest = base64.b32encode(hashlib.sha256(key.encode()).digest()).decode().lower()
+    material = key if tenant == DEFAULT_TENANT else f"{tenant}\0{key}"
+    digest = base64.b32encode(hashlib.sha256(material.encode()).digest()).decode().lower()
     return "k-" + digest[:24]
 
 
@@ -87,11 +92,27 @@ class Sessions:
     async def sandboxes(self) -> list[SandboxInfo]:
         return await self.registry.list()
 
-    async def create(self, request: SessionCreate, idempotency_key: str | None = None) -> tuple[bool, SessionRecord]:
-        """Returns (created, record). The same id (or Idempotency-Key) with the same spec
-        returns the existing session instead of making another."""
+    async def create(
+        self, request: SessionCreate, idempotency_key: str | None = None, tenant: str = DEFAULT_TENANT
+    ) -> tuple[bool, SessionRecord]:
+        """Returns (created, record): ``tenant``'s new session. The same id (or Idempotency-Key)
+        with the same spec returns the existing session instead of making another. Raises
+        ServiceError 429 ``quota_exceeded`` when the tenant holds ORCH_TENANT_MAX_SESSIONS."""
         if request.id is None and idempotency_key is not None:
-            request = msgspec.structs.replace(request, id=id_from_idempotency_key(idempotency_key))
+            request = msgspec.structs.replace(request, id=id_from_idempotency_key(idempotency_key, tenant))
+        try:
+            return await self._create(request, tenant)
+        except QuotaExceeded as e:
+            # At the quota: unless the count held leftovers (store.PRUNE_LUA), that is the answer.
+            if not await self.store.prune_tenant(tenant):
+                raise ServiceError(429, "quota_exceeded", str(e)) from None
+        try:
+            return await self._create(request, tenant)
+        except QuotaExceeded as e:
+            raise ServiceError(429, "quota_exceeded", str(e)) from None
+
+    async def _create(self, request: SessionCreate, tenant: str) -> tuple[bool, SessionRecord]:
+        quota = self.settings.tenant_max_sessions
         known = await self.sandboxes()
         default = self.settings.default_sandbox
         fallback = (
@@ -112,9 +133,9 @@ class Sessions:
             )
             if problem:
                 raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
-            record = new_record(request, default, self.settings)
-            created, stored = await self.store.create(record, request.env)
-            return await self._after_create(request, created, stored, warm=False)
+            record = new_record(request, default, self.settings, tenant)
+            created, stored = await self.store.create(record, request.env, quota=quota)
+            return await self._after_create(request, tenant, created, stored, warm=False)
         try:
             candidates = eligible(known, request.sandbox, request.constraints)
         except Unsatisfiable as e:
@@ -127,22 +148,32 @@ class Sessions:
         if not fitting:
             field, message = next(p for p in problems if p is not None)
             raise ServiceError(422, "resources_exceed_sandbox", message, field=field)
-        record = new_record(request, "", self.settings)
+        record = new_record(request, "", self.settings, tenant)
         try:
             placed = await self.store.place(
-                record, request.env, [(s.id, s.capacity) for s in fitting], prefer_warm=warm_eligible(request)
+                record,
+                request.env,
+                [(s.id, s.capacity) for s in fitting],
+                prefer_warm=warm_eligible(request),
+                quota=quota,
             )
         except NoCapacity as e:
             self.capacity_refusals += 1
             raise ServiceError(503, "no_capacity", f"{e} ({_caps(fitting)})") from None
         except NoSandbox as e:
             raise ServiceError(503, "no_sandbox", str(e)) from None
-        return await self._after_create(request, placed.created, placed.record, warm=placed.warm)
+        return await self._after_create(request, tenant, placed.created, placed.record, warm=placed.warm)
 
     async def _after_create(
-        self, request: SessionCreate, created: bool, stored: SessionRecord, *, warm: bool
+        self, request: SessionCreate, tenant: str, created: bool, stored: SessionRecord, *, warm: bool
     ) -> tuple[bool, SessionRecord]:
         if not created:
+            if stored.tenant != tenant:
+                # Session ids are one namespace (they name desktops and volumes), so a client's
+                # chosen id that another tenant holds cannot be made: 409, saying only that the
+                # id is taken (never whose, its spec or its state), and nothing is enqueued.
+                # (Idempotency-Key ids are per tenant and never land here.)
+                raise ServiceError(409, "session_exists", f"session id {stored.id!r} is taken; choose another", "id")
             expected = new_record(request, stored.sandbox, self.settings).spec
             if stored.spec != expected or (request.sandbox is not None and stored.sandbox != request.sandbox):
                 raise ServiceError(
@@ -211,54 +242,68 @@ class Sessions:
             return False
         return True
 
-    async def get(self, session_id: str) -> SessionRecord:
+    # ``tenant`` below: the caller's visible tenant, None for every tenant (admin). Another
+    # tenant's session is 404 ``session_not_found`` with the very answer an unknown id gets,
+    # so no reply tells a tenant that an id exists elsewhere.
+
+    async def get(self, session_id: str, tenant: str | None = None) -> SessionRecord:
         check_session_id(session_id)
-        record = await self.store.get(session_id)
+        record = await self.store.get(session_id, tenant=tenant)
         if record is None:
             raise ServiceError(404, "session_not_found", f"session {session_id!r} does not exist")
         return record
 
-    async def list(self, state: SessionState | None, labels: dict[str, str]) -> list[SessionRecord]:
+    async def list(
+        self, state: SessionState | None, labels: dict[str, str], tenant: str | None = None
+    ) -> list[SessionRecord]:
         return [
             r
-            for r in await self.store.list()
+            for r in await self.store.list(tenant=tenant)
             if (state is None or r.state is state) and all(r.spec.labels.get(k) == v for k, v in labels.items())
         ]
 
-    async def stop(self, session_id: str) -> SessionRecord:
-        record = await self.get(session_id)
+    async def stop(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+        record = await self.get(session_id, tenant)
         if record.state is S.STOPPED:  # already where the caller wants it
             return record
         if record.state is not S.STOPPING:
-            record = await self._transition(record, S.STOPPING, "stop")
+            record = await self._transition(record, S.STOPPING, "stop", tenant)
         await self._enqueue(Operation.STOP, record)
         return record
 
-    async def start(self, session_id: str) -> SessionRecord:
-        record = await self.get(session_id)
+    async def start(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+        record = await self.get(session_id, tenant)
         if record.state in (S.STARTING, S.READY):
             return record
         # A (re)start is a new incarnation: late jobs of the old one must not touch it.
-        record = await self._transition(record, S.STARTING, "start", bump_generation=True)
+        record = await self._transition(record, S.STARTING, "start", tenant, bump_generation=True)
         await self._enqueue(Operation.START, record)
         return record
 
-    async def delete(self, session_id: str) -> SessionRecord:
-        record = await self.get(session_id)
+    async def delete(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+        record = await self.get(session_id, tenant)
         if record.state is not S.DELETING:
-            record = await self._transition(record, S.DELETING, "delete")
+            record = await self._transition(record, S.DELETING, "delete", tenant)
         await self._enqueue(Operation.DELETE, record)
         return record
 
     async def _transition(
-        self, record: SessionRecord, target: SessionState, verb: str, bump_generation: bool = False
+        self,
+        record: SessionRecord,
+        target: SessionState,
+        verb: str,
+        tenant: str | None,
+        bump_generation: bool = False,
     ) -> SessionRecord:
         def restart(r: SessionRecord) -> dict[str, Any]:
             ttl = r.spec.ttl_seconds
             return {"generation": r.generation + 1, "expires_at": time.time() + ttl if ttl else None}
 
         try:
-            return await self.store.transition(record.id, target, mutate=restart if bump_generation else None)
+            # The tenant again: the id may have been deleted and made anew by another since the read.
+            return await self.store.transition(
+                record.id, target, mutate=restart if bump_generation else None, tenant=tenant
+            )
         except states.TransitionError as e:
             raise ServiceError(
                 409, "invalid_state", f"cannot {verb} session {record.id!r} while it is {e.current.value}"

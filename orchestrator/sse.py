@@ -65,11 +65,13 @@ def check_filter_counts(**lists: Sized | None) -> None:
 @dataclass(frozen=True)
 class EventFilter:
     """Which events a client wants: types (exact, or a prefix ending in ``*``), sessions, labels;
-    at most MAX_FILTERS of each."""
+    at most MAX_FILTERS of each. ``tenant`` is not the client's wish but its token's limit: only
+    events carrying that tenant (None: every event, for admin tokens)."""
 
     types: tuple[str, ...] = ()
     sessions: frozenset[str] = frozenset()
     labels: dict[str, str] = field(default_factory=dict)
+    tenant: str | None = None
 
     def __post_init__(self) -> None:
         check_filter_counts(type=self.types, session=self.sessions, label=self.labels)
@@ -80,9 +82,13 @@ class EventFilter:
     def wants_session(self, session: str | None) -> bool:
         return not self.sessions or session in self.sessions
 
+    def shows(self, event: Event) -> bool:
+        """The token may see it: an event without a tenant (a sandbox's) is admin's only."""
+        return self.tenant is None or event.tenant == self.tenant
+
     @property
     def empty(self) -> bool:
-        return not (self.types or self.sessions or self.labels)
+        return not (self.types or self.sessions or self.labels or self.tenant)
 
 
 class EventFeed:
@@ -110,7 +116,7 @@ class EventFeed:
 
     async def _matches(self, event: Event) -> bool:
         f = self.filter
-        if not (f.wants_type(event.type) and f.wants_session(event.session)):
+        if not (f.shows(event) and f.wants_type(event.type) and f.wants_session(event.session)):
             return False
         if not f.labels:
             return True

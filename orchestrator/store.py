@@ -22,37 +22,48 @@ from .states import SessionState
 
 log = logging.getLogger("orchestrator.store")
 
-# KEYS: record, index, firehose, session stream, session env, the sandbox's placed set,
-#       the session's tombstone.
+# KEYS: record, index, firehose, session stream, the sandbox's placed set, the session's
+#       tombstone, its lock, its tenant's session set.
 # ARGV: expected revision (-1: must not exist), new record json ('' deletes it and its env),
 #       session id, event json, firehose maxlen, session maxlen, session stream ttl after
-#       deletion (0: none), env json to store with the record ('': leave as is), tombstone ttl.
-# Returns {1, entry id} or {0, current record json or ''}.
-# Fence (KEYS[8], ARGV[10]): a lifecycle operation's write passes the session's lock key and
+#       deletion (0: none), env json to store with the record ('': leave as is), tombstone ttl,
+#       lease token, the session's env key, the tenant's quota for a new record (0: none).
+# Returns {1, entry id}, {0, current record json or ''}, or {3, ''} when a new record would
+# take its tenant over the quota. The tenant's set is kept like the placed set: added to on
+# every write of a record (so a record written before tenancy is counted from its next change),
+# removed from with the record, in the same script: concurrent creates never exceed a quota.
+# The env key is an argument, not one of KEYS: Redis checks a script's declared keys as read
+# and write, and the API's ACL user may only write env (SET, DEL: docs/redis.md). The project
+# runs on one Redis (or Sentinel), never Cluster, so undeclared keys are fine.
+# Fence (KEYS[7], ARGV[10]): a lifecycle operation's write passes the session's lock key and
 # its lease token; unless the lock key still holds that token, nothing is written and the
 # script returns {2, ''}. The API's writes hold no lease and pass '' (no fence).
 CAS_LUA = """
-if ARGV[10] ~= '' and redis.call('GET', KEYS[8]) ~= ARGV[10] then return {2, ''} end
+if ARGV[10] ~= '' and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {2, ''} end
 local cur = redis.call('GET', KEYS[1])
 local expected = tonumber(ARGV[1])
 if expected < 0 then
   if cur then return {0, cur} end
+  local quota = tonumber(ARGV[12])
+  if quota > 0 and redis.call('SCARD', KEYS[8]) >= quota then return {3, ''} end
 else
   if not cur then return {0, ''} end
   if cjson.decode(cur)['revision'] ~= expected then return {0, cur} end
 end
 if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1], KEYS[5])
+  redis.call('DEL', KEYS[1], ARGV[11])
   redis.call('SREM', KEYS[2], ARGV[3])
-  redis.call('SREM', KEYS[6], ARGV[3])
+  redis.call('SREM', KEYS[5], ARGV[3])
+  redis.call('SREM', KEYS[8], ARGV[3])
   -- The tombstone: the reconciler's evidence that the session's leftovers may go (H3).
-  redis.call('SET', KEYS[7], '1', 'EX', ARGV[9])
+  redis.call('SET', KEYS[6], '1', 'EX', ARGV[9])
 else
-  if expected < 0 then redis.call('DEL', KEYS[7]) end
+  if expected < 0 then redis.call('DEL', KEYS[6]) end
   redis.call('SET', KEYS[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
-  redis.call('SADD', KEYS[6], ARGV[3])
-  if ARGV[8] ~= '' then redis.call('SET', KEYS[5], ARGV[8]) end
+  redis.call('SADD', KEYS[5], ARGV[3])
+  redis.call('SADD', KEYS[8], ARGV[3])
+  if ARGV[8] ~= '' then redis.call('SET', ARGV[11], ARGV[8]) end
 end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], id, 'event', ARGV[4])
@@ -66,15 +77,21 @@ return {1, id}
 # record, its env and its event) are one script, so concurrent creates never exceed a cap,
 # two never share a warm desktop, and no record exists without its place (or the reverse).
 # KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
-#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its env,
-#   11 its tombstone (a new record drops it).
+#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its
+#   tombstone (a new record drops it), 11 its tenant's session set.
 # ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
-#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen.
-# Returns {1, entry id}; {0, existing record} when the requested id exists; {2, why} when the
-#   sandbox no longer qualifies: 'gone', 'draining', 'full' or 'claimed' (the desktop is taken).
+#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen, 9 its env key (an argument,
+#   not one of KEYS, for the API's write-only access: see CAS_LUA), 10 the tenant's quota
+#   (0: none).
+# Returns {1, entry id}; {0, existing record} when the requested id exists; {3, ''} when the
+#   tenant is at its quota; {2, why} when the sandbox no longer qualifies: 'gone', 'draining',
+#   'full' or 'claimed' (the desktop is taken). A claimed warm desktop becomes the claimer's
+#   tenant's session: the record stored here is the claimer's, with its tenant.
 RESERVE_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
+local quota = tonumber(ARGV[10])
+if quota > 0 and redis.call('SCARD', KEYS[11]) >= quota then return {3, ''} end
 if redis.call('EXISTS', KEYS[5]) == 0 then return {2, 'gone'} end
 if redis.call('EXISTS', KEYS[6]) == 1 then return {2, 'draining'} end
 if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[2]) then return {2, 'full'} end
@@ -84,9 +101,10 @@ if ARGV[3] ~= '' then
 end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[11])
+redis.call('DEL', KEYS[10])
 redis.call('SADD', KEYS[3], ARGV[1])
-if ARGV[6] ~= '' then redis.call('SET', KEYS[10], ARGV[6]) end
+redis.call('SADD', KEYS[11], ARGV[1])
+if ARGV[6] ~= '' then redis.call('SET', ARGV[9], ARGV[6]) end
 local entry = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[5])
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], entry, 'event', ARGV[5])
 return {1, entry}
@@ -96,6 +114,31 @@ return {1, entry}
 # progress, so a few tries do. After half of them a create stops racing for warm desktops
 # and takes the cold path, as one that finds the pools empty does.
 PLACE_TRIES = 10
+
+# A tenant's set holds an id only while that id's record exists and is the tenant's, unless
+# something wrote the record without this version's scripts: an older process during a rolling
+# upgrade deleting a session (its script does not know the set), an operator's DEL. Such a
+# leftover would hold a place in the quota for good, so a refused create prunes the set, then
+# tries once more. Each member is checked and removed in one script: no create or delete can
+# come between (both change the record and the set together).
+# KEYS: 1 the tenant's set, then each member's record. ARGV: 1 the tenant, then the members.
+# Returns how many were removed.
+PRUNE_LUA = """
+local removed = 0
+for i = 2, #ARGV do
+  local raw = redis.call('GET', KEYS[i])
+  local owner = nil
+  if raw then
+    local ok, record = pcall(cjson.decode, raw)
+    if ok and type(record) == 'table' then owner = record['tenant'] or 'default' end
+  end
+  if owner ~= ARGV[1] then
+    redis.call('SREM', KEYS[1], ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
+"""
 _NO_CAPACITY = "every sandbox that could take this session is at its cap"
 _NO_SANDBOX = "no sandbox that could take this session is available (silent or draining)"
 
@@ -111,6 +154,17 @@ class SessionNotFound(Exception):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} does not exist")
         self.session_id = session_id
+
+
+class QuotaExceeded(Exception):
+    """A new session would take its tenant over ORCH_TENANT_MAX_SESSIONS."""
+
+    def __init__(self, tenant: str, quota: int) -> None:
+        super().__init__(
+            f"tenant {tenant!r} holds its quota of {quota} sessions (deleted ones do not count); delete one first"
+        )
+        self.tenant = tenant
+        self.quota = quota
 
 
 class StaleGeneration(Exception):
@@ -142,6 +196,8 @@ class _Fleet:
     existing: SessionRecord | None
     candidates: list[Candidate]
     warm_heads: dict[str, str]
+    # How many sessions the record's tenant holds (what its quota counts).
+    tenant_sessions: int = 0
 
 
 Mutation = Callable[[SessionRecord], dict[str, Any]]
@@ -155,14 +211,19 @@ class SessionStore:
         self.keys: Keys = bus.keys
         self._cas = redis.register_script(CAS_LUA)
         self._reserve_script = redis.register_script(RESERVE_LUA)
+        self._prune_script = redis.register_script(PRUNE_LUA)
 
-    async def get(self, session_id: str) -> SessionRecord | None:
+    async def get(self, session_id: str, *, tenant: str | None = None) -> SessionRecord | None:
+        """The record; with ``tenant``, None unless it is that tenant's (as if it did not exist)."""
         raw = await self._redis.get(self.keys.session(session_id))
-        return None if raw is None else _decode_record(raw)
+        record = None if raw is None else _decode_record(raw)
+        return None if record is None or (tenant is not None and record.tenant != tenant) else record
 
-    async def list(self, sandbox: str | None = None) -> list[SessionRecord]:
+    async def list(self, sandbox: str | None = None, *, tenant: str | None = None) -> list[SessionRecord]:
         """Every record (the API), or only ``sandbox``'s: a worker reads its own placed set,
-        not the fleet's records. A record this version cannot decode is skipped and logged."""
+        not the fleet's records; with ``tenant``, only that tenant's (from the records, not the
+        tenant's set: a record written before tenancy is in no set until its next change). A
+        record this version cannot decode is skipped and logged."""
         index = self.keys.session_index if sandbox is None else self.keys.placed(sandbox)
         ids = sorted(_text(i) for i in await self._redis.smembers(index))  # type: ignore[misc]
         if not ids:
@@ -170,7 +231,25 @@ class SessionStore:
         raws = await self._redis.mget([self.keys.session(i) for i in ids])
         records = [_decode_listed(i, raw) for i, raw in zip(ids, raws, strict=True) if raw is not None]
         # The placed set is the sandbox's, but a record moved on is not: keep only its own.
-        return [r for r in records if r is not None and (sandbox is None or r.sandbox == sandbox)]
+        return [
+            r
+            for r in records
+            if r is not None and (sandbox is None or r.sandbox == sandbox) and (tenant is None or r.tenant == tenant)
+        ]
+
+    async def prune_tenant(self, tenant: str) -> int:
+        """Drop the ids in ``tenant``'s set whose record is gone or another's (PRUNE_LUA);
+        returns how many went."""
+        key = self.keys.tenant_sessions(tenant)
+        members = sorted(_text(m) for m in await self._redis.smembers(key))  # type: ignore[misc]
+        if not members:
+            return 0
+        removed = await self._prune_script(
+            keys=[key, *(self.keys.session(m) for m in members)], args=[tenant, *members]
+        )
+        if removed:
+            log.warning("tenant %s: %d ids without their record left its quota count", tenant, removed)
+        return int(removed)
 
     async def deleted(self, session_ids: Sequence[str]) -> set[str]:
         """Which of ``session_ids`` have a tombstone (deleted within ORCH_TOMBSTONE_TTL) and no record."""
@@ -198,10 +277,15 @@ class SessionStore:
         raw = await self._redis.get(self.keys.session_env(session_id))
         return {} if raw is None else _decode_env(raw)
 
-    async def create(self, record: SessionRecord, env: dict[str, str] | None = None) -> tuple[bool, SessionRecord]:
-        """Store a new record (and its env) and emit ``session.<state>``; if one exists, return it."""
+    async def create(
+        self, record: SessionRecord, env: dict[str, str] | None = None, *, quota: int = 0
+    ) -> tuple[bool, SessionRecord]:
+        """Store a new record (and its env) and emit ``session.<state>``; if one exists, return it.
+        ``quota``: the most sessions its tenant may hold (0: no limit); raises QuotaExceeded."""
         event = self._state_event(record, None, {})
-        ok, payload = await self._write(record.id, record.sandbox, -1, record, event, env=env)
+        ok, payload = await self._write(
+            record.id, record.sandbox, record.tenant, -1, record, event, env=env, quota=quota
+        )
         if ok:
             return True, record
         assert payload
@@ -214,41 +298,48 @@ class SessionStore:
         sandboxes: Sequence[tuple[str, int]],
         *,
         prefer_warm: bool,
+        quota: int = 0,
     ) -> Placed:
         """Place ``record`` (its sandbox field is ignored) on the sandbox the placement rule
         chooses among ``sandboxes`` (id, cap), and store it there. With ``prefer_warm``, a
         sandbox with a warm desktop wins and the session takes that desktop's id, born ready.
-        An existing record with the same id is returned as is. Raises NoCapacity or NoSandbox."""
+        An existing record with the same id is returned as is. Raises NoCapacity, NoSandbox,
+        or QuotaExceeded when the record's tenant holds ``quota`` sessions (0: no limit)."""
         why = "full"
         for attempt in range(PLACE_TRIES):
             warm = prefer_warm and attempt < PLACE_TRIES // 2
-            fleet = await self._read_fleet(record.id, sandboxes, warm=warm)
+            fleet = await self._read_fleet(record.id, record.tenant, sandboxes, warm=warm)
             if fleet.existing is not None:
                 return Placed(False, fleet.existing, warm=False)
+            if quota > 0 and fleet.tenant_sessions >= quota:  # said before any capacity problem
+                raise QuotaExceeded(record.tenant, quota)
             if not fleet.candidates:
                 raise NoSandbox(_NO_SANDBOX)
             chosen = choose(fleet.candidates, prefer_warm=warm)
             if chosen is None:
                 raise NoCapacity(_NO_CAPACITY)
-            outcome = await self._reserve(record, env, chosen, fleet.warm_heads.get(chosen.id))
+            outcome = await self._reserve(record, env, chosen, fleet.warm_heads.get(chosen.id), quota)
             if isinstance(outcome, Placed):
                 return outcome
             why = outcome
         raise NoSandbox(_NO_SANDBOX) if why in ("gone", "draining") else NoCapacity(_NO_CAPACITY)
 
-    async def _read_fleet(self, session_id: str, sandboxes: Sequence[tuple[str, int]], *, warm: bool) -> _Fleet:
+    async def _read_fleet(
+        self, session_id: str, tenant: str, sandboxes: Sequence[tuple[str, int]], *, warm: bool
+    ) -> _Fleet:
         """What placement decides on, in one round trip. A transaction, so that it is one
         moment's view: "the id is free" and "every sandbox is full" are never from two."""
         k = self.keys
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.get(k.session(session_id))
+            pipe.scard(k.tenant_sessions(tenant))
             for sandbox, _cap in sandboxes:
                 pipe.exists(k.sandbox_alive(sandbox))
                 pipe.exists(k.sandbox_drain(sandbox))
                 pipe.scard(k.placed(sandbox))
                 if warm:
                     pipe.lindex(k.pool(sandbox), 0)
-            existing, *replies = await pipe.execute()
+            existing, tenant_sessions, *replies = await pipe.execute()
         width = 4 if warm else 3
         candidates, heads = [], {}
         for n, (sandbox, cap) in enumerate(sandboxes):
@@ -258,13 +349,15 @@ class SessionStore:
             if head and head[0] is not None:
                 heads[sandbox] = _text(head[0])
             candidates.append(Candidate(sandbox, int(placed), cap, warm=sandbox in heads))
-        return _Fleet(None if existing is None else _decode_record(existing), candidates, heads)
+        record = None if existing is None else _decode_record(existing)
+        return _Fleet(record, candidates, heads, int(tenant_sessions))
 
     async def _reserve(
-        self, record: SessionRecord, env: dict[str, str] | None, chosen: Candidate, warm_id: str | None
+        self, record: SessionRecord, env: dict[str, str] | None, chosen: Candidate, warm_id: str | None, quota: int
     ) -> Placed | str:
         """Store ``record`` on ``chosen`` (as the warm desktop ``warm_id``, born ready, when
-        given) if it still qualifies (RESERVE_LUA). Returns the placement, or why not."""
+        given) if it still qualifies (RESERVE_LUA). Returns the placement, or why not; raises
+        QuotaExceeded."""
         if warm_id is None:
             new, data = msgspec.structs.replace(record, sandbox=chosen.id), {}
         else:
@@ -282,8 +375,8 @@ class SessionStore:
                 k.pool(sandbox),
                 k.firehose,
                 k.session_events(session),
-                k.session_env(session),
                 k.session_deleted(session),
+                k.tenant_sessions(new.tenant),
             ],
             args=[
                 session,
@@ -294,8 +387,12 @@ class SessionStore:
                 _encode(env) if env and warm_id is None else b"",
                 self.bus.firehose_maxlen,
                 self.bus.session_maxlen,
+                k.session_env(session),
+                quota,
             ],
         )
+        if int(reply[0]) == 3:
+            raise QuotaExceeded(new.tenant, quota)
         if int(reply[0]) == 0:
             return Placed(False, _decode_record(reply[1]), warm=False)
         if int(reply[0]) == 2:
@@ -311,17 +408,20 @@ class SessionStore:
         mutate: Mutation | None = None,
         event_data: dict[str, Any] | None = None,
         fence: str | None = None,
+        tenant: str | None = None,
     ) -> SessionRecord:
         """Move a session to ``target`` if the state machine allows it from its current state.
 
         ``generation``: refuse (StaleGeneration) unless the record is at this generation.
         ``mutate``: further field changes, computed from the current record.
         ``fence``: a lease token; refuse (LeaseLost) unless the session's lock still holds it.
+        ``tenant``: the caller's tenant (None: any); another tenant's session is SessionNotFound,
+        checked on the very read the compare-and-set is made against.
         Raises SessionNotFound, StaleGeneration, LeaseLost or states.TransitionError; never
         applies a refused transition.
         """
         for _ in range(20):
-            current = await self.get(session_id)
+            current = await self.get(session_id, tenant=tenant)
             if current is None:
                 raise SessionNotFound(session_id)
             if generation is not None and current.generation != generation:
@@ -338,7 +438,9 @@ class SessionStore:
                 data.update(code=new.error.code, message=new.error.message)
             event = self._state_event(new, current.state, data)
             body = None if target is SessionState.DELETED else new
-            ok, _ = await self._write(session_id, current.sandbox, current.revision, body, event, fence=fence)
+            ok, _ = await self._write(
+                session_id, current.sandbox, current.tenant, current.revision, body, event, fence=fence
+            )
             if ok:
                 return new
         raise ConcurrentUpdate(f"session {session_id!r} kept changing; gave up after 20 tries")
@@ -361,6 +463,7 @@ class SessionStore:
             session=record.id,
             generation=record.generation,
             data=data,
+            tenant=record.tenant,
         )
         return encode_event(event)
 
@@ -368,11 +471,13 @@ class SessionStore:
         self,
         session_id: str,
         sandbox: str,
+        tenant: str,
         expected_revision: int,
         record: SessionRecord | None,
         event: bytes,
         env: dict[str, str] | None = None,
         fence: str | None = None,
+        quota: int = 0,
     ) -> tuple[bool, bytes | None]:
         keys = self.keys
         reply = await self._cas(
@@ -381,10 +486,10 @@ class SessionStore:
                 keys.session_index,
                 keys.firehose,
                 keys.session_events(session_id),
-                keys.session_env(session_id),
                 keys.placed(sandbox),
                 keys.session_deleted(session_id),
                 keys.lock(session_id),
+                keys.tenant_sessions(tenant),
             ],
             args=[
                 expected_revision,
@@ -397,10 +502,14 @@ class SessionStore:
                 _encode(env) if env else b"",
                 self.tombstone_ttl_s,
                 fence or "",
+                keys.session_env(session_id),
+                quota,
             ],
         )
         if int(reply[0]) == 2:
             raise LeaseLost(session_id, "the lock holds another token (the store refused the write)")
+        if int(reply[0]) == 3:
+            raise QuotaExceeded(tenant, quota)
         ok = int(reply[0]) == 1
         return ok, (reply[1] or None) if not ok else None
 
@@ -421,6 +530,7 @@ def _text(value: bytes | str) -> str:
 
 __all__ = [
     "ConcurrentUpdate",
+    "QuotaExceeded",
     "SessionNotFound",
     "SessionStore",
     "StaleGeneration",

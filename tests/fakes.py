@@ -201,7 +201,7 @@ class FakeRuntime:
     async def start(self, session_id: str) -> None:
         with self._call("start"):
             if session_id not in self.containers:
-                raise DesktopError("desktop_start_failed", f"no such container: {desktop_name(session_id)}")
+                raise DesktopError("desktop_gone", f"no such container: {desktop_name(session_id)}")
             self.containers[session_id].running = True
 
     async def remove(self, session_id: str, stop_timeout: int = 20) -> bool:

@@ -89,6 +89,8 @@ USERNS_SLOTS = (2**32 - 1 - USERNS_FIRST) // USERNS_SIZE  # ranges that end belo
 # The privilege probe's range: the last slot, which free_slot never hands out.
 PROBE_SLOT = USERNS_SLOTS - 1
 LABEL_USERNS_SLOT = "orchestrator.userns-slot"
+# The desktop's Env that tells desktop-init it is a userns desktop, and its range.
+USERNS_ENV = ("ORCH_USERNS_BASE", "ORCH_USERNS_SIZE")
 
 
 def slot_base(slot: int) -> int:
@@ -217,7 +219,8 @@ class PrivilegeProfile:
             return []
         if slot is None:
             raise ValueError("a userns desktop needs its uid range slot")
-        return [f"ORCH_USERNS_BASE={slot_base(slot)}", f"ORCH_USERNS_SIZE={USERNS_SIZE}"]
+        base, size = USERNS_ENV
+        return [f"{base}={slot_base(slot)}", f"{size}={USERNS_SIZE}"]
 
     def probe_config(self) -> dict[str, Any]:
         """The probe container's command and environment: `true`, or under userns the whole

@@ -465,11 +465,12 @@ class Reconciler:
         try:
             await self.runtime.desktops.start(action.session)
         except DesktopError as e:
-            gone = False  # removed from outside meanwhile (docker rm -f stops it first): say so
-            with contextlib.suppress(DesktopError):
-                gone = not await self.runtime.desktops.remove(action.session, stop_timeout=2)
-            why = "the desktop is gone" if gone else f"restarting it failed: {e}"
-            await self.store.fail(action.session, action.generation, "desktop_lost", why)
+            if e.code != "desktop_gone":
+                # A failed start spends one attempt of the budget and the next pass tries again
+                # (a sandbox daemon that is itself restarting refuses starts for a moment).
+                log.warning("reconcile: restarting %s's desktop failed (%s); the next pass retries", action.session, e)
+                return
+            await self.store.fail(action.session, action.generation, "desktop_lost", e.message)
             return
         await self._event("desktop.restarted", action, attempt=len(recent) + 1)
 

@@ -22,7 +22,7 @@ from orchestrator.client import Client
 from orchestrator.config import Settings, to_env
 from orchestrator.events import EventBus
 from orchestrator.keys import Keys
-from orchestrator.names import LABEL_SANDBOX, LABEL_SESSION
+from orchestrator.names import LABEL_SANDBOX, LABEL_SESSION, desktop_name
 from tests.conftest import free_port
 from workers.worker import SandboxWorker
 
@@ -242,6 +242,19 @@ async def count_objects(host: str, session_id: str) -> tuple[int, int]:
     containers = (await adocker("ps", "-aq", "--filter", label, host=host)).split()
     volumes = (await adocker("volume", "ls", "-q", "--filter", label, host=host)).split()
     return len(containers), len(volumes)
+
+
+async def delivered_env(host: str, session_id: str) -> dict[str, str]:
+    """The environment of the process the desktop's init started (start-dockerd, the parent of
+    its dockerd), where the session's env is delivered; read from /proc inside the desktop."""
+    script = 'pid=$(pgrep -o -x start-dockerd) && cat "/proc/$pid/environ"'
+    raw = await adocker("exec", desktop_name(session_id), "sh", "-c", script, host=host)
+    return dict(entry.split("=", 1) for entry in raw.split("\0") if "=" in entry)
+
+
+async def desktop_json(host: str, session_id: str) -> str:
+    """All of ``docker inspect`` of the session's desktop, as JSON text."""
+    return await adocker("inspect", desktop_name(session_id), host=host)
 
 
 async def pipe_in(host: str, chain: list[str], command: str, source: str) -> None:

@@ -70,3 +70,35 @@ async def test_the_dashboard_needs_a_token(api: str) -> None:
         assert (await http.get("/dashboard", params={"access_token": "wrong"})).status_code == 401
         page = await http.get("/dashboard", params={"access_token": TOKENS["events:read"]})
     assert page.status_code == 200 and '<table id="sessions">' in page.text
+
+
+async def test_tokens_in_urls_only_for_event_streams_and_security_headers_everywhere(api: str) -> None:
+    """L2: a token in a URL lands in logs and histories, so only what a browser's EventSource
+    must open takes one; every answer forbids framing, sniffing and referrers; the schema has
+    no HTML viewer (each loads a CDN's scripts into a page whose URL would hold the token)."""
+    import httpx
+
+    token = {"access_token": TOKENS["admin"]}
+    async with httpx.AsyncClient(base_url=api) as http:
+        assert (await http.get("/v1/sessions", params=token)).status_code == 401
+        assert (await http.get("/v1/sandboxes", params=token)).status_code == 401
+        async with http.stream("GET", "/v1/events", params=token) as stream:
+            assert stream.status_code == 200
+        answers = {
+            "page": await http.get("/dashboard", params=token),
+            "json": await http.get("/v1/sessions", headers={"Authorization": f"Bearer {TOKENS['admin']}"}),
+            "refused": await http.get("/v1/sessions"),
+            "unknown": await http.get("/nowhere", headers={"Authorization": f"Bearer {TOKENS['admin']}"}),
+        }
+        viewer = await http.get("/docs/swagger", headers={"Authorization": f"Bearer {TOKENS['admin']}"})
+        spec = await http.get("/docs/openapi.json", headers={"Authorization": f"Bearer {TOKENS['admin']}"})
+    assert [a.status_code for a in answers.values()] == [200, 200, 401, 404]
+    for name, answer in answers.items():
+        assert answer.headers["referrer-policy"] == "no-referrer", name
+        assert answer.headers["x-frame-options"] == "DENY", name
+        assert answer.headers["x-content-type-options"] == "nosniff", name
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], name
+    assert answers["page"].headers["cache-control"] == "no-store"
+    assert "connect-src 'self'" in answers["page"].headers["content-security-policy"]
+    assert answers["json"].headers["content-security-policy"].startswith("default-src 'none'")
+    assert viewer.status_code == 404 and spec.status_code == 200

@@ -19,9 +19,11 @@ from orchestrator.queue import Operation
 from workers.reconciler import MAX_RESTARTS, RemoveDesktop, RemoveVolume
 from workers.worker import SandboxWorker
 
-from .conftest import TEST_IMAGE, adocker, count_objects, running_worker
+from .conftest import TEST_IMAGE, adocker, count_objects, delivered_env, desktop_json, running_worker
 
 READY = 90.0
+# The desktop image's PATH (Debian's): a session that sets PATH keeps what dockerd needs.
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 async def ready_session(client: Client, **kwargs: object) -> tuple[str, list[ServerEvent]]:
@@ -169,8 +171,9 @@ async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
     host = docker_settings.docker_host
     assert host
     secret = "s3cr3t-value-that-must-not-leak"
+    env = {"API_TOKEN": secret, "MULTILINE": "one\ntwo $(not run) 'q' \\ \"", "PATH": "/opt/session/bin:" + IMAGE_PATH}
     resources = {"cpus": 0.5, "memory_mb": 512, "pids": 512}
-    record = await client.create(resources=resources, env={"API_TOKEN": secret})
+    record = await client.create(resources=resources, env=env)
     sid = record.id
     events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
     assert events[-1].type == "session.ready", [e.data for e in events]
@@ -179,13 +182,54 @@ async def test_resources_and_env_reach_the_desktop_and_env_is_never_echoed(
     assert host_config["NanoCpus"] == 500_000_000
     assert host_config["Memory"] == 512 * 1024 * 1024
     assert host_config["PidsLimit"] == 512
-    assert f"API_TOKEN={secret}" in (await adocker("exec", desktop_name(sid), "env", host=host)).splitlines()
+    await assert_env_delivered_unseen(host, sid, env)
 
-    assert record.spec.env_keys == ["API_TOKEN"]
+    assert record.spec.env_keys == ["API_TOKEN", "MULTILINE", "PATH"]
     listing = msgspec.json.encode([*await client.list(), await client.get(sid)]).decode()
     firehose = await redis.xrange(Keys(docker_settings.key_prefix).firehose)
     assert secret not in listing
     assert all(secret.encode() not in b"".join(fields[b"event"] for _, fields in [entry]) for entry in firehose)
+
+    # Resumed (a new generation, a new container): delivered again, still unseen.
+    await client.stop(sid)
+    stopped = await client.wait_for(sid, {"session.stopped", "session.failed"}, timeout=60, after=events[-1].id)
+    assert stopped[-1].type == "session.stopped"
+    await client.start(sid)
+    again = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY, after=stopped[-1].id)
+    assert again[-1].type == "session.ready", [e.data for e in again]
+    await assert_env_delivered_unseen(host, sid, env)
+
+
+def strings(value: object) -> list[str]:
+    """Every string in a decoded JSON document, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return []
+
+
+async def assert_env_delivered_unseen(host: str, sid: str, env: dict[str, str]) -> None:
+    """The session's env is where the desktop's processes get it, and nowhere ``docker inspect``
+    (or anything else reading the container's configuration) shows it."""
+    inspected = await desktop_json(host, sid)
+    texts = [inspected, *strings(json.loads(inspected))]  # raw, and decoded (a newline is \n in JSON)
+    assert [k for k, v in env.items() if any(v in t for t in texts)] == [], json.loads(inspected)[0]["Config"]["Env"]
+    assert {k: (await delivered_env(host, sid)).get(k) for k in env} == env  # what the init started
+    name = desktop_name(sid)
+    for key, value in env.items():
+        # Login shells read it too; a plain exec (the container's Env alone) does not.
+        assert await adocker("exec", name, "sh", "-lc", f'printf %s "${key}"', host=host) == value
+        assert await adocker("exec", name, "sh", "-c", f'printf %s "${{{key}-unset}}"', host=host) != value
+        # Where the desktop's user runs (inside the user namespace under userns), too.
+        assert await adocker("exec", name, "desktop-enter", "sh", "-lc", f'printf %s "${key}"', host=host) == value
+    files = ("/etc/orchestrator", "/etc/orchestrator/session.env")
+    # The desktop's root's only: as seen where its user runs (under userns, that root is the
+    # range's first uid, which must read the file; from the sandbox it is that uid's).
+    mode = await adocker("exec", name, "desktop-enter", "stat", "-c", "%a %U", *files, host=host)
+    assert mode.splitlines() == ["700 root", "600 root"]
 
 
 async def test_limits_beyond_the_sandbox_are_refused_with_422(client: Client, settings: Settings) -> None:
@@ -232,7 +276,8 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
     assert host
     settings = replace(docker_settings, health_interval_s=0.5, reconcile_interval_s=1.0)
     async with running_worker(settings) as worker:
-        sid, events = await ready_session(client)
+        sid, events = await ready_session(client, env={"RESTART_SECRET": "kept-across-restarts"})
+        before = (await delivered_env(host, sid)).get("RESTART_SECRET")
         await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
         await worker.health.check()  # the first finding: healthy (no event for that)
         await adocker(how, desktop_name(sid), host=host)
@@ -247,6 +292,8 @@ async def test_a_desktop_stopped_from_outside_comes_back_with_its_data(
         assert (await client.get(sid)).state == "ready"
         image = await adocker("exec", desktop_name(sid), "docker", "images", "-q", TEST_IMAGE, host=host)
         assert image, "the inner image did not survive the restart"
+        # The env file is in the container's layer: the same container, restarted, reads it again.
+        assert before == (await delivered_env(host, sid)).get("RESTART_SECRET") == "kept-across-restarts"
 
 
 async def test_a_desktop_that_keeps_stopping_is_given_up_after_its_restart_budget(

@@ -16,10 +16,9 @@ import pytest
 from orchestrator.client import ApiError, Client
 from orchestrator.config import Settings
 from orchestrator.keys import Keys
-from orchestrator.names import desktop_name
 from workers.worker import SandboxWorker
 
-from .conftest import ADMIN, adocker, count_objects
+from .conftest import ADMIN, count_objects, delivered_env, desktop_json
 
 
 async def redis_cli(url: str, *args: str) -> str:
@@ -186,15 +185,18 @@ async def test_a_sessions_env_reaches_its_desktop_and_nothing_else(
             await http.post("/v1/sessions", json={"id": "env-err", "env": {"bad key": MARKER}}),
             await http.post("/v1/sessions", json={"id": "env-api", "env": {"OTHER": MARKER}}),  # exists, other spec
         ]
+        bodies: list[str] = []
         for session in ("env-api", "env-job"):
             events = await client.wait_for(session, {"session.ready", "session.failed"}, timeout=90)
             assert events[-1].type == "session.ready", [e.data for e in events]
-            seen = await adocker(
-                "exec", desktop_name(session), "printenv", "SECRET", host=docker_settings.docker_host or ""
-            )
-            assert seen == MARKER  # delivered where it belongs
+            host = docker_settings.docker_host or ""
+            # Delivered where it belongs (the processes the desktop's init starts), and not in
+            # the container's configuration (docker inspect, the daemon's config.v2.json).
+            assert (await delivered_env(host, session)).get("SECRET") == MARKER
+            bodies.append(await desktop_json(host, session))
         await left_queue(url, queue, list(refused))
-        bodies = [e.text for e in errors] + [(await http.get(p)).text for p in ("/v1/sessions", "/v1/sessions/env-api")]
+        bodies += [e.text for e in errors]
+        bodies += [(await http.get(p)).text for p in ("/v1/sessions", "/v1/sessions/env-api")]
     assert [e.status_code for e in errors] == [400, 400, 409], bodies
     streams = [keys.firehose, keys.session_events("env-api"), keys.session_events("env-job")]
     bodies += [await redis_cli(url, "--no-raw", "XRANGE", stream, "-", "+") for stream in streams]

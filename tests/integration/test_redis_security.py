@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import hashlib
 import re
@@ -21,11 +22,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 import redis
 from arq.worker import func
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
+from orchestrator.auth import hash_token
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.keys import Keys
@@ -34,8 +37,10 @@ from orchestrator.queue import JobQueue, Operation
 from orchestrator.redis_conn import redacted_url, redis_client
 from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import DrainRequest, SandboxInfo
-from orchestrator.states import SandboxStatus
+from orchestrator.states import SandboxStatus, SessionState
+from orchestrator.store import SessionStore
 from tests.conftest import awaited, free_port
+from tests.integration.conftest import ADMIN, TOKENS, running_api
 from workers.jobs import ResilientWorker
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "redis.md"
@@ -211,7 +216,7 @@ local exists = redis.call('EXISTS', KEYS[1])
 redis.call('DEL', KEYS[1])
 return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
 """
-        script_keys = [keys.session_env("s1"), keys.placed("sec"), keys.pool("sec"), keys.session_events("s0")]
+        script_keys = [keys.session("s-script"), keys.placed("sec"), keys.pool("sec"), keys.session_events("s0")]
         for client in (api_redis, worker_redis):
             await awaited(worker_redis.rpush(keys.pool("sec"), "w3"))
             result = await client.register_script(script)(keys=script_keys, args=["x"])
@@ -315,6 +320,124 @@ async def test_documented_acl_refuses_everything_else(acl_server: AclServer) -> 
             for entry in ("command flushall", "command config|get", "command keys", "key other:key", "command eval"):
                 assert f"{entry} ({user})" in logged, logged
         assert {"key arq:result:x (orchestrator-api)", "command info (orchestrator-api)"} <= logged
+    finally:
+        await api_redis.aclose()
+        await worker_redis.aclose()
+
+
+# Key families of keys.py the API never touches (the worker's alone).
+WORKER_ONLY_KEYS = {"pool_making"}
+
+
+def test_the_api_user_names_every_key_family_it_uses() -> None:
+    """Key patterns add up, so the API's user lists its families one by one: each family of
+    keys.py is covered (but the worker's own), and the env only by its write-only pattern."""
+    [api_line] = [line for line in documented_acl() if line.startswith("user orchestrator-api ")]
+    patterns = [(word[1:], "rw") for word in api_line.split() if word.startswith("~")]
+    patterns += [(word[3:], word[1].lower()) for word in api_line.split() if word[:3] in ("%R~", "%W~")]
+    keys = Keys(PREFIX)
+    families = {
+        name: member("x") if callable(member) else member
+        for name, member in ((n, getattr(keys, n)) for n in dir(Keys) if not n.startswith("_") and n != "prefix")
+    }
+    assert len(families) >= 17, families  # keys.py as it is: a family vanishing here is a bug
+    for name, key in families.items():
+        matching = {access for pattern, access in patterns if fnmatch.fnmatchcase(key, pattern)}
+        if name in WORKER_ONLY_KEYS:
+            assert not matching, f"{name} ({key}) is the worker's alone, yet the API's user may touch it"
+        elif name == "session_env":
+            assert matching == {"w"}, f"the API's user must only write {key}, has {matching}"
+        else:
+            assert matching, f"{key} ({name}) is in none of the API's key patterns: add it to docs/redis.md"
+
+
+ENV_MARKER = "ENV-MARKER-acl-5e1f"
+
+
+def _beat(sandbox: str, status: SandboxStatus) -> SandboxInfo:
+    return SandboxInfo(
+        id=sandbox, depth=1, version="0", hostname="h", sessions=0, capacity=4, load=0.0,
+        free_disk_bytes=0, privilege="caps", ts="2026-01-01T00:00:00.000Z", status=status,
+    )  # fmt: skip
+
+
+async def test_the_api_writes_session_env_but_never_reads_it(acl_server: AclServer) -> None:
+    """Through the real API under its documented ACL user: creates store env (both paths: the
+    fallback's record script and placement's reservation), a delete and a retire remove it, and
+    /metrics, listings and reads all work; yet no command of that user can read an env key."""
+    with contextlib.closing(acl_server.admin()) as admin:
+        admin.acl_log_reset()
+    keys = Keys(PREFIX)
+    sandbox, fallback = "sec-env", "sec-env-default"
+    tokens = ";".join(f"{s.replace(':', '-')}:{hash_token(raw)}:{s}" for s, raw in TOKENS.items())
+    api_settings = dataclasses.replace(acl_server.api, default_sandbox=fallback, tokens=tokens)
+    worker_redis, api_redis = redis_client(acl_server.worker), redis_client(acl_server.api)
+    env = {"SECRET": ENV_MARKER}
+    try:
+        async with running_api(api_settings) as url, httpx.AsyncClient(base_url=url, headers=ADMIN) as http:
+            # No sandbox has beaten: the create is stored for the default sandbox (CAS_LUA).
+            first = await http.post("/v1/sessions", json={"id": "env-fallback", "env": env})
+            assert first.status_code == 202, first.text
+            registry = SandboxRegistry(worker_redis, keys)
+            assert await registry.mark_alive(sandbox, 60.0)
+            assert await registry.beat(_beat(sandbox, SandboxStatus.AVAILABLE))
+            # A live sandbox: placement reserves it and stores the env (RESERVE_LUA).
+            placed = await http.post("/v1/sessions", json={"id": "env-placed", "env": env, "sandbox": sandbox})
+            assert placed.status_code == 202, placed.text
+            # An idempotent retry needs no read of the env: the record lists its keys.
+            again = await http.post("/v1/sessions", json={"id": "env-placed", "env": env, "sandbox": sandbox})
+            assert again.status_code == 200, again.text
+            for path in ("/v1/sessions", "/v1/sessions/env-placed", "/v1/sandboxes", "/metrics"):
+                response = await http.get(path)
+                assert response.status_code == 200, (path, response.text)
+                assert ENV_MARKER not in response.text
+            with contextlib.closing(acl_server.admin()) as admin:
+                stored = admin.mget([keys.session_env("env-fallback"), keys.session_env("env-placed")])
+            assert stored == [b'{"SECRET":"%s"}' % ENV_MARKER.encode()] * 2
+
+            # The API's user cannot read it: not by GET or MGET (commands it has), not by a script.
+            env_key = keys.session_env("env-placed")
+            for read in (
+                functools.partial(api_redis.get, env_key),
+                functools.partial(api_redis.mget, [keys.session("env-placed"), env_key]),
+            ):
+                with pytest.raises(NoPermissionError):
+                    await read()
+            read_script = api_redis.register_script("return redis.call('GET', KEYS[1] or ARGV[1])")
+            with pytest.raises(NoPermissionError):  # a declared key is checked for reading too
+                await read_script(keys=[env_key])
+            with pytest.raises(ResponseError, match="can't access"):  # and so is each call inside
+                await read_script(args=[env_key])
+            # The worker's user reads it (the bring-up does).
+            assert await worker_redis.get(env_key) == b'{"SECRET":"%s"}' % ENV_MARKER.encode()
+
+            # Delete: the API moves the session to deleting (the record script, no env read)...
+            deleting = await http.delete("/v1/sessions/env-fallback")
+            assert deleting.status_code == 202 and deleting.json()["state"] == "deleting", deleting.text
+            # ...and the worker's deleted transition removes the env with the record.
+            worker_store = SessionStore(worker_redis, EventBus(worker_redis, keys))
+            await worker_store.transition("env-fallback", SessionState.DELETED)
+            # Retire: the API itself deletes the sandbox's sessions, env included.
+            assert await registry.beat(_beat(sandbox, SandboxStatus.DRAINED))  # gone: no alive key
+            retired = await http.post(f"/v1/sandboxes/{sandbox}/retire")
+            assert retired.status_code == 202 and retired.json()["sessions"] == ["env-placed"], retired.text
+            with contextlib.closing(acl_server.admin()) as admin:
+                assert admin.exists(keys.session_env("env-fallback"), keys.session_env("env-placed")) == 0
+                assert admin.exists(keys.session("env-fallback"), keys.session("env-placed")) == 0
+
+        # Refused: exactly the four reads above (GET, MGET, the declared key, the call inside),
+        # all of the API's user, none of any command the API itself ran.
+        with contextlib.closing(acl_server.admin()) as admin:
+            entries: list[dict[str, Any]] = admin.acl_log(count=1000)  # type: ignore[assignment]
+        refused = sorted(
+            (e["reason"], e["context"], e["object"], e["username"], int(e["count"]))
+            for e in entries
+            if "setinfo" not in e["object"]
+        )
+        assert refused == [
+            ("key", "lua", env_key, "orchestrator-api", 1),
+            ("key", "toplevel", env_key, "orchestrator-api", 3),
+        ], refused
     finally:
         await api_redis.aclose()
         await worker_redis.aclose()

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from orchestrator import cli
 from orchestrator.auth import hash_token, parse_tokens
-from orchestrator.schemas import ImageRef
+from orchestrator.schemas import ImageRef, SessionCreate
 from tests.fakes import open_stack
 from workers.runtime.errors import DesktopError
 from workers.runtime.inner import image_in_path
@@ -53,6 +53,23 @@ def test_docker_references_are_accepted(image: str) -> None:
 def test_what_is_not_a_docker_reference_is_refused(image: str) -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert(image, ImageRef)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": "abc\n"},
+        {"labels": {"team\n": "x"}},
+        {"env": {"API_KEY\n": "x"}},
+        {"sandbox": "sb-1\n"},
+    ],
+)
+def test_a_trailing_newline_is_refused_where_a_pattern_ends_in_dollar(body: dict[str, object]) -> None:
+    # Python's '$' also matches before a final newline: "abc\n" would become a Docker name.
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(body, SessionCreate)
+    clean = msgspec.json.decode(msgspec.json.encode(body).replace(b"\\n", b""))
+    msgspec.convert(clean, SessionCreate)  # the same body without it is fine
 
 
 def test_image_names_in_docker_api_paths_are_quoted_and_cannot_climb() -> None:

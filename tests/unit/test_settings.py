@@ -44,6 +44,7 @@ EVERYTHING = Settings(
     monitor_interval_s=0.25,
     default_sandbox="sb",
     tokens="a:" + "0" * 64 + ":admin;b:" + "1" * 64 + ":events:read",
+    tenant_max_sessions=12,
     sse_max_streams=300,
     sse_max_streams_per_token=30,
     max_query_bytes=2048,
@@ -90,7 +91,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 64
+    assert len(fields) == 65
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]

@@ -32,9 +32,10 @@ from orchestrator.names import (
 )
 from orchestrator.schemas import Resources
 
-from ..privilege import LABEL_USERNS_SLOT, PrivilegeKind, PrivilegeProfile, free_slot, parse_slot
+from ..privilege import LABEL_USERNS_SLOT, USERNS_ENV, PrivilegeKind, PrivilegeProfile, free_slot, parse_slot
 from .errors import DesktopError, existed, unless_absent
 from .port import Desktop, DockerObject
+from .session_env import SESSION_ENV_DIR, env_archive
 
 
 def socket_path(socket_dir: str, session_id: str) -> str:
@@ -205,14 +206,24 @@ class DockerDesktops:
             exit_code=state.get("ExitCode"),
         )
 
+    def own_env(self, session_id: str) -> dict[str, str]:
+        """The orchestrator's own variables (not secret): the container's ``Env``. They win over a
+        session's variables of the same name, which are left out of the session's env file."""
+        return {
+            "ORCH_DEPTH": str(self.depth + 1),
+            "ORCH_SESSION": session_id,
+            "ORCH_EXTERNAL_SOCKET": "/run/orchestrator/docker.sock",
+        }
+
     def desktop_config(
         self,
         session_id: str,
         generation: int,
         resources: Resources | None = None,
-        env: dict[str, str] | None = None,
         userns_slot: int | None = None,
     ) -> dict[str, Any]:
+        """The container's configuration. It never holds the session's env: that goes into a
+        file in the container (``deliver_env``), so ``docker inspect`` shows none of it."""
         sockets = os.path.dirname(socket_path(self.socket_dir, session_id))
         host_config: dict[str, Any] = {
             "Binds": [f"{volume_name(session_id)}:/var/lib/docker", f"{sockets}:/run/orchestrator"],
@@ -230,13 +241,7 @@ class DockerDesktops:
                 host_config["Memory"] = resources.memory_mb * 1024 * 1024
             if resources.pids is not None:
                 host_config["PidsLimit"] = resources.pids
-        # The session's own variables first: ours come last and win.
-        variables = [f"{k}={v}" for k, v in sorted((env or {}).items())]
-        variables += [
-            f"ORCH_DEPTH={self.depth + 1}",
-            f"ORCH_SESSION={session_id}",
-            "ORCH_EXTERNAL_SOCKET=/run/orchestrator/docker.sock",
-        ]
+        variables = [f"{k}={v}" for k, v in self.own_env(session_id).items()]
         variables += self.profile.desktop_env(userns_slot)
         return {
             "Image": self.image,
@@ -253,14 +258,20 @@ class DockerDesktops:
         resources: Resources | None = None,
         env: dict[str, str] | None = None,
     ) -> Desktop:
-        existing = await self.inspect(session_id)
-        if existing is not None and existing.generation == generation:
-            return existing
-        if existing is not None:
-            await self.remove(session_id)
+        desktop = await self.inspect(session_id)
+        if desktop is None or desktop.generation != generation:
+            if desktop is not None:
+                await self.remove(session_id)
+            desktop = await self._create(session_id, generation, resources)
+        # Also into an adopted desktop: a create that died between the container and its file
+        # left one without it (never started: only a bring-up starts a desktop).
+        await self.deliver_env(session_id, env or {})
+        return desktop
+
+    async def _create(self, session_id: str, generation: int, resources: Resources | None) -> Desktop:
         os.makedirs(os.path.dirname(socket_path(self.socket_dir, session_id)), exist_ok=True)
         slot = await self.userns_slot(session_id)
-        config = self.desktop_config(session_id, generation, resources, env, userns_slot=slot)
+        config = self.desktop_config(session_id, generation, resources, userns_slot=slot)
         try:
             await self._docker.containers.create(config, name=desktop_name(session_id))
         except DockerError as e:
@@ -275,11 +286,30 @@ class DockerDesktops:
             raise DesktopError("desktop_create_failed", "the desktop vanished right after it was created")
         return created
 
+    async def deliver_env(self, session_id: str, env: dict[str, str]) -> None:
+        """Write the session's env into the (created, not yet started) desktop as a root-only
+        file (``session_env.py``), which desktop-init reads at start. Our own variables are
+        left out: the container's ``Env`` has them, and they win."""
+        own = self.own_env(session_id)
+        # Nor the userns profile's: a session must not choose its desktop's uid range.
+        variables = {k: v for k, v in env.items() if k not in own and k not in USERNS_ENV}
+        if not variables:
+            return
+        try:
+            archive = env_archive(variables)
+            # (aiodocker leaves put_archive unannotated.)
+            await self._container(session_id).put_archive(os.path.dirname(SESSION_ENV_DIR), archive)  # type: ignore[no-untyped-call]
+        except DockerError as e:
+            # Docker's message names the path, never the archive's content.
+            raise DesktopError("desktop_create_failed", f"could not write the session's env: {e.message}") from e
+
     async def start(self, session_id: str) -> None:
         # An already running desktop answers 304, which aiodocker takes for success.
         try:
             await self._container(session_id).start()
         except DockerError as e:
+            if e.status == 404:
+                raise DesktopError("desktop_gone", "the desktop is gone") from e
             raise DesktopError("desktop_start_failed", f"could not start the desktop: {e.message}") from e
 
     async def remove(self, session_id: str, stop_timeout: int = 20) -> bool:
@@ -346,7 +376,9 @@ def _desktop_object(container: DockerContainer) -> DockerObject:
         name=(info.get("Names") or ["/?"])[0].lstrip("/"),
         session=labels.get(LABEL_SESSION, ""),
         generation=_generation(labels),
-        running=info.get("State") == "running",
+        # Restarting: the daemon's restart policy is bringing it back (its own backoff); the
+        # reconciler must not start it too, nor spend its restart budget on it.
+        running=info.get("State") in ("running", "restarting"),
         created_at=float(info.get("Created") or 0),
     )
 

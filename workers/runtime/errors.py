@@ -16,6 +16,7 @@ T = TypeVar("T")
 DesktopErrorCode = Literal[
     "desktop_create_failed",
     "desktop_exited",
+    "desktop_gone",
     "desktop_not_userns",
     "desktop_remove_failed",
     "desktop_start_failed",

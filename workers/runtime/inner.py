@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiodocker
 import aiohttp
@@ -37,6 +38,25 @@ def image_in_path(image: str) -> str:
     return urllib.parse.quote(image, safe="/:@")
 
 
+@contextlib.contextmanager
+def pinned_socket(path: str) -> Iterator[str]:
+    """A path that reaches the socket at ``path`` and nothing else, for as long as the block runs.
+
+    ``path`` is in a directory the desktop writes (its /run/orchestrator): its root may put a
+    symlink there to any socket of the worker's filesystem, the sandbox's dockerd included
+    (e3), and swap it between a check and a connect. So the entry is opened once without
+    following it (O_PATH | O_NOFOLLOW: a symlink is opened as itself), must be a socket, and
+    the connect goes through the descriptor (/proc/self/fd/N), which no later rename moves.
+    Raises OSError (ENOENT when absent, ENOTSOCK for anything but a socket)."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOTSOCK, "not a socket (a desktop controls this path)", path)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 class DockerInnerDaemon:
     def __init__(self, desktops: DockerDesktops, *, read_timeout_s: float = 60.0) -> None:
         # The desktops' side: where the sockets are, and whether a desktop still runs.
@@ -52,11 +72,12 @@ class DockerInnerDaemon:
     async def client(self, session_id: str, extra_s: float = 0.0) -> AsyncIterator[aiodocker.Docker]:
         """A client of the desktop's dockerd, its reads bounded (``extra_s`` more for a call
         that waits by design, as a stop does for its grace period)."""
-        client = aiodocker.Docker(url=f"unix://{self._socket(session_id)}", timeout=self.timeout(extra_s))
-        try:
-            yield client
-        finally:
-            await client.close()
+        with pinned_socket(self._socket(session_id)) as path:
+            client = aiodocker.Docker(url=f"unix://{path}", timeout=self.timeout(extra_s))
+            try:
+                yield client
+            finally:
+                await client.close()
 
     def _socket(self, session_id: str) -> str:
         return socket_path(self._desktops.socket_dir, session_id)
@@ -76,9 +97,7 @@ class DockerInnerDaemon:
 
     async def answers(self, session_id: str) -> bool:
         """At most 2 s."""
-        connector = aiohttp.UnixConnector(path=self._socket(session_id))
-        async with aiohttp.ClientSession(connector=connector) as http:
-            return await _ping(http)
+        return await _ping(self._socket(session_id))
 
     async def wait_ready(self, session_id: str, started_at: float, limit_s: float) -> DockerdReady:
         """Wait until the desktop's dockerd answers ``/_ping``, then read what it reports.
@@ -87,18 +106,16 @@ class DockerInnerDaemon:
         refused to run; fails with ``dockerd_timeout`` after ``limit_s`` seconds.
         """
         deadline = started_at + limit_s
-        connector = aiohttp.UnixConnector(path=self._socket(session_id))
-        async with aiohttp.ClientSession(connector=connector) as http:
-            next_check = time.monotonic() + EXIT_CHECK_S
-            while not await _ping(http):
-                now = time.monotonic()
-                if now >= deadline:
-                    raise DesktopError("dockerd_timeout", f"the desktop's dockerd did not answer within {limit_s:g} s")
-                if now >= next_check:
-                    next_check = now + EXIT_CHECK_S
-                    await self._fail_if_exited(session_id)
-                await asyncio.sleep(0.02)
-            duration_ms = int((time.monotonic() - started_at) * 1000)
+        next_check = time.monotonic() + EXIT_CHECK_S
+        while not await _ping(self._socket(session_id)):
+            now = time.monotonic()
+            if now >= deadline:
+                raise DesktopError("dockerd_timeout", f"the desktop's dockerd did not answer within {limit_s:g} s")
+            if now >= next_check:
+                next_check = now + EXIT_CHECK_S
+                await self._fail_if_exited(session_id)
+            await asyncio.sleep(0.02)
+        duration_ms = int((time.monotonic() - started_at) * 1000)
         await self._check_userns(session_id)
         async with self.client(session_id) as inner:
             info = await inner.system.info()
@@ -122,10 +139,11 @@ class DockerInnerDaemon:
             return
         base = slot_base(slot)
         try:
-            info = os.lstat(self._socket(session_id))  # never a link's target (H1)
+            with pinned_socket(self._socket(session_id)) as path:  # never a link's target (e3)
+                info = os.stat(path)
         except OSError as e:
-            raise DesktopError("desktop_not_userns", f"the desktop's socket is gone: {e}") from e
-        if not stat.S_ISSOCK(info.st_mode) or not base <= info.st_uid < base + USERNS_SIZE:
+            raise DesktopError("desktop_not_userns", f"the desktop's socket is not one: {e}") from e
+        if not base <= info.st_uid < base + USERNS_SIZE:
             raise DesktopError(
                 "desktop_not_userns",
                 f"the desktop's dockerd is not in its user namespace (socket uid {info.st_uid}, "
@@ -150,9 +168,15 @@ class DockerInnerDaemon:
             raise DesktopError("preload_failed", f"could not look for {image!r}: {silent}") from e
 
 
-async def _ping(http: aiohttp.ClientSession) -> bool:
+async def _ping(socket: str) -> bool:
+    """Whether a dockerd answers ``/_ping`` on the socket at ``socket`` (pinned), within 2 s."""
     try:
-        async with http.get("http://dockerd/_ping", timeout=aiohttp.ClientTimeout(total=2)) as resp:
-            return resp.status == 200
+        with pinned_socket(socket) as path:
+            connector = aiohttp.UnixConnector(path=path)
+            async with (
+                aiohttp.ClientSession(connector=connector) as http,
+                http.get("http://dockerd/_ping", timeout=aiohttp.ClientTimeout(total=2)) as resp,
+            ):
+                return resp.status == 200
     except (TimeoutError, aiohttp.ClientError, OSError):
         return False

@@ -1,0 +1,37 @@
+"""Security headers on every HTTP answer (L2), errors and Litestar's own 404s included: a
+``before_send`` hook (it sees every message the app sends), so no route can forget them. The
+API serves JSON and one page (the dashboard, whose address carries its token): nothing may
+frame it, nothing leaves it in a Referer, and the page loads nothing from elsewhere."""
+
+from __future__ import annotations
+
+from litestar.types import Message, Scope
+
+_COMMON = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+# JSON answers: a browser must run nothing from them.
+API_CSP = b"default-src 'none'; frame-ancestors 'none'"
+# The dashboard: its own inline script and style, its own origin's API and event stream.
+PAGE_CSP = (
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGES = frozenset({"/dashboard"})
+
+
+async def add_security_headers(message: Message, scope: Scope) -> None:
+    if message["type"] != "http.response.start":
+        return
+    page = scope["path"] in PAGES
+    added = [
+        *_COMMON,
+        (b"content-security-policy", PAGE_CSP if page else API_CSP),
+        # The page's URL holds a token: no cache keeps it.
+        *([(b"cache-control", b"no-store")] if page else []),
+    ]
+    headers = list(message.get("headers", []))
+    present = {bytes(name).lower() for name, _ in headers}
+    message["headers"] = [*headers, *(h for h in added if h[0] not in present)]
