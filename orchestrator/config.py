@@ -533,14 +533,22 @@ class WorkerSettings(SharedSettings):
         False,
         parse=_flag,
         render=_render_flag,
-        doc="`1`: firewall desktops off the sandbox's own networks (on in the sandbox image)",
+        doc="`1`: desktops reach the internet only: private ranges, the sandbox's networks and IPv6 denied "
+        "(on in the sandbox image; workers/firewall.py)",
     )
     desktop_deny: tuple[str, ...] = setting(
         "ORCH_DESKTOP_DENY",
         (),
         parse=_networks,
         render=_render_list,
-        doc="more networks (`cidr,...`) desktops must not reach, e.g. a cluster's pod and service ranges",
+        doc="more IPv4 networks (`cidr,...`) desktops must not reach, on top of every private range",
+    )
+    desktop_allow: tuple[str, ...] = setting(
+        "ORCH_DESKTOP_ALLOW",
+        (),
+        parse=_networks,
+        render=_render_list,
+        doc="IPv4 networks (`cidr,...`) desktops may reach although private or denied, e.g. a package mirror",
     )
     worker_metrics_port: int = setting(
         "ORCH_WORKER_METRICS_PORT", 0, parse=_int, doc="TCP port of the worker's /metrics; 0: not served"

@@ -19,11 +19,19 @@ if [ -z "${ORCH_SANDBOX_ID:-}" ]; then
   fi
 fi
 export ORCH_SANDBOX_ID
-# Desktops may not reach this sandbox's own networks (Redis, the API, the registry): the worker
-# sets the rules (workers/firewall.py) and refuses to start if it cannot.
+# Desktops reach the internet only (workers/firewall.py): no private range, none of this
+# sandbox's networks (Redis, the API, the registry), no IPv6. The rules go in before dockerd
+# starts: it restarts desktops (restart policies) at once, long before the worker is up, and
+# the worker waits for Redis. No firewall, no sandbox. The worker re-applies the same rules.
 export ORCH_FIREWALL=${ORCH_FIREWALL:-1}
 
 log() { printf '%s sandbox-init: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
+
+case "$(printf %s "$ORCH_FIREWALL" | tr '[:upper:]' '[:lower:]')" in  # as orchestrator/config.py reads it
+  1|true|yes|on)
+    python3 -m workers.firewall || { log "the desktops' firewall could not be loaded: not starting"; exit 1; } ;;
+  *) log "warning: ORCH_FIREWALL=$ORCH_FIREWALL: desktops reach everything this sandbox reaches" ;;
+esac
 
 start-dockerd --supervise &
 dockerd_supervisor=$!

@@ -176,9 +176,10 @@ class SandboxWorker:
         await self.reconciler.pass_once()
 
     async def _enforce_firewall(self) -> None:
-        """Desktops kept off the sandbox's own networks (workers/firewall.py), when enabled."""
+        """Desktops kept off everything but the internet (workers/firewall.py), when enabled.
+        sandbox-init loaded the same rules before dockerd; this restores what a person removed."""
         if self.settings.firewall:
-            await firewall.apply(await self.runtime.desktops.network_bridge(), self.settings.desktop_deny)
+            await firewall.apply(await asyncio.to_thread(firewall.facts_of, self.settings))
 
     async def _say_goodbye(self) -> None:
         """Stop being a placement target now rather than when the heartbeat lapses, listed as
