@@ -135,6 +135,17 @@ def _first_item(name: str, raw: str) -> str | None:
     return raw.split(",")[0].strip() or None
 
 
+def _credentials(name: str, raw: str) -> tuple[str, str]:
+    user, colon, password = raw.partition(":")
+    if not (user and colon and password):
+        raise ValueError(f"{name} must be user:password") from None  # the value itself is a secret
+    return user, password
+
+
+def _render_credentials(value: tuple[str, str]) -> str:
+    return ":".join(value)
+
+
 def _sentinels(name: str, raw: str) -> tuple[tuple[str, int], ...]:
     """``host:port,host:port`` (IPv6 as ``[::1]:26379``) -> ((host, port), ...)."""
     if not raw.strip():
@@ -435,6 +446,15 @@ class WorkerSettings(SharedSettings):
         None,
         parse=_first_item,
         doc="this level's registry (host:port, plain HTTP): where a missing desktop image is pulled from",
+    )
+    # A registry with htpasswd auth (deploy/kubernetes): what the worker sends with its pulls.
+    registry_credentials: tuple[str, str] | None = setting(
+        "ORCH_REGISTRY_CREDENTIALS",
+        None,
+        parse=_credentials,
+        render=_render_credentials,
+        secret=True,
+        doc="`user:password` for ORCH_REGISTRY, when it asks for them",
     )
     # So the worker reaches each desktop's dockerd without `docker exec`.
     socket_dir: str = setting(

@@ -218,6 +218,7 @@ def _runtime(settings: WorkerSettings) -> DesktopRuntime:
         # The first candidate until DesktopPreparation has tried them on the daemon.
         profile=candidates(settings.privilege, *read_bounding_set())[0],
         registry=settings.registry,
+        registry_credentials=settings.registry_credentials,
         read_timeout_s=settings.docker_read_timeout_s,
     )
 

@@ -81,6 +81,7 @@ EVERYTHING = Settings(
     firewall=True,
     desktop_deny=("10.96.0.0/12", "fd00::/8"),
     desktop_allow=("10.20.30.0/24",),
+    registry_credentials=("puller", "pull-s3cret"),
     worker_metrics_port=9100,
     fault_kill_at="after_volume",
 )
@@ -92,7 +93,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 66
+    assert len(fields) == 67
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
@@ -211,6 +212,8 @@ def test_a_bad_number_names_its_variable(name: str) -> None:
         ({"REDIS_SENTINELS": "s1"}, r"^REDIS_SENTINELS must be host:port"),
         ({"ORCH_SANDBOX_LABELS": "gpu"}, r"^ORCH_SANDBOX_LABELS: 'gpu' is not key=value"),
         ({"ORCH_DESKTOP_DENY": "10.0.0.0/33"}, r"^ORCH_DESKTOP_DENY: '10.0.0.0/33' is not a network"),
+        ({"ORCH_DESKTOP_ALLOW": "x"}, r"^ORCH_DESKTOP_ALLOW: 'x' is not a network"),
+        ({"ORCH_REGISTRY_CREDENTIALS": "no-colon-s3cret"}, r"^ORCH_REGISTRY_CREDENTIALS must be user:password$"),
         ({"ORCH_DEFAULT_TTL_ACTION": "pause"}, r"^ORCH_DEFAULT_TTL_ACTION must be stop or delete, got 'pause'"),
         ({"ORCH_SANDBOX_LOST_AFTER": "5"}, r"^ORCH_SANDBOX_LOST_AFTER \(5 s\) must exceed ORCH_HEARTBEAT_INTERVAL"),
     ],
@@ -233,6 +236,7 @@ def test_secrets_stay_out_of_repr() -> None:
     shown = repr(EVERYTHING)
     assert "p%40ss" not in shown
     assert "sentinel-pass" not in shown
+    assert "pull-s3cret" not in shown
 
 
 def test_the_readme_has_the_generated_table() -> None:

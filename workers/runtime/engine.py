@@ -23,6 +23,7 @@ class DesktopRuntime:
         socket_dir: str,
         profile: PrivilegeProfile,
         registry: str | None = None,
+        registry_credentials: tuple[str, str] | None = None,
         read_timeout_s: float = 60.0,
     ) -> None:
         self._docker = aiodocker.Docker(url=docker_host)
@@ -30,7 +31,9 @@ class DesktopRuntime:
             self._docker, image=image, sandbox_id=sandbox_id, depth=depth, socket_dir=socket_dir, profile=profile
         )
         self.inner = DockerInnerDaemon(self.desktops, read_timeout_s=read_timeout_s)
-        self.images = DockerImages(self._docker, self.inner, registry=registry, read_timeout_s=read_timeout_s)
+        self.images = DockerImages(
+            self._docker, self.inner, registry=registry, credentials=registry_credentials, read_timeout_s=read_timeout_s
+        )
         self.probe = DockerPrivilegeProbe(self._docker, image=image, sandbox_id=sandbox_id)
 
     @property

@@ -19,7 +19,13 @@ CHUNK_BYTES = 1 << 20
 
 class DockerImages:
     def __init__(
-        self, docker: aiodocker.Docker, inner: DockerInnerDaemon, *, registry: str | None, read_timeout_s: float = 60.0
+        self,
+        docker: aiodocker.Docker,
+        inner: DockerInnerDaemon,
+        *,
+        registry: str | None,
+        credentials: tuple[str, str] | None = None,
+        read_timeout_s: float = 60.0,
     ) -> None:
         self._docker = docker
         self._inner = inner
@@ -27,6 +33,7 @@ class DockerImages:
         self._timeout = aiohttp.ClientTimeout(sock_connect=read_timeout_s, sock_read=read_timeout_s)
         # This level's registry: images missing from the sandbox's daemon are pulled from it.
         self.registry = registry
+        self._credentials = credentials  # (user, password) for a registry with auth; never logged
 
     async def has(self, image: str) -> bool:
         return await unless_absent(self._docker.images.inspect(image_in_path(image))) is not None
@@ -42,9 +49,13 @@ class DockerImages:
         name, which is what desktops are created from. False if the registry lacks it."""
         remote = f"{registry}/{image}"
         repository, tag = split_reference(remote)
+        auth = None
+        if self._credentials is not None:
+            user, password = self._credentials
+            auth = {"username": user, "password": password, "serveraddress": registry}
         try:
             # aiodocker annotates a float (total and read alike); a ClientTimeout is what it uses.
-            await self._docker.images.pull(repository, tag=tag, timeout=self._timeout)  # type: ignore[call-overload]
+            await self._docker.images.pull(repository, tag=tag, auth=auth, timeout=self._timeout)  # type: ignore[call-overload]
         except TimeoutError as e:
             silent = f"no progress for {self._timeout.sock_read:g} s"
             raise DesktopError("image_pull_failed", f"pulling {remote}: {silent}") from e
