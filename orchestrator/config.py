@@ -135,15 +135,15 @@ def _first_item(name: str, raw: str) -> str | None:
     return raw.split(",")[0].strip() or None
 
 
-def _credentials(name: str, raw: str) -> tuple[str, str]:
+def _credentials(name: str, raw: str) -> tuple[str, str] | None:
     user, colon, password = raw.partition(":")
     if not (user and colon and password):
         raise ValueError(f"{name} must be user:password") from None  # the value itself is a secret
     return user, password
 
 
-def _render_credentials(value: tuple[str, str]) -> str:
-    return ":".join(value)
+def _render_credentials(value: tuple[str, str] | None) -> str:
+    return "" if value is None else ":".join(value)
 
 
 def _sentinels(name: str, raw: str) -> tuple[tuple[str, int], ...]:
