@@ -11,7 +11,14 @@ any other, so a kustomization growing beyond it fails here instead of going unch
 from __future__ import annotations
 
 import copy
+import hashlib
+import ipaddress
+import re
+import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +26,9 @@ from urllib.parse import urlsplit
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
+
+from orchestrator.config import WorkerSettings
+from workers.firewall import PRIVATE
 
 ROOT = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 SYSBOX = ROOT / "overlays" / "sysbox"
@@ -251,7 +261,7 @@ def test_sandbox_identity_storage_and_metrics(variant: str) -> None:
     assert container["args"] == ["sandbox-init"] and "command" not in container, "keep tini, the entrypoint"
 
     expected = {
-        "REDIS_URL": "redis://redis:6379/0",
+        "REDIS_URL": "redis://orchestrator-worker:$(REDIS_PASSWORD)@redis:6379/0",
         "ORCH_DEPTH": "1",
         "ORCH_PRIVILEGE": "auto",
         "ORCH_POOL_SIZE": "0",
@@ -285,12 +295,12 @@ def test_api() -> None:
     assert api["spec"]["replicas"] >= 2
     assert container["args"] == ["orchestrator", "api", "--host", "0.0.0.0", "--port", "8080"]
     env = env_of(container)
-    assert env["REDIS_URL"]["value"] == "redis://redis:6379/0"
+    assert env["REDIS_URL"]["value"] == "redis://orchestrator-api:$(REDIS_PASSWORD)@redis:6379/0"
     # Tokens from the Secret the example shows, which kustomize does not apply.
     ref = env["ORCH_TOKENS"]["valueFrom"]["secretKeyRef"]
     (secret,) = [d for path in EXAMPLES for d in load(path) if d["kind"] == "Secret"]
     assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
-    assert not any(d["kind"] == "Secret" for d in BASE), "real tokens are not the kustomization's to overwrite"
+    assert not any(d["kind"] == "Secret" for d in BASE), "real secrets are not the kustomization's to overwrite"
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/healthz"
     annotations = api["spec"]["template"]["metadata"]["annotations"]
@@ -348,3 +358,214 @@ def test_services_reach_their_pods(variant: str) -> None:
                 addresses.append((host, int(port)))
             for host, port in addresses:
                 assert host in ports and port in ports[host], (identity(workload), host, port)
+
+
+# --- failing closed (security review H2) ------------------------------------------------------
+
+MAKE_SECRETS = ROOT / "make-secrets.py"
+REDIS_DOC = ROOT.parents[1] / "docs" / "redis.md"
+# Where a cluster keeps what desktops must not reach: Services (10.96.0.1: the API server), pods
+# on other nodes, a VPC, a LAN, CGNAT, cloud metadata.
+CLUSTER_ADDRESSES = ["10.96.0.1", "10.244.2.7", "172.20.0.5", "192.168.1.10", "100.64.0.10", "169.254.169.254"]
+SANDBOX_LABELS = {"app.kubernetes.io/name": "orchestrator", "app.kubernetes.io/component": "sandbox"}
+
+
+def component(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "orchestrator", "app.kubernetes.io/component": name}
+
+
+def secret_refs(docs: list[Doc]) -> list[tuple[str, str, str]]:
+    """(workload, secret, key) of every env secretKeyRef and secret volume item."""
+    refs = []
+    for doc in (d for d in docs if d["kind"] in WORKLOADS):
+        for container in containers(doc):
+            for entry in container.get("env", []):
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.append((doc["metadata"]["name"], ref["name"], ref["key"]))
+        for volume in pod_spec(doc).get("volumes", []):
+            if "secret" in volume:
+                for item in volume["secret"]["items"]:
+                    refs.append((doc["metadata"]["name"], volume["secret"]["secretName"], item["key"]))
+    return refs
+
+
+def mounted_secret_file(doc: Doc, secret: str, key: str) -> str:
+    """The path where ``doc``'s (only) container sees ``key`` of ``secret``."""
+    (container,) = pod_spec(doc)["containers"]
+    for volume in pod_spec(doc)["volumes"]:
+        if volume.get("secret", {}).get("secretName") == secret:
+            (item,) = [i for i in volume["secret"]["items"] if i["key"] == key]
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+            assert mount.get("readOnly") is True
+            return f"{mount['mountPath']}/{item['path']}"
+    raise AssertionError(f"{identity(doc)} mounts no {secret}/{key}")
+
+
+@cache
+def generated_secrets() -> dict[str, dict[str, str]]:
+    """What ``make-secrets.py`` prints, by Secret name (its stringData)."""
+    out = subprocess.run([sys.executable, str(MAKE_SECRETS)], capture_output=True, text=True, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    for doc in docs:
+        for version in KUBERNETES_VERSIONS:
+            validate(doc, version)
+    return {d["metadata"]["name"]: d["stringData"] for d in docs}
+
+
+def documented_acl() -> list[str]:
+    (block,) = re.findall(r"^```acl\n(.*?)^```", REDIS_DOC.read_text(), re.S | re.M)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_desktops_are_denied_the_cluster_by_default(variant: str) -> None:
+    """The firewall is on and the deny list, as the worker parses it, covers every private range."""
+    (container,) = pod_spec(the(VARIANTS[variant], "StatefulSet", "sandbox"))["containers"]
+    env = {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+    settings = WorkerSettings.from_env(env)
+    assert settings.firewall is True
+    assert not settings.desktop_allow, "no hole by default"
+    denied = [ipaddress.ip_network(n) for n in settings.desktop_deny]
+    for address in CLUSTER_ADDRESSES:
+        assert any(ipaddress.ip_address(address) in n for n in denied), address
+    # The same ranges the image denies on its own (workers/firewall.py), so neither relies on the other.
+    rfc1918 = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"}
+    assert rfc1918 <= set(PRIVATE) and rfc1918 <= set(settings.desktop_deny)
+
+
+def policies_for(docs: list[Doc], labels: dict[str, str]) -> list[Doc]:
+    return [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+
+
+def admits(peers: list[Doc], labels: dict[str, str]) -> bool:
+    """Whether a pod of this namespace with ``labels`` is among ``peers`` (podSelectors only)."""
+    return any(
+        "namespaceSelector" not in peer and peer.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()
+        for peer in peers
+        if "podSelector" in peer
+    )
+
+
+def test_network_policies_fence_the_sandboxes_redis_and_the_registry() -> None:
+    (sandbox,) = policies_for(BASE, SANDBOX_LABELS)
+    spec = sandbox["spec"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    # In: the API's pods, on the metrics port, and no one else.
+    (ingress,) = spec["ingress"]
+    assert admits(ingress["from"], component("api")) and not admits(ingress["from"], component("sandbox"))
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 9100}]
+    # Out: Redis, the registry, DNS, and an ipBlock for the internet that leaves out every private range.
+    by_target: dict[str, Doc] = {}
+    for rule in spec["egress"]:
+        (peer,) = rule["to"]
+        if "ipBlock" in peer:
+            by_target["internet"] = rule
+        elif "namespaceSelector" in peer:
+            assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+            by_target["dns"] = rule
+        else:
+            by_target[peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]] = rule
+    assert sorted(by_target) == ["dns", "internet", "redis", "registry"]
+    assert by_target["redis"]["ports"] == [{"protocol": "TCP", "port": 6379}]
+    assert by_target["registry"]["ports"] == [{"protocol": "TCP", "port": 5000}]
+    assert sorted(p["protocol"] for p in by_target["dns"]["ports"]) == ["TCP", "UDP"]
+    assert all(p["port"] == 53 for p in by_target["dns"]["ports"])
+    block = by_target["internet"]["to"][0]["ipBlock"]
+    assert block["cidr"] == "0.0.0.0/0" and "ports" not in by_target["internet"]
+    excepted = [ipaddress.ip_network(n) for n in block["except"]]
+    for address in CLUSTER_ADDRESSES:
+        assert any(ipaddress.ip_address(address) in n for n in excepted), address
+
+    # Redis: the API and the sandboxes; the registry: the sandboxes only.
+    for name, allowed in (("redis", {"api", "sandbox"}), ("registry", {"sandbox"})):
+        (policy,) = policies_for(BASE, component(name))
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = policy["spec"]["ingress"]
+        for peer in ("api", "sandbox", "registry", "redis"):
+            assert admits(rule["from"], component(peer)) is (peer in allowed), (name, peer)
+    # The overlay keeps them.
+    assert [d for d in OVERLAY if d["kind"] == "NetworkPolicy"] == [d for d in BASE if d["kind"] == "NetworkPolicy"]
+
+
+def test_redis_needs_a_password_and_loads_the_documented_users() -> None:
+    redis = the(BASE, "StatefulSet", "redis")
+    (container,) = pod_spec(redis)["containers"]
+    args = container["args"]
+    assert "--requirepass" not in args  # users come from the ACL file, the default user is off
+    assert args[args.index("--aclfile") + 1] == mounted_secret_file(redis, "orchestrator-redis", "users.acl")
+    # The probes log in (an unauthenticated PING is refused now) and check the answer.
+    assert env_of(container)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {
+        "name": "orchestrator-redis",
+        "key": "admin-password",
+    }
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert "--user orchestrator-admin" in command[-1] and "grep -qx PONG" in command[-1]
+    # Each client logs in as its own ACL user, with its password from the Secret, set before the URL.
+    for kind, name, user, key in (
+        ("Deployment", "api", "orchestrator-api", "api-password"),
+        ("StatefulSet", "sandbox", "orchestrator-worker", "worker-password"),
+    ):
+        (container,) = pod_spec(the(BASE, kind, name))["containers"]
+        names = [e["name"] for e in container["env"]]
+        env = env_of(container)
+        url = urlsplit(env["REDIS_URL"]["value"])
+        assert url.username == user and url.password == "$(REDIS_PASSWORD)", name
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "orchestrator-redis", "key": key}
+        assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL"), "Kubernetes expands only earlier variables"
+
+
+def test_the_registry_asks_for_a_login_and_sandboxes_have_one() -> None:
+    registry = the(BASE, "Deployment", "registry")
+    (container,) = pod_spec(registry)["containers"]
+    env = {name: e["value"] for name, e in env_of(container).items()}
+    assert env["REGISTRY_AUTH"] == "htpasswd"
+    assert env["REGISTRY_AUTH_HTPASSWD_PATH"] == mounted_secret_file(registry, "orchestrator-registry", "htpasswd")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "httpGet" not in container[probe], "/v2/ answers 401 to a probe without a login"
+    (sandbox,) = pod_spec(the(BASE, "StatefulSet", "sandbox"))["containers"]
+    assert env_of(sandbox)["ORCH_REGISTRY_CREDENTIALS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "orchestrator-registry",
+        "key": "sandbox-credentials",
+    }
+
+
+def test_make_secrets_gives_every_key_the_manifests_read() -> None:
+    generated = generated_secrets()
+    for workload, secret, key in secret_refs(BASE):
+        if secret != "orchestrator-tokens":  # the API's tokens: secret-tokens.example.yaml
+            assert key in generated.get(secret, {}), (workload, secret, key)
+    # Fresh passwords on every run.
+    generated_secrets.cache_clear()
+    assert generated_secrets()["orchestrator-redis"]["api-password"] != generated["orchestrator-redis"]["api-password"]
+
+
+def test_make_secrets_acl_is_the_documented_one_with_real_hashes() -> None:
+    redis = generated_secrets()["orchestrator-redis"]
+    sha = {k: hashlib.sha256(redis[f"{k}-password"].encode()).hexdigest() for k in ("api", "worker", "admin")}
+    expected = [
+        line.replace("#API_PASSWORD_SHA256", f"#{sha['api']}").replace("#WORKER_PASSWORD_SHA256", f"#{sha['worker']}")
+        for line in documented_acl()
+    ]
+    expected.append(f"user orchestrator-admin on #{sha['admin']} ~* &* +@all")
+    assert redis["users.acl"].splitlines() == expected
+    assert expected[0] == "user default off"
+    assert all(re.fullmatch(r"[0-9a-f]{64}", redis[f"{k}-password"]) for k in sha), "hex: no URL escaping needed"
+
+
+def test_make_secrets_htpasswd_holds_both_registry_users() -> None:
+    registry = generated_secrets()["orchestrator-registry"]
+    lines = dict(line.split(":", 1) for line in registry["htpasswd"].splitlines())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+    for key in ("sandbox-credentials", "push-credentials"):
+        user, password = registry[key].split(":", 1)
+        assert lines[user].startswith("$2"), "the registry accepts bcrypt only"
+        assert crypt.crypt(password, lines[user]) == lines[user], user
+    assert sorted(lines) == ["orchestrator-push", "orchestrator-sandbox"]
