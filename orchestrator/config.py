@@ -547,7 +547,8 @@ class WorkerSettings(SharedSettings):
     drain_timeout_s: float = setting(
         "ORCH_DRAIN_TIMEOUT", 90.0, parse=_float, doc="seconds a drain waits for jobs before the worker exits"
     )
-    # On in the sandbox image; off for a worker on a host (it would edit the host's rules).
+    # On in the sandbox image; off for a worker on a host: it would edit the host's rules, for
+    # every Docker bridge there (br-+, docker0), not only the desktops'.
     firewall: bool = setting(
         "ORCH_FIREWALL",
         False,
