@@ -143,10 +143,6 @@ class FakeRuntime:
         with self._call("ensure_network"):
             pass
 
-    async def network_bridge(self) -> str:
-        with self._call("network_bridge"):
-            return "br-fake"
-
     async def ensure_volume(self, session_id: str) -> bool:
         with self._call("ensure_volume"):
             if session_id in self.volumes:

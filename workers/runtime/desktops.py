@@ -17,7 +17,6 @@ import aiodocker
 import aiohttp
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
-from aiodocker.networks import DockerNetwork
 from aiodocker.utils import clean_filters
 from aiodocker.volumes import DockerVolume
 
@@ -84,11 +83,6 @@ class DockerDesktops:
         except DockerError as e:
             if e.status != 409:  # another worker of this sandbox made it first
                 raise
-
-    async def network_bridge(self) -> str:
-        info = await DockerNetwork(self._docker, self.network).show()
-        name: str = info.get("Options", {}).get("com.docker.network.bridge.name") or f"br-{info['Id'][:12]}"
-        return name
 
     # -- naming -----------------------------------------------------------------------------
 

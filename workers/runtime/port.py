@@ -43,10 +43,6 @@ class Desktops(Protocol):
 
     async def ensure_network(self, icc: bool = False) -> None: ...
 
-    async def network_bridge(self) -> str:
-        """The Linux bridge of the desktops' network (where the firewall rules attach)."""
-        ...
-
     async def ensure_volume(self, session_id: str) -> bool:
         """Create the session's volume unless it exists; True when it was created now."""
         ...
