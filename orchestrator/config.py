@@ -447,7 +447,8 @@ class WorkerSettings(SharedSettings):
         "ORCH_PRIVILEGE",
         "auto",
         parse=_text,
-        doc="`auto` (userns where it works), `userns`, `privileged`, `caps` or `runtime:<name>`",
+        doc="`auto` (userns; where it fails the worker refuses to serve, unless it runs in a user namespace "
+        "of its own: then caps), `userns`, `caps` or `privileged` (unsafe: named only) or `runtime:<name>`",
     )
     ready_timeout_s: float = setting(
         "ORCH_READY_TIMEOUT", 60.0, parse=_float, doc="seconds a desktop's dockerd has to get ready"

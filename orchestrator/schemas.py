@@ -184,6 +184,10 @@ class DesktopStarted(Stored):
     container: str
     id: str
     privilege: str
+    # The profile lets root in the desktop be root of the sandbox's user namespace (caps,
+    # privileged: named by the operator), which is the machine's unless ``confined``.
+    unsafe: bool = False
+    confined: bool = False
 
 
 class ImagesLoaded(Stored):
@@ -212,6 +216,10 @@ class SandboxInfo(Stored):
     free_disk_bytes: int
     privilege: str
     ts: str
+    # As on desktop.started: an unsafe profile (caps, privileged), and whether the sandbox's
+    # own user namespace (not the machine's) confines it.
+    privilege_unsafe: bool = False
+    privilege_confined: bool = False
     max_cpus: float = 0.0
     max_memory_mb: int = 0
     max_pids: int = 0

@@ -98,6 +98,8 @@ class Heartbeat:
             load=os.getloadavg()[0],
             free_disk_bytes=(await asyncio.to_thread(shutil.disk_usage, "/")).free,
             privilege=self.preparation.profile.describe(),
+            privilege_unsafe=self.preparation.profile.unsafe,
+            privilege_confined=self.preparation.profile.unsafe and self.preparation.profile.confined,
             ts=now_rfc3339(),
             max_cpus=settings.max_cpus,
             max_memory_mb=settings.max_memory_mb,
