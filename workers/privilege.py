@@ -192,8 +192,11 @@ class PrivilegeProfile:
         return self._describe() + (f"; {CONFINED}" if self.confined and self.unsafe else "")
 
     def _describe(self) -> str:
-        if self.kind is PrivilegeKind.CAPS:
+        if self.kind is PrivilegeKind.CAPS and self.confined:
             return f"caps (all but {', '.join(self.missing_caps) or 'none'}; {self.reason})"
+        if self.kind is PrivilegeKind.CAPS:
+            lacking = f", lacking {', '.join(self.missing_caps)}" if self.missing_caps else ""
+            return f"caps (hardened: {len(CAPS_KEPT)} capabilities{lacking}; {self.reason})"
         if self.kind is PrivilegeKind.RUNTIME:
             return f"runtime {self.runtime} ({self.reason})"
         if self.kind is PrivilegeKind.USERNS:
@@ -215,14 +218,20 @@ class PrivilegeProfile:
             return {"Runtime": self.runtime}
         if self.kind is PrivilegeKind.USERNS:
             return userns_host_config()
-        return {
-            "CapAdd": ["ALL"],
-            "CapDrop": list(self.missing_caps),
-            "SecurityOpt": ["seccomp=unconfined", "apparmor=unconfined"],
-            # The API form of `--security-opt systempaths=unconfined`.
-            "MaskedPaths": [],
-            "ReadonlyPaths": [],
-        }
+        if self.confined:
+            # Nested in a user namespace, the desktop's dockerd mounts /proc and /sys for its
+            # containers, which the kernel allows there only where they are fully visible
+            # already: no masked paths. The enclosing namespace is the boundary (not measured
+            # with the hardening below, so not given it).
+            return {
+                "CapAdd": ["ALL"],
+                "CapDrop": list(self.missing_caps),
+                "SecurityOpt": ["seccomp=unconfined", "apparmor=unconfined"],
+                # The API form of `--security-opt systempaths=unconfined`.
+                "MaskedPaths": [],
+                "ReadonlyPaths": [],
+            }
+        return caps_host_config(self.missing_caps)
 
     def desktop_env(self, slot: int | None) -> list[str]:
         """What the desktop's init needs to know of the profile (desktop-init.sh)."""
@@ -256,6 +265,31 @@ def userns_host_config() -> dict[str, Any]:
         "ReadonlyPaths": [],
         # Per network namespace, for the veth pair's NAT and the DNAT to Docker's resolver.
         "Sysctls": {"net.ipv4.ip_forward": "1", "net.ipv4.conf.all.route_localnet": "1"},
+    }
+
+
+# The caps profile's capabilities: what the desktop's dockerd, containerd and runc were measured
+# to need (dockerd.ready, `docker run`, `-p`, `docker build` inside; docs/threat-model.md), the
+# same as the userns container's. Not SYS_MODULE, SYS_TIME, DAC_READ_SEARCH (open_by_handle_at),
+# SYS_RAWIO, SYS_BOOT, LINUX_IMMUTABLE, SYS_RESOURCE, MAC_*, AUDIT_CONTROL, SYSLOG and the rest.
+CAPS_KEPT = USERNS_CAPS
+
+
+def caps_host_config(missing_caps: Iterable[str]) -> dict[str, Any]:
+    """The unsafe caps profile, hardened as far as Docker-in-Docker allows: still root on the
+    machine (CAP_SYS_ADMIN in its user namespace), with fewer ways to use it."""
+    missing = set(missing_caps)
+    return {
+        # Mounting cgroup v1 shows this container's own cgroup as the root: no release_agent,
+        # no devices.allow of the machine's root, no other container's limits.
+        "CgroupnsMode": "private",
+        "CapDrop": ["ALL"],
+        "CapAdd": [cap for cap in CAPS_KEPT if cap not in missing],
+        # No LSM here; where AppArmor runs, docker-default would refuse dockerd's mounts.
+        "SecurityOpt": [f"seccomp={SECCOMP_PROFILE}", "apparmor=unconfined"],
+        # Docker's masked and read-only paths are kept (no MaskedPaths/ReadonlyPaths here): what
+        # dockerd needs of /proc/sys is set per container, and start-dockerd never remounts it.
+        "Sysctls": {"net.ipv4.ip_forward": "1"},
     }
 
 

@@ -19,14 +19,36 @@ SYSBOX = "0 165536 65536\n"
 TWO_RANGES = "0 0 1000\n1000 100000 65536\n"
 
 
-def test_caps_is_every_capability_the_bounding_set_has() -> None:
+def test_caps_is_hardened_as_far_as_docker_in_docker_allows() -> None:
+    import json
+
     caps = choose_profile("caps", NO_SYS_RESOURCE, 40)
     assert caps.kind == "caps" and caps.unsafe
     config = caps.host_config()
-    assert config["CapAdd"] == ["ALL"]
-    assert config["CapDrop"] == ["SYS_RESOURCE"]
-    assert "SYS_RESOURCE" in caps.describe()
+    assert config["CgroupnsMode"] == "private"
+    assert config["CapDrop"] == ["ALL"]
+    for dangerous in ("SYS_MODULE", "SYS_TIME", "DAC_READ_SEARCH", "SYS_RAWIO", "SYS_BOOT", "SYS_RESOURCE"):
+        assert dangerous not in config["CapAdd"], dangerous
+    assert {"SYS_ADMIN", "NET_ADMIN", "MKNOD", "SETFCAP"} <= set(config["CapAdd"])
+    # Docker's masked and read-only paths kept; ip forwarding set per container instead.
+    assert "MaskedPaths" not in config and "ReadonlyPaths" not in config
+    assert config["Sysctls"] == {"net.ipv4.ip_forward": "1"}
+    (seccomp,) = [o.removeprefix("seccomp=") for o in config["SecurityOpt"] if o.startswith("seccomp=")]
+    denied = {n for rule in json.loads(seccomp)["syscalls"] for n in rule["names"]}
+    assert {"open_by_handle_at", "init_module", "finit_module", "kexec_load", "reboot", "clock_settime"} <= denied
+    assert "SYS_RESOURCE" in caps.describe() and "hardened" in caps.describe()
+    # A kept capability the bounding set lacks is not asked for (runc would refuse the container).
+    no_mknod = f"{int('000001ffffffffff', 16) & ~(1 << 27):016x}"
+    assert "MKNOD" not in choose_profile("caps", no_mknod, 40).host_config()["CapAdd"]
     assert choose_profile("privileged", FULL, 40).host_config() == {"Privileged": True}
+
+
+def test_confined_caps_keeps_what_a_nested_proc_mount_needs() -> None:
+    from dataclasses import replace
+
+    config = replace(choose_profile("caps", NO_SYS_RESOURCE, 40), confined=True).host_config()
+    assert config["MaskedPaths"] == [] and config["ReadonlyPaths"] == []
+    assert config["CapAdd"] == ["ALL"] and config["CapDrop"] == ["SYS_RESOURCE"]
 
 
 @pytest.mark.parametrize(
@@ -99,7 +121,7 @@ def test_the_refusal_names_what_failed_and_the_settings_that_accept_the_risk() -
 
 def test_explicit_settings_win() -> None:
     assert choose_profile("privileged", NO_SYS_RESOURCE, 40).kind == "privileged"
-    assert choose_profile("caps", FULL, 40).host_config()["CapDrop"] == []
+    assert choose_profile("caps", FULL, 40).missing_caps == ()
     assert choose_profile("runtime:sysbox-runc", FULL, 40).host_config() == {"Runtime": "sysbox-runc"}
 
 
