@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -23,7 +24,7 @@ from tests.conftest import free_port
 from workers.privilege import CAPS_KEPT, USERNS_FIRST, USERNS_SIZE
 from workers.worker import SandboxWorker
 
-from .conftest import TEST_IMAGE, adocker, running_worker
+from .conftest import SANDBOX_IMAGE, TEST_IMAGE, adocker, pipe_in, running_worker
 
 READY = 90.0
 # The most a container inside a caps desktop can get: the desktop's own capabilities (runc
@@ -306,3 +307,61 @@ async def test_auto_chooses_userns_where_it_works(docker_settings: Settings, cli
         assert events[-1].type == "session.ready", [e.data for e in events]
         (started,) = [e.data["data"] for e in events if e.type == "desktop.started"]
         assert started["privilege"] == "userns"
+
+
+NESTED_CHOICE = """
+import asyncio, json, sys
+from orchestrator.config import Settings
+from workers.prepare import DesktopPreparation, PrivilegeRefused
+from workers.privilege import candidates, read_bounding_set, read_uid_map
+from workers.runtime import DesktopRuntime
+
+async def main() -> None:
+    image = sys.argv[1]
+    settings = Settings(privilege="auto", desktop_image=image, sandbox_id="nested", depth=3)
+    runtime = DesktopRuntime(
+        docker_host="unix:///var/run/docker.sock", image=image, sandbox_id="nested", depth=3,
+        socket_dir="/tmp/desktops", profile=candidates("auto", *read_bounding_set(), uid_map=read_uid_map())[0],
+    )
+    try:
+        profile = await DesktopPreparation(runtime, settings).choose_privilege()
+        print(json.dumps({"kind": profile.kind.value, "unsafe": profile.unsafe, "confined": profile.confined}))
+    except PrivilegeRefused as e:
+        print(json.dumps({"refused": e.message}))
+    finally:
+        await runtime.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_worker_nested_in_a_userns_desktop_falls_back_to_confined_caps(
+    docker_settings: Settings, client: Client
+) -> None:
+    """What self-hosting does (a sandbox inside a userns desktop): this branch's worker code, in
+    a --privileged container of the desktop's dockerd (the sandbox image, for its Python), decides
+    on that dockerd. Its uid_map is the desktop's range: userns cannot nest there (no 65536 ids
+    above 100000 in a range of 65536), so auto takes caps, confined, instead of refusing."""
+    host = docker_settings.docker_host
+    assert host
+    async with running_worker(docker_settings) as worker:
+        sid = (await client.create()).id
+        events = await client.wait_for(sid, {"session.ready", "session.failed"}, timeout=READY)
+        assert events[-1].type == "session.ready", [e.data for e in events]
+        desktop = desktop_name(sid)
+        await worker.runtime.images.copy_into(sid, [SANDBOX_IMAGE])
+        root = Path(__file__).parents[2]
+        await pipe_in(
+            host,
+            ["exec", "-i", desktop, "desktop-enter"],
+            "mkdir -p /tmp/src && tar -x -C /tmp/src",
+            f"tar -c -C {root} --exclude=__pycache__ orchestrator workers",
+        )
+        out = await adocker(
+            "exec", desktop, "desktop-enter", "docker", "run", "--rm", "--privileged",
+            "-v", "/var/run/docker.sock:/var/run/docker.sock", "-v", "/tmp/src:/src:ro", "-e", "PYTHONPATH=/src",
+            "--entrypoint", "python3", SANDBOX_IMAGE, "-c", NESTED_CHOICE, SANDBOX_IMAGE,
+            host=host, timeout=180,
+        )  # fmt: skip
+        choice = json.loads(out.splitlines()[-1])
+        assert choice == {"kind": "caps", "unsafe": True, "confined": True}, out
