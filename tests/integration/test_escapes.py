@@ -21,6 +21,7 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.names import desktop_name
 from tests.conftest import free_port
+from workers.prepare import PrivilegeRefused
 from workers.privilege import CAPS_KEPT, USERNS_FIRST, USERNS_SIZE
 from workers.worker import SandboxWorker
 
@@ -365,3 +366,20 @@ async def test_a_worker_nested_in_a_userns_desktop_falls_back_to_confined_caps(
         )  # fmt: skip
         choice = json.loads(out.splitlines()[-1])
         assert choice == {"kind": "caps", "unsafe": True, "confined": True}, out
+
+
+async def test_auto_refuses_to_serve_where_userns_fails(
+    docker_settings: Settings, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No silent fallback to an unsafe profile: with a desktop image that has no userns set-up
+    (the test image), the userns probe fails on the machine's dockerd, and the worker stops at
+    start-up with one error line saying what to set; it never heartbeats, so nothing is placed."""
+    settings = replace(docker_settings, desktop_image=TEST_IMAGE)
+    with pytest.raises(PrivilegeRefused) as refused:
+        async with running_worker(settings):
+            pass
+    assert refused.value.code == "privilege_refused"
+    (error,) = [r for r in caplog.records if r.name == "workers.prepare" and r.levelname == "ERROR"]
+    assert "(userns: " in error.getMessage(), error.getMessage()
+    assert "ORCH_PRIVILEGE=caps|privileged|runtime:<name>" in error.getMessage()
+    assert not [s for s in await client.sandboxes() if s.id == settings.sandbox_id]
