@@ -14,6 +14,8 @@ from orchestrator.keys import Keys
 from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import SandboxInfo
 
+from .test_cli import cli
+
 GIB = 2**30
 WATERMARK = 2 * GIB
 
@@ -39,7 +41,7 @@ async def beat(redis: aioredis.Redis, settings: Settings, sandbox: str, free: in
 
 
 async def test_placement_skips_sandboxes_below_their_free_disk_watermark(
-    redis: aioredis.Redis, settings: Settings, client: Client
+    redis: aioredis.Redis, settings: Settings, api: str, client: Client
 ) -> None:
     low, roomy = "disk-low", "disk-roomy"
     await beat(redis, settings, low, 1 * GIB)
@@ -50,6 +52,10 @@ async def test_placement_skips_sandboxes_below_their_free_disk_watermark(
         assert record.sandbox == roomy, f"create {n} went to {record.sandbox}"
     listed = {s.id: s for s in await client.sandboxes()}
     assert listed[low].min_free_disk_bytes == WATERMARK and listed[low].free_disk_bytes == 1 * GIB
+    code, out, _ = await cli(api, "sandboxes", "ls")
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert code == 0 and "1.0 GiB (low)" in rows[low] and "50.0 GiB" in rows[roomy], out
+    assert "(low)" not in rows[roomy]
 
     # A session asking for the low one by name: refused, not queued where it cannot grow.
     with pytest.raises(ApiError) as named:
