@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import time
 import uuid
@@ -13,12 +14,15 @@ from collections.abc import AsyncIterator
 import aiodocker
 import pytest
 
+from orchestrator.client import ApiError, Client
+from orchestrator.config import Settings
+from orchestrator.placement import low_disk
 from tests.fakes import FakeRuntime
 from workers.disk import DiskGauge
 from workers.privilege import PrivilegeKind, PrivilegeProfile
 from workers.runtime.desktops import DockerDesktops
 
-from .conftest import CAPS, SANDBOX_IMAGE, TEST_IMAGE, adocker, pipe_in
+from .conftest import CAPS, SANDBOX_IMAGE, TEST_IMAGE, adocker, pipe_in, running_worker
 
 SOCKET_DIR = "/run/orchestrator/desktops"
 TMPFS_BYTES = 4 * 2**20  # sandbox-init.sh's size=4m
@@ -45,6 +49,31 @@ async def test_the_gauge_measures_the_dockerd_data_root(docker_host: str) -> Non
     fake = FakeRuntime()
     fake.data_root_dir = "/nonexistent/docker"
     assert await DiskGauge(fake, 0).path() == "/"
+
+
+async def test_a_worker_below_its_watermark_gets_no_new_session(docker_settings: Settings, client: Client) -> None:
+    """The whole path: the worker measures, its heartbeat says so, the API's placement skips it."""
+    huge_mb = 2**30  # 1 PiB: no disk here has that much free
+    settings = dataclasses.replace(docker_settings, min_free_disk_mb=huge_mb)
+    async with running_worker(settings) as worker:
+        info = await worker.heartbeat.beat()
+        root = await worker.disk.path()
+        assert settings.docker_host is not None
+        assert root == (await adocker("info", "--format", "{{.DockerRootDir}}", host=settings.docker_host)).strip()
+        assert info.min_free_disk_bytes == huge_mb * 2**20
+        assert abs(info.free_disk_bytes - shutil.disk_usage(root).free) < 512 * 2**20
+        with pytest.raises(ApiError) as refused:
+            await client.create("too-little-disk")
+        assert refused.value.status == 503 and refused.value.code == "no_capacity", refused.value
+        assert f"{settings.sandbox_id}: " in refused.value.message and "below its watermark of 1048576.0 GiB" in (
+            refused.value.message
+        )
+        # The watermark off (0): the next heartbeat puts the sandbox back into placement.
+        worker.disk.floor_bytes = 0
+        info = await worker.heartbeat.beat()
+        assert info.min_free_disk_bytes == 0 and low_disk(info) is None
+        listed = {s.id: s for s in await client.sandboxes()}
+        assert low_disk(listed[settings.sandbox_id]) is None
 
 
 async def until(check: list[str], host: str, what: str, timeout: float = 90) -> None:
