@@ -54,7 +54,13 @@ class DiskGauge:
         return self._path
 
     async def free_bytes(self) -> int:
-        return await asyncio.to_thread(self._measure, await self.path())
+        path = await self.path()
+        try:
+            return await asyncio.to_thread(self._measure, path)
+        except OSError as e:  # the directory went away: ask the daemon again next time
+            log.warning("disk: cannot measure %s (%s); measuring %s", path, e, FALLBACK_PATH)
+            self._path = None
+            return await asyncio.to_thread(self._measure, FALLBACK_PATH)
 
     async def low(self) -> str | None:
         """Why this sandbox takes no new session for its disk now (None: it may)."""

@@ -43,3 +43,18 @@ async def test_below_the_watermark_the_gauge_says_by_how_much(tmp_path: Path) ->
     runtime.data_root_dir = str(tmp_path)
     gauge = DiskGauge(runtime, min_free_mb=2048, measure=lambda _p: GIB // 2)
     assert await gauge.low() == f"0.5 GiB free on {tmp_path}, below the watermark of 2.0 GiB"
+
+
+async def test_a_data_root_that_goes_away_is_measured_at_the_fallback_and_asked_again(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    root = tmp_path / "docker"
+    root.mkdir()
+    runtime.data_root_dir = str(root)
+    gauge = DiskGauge(runtime, min_free_mb=0)
+    assert await gauge.path() == str(root)
+    root.rmdir()
+    assert await gauge.free_bytes() > 0  # the worker's own disk, this once
+    assert runtime.calls.count("data_root") == 1
+    root.mkdir()
+    assert await gauge.path() == str(root)
+    assert runtime.calls.count("data_root") == 2
