@@ -227,9 +227,10 @@ async def wait_healthy(url: str, timeout: float = 30) -> None:
 
 @contextlib.asynccontextmanager
 async def bare_runtime(socket_dir: str, sandbox_id: str) -> AsyncIterator[DesktopRuntime]:
-    """The baseline's only tool: aiodocker, with the caps profile (what the unsafe bare
-    baseline always ran: `auto` no longer falls back to it)."""
-    profile = candidates("caps", *read_bounding_set(), uid_map=read_uid_map())[0]
+    """The baseline's only tool: aiodocker, with the privilege profile the worker picks here
+    (``ORCH_BENCH_BARE_PROFILE`` overrides: auto's first candidate by default)."""
+    wanted = os.environ.get("ORCH_BENCH_BARE_PROFILE", "auto")
+    profile = candidates(wanted, *read_bounding_set(), uid_map=read_uid_map())[0]
     runtime = DesktopRuntime(
         docker_host=os.environ.get("DOCKER_HOST"),
         image=DESKTOP_IMAGE,

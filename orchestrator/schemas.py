@@ -240,6 +240,9 @@ class SandboxInfo(Stored):
     # Sessions placed here and not yet deleted (what the cap counts), as the reader found it.
     placed: int = 0
     lost_after_s: float = 0.0
+    # Placement skips the sandbox while ``free_disk_bytes`` (its dockerd's data root) is below
+    # this (its ORCH_SANDBOX_MIN_FREE_DISK_MB); 0: no watermark (and what an older worker says).
+    min_free_disk_bytes: int = 0
 
 
 class DrainRequest(Stored):

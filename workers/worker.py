@@ -30,6 +30,7 @@ from orchestrator.queue import oldest_age_s
 from orchestrator.states import SandboxStatus
 
 from . import firewall
+from .disk import DiskGauge
 from .drain import Drain
 from .health import HealthCheck
 from .heartbeat import Heartbeat, sessions_by_state
@@ -88,8 +89,9 @@ class SandboxWorker:
             pool=self.pool,
             max_removals=settings.reconcile_max_removals,
         )
+        self.disk = DiskGauge(self.runtime.desktops, settings.min_free_disk_mb)
         context = JobContext(
-            self.lifecycle, self.store, settings, self.metrics.observe_job, self.metrics.observe_rejected
+            self.lifecycle, self.store, settings, self.metrics.observe_job, self.metrics.observe_rejected, self.disk
         )
         self.jobs = JobRunner(self.redis, self.keys.queue(settings.sandbox_id), context)
         self.drain = Drain(
@@ -104,6 +106,7 @@ class SandboxWorker:
             self.pool,
             self.preparation,
             status=lambda: self.drain.status,
+            disk=self.disk,
         )
         self.health = HealthCheck(settings, self.store, self.bus, self.runtime)
         # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
