@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from orchestrator.auth import hash_token, new_token
-from workers.privilege import candidates, read_bounding_set
+from workers.privilege import candidates, read_bounding_set, read_uid_map
 from workers.runtime import DesktopRuntime
 
 RESULTS = Path(__file__).parent / "results"
@@ -227,8 +227,10 @@ async def wait_healthy(url: str, timeout: float = 30) -> None:
 
 @contextlib.asynccontextmanager
 async def bare_runtime(socket_dir: str, sandbox_id: str) -> AsyncIterator[DesktopRuntime]:
-    """The baseline's only tool: aiodocker, with the privilege profile the worker picks here."""
-    profile = candidates("auto", *read_bounding_set())[-1]
+    """The baseline's only tool: aiodocker, with the privilege profile the worker picks here
+    (``ORCH_BENCH_BARE_PROFILE`` overrides: auto's first candidate by default)."""
+    wanted = os.environ.get("ORCH_BENCH_BARE_PROFILE", "auto")
+    profile = candidates(wanted, *read_bounding_set(), uid_map=read_uid_map())[0]
     runtime = DesktopRuntime(
         docker_host=os.environ.get("DOCKER_HOST"),
         image=DESKTOP_IMAGE,

@@ -514,6 +514,88 @@ async def footprint(n: int) -> list[Result]:
     return [result]
 
 
+# -- profiles -------------------------------------------------------------------------------------
+
+
+async def profiles(n: int, burst_size: int = 10) -> list[Result]:
+    """The default privilege profile against the caps profile, both through the project's path
+    (two workers on the same dockerd, alternating): cold (POST → dockerd.ready), resume (start →
+    dockerd.ready) and a burst of ``burst_size`` creates (wall time to the last dockerd.ready)."""
+    cold_r = Result("cold: default vs caps", "s", Side("default profile: POST → ready"), Side("caps: POST → ready"))
+    resume_r = Result("resume: default vs caps", "s", Side("default profile: start → ready"), Side("caps"))
+    burst_r = Result(f"burst {burst_size}: default vs caps", "s", Side("default profile: all ready"), Side("caps"))
+    with services() as default_svc, services(ORCH_PRIVILEGE="caps") as caps_svc:
+        default, caps = await ready_client(default_svc), await ready_client(caps_svc)
+        async with default, caps:
+            kinds = {}
+            for name, client, svc in (("default", default, default_svc), ("caps", caps, caps_svc)):
+                box = next(b for b in await client.sandboxes() if b.id == svc.sandbox_id)
+                kinds[name] = box.privilege
+            cold_r.notes["profiles"] = kinds
+            await alternate(n, lambda: cold_once(default), lambda: cold_once(caps), cold_r)
+            resumes = [await Resumable.make(default), await Resumable.make(caps)]
+            await alternate(n, resumes[0].once, resumes[1].once, resume_r)
+            for r in resumes:
+                await delete(r.client, r.session)
+            rounds = max(1, n // 5)
+            await alternate(
+                rounds, lambda: burst_once(default, burst_size), lambda: burst_once(caps, burst_size), burst_r
+            )
+    return [cold_r, resume_r, burst_r]
+
+
+async def cold_once(client: Client) -> float:
+    started = time.perf_counter()
+    record = await client.create()
+    events = await client.wait_for(record.id, {"dockerd.ready", "session.failed"}, timeout=120)
+    elapsed = time.perf_counter() - started
+    await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=30, after=events[-1].id)
+    await delete(client, record.id)
+    if events[-1].type != "dockerd.ready":
+        raise RuntimeError(events[-1].data)
+    return elapsed
+
+
+async def burst_once(client: Client, size: int) -> float:
+    started = time.perf_counter()
+    records = await asyncio.gather(*(client.create() for _ in range(size)))
+    waits = [client.wait_for(r.id, {"dockerd.ready", "session.failed"}, timeout=300) for r in records]
+    outcomes = await asyncio.gather(*waits)
+    elapsed = time.perf_counter() - started
+    await asyncio.gather(*(delete(client, r.id) for r in records))
+    failed = [seen[-1].data for seen in outcomes if seen[-1].type != "dockerd.ready"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {size} failed: {failed[0]}")
+    return elapsed
+
+
+class Resumable:
+    """One ready session that is stopped and started again, each round."""
+
+    def __init__(self, client: Client, session: str, last: str) -> None:
+        self.client, self.session, self.last = client, session, last
+
+    @classmethod
+    async def make(cls, client: Client) -> Resumable:
+        record = await client.create()
+        ready = await client.wait_for(record.id, {"session.ready"}, timeout=120)
+        return cls(client, record.id, ready[-1].id)
+
+    async def once(self) -> float:
+        client, sid = self.client, self.session
+        await client.stop(sid)
+        stopped = await client.wait_for(sid, {"session.stopped"}, timeout=120, after=self.last)
+        started = time.perf_counter()
+        await client.start(sid)
+        events = await client.wait_for(sid, {"dockerd.ready", "session.failed"}, timeout=120, after=stopped[-1].id)
+        elapsed = time.perf_counter() - started
+        if events[-1].type != "dockerd.ready":
+            raise RuntimeError(events[-1].data)
+        ready = await client.wait_for(sid, {"session.ready"}, timeout=30, after=events[-1].id)
+        self.last = ready[-1].id
+        return elapsed
+
+
 SCENARIOS: dict[str, Scenario] = {
     "cold": cold,
     "burst": burst,
@@ -522,7 +604,17 @@ SCENARIOS: dict[str, Scenario] = {
     "events": events,
     "queue": queue,
     "footprint": footprint,
+    "profiles": profiles,
 }
 
 # Rounds per scenario for `-n` (the issue's counts: 20 sequential sessions; 20-at-once bursts).
-DEFAULT_N = {"cold": 20, "burst": 3, "resume": 20, "warm": 20, "events": 40, "queue": 200, "footprint": 1}
+DEFAULT_N = {
+    "cold": 20,
+    "burst": 3,
+    "resume": 20,
+    "warm": 20,
+    "events": 40,
+    "queue": 200,
+    "footprint": 1,
+    "profiles": 10,
+}

@@ -73,11 +73,12 @@ prepare_cgroup_v2() {
 }
 
 prepare_proc_sys() {
-  # Without privileged mode (or systempaths=unconfined) /proc/sys is read-only, and dockerd
-  # cannot turn on IP forwarding for its containers. With CAP_SYS_ADMIN it can be remounted.
-  if ! touch /proc/sys/net/ipv4/ip_forward 2>/dev/null; then
-    mount -o remount,rw /proc/sys 2>/dev/null || log "warning: /proc/sys is read-only; nested networking may be limited"
-  fi
+  # dockerd needs IP forwarding. Under the caps and userns profiles the worker sets it per
+  # container (HostConfig.Sysctls) and /proc/sys stays read-only, as Docker mounts it: never
+  # remount it (a read-write /proc/sys is core_pattern for anyone root here).
+  [ "$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null)" = 1 ] && return
+  echo 1 > /proc/sys/net/ipv4/ip_forward 2>/dev/null \
+    || log "warning: IP forwarding is off and /proc/sys is read-only; nested networking may be limited"
 }
 
 prepare_cgroups() {

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .core import Core
 from .metrics import desired_sandboxes
+from .placement import low_disk
 from .queue import oldest_age_s
 from .schemas import SandboxInfo
 from .service import Sessions
@@ -109,6 +110,16 @@ class ApiCollector:
             {b.id: b.placed for b in boxes},
         )
         yield per_sandbox("orchestrator_sandbox_capacity", "The sandbox's cap.", {b.id: b.capacity for b in boxes})
+        yield per_sandbox(
+            "orchestrator_sandbox_free_disk_bytes",
+            "Free bytes on the sandbox's dockerd data root (last heartbeat).",
+            {b.id: b.free_disk_bytes for b in boxes},
+        )
+        yield per_sandbox(
+            "orchestrator_sandbox_low_disk",
+            "1 while the sandbox is below its free-disk watermark: placement skips it.",
+            {b.id: int(low_disk(b) is not None) for b in boxes},
+        )
         yield per_sandbox("orchestrator_queue_depth", "Jobs queued per sandbox.", s.queued)
         yield per_sandbox(
             "orchestrator_queue_oldest_age_seconds",

@@ -29,6 +29,7 @@ from . import tracing
 from .auth import SCOPES, new_token, token_entry
 from .client import ApiError, Client
 from .names import TENANT_RE
+from .placement import low_disk
 
 EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
 # Colors and the spinner only on a terminal; pipes and scripts get plain text.
@@ -228,7 +229,7 @@ async def _sandboxes(args: argparse.Namespace) -> int:
                 str(s.placed),
                 str(s.capacity),
                 f"{s.load:.2f}",
-                f"{s.free_disk_bytes / 2**30:.1f} GiB",
+                f"{s.free_disk_bytes / 2**30:.1f} GiB" + (" (low)" if low_disk(s) else ""),
                 s.privilege,
                 s.ts,
             ]

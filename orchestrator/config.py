@@ -467,7 +467,8 @@ class WorkerSettings(SharedSettings):
         "ORCH_PRIVILEGE",
         "auto",
         parse=_text,
-        doc="`auto` (userns where it works), `userns`, `privileged`, `caps` or `runtime:<name>`",
+        doc="`auto` (userns; where it fails the worker refuses to serve, unless it runs in a user namespace "
+        "of its own: then caps), `userns`, `caps` or `privileged` (unsafe: named only) or `runtime:<name>`",
     )
     ready_timeout_s: float = setting(
         "ORCH_READY_TIMEOUT", 60.0, parse=_float, doc="seconds a desktop's dockerd has to get ready"
@@ -544,6 +545,14 @@ class WorkerSettings(SharedSettings):
         render=_render_labels,
         doc="`k=v,...` this sandbox carries, matched by sessions' constraints",
     )
+    # The sandbox's disk, shared by all its desktops' volumes and layers: below this much free,
+    # placement sends new sessions elsewhere, so those already here have room to keep working.
+    min_free_disk_mb: int = setting(
+        "ORCH_SANDBOX_MIN_FREE_DISK_MB",
+        2048,
+        parse=_int,
+        doc="MiB free on the sandbox's dockerd data root below which placement skips it; 0: no watermark",
+    )
     drain_timeout_s: float = setting(
         "ORCH_DRAIN_TIMEOUT", 90.0, parse=_float, doc="seconds a drain waits for jobs before the worker exits"
     )
@@ -600,6 +609,8 @@ class WorkerSettings(SharedSettings):
                 f"ORCH_SANDBOX_LOST_AFTER ({self.lost_after_s:g} s) must exceed ORCH_HEARTBEAT_INTERVAL"
                 f" ({self.heartbeat_interval_s:g} s): a live sandbox would be declared lost between beats"
             )
+        if self.min_free_disk_mb < 0:
+            raise ValueError(f"ORCH_SANDBOX_MIN_FREE_DISK_MB must be 0 (off) or more, got {self.min_free_disk_mb}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ the choice with a script that re-checks it (store.RESERVE_LUA), retrying when it
 The rule, least loaded with a hard cap:
 1. candidates are the sandboxes that are available (heartbeat fresh, not draining), carry
    every label the session's constraints ask for, and, when the session names one, that one;
-2. a candidate with ``placed >= cap`` is full and never chosen;
+2. a candidate with ``placed >= cap`` is full and never chosen; nor is one whose last heartbeat
+   said its disk is below its free-disk watermark (``low_disk``): its desktops keep the room
+   that is left;
 3. among the rest, the lowest ``placed / cap`` wins; ties go to fewer placed sessions, then
    to the smaller id, so the choice is deterministic;
 4. for a create a warm desktop can serve, candidates that have one come first.
@@ -35,7 +37,7 @@ class Unsatisfiable(Exception):
 
 
 class NoCapacity(Exception):
-    """Sandboxes are there but every eligible one is full (503 ``no_capacity``)."""
+    """Sandboxes are there but every eligible one is full or low on disk (503 ``no_capacity``)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Candidate:
     placed: int
     cap: int
     warm: bool = False
+    # Below its free-disk watermark (``low_disk``): never chosen, as if full.
+    low_disk: bool = False
 
     @property
     def full(self) -> bool:
@@ -64,10 +68,10 @@ def better(a: Candidate, b: Candidate, prefer_warm: bool) -> bool:
 
 
 def choose(candidates: Sequence[Candidate], prefer_warm: bool = False) -> Candidate | None:
-    """The winner among ``candidates`` that are not full, or None when all are."""
+    """The winner among ``candidates`` that are neither full nor low on disk, or None."""
     best: Candidate | None = None
     for c in candidates:
-        if c.full:
+        if c.full or c.low_disk:
             continue
         if best is None or better(c, best, prefer_warm):
             best = c
@@ -96,6 +100,19 @@ def eligible(
             raise NoSandbox(f"sandbox {requested!r} is {sandboxes[0].status}, not taking new sessions")
         raise NoSandbox("no sandbox that could take it is available (silent, draining or drained)")
     return available
+
+
+def low_disk(sandbox: SandboxInfo) -> str | None:
+    """Why placement skips ``sandbox`` for its disk (None: it does not). The worker measures
+    its dockerd's data root each heartbeat and says its own watermark (0: none)."""
+    floor = sandbox.min_free_disk_bytes
+    if floor <= 0 or sandbox.free_disk_bytes >= floor:
+        return None
+    return f"{sandbox.id}: {_gib(sandbox.free_disk_bytes)} free, below its watermark of {_gib(floor)}"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def resource_problem(

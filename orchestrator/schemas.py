@@ -184,6 +184,10 @@ class DesktopStarted(Stored):
     container: str
     id: str
     privilege: str
+    # The profile lets root in the desktop be root of the sandbox's user namespace (caps,
+    # privileged: named by the operator), which is the machine's unless ``confined``.
+    unsafe: bool = False
+    confined: bool = False
 
 
 class ImagesLoaded(Stored):
@@ -212,6 +216,10 @@ class SandboxInfo(Stored):
     free_disk_bytes: int
     privilege: str
     ts: str
+    # As on desktop.started: an unsafe profile (caps, privileged), and whether the sandbox's
+    # own user namespace (not the machine's) confines it.
+    privilege_unsafe: bool = False
+    privilege_confined: bool = False
     max_cpus: float = 0.0
     max_memory_mb: int = 0
     max_pids: int = 0
@@ -232,6 +240,9 @@ class SandboxInfo(Stored):
     # Sessions placed here and not yet deleted (what the cap counts), as the reader found it.
     placed: int = 0
     lost_after_s: float = 0.0
+    # Placement skips the sandbox while ``free_disk_bytes`` (its dockerd's data root) is below
+    # this (its ORCH_SANDBOX_MIN_FREE_DISK_MB); 0: no watermark (and what an older worker says).
+    min_free_disk_bytes: int = 0
 
 
 class DrainRequest(Stored):

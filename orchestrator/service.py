@@ -17,7 +17,7 @@ from .config import ApiSettings
 from .errors import ServiceError
 from .events import make_event
 from .names import DEFAULT_TENANT, SANDBOX_ID_RE, is_valid_session_id
-from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, resource_problem
+from .placement import NoCapacity, NoSandbox, Unsatisfiable, eligible, low_disk, resource_problem
 from .queue import JobQueue, Operation
 from .records import new_record
 from .sandboxes import SandboxRegistry
@@ -148,6 +148,10 @@ class Sessions:
         if not fitting:
             field, message = next(p for p in problems if p is not None)
             raise ServiceError(422, "resources_exceed_sandbox", message, field=field)
+        # Below its free-disk watermark, a sandbox is as good as full: placement skips it, and a
+        # refusal has the same code, its message saying which are low and by how much.
+        low = {s.id: why for s in fitting if (why := low_disk(s)) is not None}
+        low_note = f"; low on disk: {'; '.join(low.values())}" if low else ""
         record = new_record(request, "", self.settings, tenant)
         try:
             placed = await self.store.place(
@@ -156,10 +160,11 @@ class Sessions:
                 [(s.id, s.capacity) for s in fitting],
                 prefer_warm=warm_eligible(request),
                 quota=quota,
+                low_disk=low.keys(),
             )
         except NoCapacity as e:
             self.capacity_refusals += 1
-            raise ServiceError(503, "no_capacity", f"{e} ({_caps(fitting)})") from None
+            raise ServiceError(503, "no_capacity", f"{e} ({_caps(fitting)}{low_note})") from None
         except NoSandbox as e:
             raise ServiceError(503, "no_sandbox", str(e)) from None
         return await self._after_create(request, tenant, placed.created, placed.record, warm=placed.warm)

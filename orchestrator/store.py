@@ -5,7 +5,7 @@ without its event and no event describes a change that did not happen."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +140,7 @@ end
 return removed
 """
 _NO_CAPACITY = "every sandbox that could take this session is at its cap"
+_NO_ROOM = "every sandbox that could take this session is at its cap or low on disk"
 _NO_SANDBOX = "no sandbox that could take this session is available (silent or draining)"
 
 _encode = msgspec.json.Encoder().encode
@@ -299,16 +300,19 @@ class SessionStore:
         *,
         prefer_warm: bool,
         quota: int = 0,
+        low_disk: Collection[str] = (),
     ) -> Placed:
         """Place ``record`` (its sandbox field is ignored) on the sandbox the placement rule
         chooses among ``sandboxes`` (id, cap), and store it there. With ``prefer_warm``, a
         sandbox with a warm desktop wins and the session takes that desktop's id, born ready.
-        An existing record with the same id is returned as is. Raises NoCapacity, NoSandbox,
-        or QuotaExceeded when the record's tenant holds ``quota`` sessions (0: no limit)."""
+        Those in ``low_disk`` (below their free-disk watermark, as their heartbeats said) are
+        never chosen. An existing record with the same id is returned as is. Raises NoCapacity,
+        NoSandbox, or QuotaExceeded when the record's tenant holds ``quota`` sessions (0: no
+        limit)."""
         why = "full"
         for attempt in range(PLACE_TRIES):
             warm = prefer_warm and attempt < PLACE_TRIES // 2
-            fleet = await self._read_fleet(record.id, record.tenant, sandboxes, warm=warm)
+            fleet = await self._read_fleet(record.id, record.tenant, sandboxes, warm=warm, low_disk=low_disk)
             if fleet.existing is not None:
                 return Placed(False, fleet.existing, warm=False)
             if quota > 0 and fleet.tenant_sessions >= quota:  # said before any capacity problem
@@ -317,7 +321,7 @@ class SessionStore:
                 raise NoSandbox(_NO_SANDBOX)
             chosen = choose(fleet.candidates, prefer_warm=warm)
             if chosen is None:
-                raise NoCapacity(_NO_CAPACITY)
+                raise NoCapacity(_NO_ROOM if any(c.low_disk for c in fleet.candidates) else _NO_CAPACITY)
             outcome = await self._reserve(record, env, chosen, fleet.warm_heads.get(chosen.id), quota)
             if isinstance(outcome, Placed):
                 return outcome
@@ -325,7 +329,13 @@ class SessionStore:
         raise NoSandbox(_NO_SANDBOX) if why in ("gone", "draining") else NoCapacity(_NO_CAPACITY)
 
     async def _read_fleet(
-        self, session_id: str, tenant: str, sandboxes: Sequence[tuple[str, int]], *, warm: bool
+        self,
+        session_id: str,
+        tenant: str,
+        sandboxes: Sequence[tuple[str, int]],
+        *,
+        warm: bool,
+        low_disk: Collection[str] = (),
     ) -> _Fleet:
         """What placement decides on, in one round trip. A transaction, so that it is one
         moment's view: "the id is free" and "every sandbox is full" are never from two."""
@@ -348,7 +358,7 @@ class SessionStore:
                 continue
             if head and head[0] is not None:
                 heads[sandbox] = _text(head[0])
-            candidates.append(Candidate(sandbox, int(placed), cap, warm=sandbox in heads))
+            candidates.append(Candidate(sandbox, int(placed), cap, warm=sandbox in heads, low_disk=sandbox in low_disk))
         record = None if existing is None else _decode_record(existing)
         return _Fleet(record, candidates, heads, int(tenant_sessions))
 

@@ -33,6 +33,18 @@ case "$(printf %s "$ORCH_FIREWALL" | tr '[:upper:]' '[:lower:]')" in  # as orche
   *) log "warning: ORCH_FIREWALL=$ORCH_FIREWALL: desktops reach everything this sandbox reaches" ;;
 esac
 
+# Each desktop's /run/orchestrator is its directory under this one, bind-mounted: on a small
+# tmpfs, what a desktop writes there is bounded memory (charged to the desktop's cgroup), not
+# the sandbox's disk. Sockets need an inode each and no blocks. Before dockerd, which restarts
+# the desktops of an earlier run at once (their directories are made again by the bind).
+SOCKET_DIR=${ORCH_SOCKET_DIR:-/run/orchestrator/desktops}
+SOCKET_DIR_OPTIONS=size=4m,nr_inodes=65536,mode=0755,nosuid,nodev,noexec
+if ! mountpoint -q "$SOCKET_DIR"; then
+  mkdir -p "$SOCKET_DIR"
+  mount -t tmpfs -o "$SOCKET_DIR_OPTIONS" orchestrator-sockets "$SOCKET_DIR" \
+    || log "warning: no tmpfs at $SOCKET_DIR: a desktop can fill the sandbox's disk through its socket directory"
+fi
+
 start-dockerd --supervise &
 dockerd_supervisor=$!
 worker_supervisor=

@@ -68,6 +68,7 @@ class FakeRuntime:
         self.depth = depth
         self.image = image
         self._profile = PrivilegeProfile(PrivilegeKind.PRIVILEGED, "fake")
+        self.data_root_dir = "/"
         self.containers: dict[str, FakeDesktop] = {}
         self.volumes: dict[str, FakeVolume] = {}
         self.removed_volumes: Counter[str] = Counter()
@@ -207,6 +208,10 @@ class FakeRuntime:
     def remove_socket_dir(self, session_id: str) -> None:
         with self._call("remove_socket_dir"):
             pass
+
+    async def data_root(self) -> str:
+        with self._call("data_root"):
+            return self.data_root_dir
 
     async def list_desktops(self) -> list[DockerObject]:
         with self._call("list_desktops"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections.abc import Callable
 
 import aiohttp
@@ -21,6 +20,7 @@ from orchestrator.schemas import SandboxInfo, now_rfc3339, to_data
 from orchestrator.states import SandboxStatus, SessionState
 from orchestrator.store import SessionStore
 
+from .disk import DiskGauge
 from .pool import WarmPool
 from .prepare import DesktopPreparation
 from .runtime import DesktopError, Runtime
@@ -59,8 +59,10 @@ class Heartbeat:
         pool: WarmPool,
         preparation: DesktopPreparation,
         status: Callable[[], SandboxStatus],
+        disk: DiskGauge | None = None,
     ) -> None:
         self.settings = settings
+        self.disk = disk or DiskGauge(runtime.desktops, settings.min_free_disk_mb)
         self.registry = registry
         self.bus = bus
         self.store = store
@@ -96,8 +98,11 @@ class Heartbeat:
             sessions=self._desktops_seen,
             capacity=settings.max_sessions,
             load=os.getloadavg()[0],
-            free_disk_bytes=(await asyncio.to_thread(shutil.disk_usage, "/")).free,
+            free_disk_bytes=await self.disk.free_bytes(),
+            min_free_disk_bytes=self.disk.floor_bytes,
             privilege=self.preparation.profile.describe(),
+            privilege_unsafe=self.preparation.profile.unsafe,
+            privilege_confined=self.preparation.profile.unsafe and self.preparation.profile.confined,
             ts=now_rfc3339(),
             max_cpus=settings.max_cpus,
             max_memory_mb=settings.max_memory_mb,

@@ -27,6 +27,7 @@ from orchestrator.redis_conn import JobRedis
 from orchestrator.schemas import LifecycleJob
 from orchestrator.store import SessionStore
 
+from .disk import DiskGauge
 from .lifecycle import Lifecycle
 
 log = logging.getLogger("workers.jobs")
@@ -50,6 +51,9 @@ class JobContext:
     observe: Callable[[Operation, float], None]
     # Told the reason of each malformed job removed from the queue unrun, for the metrics.
     rejected: Callable[[Rejection], None] = _ignore
+    # The sandbox's free disk: a producer's create is refused below the watermark, as placement
+    # refuses the API's (None: not measured, as in tests of other things).
+    disk: DiskGauge | None = None
 
 
 async def store_requested(context: JobContext, job: LifecycleJob) -> tuple[str, str] | None:
@@ -70,12 +74,17 @@ async def store_requested(context: JobContext, job: LifecycleJob) -> tuple[str, 
         return "resources_exceed_sandbox", problem[1]
     request = msgspec.structs.replace(job.spec, id=job.session)
     record = new_record(request, settings.sandbox_id, settings)
+    low = await context.disk.low() if context.disk is not None else None
     try:
         await context.store.place(
-            record, request.env, [(settings.sandbox_id, settings.max_sessions)], prefer_warm=False
+            record,
+            request.env,
+            [(settings.sandbox_id, settings.max_sessions)],
+            prefer_warm=False,
+            low_disk=[settings.sandbox_id] if low else (),
         )
     except NoCapacity as e:
-        return "no_capacity", str(e)
+        return "no_capacity", f"{e}: {low}" if low else str(e)
     except NoSandbox as e:
         return "no_sandbox", str(e)
     return None

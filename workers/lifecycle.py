@@ -307,7 +307,14 @@ class Lifecycle:
         started_at = time.monotonic()
         await self.runtime.desktops.start(record.id)
         self._fault("create:after_start")
-        started = DesktopStarted(container=desktop.name, id=desktop.id[:12], privilege=self.runtime.profile.kind.value)
+        profile = self.runtime.profile
+        started = DesktopStarted(
+            container=desktop.name,
+            id=desktop.id[:12],
+            privilege=profile.kind.value,
+            unsafe=profile.unsafe,
+            confined=profile.unsafe and profile.confined,
+        )
         await self._event(record, "desktop.started", to_data(started))
         phases.mark("start")
         ready = await self.runtime.inner.wait_ready(record.id, started_at, self.ready_timeout_s)

@@ -1,15 +1,18 @@
 """How desktops get what Docker-in-Docker needs. Pure: decided from facts, not probed here.
 
-``privileged`` works where the capability bounding set is complete. Where it is not (some
-VMs and hardened CI runners lack CAP_SYS_RESOURCE), runc refuses ``--privileged``, so the
-``caps`` profile adds every capability the bounding set has, unconfines seccomp, AppArmor
-and the masked /proc and /sys paths, and the desktop remounts its cgroups itself.
-A named OCI runtime (``runtime:sysbox-runc``) needs none of that.
+``userns`` is the safe one and ``auto``'s only choice on the machine: the desktop's dockerd
+and everything in the desktop run in a user namespace (desktop_image/userns-desktop.sh) where
+uid 0 is an unprivileged uid range of the sandbox, one range per desktop (a slot kept on the
+session's volume). The container itself keeps a few capabilities for that set-up only, with a
+private cgroup namespace. Where it fails, the worker refuses to serve (``refusal``), except
+when the worker already runs in a user namespace that is not the machine's (``uid_map``): there
+``caps`` is confined by that namespace, and ``auto`` may fall back to it.
 
-``userns`` is the safe one: the desktop's dockerd and everything in the desktop run in a user
-namespace (desktop_image/userns-desktop.sh) where uid 0 is an unprivileged uid range of the
-sandbox, one range per desktop (a slot kept on the session's volume). The container itself
-keeps a few capabilities for that set-up only, with a private cgroup namespace.
+``caps`` and ``privileged`` are unsafe (root in a desktop is root of the sandbox's user
+namespace) and run only when named. ``privileged`` works where the capability bounding set is
+complete; where it is not (some VMs and hardened CI runners lack CAP_SYS_RESOURCE) runc refuses
+``--privileged``, and ``caps`` adds every capability the bounding set has, and the desktop
+remounts its cgroups itself. A named OCI runtime (``runtime:sysbox-runc``) needs none of that.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Linux capability numbers 0..40 (linux/capability.h), as Docker names them (without CAP_).
@@ -181,10 +184,19 @@ class PrivilegeProfile:
     missing_caps: tuple[str, ...] = ()
     runtime: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The worker runs in a user namespace that is not the machine's (nested in a userns
+    # desktop, or a Sysbox sandbox): root in an unsafe desktop is root of that namespace only.
+    confined: bool = False
 
     def describe(self) -> str:
-        if self.kind is PrivilegeKind.CAPS:
+        return self._describe() + (f"; {CONFINED}" if self.confined and self.unsafe else "")
+
+    def _describe(self) -> str:
+        if self.kind is PrivilegeKind.CAPS and self.confined:
             return f"caps (all but {', '.join(self.missing_caps) or 'none'}; {self.reason})"
+        if self.kind is PrivilegeKind.CAPS:
+            lacking = f", lacking {', '.join(self.missing_caps)}" if self.missing_caps else ""
+            return f"caps (hardened: {len(CAPS_KEPT)} capabilities{lacking}; {self.reason})"
         if self.kind is PrivilegeKind.RUNTIME:
             return f"runtime {self.runtime} ({self.reason})"
         if self.kind is PrivilegeKind.USERNS:
@@ -194,6 +206,8 @@ class PrivilegeProfile:
 
     @property
     def unsafe(self) -> bool:
+        """Root in the desktop is root of the sandbox's user namespace (the machine's, unless
+        ``confined``)."""
         return self.kind in UNSAFE
 
     def host_config(self) -> dict[str, Any]:
@@ -204,14 +218,20 @@ class PrivilegeProfile:
             return {"Runtime": self.runtime}
         if self.kind is PrivilegeKind.USERNS:
             return userns_host_config()
-        return {
-            "CapAdd": ["ALL"],
-            "CapDrop": list(self.missing_caps),
-            "SecurityOpt": ["seccomp=unconfined", "apparmor=unconfined"],
-            # The API form of `--security-opt systempaths=unconfined`.
-            "MaskedPaths": [],
-            "ReadonlyPaths": [],
-        }
+        if self.confined:
+            # Nested in a user namespace, the desktop's dockerd mounts /proc and /sys for its
+            # containers, which the kernel allows there only where they are fully visible
+            # already: no masked paths. The enclosing namespace is the boundary (not measured
+            # with the hardening below, so not given it).
+            return {
+                "CapAdd": ["ALL"],
+                "CapDrop": list(self.missing_caps),
+                "SecurityOpt": ["seccomp=unconfined", "apparmor=unconfined"],
+                # The API form of `--security-opt systempaths=unconfined`.
+                "MaskedPaths": [],
+                "ReadonlyPaths": [],
+            }
+        return caps_host_config(self.missing_caps)
 
     def desktop_env(self, slot: int | None) -> list[str]:
         """What the desktop's init needs to know of the profile (desktop-init.sh)."""
@@ -248,6 +268,31 @@ def userns_host_config() -> dict[str, Any]:
     }
 
 
+# The caps profile's capabilities: what the desktop's dockerd, containerd and runc were measured
+# to need (dockerd.ready, `docker run`, `-p`, `docker build` inside; docs/threat-model.md), the
+# same as the userns container's. Not SYS_MODULE, SYS_TIME, DAC_READ_SEARCH (open_by_handle_at),
+# SYS_RAWIO, SYS_BOOT, LINUX_IMMUTABLE, SYS_RESOURCE, MAC_*, AUDIT_CONTROL, SYSLOG and the rest.
+CAPS_KEPT = USERNS_CAPS
+
+
+def caps_host_config(missing_caps: Iterable[str]) -> dict[str, Any]:
+    """The unsafe caps profile, hardened as far as Docker-in-Docker allows: still root on the
+    machine (CAP_SYS_ADMIN in its user namespace), with fewer ways to use it."""
+    missing = set(missing_caps)
+    return {
+        # Mounting cgroup v1 shows this container's own cgroup as the root: no release_agent,
+        # no devices.allow of the machine's root, no other container's limits.
+        "CgroupnsMode": "private",
+        "CapDrop": ["ALL"],
+        "CapAdd": [cap for cap in CAPS_KEPT if cap not in missing],
+        # No LSM here; where AppArmor runs, docker-default would refuse dockerd's mounts.
+        "SecurityOpt": [f"seccomp={SECCOMP_PROFILE}", "apparmor=unconfined"],
+        # Docker's masked and read-only paths are kept (no MaskedPaths/ReadonlyPaths here): what
+        # dockerd needs of /proc/sys is set per container, and start-dockerd never remounts it.
+        "Sysctls": {"net.ipv4.ip_forward": "1"},
+    }
+
+
 # Docker 20.10 (Debian 12's) knows capabilities up to AUDIT_READ (37): its "ALL" never adds the
 # newer ones, and it refuses to drop a name it does not know. So only these are ever dropped.
 DOCKER_KNOWN = 38
@@ -260,8 +305,8 @@ def missing_capabilities(cap_bounding_hex: str, cap_last_cap: int) -> tuple[str,
 
 
 def choose_profile(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> PrivilegeProfile:
-    """``setting`` is auto | userns | privileged | caps | runtime:<name>. What ``auto`` gives
-    here is only a guess: the worker decides by probing ``candidates``."""
+    """``setting`` is auto | userns | privileged | caps | runtime:<name>; ``auto`` is userns
+    here (``candidates`` says when the worker may try caps after it)."""
     missing = missing_capabilities(cap_bounding_hex, cap_last_cap)
     if setting.startswith("runtime:"):
         name = setting.removeprefix("runtime:")
@@ -276,30 +321,70 @@ def choose_profile(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> Pr
         return PrivilegeProfile(PrivilegeKind.CAPS, "configured", missing_caps=missing)
     if setting != "auto":
         raise ValueError(f"privilege must be auto, userns, privileged, caps or runtime:<name>, got {setting!r}")
-    if missing:
-        return PrivilegeProfile(
-            PrivilegeKind.CAPS, "capability bounding set lacks " + ", ".join(missing), missing_caps=missing
-        )
-    return PrivilegeProfile(PrivilegeKind.PRIVILEGED, "capability bounding set is complete")
+    # Never an unsafe one on its own (candidates says when caps may follow).
+    return PrivilegeProfile(PrivilegeKind.USERNS, "auto")
 
 
-def candidates(setting: str, cap_bounding_hex: str, cap_last_cap: int) -> list[PrivilegeProfile]:
-    """Profiles to try, best first. Explicit settings give one; ``auto`` gives userns first, then
-    (unsafe, logged so) what the bounding set suggests and the fallbacks that matter when this
-    process's set is not the daemon's (a worker in a container sees its own, smaller set):
-    the daemon decides by trying."""
+# The initial user namespace maps every uid to itself; any other map is a namespace of its own.
+MACHINE_UID_MAP = ((0, 0, 2**32 - 1),)
+CONFINED = "confined by the enclosing user namespace"
+
+
+def nested_in_userns(uid_map: str) -> bool:
+    """Whether /proc/self/uid_map (``uid_map``) is a user namespace other than the machine's.
+    Anything unreadable or malformed counts as the machine's: no confined fallback on a guess."""
+    try:
+        ranges = tuple(tuple(int(n) for n in line.split()) for line in uid_map.strip().splitlines())
+    except ValueError:
+        return False
+    if not ranges or any(len(r) != 3 for r in ranges):
+        return False
+    return ranges != MACHINE_UID_MAP
+
+
+def candidates(setting: str, cap_bounding_hex: str, cap_last_cap: int, *, uid_map: str) -> list[PrivilegeProfile]:
+    """Profiles to try, best first. A named setting gives that one (``caps`` and ``privileged``
+    are unsafe, logged so at every start). ``auto`` gives ``userns`` only: where it fails the
+    worker refuses to serve (``refusal``), never falling back to an unsafe profile on its own,
+    except when this process already runs in a user namespace that is not the machine's
+    (``uid_map``): there ``caps`` is confined by that namespace, so it follows, in the variants
+    that matter when this process's bounding set is not the daemon's (the daemon decides)."""
+    nested = nested_in_userns(uid_map)
     if setting != "auto":
-        return [choose_profile(setting, cap_bounding_hex, cap_last_cap)]
-    found = [
-        PrivilegeProfile(PrivilegeKind.USERNS, "probe"),
-        PrivilegeProfile(PrivilegeKind.PRIVILEGED, "probe"),
-        PrivilegeProfile(PrivilegeKind.CAPS, "probe: all capabilities", missing_caps=()),
-        PrivilegeProfile(PrivilegeKind.CAPS, "probe: all but SYS_RESOURCE", missing_caps=("SYS_RESOURCE",)),
+        return [replace(choose_profile(setting, cap_bounding_hex, cap_last_cap), confined=nested)]
+    found = [PrivilegeProfile(PrivilegeKind.USERNS, "probe")]
+    if not nested:
+        return found
+    caps = [
+        PrivilegeProfile(PrivilegeKind.CAPS, "probe: all capabilities", missing_caps=(), confined=True),
+        PrivilegeProfile(
+            PrivilegeKind.CAPS, "probe: all but SYS_RESOURCE", missing_caps=("SYS_RESOURCE",), confined=True
+        ),
     ]
-    own = choose_profile("auto", cap_bounding_hex, cap_last_cap)
-    if own.kind is PrivilegeKind.CAPS and own.missing_caps not in {p.missing_caps for p in found[2:]}:
-        found.append(own)
-    return found
+    missing = missing_capabilities(cap_bounding_hex, cap_last_cap)
+    if missing not in {p.missing_caps for p in caps}:
+        reason = "probe: the bounding set lacks " + ", ".join(missing)
+        caps.append(PrivilegeProfile(PrivilegeKind.CAPS, reason, missing_caps=missing, confined=True))
+    return found + caps
+
+
+def refusal(tried: Iterable[tuple[PrivilegeProfile, str]]) -> str:
+    """What the worker logs (at error) when ``auto`` found no profile it may use on its own."""
+    why = "; ".join(f"{profile.kind.value}: {reason}" for profile, reason in tried) or "nothing was tried"
+    return (
+        f"refusing to serve: no safe privilege profile works on this sandbox ({why}). "
+        "Fix what made userns fail, or set ORCH_PRIVILEGE=caps|privileged|runtime:<name> to accept "
+        "the risk: under caps and privileged root in a desktop is root on this machine (docs/threat-model.md)"
+    )
+
+
+def read_uid_map() -> str:
+    """This process's uid map ("" where unreadable: counted as the machine's)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def read_bounding_set() -> tuple[str, int]:

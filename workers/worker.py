@@ -30,6 +30,7 @@ from orchestrator.queue import oldest_age_s
 from orchestrator.states import SandboxStatus
 
 from . import firewall
+from .disk import DiskGauge
 from .drain import Drain
 from .health import HealthCheck
 from .heartbeat import Heartbeat, sessions_by_state
@@ -37,8 +38,8 @@ from .jobs import JobContext, JobRunner
 from .lifecycle import Lifecycle
 from .metrics import Snapshot, WorkerMetrics, serving
 from .pool import WarmPool
-from .prepare import DesktopPreparation
-from .privilege import candidates, read_bounding_set
+from .prepare import DesktopPreparation, PrivilegeRefused
+from .privilege import candidates, read_bounding_set, read_uid_map
 from .reconciler import Reconciler
 from .runtime import DesktopRuntime
 
@@ -88,8 +89,9 @@ class SandboxWorker:
             pool=self.pool,
             max_removals=settings.reconcile_max_removals,
         )
+        self.disk = DiskGauge(self.runtime.desktops, settings.min_free_disk_mb)
         context = JobContext(
-            self.lifecycle, self.store, settings, self.metrics.observe_job, self.metrics.observe_rejected
+            self.lifecycle, self.store, settings, self.metrics.observe_job, self.metrics.observe_rejected, self.disk
         )
         self.jobs = JobRunner(self.redis, self.keys.queue(settings.sandbox_id), context)
         self.drain = Drain(
@@ -104,6 +106,7 @@ class SandboxWorker:
             self.pool,
             self.preparation,
             status=lambda: self.drain.status,
+            disk=self.disk,
         )
         self.health = HealthCheck(settings, self.store, self.bus, self.runtime)
         # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
@@ -126,6 +129,9 @@ class SandboxWorker:
                     await self._start()
                     await self._run(stop)
                     await self._say_goodbye()
+                    if self.preparation.refused is not None:
+                        # Decided before a desktop (the image came late): serve no more.
+                        raise self.preparation.refused
         finally:
             await self.reconciler.close()
             await self.runtime.close()
@@ -167,7 +173,7 @@ class SandboxWorker:
             duties.start_soon(self.pool.run_forever)
             duties.start_soon(self.drain.watch)
             self.started.set()
-            await _first_of(stop, self.drain.drained, jobs_ended)
+            await _first_of(stop, self.drain.drained, jobs_ended, self.preparation.refused_event)
             await self.jobs.finish(settings.stop_timeout_s + 10)
             duties.cancel_scope.cancel()
 
@@ -216,7 +222,7 @@ def _runtime(settings: WorkerSettings) -> DesktopRuntime:
         depth=settings.depth,
         socket_dir=settings.socket_dir,
         # The first candidate until DesktopPreparation has tried them on the daemon.
-        profile=candidates(settings.privilege, *read_bounding_set())[0],
+        profile=candidates(settings.privilege, *read_bounding_set(), uid_map=read_uid_map())[0],
         registry=settings.registry,
         registry_credentials=settings.registry_credentials,
         read_timeout_s=settings.docker_read_timeout_s,
@@ -254,4 +260,8 @@ def main() -> None:
         loop.add_signal_handler(signal.SIGTERM, on_term)
         await worker.serve(stop)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except PrivilegeRefused:
+        # Logged at error where it was decided (workers/prepare.py), with what to do.
+        raise SystemExit(2) from None

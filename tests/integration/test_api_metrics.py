@@ -52,7 +52,7 @@ async def test_metrics_say_what_redis_holds(client: Client, redis: aioredis.Redi
     text = await client.metrics()
     # Prometheus's own parser: the text must be valid, with its 14 families.
     families = list(text_string_to_metric_families(text))
-    assert len(families) == 14
+    assert len(families) == 16
     samples = {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
 
     def metric(name: str, **labels: str) -> float:

@@ -54,9 +54,10 @@ async def test_placement_chooses_by_the_rule_on_what_redis_holds(redis: aioredis
         ]
         await fleet(redis, keys, boxes)
         prefer_warm = rng.random() < 0.5
+        low = {b[0] for b in boxes if rng.random() < 0.2}  # below their free-disk watermark
         pure = choose(
             [
-                Candidate(b, placed, cap, warm=warm > 0)
+                Candidate(b, placed, cap, warm=warm > 0, low_disk=b in low)
                 for b, placed, cap, alive, draining, warm in boxes
                 if alive and not draining
             ],
@@ -64,12 +65,17 @@ async def test_placement_chooses_by_the_rule_on_what_redis_holds(redis: aioredis
         )
         record = new_record(SessionCreate(id=f"r{round_}"), "", settings)
         try:
-            placed = await store.place(record, None, [(b[0], b[2]) for b in boxes], prefer_warm=prefer_warm)
+            placed = await store.place(
+                record, None, [(b[0], b[2]) for b in boxes], prefer_warm=prefer_warm, low_disk=low
+            )
         except (NoCapacity, NoSandbox) as e:
             assert pure is None, f"round {round_}: placement refused ({e}) but the rule picks {pure}"
             usable = [b for b in boxes if b[3] and not b[4]]
             assert isinstance(e, NoCapacity) == bool(usable), f"round {round_}: wrong refusal {e!r}"
+            if any(b[0] in low for b in usable):
+                assert "low on disk" in str(e)
             continue
+        assert placed.record.sandbox not in low, f"round {round_}: placed on {placed.record.sandbox}, low on disk"
         assert pure is not None, f"round {round_}: placement chose {placed.record.sandbox}, the rule refuses"
         assert placed.record.sandbox == pure.id, f"round {round_}: {boxes}, warm={prefer_warm}"
         assert placed.warm == (prefer_warm and pure.warm)

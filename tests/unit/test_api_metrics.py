@@ -11,7 +11,14 @@ from orchestrator.states import SandboxStatus
 
 
 def sandbox(
-    id: str, status: SandboxStatus, placed: int, capacity: int, pool_ready: int = 0, pool_target: int = 0
+    id: str,
+    status: SandboxStatus,
+    placed: int,
+    capacity: int,
+    pool_ready: int = 0,
+    pool_target: int = 0,
+    free_disk: int = 0,
+    min_free_disk: int = 0,
 ) -> SandboxInfo:
     return SandboxInfo(
         id=id,
@@ -21,7 +28,8 @@ def sandbox(
         sessions=0,
         capacity=capacity,
         load=0.0,
-        free_disk_bytes=0,
+        free_disk_bytes=free_disk,
+        min_free_disk_bytes=min_free_disk,
         privilege="caps",
         ts="2026-01-01T00:00:00.000Z",
         status=status,
@@ -34,8 +42,8 @@ def sandbox(
 SNAPSHOT = ApiSnapshot(
     sessions_by_state={"pending": 2, "ready": 0, "failed": 1},
     sandboxes=[
-        sandbox("a", SandboxStatus.AVAILABLE, 3, 10, pool_ready=1, pool_target=2),
-        sandbox("b", SandboxStatus.DRAINING, 5, 4),
+        sandbox("a", SandboxStatus.AVAILABLE, 3, 10, pool_ready=1, pool_target=2, free_disk=2**30, min_free_disk=2**31),
+        sandbox("b", SandboxStatus.DRAINING, 5, 4, free_disk=2**32, min_free_disk=2**31),
         sandbox('odd"\\id', SandboxStatus.UNAVAILABLE, 1, 10),
         sandbox("d", SandboxStatus.DRAINED, 0, 7),
     ],
@@ -80,6 +88,18 @@ orchestrator_sandbox_capacity{sandbox="a"} 10
 orchestrator_sandbox_capacity{sandbox="b"} 4
 orchestrator_sandbox_capacity{sandbox="odd\"\\id"} 10
 orchestrator_sandbox_capacity{sandbox="d"} 7
+# HELP orchestrator_sandbox_free_disk_bytes Free bytes on the sandbox's dockerd data root (last heartbeat).
+# TYPE orchestrator_sandbox_free_disk_bytes gauge
+orchestrator_sandbox_free_disk_bytes{sandbox="a"} 1073741824
+orchestrator_sandbox_free_disk_bytes{sandbox="b"} 4294967296
+orchestrator_sandbox_free_disk_bytes{sandbox="odd\"\\id"} 0
+orchestrator_sandbox_free_disk_bytes{sandbox="d"} 0
+# HELP orchestrator_sandbox_low_disk 1 while the sandbox is below its free-disk watermark: placement skips it.
+# TYPE orchestrator_sandbox_low_disk gauge
+orchestrator_sandbox_low_disk{sandbox="a"} 1
+orchestrator_sandbox_low_disk{sandbox="b"} 0
+orchestrator_sandbox_low_disk{sandbox="odd\"\\id"} 0
+orchestrator_sandbox_low_disk{sandbox="d"} 0
 # HELP orchestrator_queue_depth Jobs queued per sandbox.
 # TYPE orchestrator_queue_depth gauge
 orchestrator_queue_depth{sandbox="a"} 2
@@ -151,7 +171,7 @@ def test_the_counter_keeps_its_total_name() -> None:
 def test_no_sandbox_yet() -> None:
     empty = ApiSnapshot({"pending": 1}, [], {}, {}, 0, 0, 0, fallback_cap=50)
     meta, samples = split(render(empty))
-    assert len(meta) == 2 * 14  # every family is there, with no samples where there is no sandbox
+    assert len(meta) == 2 * 16  # every family is there, with no samples where there is no sandbox
     assert dict(samples) == {
         'orchestrator_sessions{state="pending"}': 1,
         'orchestrator_sandboxes{status="available"}': 0,

@@ -23,6 +23,7 @@ from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import DrainRequest
 from orchestrator.states import SessionState
 from tests.fakes import SANDBOX, Stack, open_stack
+from workers.disk import DiskGauge
 from workers.jobs import JobContext, JobRunner, ResilientWorker, job_function
 
 # Short, so that arq's job-start line (arguments cut at 80 characters) would show it.
@@ -194,6 +195,18 @@ async def test_a_create_job_with_a_spec_obeys_the_cap_and_the_drain(
     assert any("refusing create_session for second: no_capacity" in r.getMessage() for r in caplog.records)
     for record in caplog.records:
         assert MARKER not in record.getMessage()
+
+
+async def test_a_create_job_with_a_spec_is_refused_below_the_free_disk_watermark(stack: Stack) -> None:
+    free = {"bytes": 1024 * 2**20}  # what the sandbox's disk has free, as the gauge measures it
+    gauge = DiskGauge(stack.runtime, min_free_mb=2048, measure=lambda _path: free["bytes"])
+    context = dataclasses.replace(context_for(stack, []), disk=gauge)
+    kwargs = {"session": "low-one", "generation": 1, "spec": {}}
+    low = await job_function(Operation.CREATE, context).coroutine({}, **kwargs)
+    assert low.startswith("refused: no_capacity") and "1.0 GiB free on /, below the watermark of 2.0 GiB" in low, low
+    assert await stack.store.get("low-one") is None
+    free["bytes"] = 3 * 2**30
+    assert await job_function(Operation.CREATE, context).coroutine({}, **kwargs) == "ready"
 
 
 async def test_a_shape_the_screen_misses_is_removed_not_fatal(

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.keys import job_id
 from orchestrator.names import address_pool, desktop_name, is_valid_session_id, new_session_id, volume_name
-from orchestrator.placement import Candidate, NoSandbox, Unsatisfiable, better, choose, eligible
+from orchestrator.placement import Candidate, NoSandbox, Unsatisfiable, better, choose, eligible, low_disk
 from orchestrator.schemas import SandboxInfo
 from orchestrator.states import SandboxStatus
 from workers.runtime import split_reference
@@ -108,6 +109,7 @@ candidates_st = st.lists(
         placed=st.integers(0, 30),
         cap=st.integers(1, 30),
         warm=st.booleans(),
+        low_disk=st.booleans(),
     ),
     max_size=8,
     unique_by=lambda c: c.id,
@@ -115,15 +117,44 @@ candidates_st = st.lists(
 
 
 @given(candidates_st, st.booleans())
-def test_choose_never_picks_a_full_sandbox_and_no_other_beats_it(cands: list[Candidate], prefer_warm: bool) -> None:
+def test_choose_never_picks_a_full_or_low_disk_sandbox_and_no_other_beats_it(
+    cands: list[Candidate], prefer_warm: bool
+) -> None:
     chosen = choose(cands, prefer_warm)
-    room = [c for c in cands if not c.full]
+    room = [c for c in cands if not c.full and not c.low_disk]
     if not room:
         assert chosen is None
         return
-    assert chosen is not None and not chosen.full
+    assert chosen is not None and not chosen.full and not chosen.low_disk
     assert not any(better(c, chosen, prefer_warm) for c in room if c != chosen)
     assert choose(list(reversed(cands)), prefer_warm) == chosen  # order of the input does not matter
+
+
+def test_low_disk_sandboxes_are_never_chosen_even_when_warm_or_empty() -> None:
+    low = Candidate("a", 0, 10, warm=True, low_disk=True)
+    assert choose([low, Candidate("b", 9, 10)], prefer_warm=True) == Candidate("b", 9, 10)
+    assert choose([low]) is None
+
+
+GIB = 2**30
+
+
+@given(st.integers(0, 8 * GIB), st.integers(0, 8 * GIB))
+def test_low_disk_is_below_the_sandboxes_own_watermark(free: int, floor: int) -> None:
+    info = msgspec.structs.replace(sandbox("a"), free_disk_bytes=free, min_free_disk_bytes=floor)
+    why = low_disk(info)
+    assert (why is not None) == (floor > 0 and free < floor)
+    if why is not None:
+        assert why.startswith("a: ") and f"{free / GIB:.1f} GiB free" in why and f"{floor / GIB:.1f} GiB" in why
+
+
+def test_an_older_worker_without_a_watermark_is_never_low_on_disk() -> None:
+    # Its heartbeat has no min_free_disk_bytes: decoded as 0, no watermark.
+    raw = msgspec.json.encode(msgspec.structs.replace(sandbox("a"), free_disk_bytes=1))
+    raw = raw.replace(b',"min_free_disk_bytes":0', b"")
+    assert b"min_free_disk_bytes" not in raw
+    old = msgspec.json.decode(raw, type=SandboxInfo)
+    assert old.min_free_disk_bytes == 0 and low_disk(old) is None
 
 
 @given(st.lists(st.integers(1, 12), min_size=1, max_size=5), st.integers(0, 80))

@@ -78,6 +78,7 @@ EVERYTHING = Settings(
     pool_size=2,
     sandbox_labels={"gpu": "true", "zone": "a"},
     drain_timeout_s=9.0,
+    min_free_disk_mb=512,
     firewall=True,
     desktop_deny=("10.96.0.0/12", "fd00::/8"),
     desktop_allow=("10.20.30.0/24",),
@@ -93,7 +94,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 67
+    assert len(fields) == 68
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
@@ -230,6 +231,13 @@ def test_checks_run_for_each_component() -> None:
         WorkerSettings(lost_after_s=1.0)
     with pytest.raises(ValueError, match="ORCH_SANDBOX_LOST_AFTER"):
         dataclasses.replace(EVERYTHING, lost_after_s=0.5)
+
+
+def test_the_free_disk_watermark_is_never_negative() -> None:
+    with pytest.raises(ValueError, match="ORCH_SANDBOX_MIN_FREE_DISK_MB"):
+        WorkerSettings.from_env({"ORCH_SANDBOX_MIN_FREE_DISK_MB": "-1"})
+    assert WorkerSettings.from_env({"ORCH_SANDBOX_MIN_FREE_DISK_MB": "0"}).min_free_disk_mb == 0
+    assert WorkerSettings().min_free_disk_mb == 2048
 
 
 def test_secrets_stay_out_of_repr() -> None:

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -99,6 +100,11 @@ class DockerDesktops:
 
     def remove_socket_dir(self, session_id: str) -> None:
         shutil.rmtree(os.path.dirname(socket_path(self.socket_dir, session_id)), ignore_errors=True)
+
+    async def data_root(self) -> str:
+        info: Mapping[str, Any] = await self._docker.system.info()
+        root: str = info["DockerRootDir"]
+        return root
 
     # -- volume -----------------------------------------------------------------------------
 

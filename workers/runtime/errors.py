@@ -25,6 +25,7 @@ DesktopErrorCode = Literal[
     "image_pull_failed",
     "preload_failed",
     "preload_timeout",
+    "privilege_refused",
     "provision_timeout",
     "resources_exceed_sandbox",
     "volume_create_failed",

@@ -71,6 +71,10 @@ class Desktops(Protocol):
 
     def remove_socket_dir(self, session_id: str) -> None: ...
 
+    async def data_root(self) -> str:
+        """The daemon's data root (``DockerRootDir``): where volumes and container layers live."""
+        ...
+
     async def list_desktops(self) -> list[DockerObject]:
         """This sandbox's desktops, found by label."""
         ...
