@@ -193,7 +193,8 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
     print("\nnesting timings (s): " + ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
 
 
-WORKER_PROCESS = "python.* -m workers"
+# The worker, not `python3 -m workers.firewall` (sandbox-init loads the rules with it first).
+WORKER_PROCESS = "python.* -m workers$"
 
 
 async def test_the_sandbox_restarts_a_crashed_worker_and_dockerd(
