@@ -111,16 +111,14 @@ async def sandbox(images: str) -> AsyncIterator[str]:
             SANDBOX_IMAGE,
             host=host,
         )
-        await until(["exec", name, "docker", "version"], host, "the sandbox's dockerd")
+        # `docker version` prints its client half even with no daemon: wait on its exit status.
+        await until(
+            ["exec", name, "sh", "-c", "docker version >/dev/null 2>&1 && echo up"], host, "the sandbox's dockerd"
+        )
         yield name
     finally:
         await adocker("rm", "-f", "-v", name, host=host, check=False)
         await adocker("volume", "rm", "-f", volume, host=host, check=False)
-
-
-async def free_in(container: str, path: str, host: str) -> int:
-    out = await adocker("exec", container, "df", "-B1", "--output=avail", path, host=host)
-    return int(out.split()[-1])
 
 
 async def test_a_desktop_fills_its_socket_directory_tmpfs_not_the_sandbox_disk(images: str, sandbox: str) -> None:
@@ -128,7 +126,6 @@ async def test_a_desktop_fills_its_socket_directory_tmpfs_not_the_sandbox_disk(i
     mounts = await adocker("exec", sandbox, "sh", "-c", f"grep ' {SOCKET_DIR} ' /proc/mounts", host=host, check=False)
     assert mounts.split()[2:3] == ["tmpfs"], f"{SOCKET_DIR} is not a tmpfs in the sandbox: {mounts!r}"
     assert "size=4096k" in mounts and "noexec" in mounts, mounts
-    disk_before = await free_in(sandbox, "/var/lib/docker", host)
     # A desktop's view: its directory bind-mounted at /run/orchestrator in a container of the
     # sandbox's dockerd (the test image stands in for the desktop image: same mount).
     await pipe_in(host, ["exec", "-i", sandbox], "docker load -q", f"docker save {TEST_IMAGE}")
@@ -151,6 +148,7 @@ async def test_a_desktop_fills_its_socket_directory_tmpfs_not_the_sandbox_disk(i
     assert "No space left on device" in out and "rc=1" in out, out
     written = int(await adocker("exec", sandbox, "stat", "-c", "%s", f"{SOCKET_DIR}/s1/fill", host=host))
     assert 0 < written <= TMPFS_BYTES, written
-    # The sandbox's disk did not take it (64 MiB asked; only what the engine itself wrote moved).
-    disk_after = await free_in(sandbox, "/var/lib/docker", host)
-    assert disk_before - disk_after < 32 * 2**20, (disk_before, disk_after)
+    # The sandbox's disk did not take it: the file is on the tmpfs (the machine's free space is
+    # no measure here: anything else on the machine writes to it meanwhile).
+    fs = await adocker("exec", sandbox, "stat", "-f", "-c", "%T", f"{SOCKET_DIR}/s1/fill", host=host)
+    assert fs == "tmpfs", fs
