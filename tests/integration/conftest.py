@@ -30,11 +30,7 @@ DESKTOP_IMAGE = os.environ.get("ORCH_DESKTOP_IMAGE", "orchestrator/desktop:dev")
 TEST_IMAGE = os.environ.get("ORCH_TEST_IMAGE", "orchestrator/test-busybox:dev")
 SANDBOX_IMAGE = os.environ.get("ORCH_SANDBOX_IMAGE", "orchestrator/sandbox:dev")
 # What runc accepts on our machines (no CAP_SYS_RESOURCE); start-dockerd remounts cgroups inside.
-CAPS = [
-    "--cap-add",
-    "ALL",
-    "--cap-drop",
-    "SYS_RESOURCE",
+UNCONFINED = [
     "--security-opt",
     "seccomp=unconfined",
     "--security-opt",
@@ -42,6 +38,7 @@ CAPS = [
     "--security-opt",
     "systempaths=unconfined",
 ]
+CAPS = ["--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE", *UNCONFINED]
 
 # Test tokens, one per scope; the API is configured with their hashes only.
 TOKENS = {scope: f"test-token-{scope.replace(':', '-')}" for scope in ("admin", "sessions:write", "events:read")}

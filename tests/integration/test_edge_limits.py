@@ -161,7 +161,11 @@ async def raw_request(api: str, head: bytes, chunks: int = 0, chunk: bytes = b""
 
 
 async def test_an_oversized_request_line_or_header_block_is_refused_before_the_app(api: str) -> None:
-    # No token: the guard never runs; the parser stops at ORCH_MAX_HEADER_BYTES (16 KiB).
+    await assert_oversized_requests_refused(api)
+
+
+async def assert_oversized_requests_refused(api: str) -> None:
+    """No token: the guard never runs; the parser stops at ORCH_MAX_HEADER_BYTES (16 KiB)."""
     chunk = b"type=x&" * 8192
     line, sent = await raw_request(api, b"GET /v1/events?", 128, chunk)  # would be 7 MiB
     assert refused(line), line[:200]

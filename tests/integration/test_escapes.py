@@ -25,7 +25,7 @@ from workers.prepare import PrivilegeRefused
 from workers.privilege import CAPS_KEPT, USERNS_FIRST, USERNS_SIZE
 from workers.worker import SandboxWorker
 
-from .conftest import SANDBOX_IMAGE, TEST_IMAGE, adocker, pipe_in, running_worker
+from .conftest import SANDBOX_IMAGE, TEST_IMAGE, UNCONFINED, adocker, pipe_in, running_worker
 
 READY = 90.0
 # The most a container inside a caps desktop can get: the desktop's own capabilities (runc
@@ -34,12 +34,7 @@ INNER_CAPS = [
     "--cap-drop",
     "ALL",
     *(arg for cap in CAPS_KEPT for arg in ("--cap-add", cap)),
-    "--security-opt",
-    "seccomp=unconfined",
-    "--security-opt",
-    "apparmor=unconfined",
-    "--security-opt",
-    "systempaths=unconfined",
+    *UNCONFINED,
 ]
 
 # One line per attempt: "<name> refused" or "<name> ALLOWED[: detail]". POSIX sh, run by the
