@@ -57,6 +57,16 @@ class Keys:
     def queue(self, sandbox_id: str) -> str:
         return f"{self.prefix}queue:{sandbox_id}"
 
+    def userns_slots(self, machine: str) -> str:
+        """The machine's uid range ledger (hash: slot -> "session sandbox claimed_at"), keyed by
+        the kernel's boot id: no two userns desktops of one machine get one range
+        (workers/uid_ranges.py). Written and swept by the workers; no TTL."""
+        return f"{self.prefix}userns-slots:{machine}"
+
+    def userns_owners(self, machine: str) -> str:
+        """The same ledger the other way (hash: session -> slot): a retried claim gets its slot back."""
+        return f"{self.prefix}userns-owners:{machine}"
+
     def pool(self, sandbox_id: str) -> str:
         """The sandbox's warm desktops, ready and unclaimed: a list of their (pre-chosen) session ids."""
         return f"{self.prefix}pool:{sandbox_id}"

@@ -20,10 +20,12 @@ import signal
 import time
 
 import anyio
+from redis.asyncio import Redis
 
 from orchestrator import tracing
 from orchestrator.config import WorkerSettings
 from orchestrator.core import connect
+from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
 from orchestrator.loops import every
 from orchestrator.queue import oldest_age_s
@@ -42,6 +44,7 @@ from .prepare import DesktopPreparation, PrivilegeRefused
 from .privilege import candidates, read_bounding_set, read_uid_map
 from .reconciler import Reconciler
 from .runtime import DesktopRuntime
+from .uid_ranges import RedisSlotLedger, machine_id
 
 log = logging.getLogger("workers.worker")
 
@@ -53,6 +56,9 @@ class SandboxWorker:
         core = self.core = connect(settings)
         self.redis, self.keys, self.bus, self.store = core.redis, core.keys, core.bus, core.store
         self.runtime = _runtime(settings)
+        self.uid_ranges = _uid_ranges(core.redis, core.keys, settings.sandbox_id)
+        if self.uid_ranges is not None:
+            self.runtime.desktops.ledger = self.uid_ranges
         self.preparation = DesktopPreparation(self.runtime, settings)
         self.worker_id = f"{settings.sandbox_id}@{settings.hostname}:{os.getpid()}"
         self.metrics = WorkerMetrics(settings.sandbox_id)
@@ -146,6 +152,7 @@ class SandboxWorker:
         await self.jobs.release_orphaned_jobs()
         # Before any job is consumed: adopt, finish and clean up what an earlier run left.
         await self.reconciler.pass_once()
+        await self._sweep_uid_ranges()
         log.info(
             "sandbox %s (depth %d) serving queue %s; desktops get privilege profile: %s",
             settings.sandbox_id,
@@ -180,6 +187,13 @@ class SandboxWorker:
     async def _reconcile(self) -> None:
         await self._enforce_firewall()  # restores rules a restart (or a person) removed
         await self.reconciler.pass_once()
+        await self._sweep_uid_ranges()
+
+    async def _sweep_uid_ranges(self) -> None:
+        """The machine's uid range ledger agrees with this sandbox's volumes (workers/uid_ranges.py)."""
+        if self.uid_ranges is not None:
+            held = await self.runtime.desktops.volume_slots()
+            await self.uid_ranges.sweep(held, now=time.time(), grace_s=self.settings.orphan_grace_s)
 
     async def _enforce_firewall(self) -> None:
         """Desktops kept off everything but the internet (workers/firewall.py), when enabled.
@@ -212,6 +226,15 @@ class SandboxWorker:
             status=self.drain.status,
             unknown_objects=self.reconciler.unknown_objects,
         )
+
+
+def _uid_ranges(redis: Redis, keys: Keys, sandbox_id: str) -> RedisSlotLedger | None:
+    try:
+        machine = machine_id()
+    except (OSError, ValueError) as e:  # not Linux, or a kernel without one: the sandbox's own
+        log.warning("no machine id (%s): uid ranges are unique per sandbox only", e)
+        return None
+    return RedisSlotLedger(redis, keys, sandbox_id=sandbox_id, machine=machine)
 
 
 def _runtime(settings: WorkerSettings) -> DesktopRuntime:

@@ -42,6 +42,7 @@ from orchestrator.store import SessionStore
 from tests.conftest import awaited, free_port
 from tests.integration.conftest import ADMIN, TOKENS, running_api
 from workers.jobs import ResilientWorker
+from workers.uid_ranges import RedisSlotLedger
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "redis.md"
 PREFIX = "orchestrator:"
@@ -253,6 +254,12 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
         assert not await worker_registry.mark_alive("gone", 60.0)
         assert not await worker_registry.beat(left)
 
+        # The machine's uid range ledger (workers/uid_ranges.py): claim, record, sweep, release.
+        ledger = RedisSlotLedger(worker_redis, keys, sandbox_id="sec", machine="sec-machine")
+        assert await ledger.claim("u1", {"u0": 0}) == 1
+        assert await ledger.sweep({"u1": 1}, now=time.time() + 3600, grace_s=60) == ["u0"]
+        await ledger.release("u1")
+
         # Jobs: the API enqueues (once), the worker's arq consumer runs it and keeps the result.
         ran: list[dict[str, Any]] = []
 
@@ -326,7 +333,7 @@ async def test_documented_acl_refuses_everything_else(acl_server: AclServer) -> 
 
 
 # Key families of keys.py the API never touches (the worker's alone).
-WORKER_ONLY_KEYS = {"pool_making"}
+WORKER_ONLY_KEYS = {"pool_making", "userns_slots", "userns_owners"}
 
 
 def test_the_api_user_names_every_key_family_it_uses() -> None:

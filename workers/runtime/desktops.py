@@ -32,7 +32,8 @@ from orchestrator.names import (
 )
 from orchestrator.schemas import Resources
 
-from ..privilege import LABEL_USERNS_SLOT, USERNS_ENV, PrivilegeKind, PrivilegeProfile, free_slot, parse_slot
+from ..privilege import LABEL_USERNS_SLOT, USERNS_ENV, PrivilegeKind, PrivilegeProfile, parse_slot
+from ..uid_ranges import LocalSlots, SlotLedger
 from .errors import DesktopError, existed, unless_absent
 from .port import Desktop, DockerObject
 from .session_env import SESSION_ENV_DIR, env_archive
@@ -53,8 +54,11 @@ class DockerDesktops:
         depth: int,
         socket_dir: str,
         profile: PrivilegeProfile,
+        ledger: SlotLedger | None = None,
     ) -> None:
         self._docker = docker
+        # Who hands out uid range slots: the machine's ledger in a worker, else the sandbox's own.
+        self.ledger: SlotLedger = ledger or LocalSlots()
         self.image = image
         self.sandbox_id = sandbox_id
         self.depth = depth  # of the sandbox; desktops run at depth + 1
@@ -125,35 +129,40 @@ class DockerDesktops:
 
     # -- userns: one uid range per volume ---------------------------------------------------
 
-    async def _volume_slots(self) -> dict[str, int]:
-        """The uid range slot of each volume of this sandbox that has one."""
+    async def volume_slots(self) -> dict[str, int]:
+        """The uid range slot of each volume of this sandbox that has one, by session."""
         filters = {"label": [f"{LABEL_SANDBOX}={self.sandbox_id}"]}
         found: dict[str, Any] = await self._docker.volumes.list(filters=filters)
         slots = {}
         for volume in found.get("Volumes") or []:
-            slot = parse_slot(volume.get("Labels") or {})
-            if slot is not None:
-                slots[volume["Name"]] = slot
+            labels = volume.get("Labels") or {}
+            slot = parse_slot(labels)
+            if slot is not None and labels.get(LABEL_SESSION):
+                slots[labels[LABEL_SESSION]] = slot
         return slots
 
     async def _create_userns_volume(self, session_id: str, attempts: int = 20) -> int:
-        """Create the volume with the lowest free slot. Another worker of the sandbox may pick
-        the same slot at the same moment, so each checks after creating: a new volume that
-        finds another with its slot gives way (removed, still empty, and picks again). The
-        first to see no rival keeps it, and any later one sees it: no two keep one slot."""
+        """Create the volume with a slot from the ledger (unique per machine). The sandbox's own
+        volumes are checked again after creating: a slot another of its volumes holds (a ledger
+        that lost its data, two workers of a sandbox without one) makes the new volume give way
+        (removed, still empty, and the claim dropped) and pick again. The first to see no rival
+        keeps it, and any later one sees it: no two volumes of a sandbox keep one slot."""
         name = volume_name(session_id)
         for _ in range(attempts):
-            slots = await self._volume_slots()
-            slot = free_slot(s for n, s in slots.items() if n != name)
+            try:
+                slot = await self.ledger.claim(session_id, await self.volume_slots())
+            except ValueError as e:
+                raise DesktopError("volume_create_failed", str(e)) from e
             await self._create_volume(session_id, {**self.labels(session_id), LABEL_USERNS_SLOT: str(slot)})
-            after = await self._volume_slots()
-            mine = after.get(name)
+            after = await self.volume_slots()
+            mine = after.get(session_id)
             if mine is None:  # made meanwhile under another profile: Docker kept its labels
                 raise DesktopError("volume_create_failed", f"volume {name} exists without a uid range slot")
-            rivals = [n for n, s in after.items() if s == mine and n != name]
+            rivals = [n for n, s in after.items() if s == mine and n != session_id]
             if not rivals:
                 return mine
             await self._remove_volume(name, "the volume that lost its uid range slot")
+            await self.ledger.release(session_id)
             await asyncio.sleep(random.uniform(0.01, 0.1))
         raise DesktopError("volume_create_failed", f"no free uid range slot after {attempts} attempts")
 
@@ -177,7 +186,10 @@ class DockerDesktops:
         return await unless_absent(self._docker.volumes.get(volume_name(session_id))) is not None
 
     async def remove_volume(self, session_id: str) -> bool:
-        return await self._remove_volume(volume_name(session_id), "the volume")
+        removed = await self._remove_volume(volume_name(session_id), "the volume")
+        # Gone (now or before): its uid range may go to another desktop of the machine.
+        await self.ledger.release(session_id)
+        return removed
 
     async def remove_volume_by_name(self, name: str) -> None:
         await self._remove_volume(name, f"volume {name}")
