@@ -83,6 +83,11 @@ async def adocker(*args: str, host: str, check: bool = True, stderr: bool = Fals
 
 @pytest.fixture
 def settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(redis_url, tmp_path_factory)
+
+
+def make_settings(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A test's settings: its own key prefix and sandbox id (also for module-scoped fixtures)."""
     tag = uuid.uuid4().hex[:8]
     return Settings(
         redis_url=redis_url,
@@ -162,10 +167,15 @@ async def client(api: str) -> AsyncIterator[Client]:
 
 @pytest.fixture
 def images(docker_host: str) -> str:
+    return require_images(docker_host)
+
+
+def require_images(host: str) -> str:
+    """``host``, once the desktop and test images are there (also for module-scoped fixtures)."""
     for image in (DESKTOP_IMAGE, TEST_IMAGE):
-        if not docker("image", "inspect", "--format", "{{.Id}}", image, host=docker_host, check=False):
+        if not docker("image", "inspect", "--format", "{{.Id}}", image, host=host, check=False):
             pytest.fail(f"image {image} is missing: run `make images` (scripts/build-images.sh --test)")
-    return docker_host
+    return host
 
 
 @pytest.fixture

@@ -154,6 +154,10 @@ async def test_four_levels_deep_with_identical_setup_at_each(images: str, sandbo
         assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
         heartbeat = next(s for s in await client.sandboxes() if s.id == sandbox_settings.sandbox_id)
         assert heartbeat.depth == 1 and heartbeat.address_pool == "10.213.0.0/16"
+        # The sandbox's worker runs the default (auto): the desktop at depth 2 is user-namespaced,
+        # so levels 3 and 4 run inside its namespace.
+        started = next(e for e in events if e.type == "desktop.started").data["data"]
+        assert started["privilege"] == "userns" and heartbeat.privilege.startswith("userns"), started
     desktop = f"desktop-{record.id}"
     in_desktop = ["exec", sandbox, "docker", "exec", desktop]
     check_level(await info(host, *in_desktop), 2)

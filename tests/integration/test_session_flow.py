@@ -47,6 +47,8 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
         "dockerd.ready",
         "session.ready",
     ], [e.data for e in events]
+    # The default profile (auto) is the user-namespaced one on this machine: what all this ran under.
+    assert events[4].data["data"]["privilege"] == "userns", events[4].data
     ready = events[5].data
     assert ready["session"] == sid and ready["generation"] == 1
     data = ready["data"]
