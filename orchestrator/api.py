@@ -14,10 +14,8 @@ from typing import Annotated, Any
 import anyio
 import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, post
-from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -26,12 +24,15 @@ from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 from redis.exceptions import NoPermissionError, RedisError
 
-from . import __version__, api_metrics, auth, tracing
-from .auth import AuthError, authenticate, authorize
+from . import __version__, api_execs, api_metrics, auth, tracing
+from .auth import AuthError
 from .config import ApiSettings, Settings
 from .core import connect
 from .errors import ServiceError
 from .events import EventBus
+from .exec_output import ExecOutputHub
+from .exec_store import ExecStore
+from .guards import ADMIN, ANY_TOKEN, EVENTS, READ, WRITE, caller, token_of
 from .http_headers import add_security_headers
 from .hub import StreamHub
 from .loops import every
@@ -104,43 +105,6 @@ def _auth_error(_: Request[Any, Any, Any], exc: AuthError) -> Response[ErrorBody
     return response
 
 
-def _token(connection: ASGIConnection[Any, Any, Any, Any]) -> auth.Token:
-    header = connection.headers.get("authorization")
-    # Browsers' EventSource cannot send headers: event streams (and the dashboard page that opens
-    # one) may carry the token as ?access_token=; nothing else does (a URL lands in logs, L2).
-    if header is None and _token_in_url_allowed(connection) and "access_token" in connection.query_params:
-        header = "Bearer " + connection.query_params["access_token"]
-    return authenticate(header, connection.app.state.tokens)
-
-
-def _token_in_url_allowed(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
-    path: str = connection.scope["path"]
-    return connection.scope.get("method") == "GET" and (path == "/dashboard" or path.endswith("/events"))
-
-
-def _caller(request: Request[Any, Any, Any]) -> auth.Token:
-    """The request's token (its guard has let it through; authenticating again is one hash)."""
-    return _token(request)
-
-
-def require(*any_of: str) -> Any:
-    """A guard: the request's bearer token must hold one of these scopes (any valid token if none)."""
-
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        token = _token(connection)
-        if any_of:
-            authorize(token, *any_of)
-
-    return guard
-
-
-WRITE = [require(auth.SESSIONS_WRITE)]
-READ = [require(auth.SESSIONS_WRITE, auth.EVENTS_READ)]
-EVENTS = [require(auth.EVENTS_READ)]
-ADMIN = [require(auth.ADMIN)]
-ANY_TOKEN = [require()]
-
-
 def _sessions(state: State) -> Sessions:
     sessions: Sessions = state.sessions
     return sessions
@@ -157,7 +121,7 @@ async def create_session(
 ) -> Response[SessionRecord]:
     # An empty body is a session with every default.
     # The session is the token's tenant's (admin tokens' too: admin sees all, but owns its own).
-    created, record = await _sessions(state).create(data or SessionCreate(), idempotency_key, _caller(request).tenant)
+    created, record = await _sessions(state).create(data or SessionCreate(), idempotency_key, caller(request).tenant)
     return Response(record, status_code=202 if created else 200)
 
 
@@ -168,7 +132,7 @@ async def list_sessions(
     session_state: Annotated[SessionState | None, QueryParameter(name="state")] = None,
     label: Annotated[list[str] | None, QueryParameter(description="k=v; repeat to require several")] = None,
 ) -> SessionList:
-    tenant = _caller(request).visible_tenant
+    tenant = caller(request).visible_tenant
     return SessionList(sessions=await _sessions(state).list(session_state, _label_pairs(label), tenant))
 
 
@@ -178,17 +142,17 @@ async def list_sessions(
 
 @get("/v1/sessions/{session_id:str}", summary="Get a session", guards=READ)
 async def get_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
-    return await _sessions(state).get(session_id, _caller(request).visible_tenant)
+    return await _sessions(state).get(session_id, caller(request).visible_tenant)
 
 
 @post("/v1/sessions/{session_id:str}/stop", status_code=202, summary="Stop a session (keeps its volume)", guards=WRITE)
 async def stop_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
-    return await _sessions(state).stop(session_id, _caller(request).visible_tenant)
+    return await _sessions(state).stop(session_id, caller(request).visible_tenant)
 
 
 @post("/v1/sessions/{session_id:str}/start", status_code=202, summary="Start a stopped session again", guards=WRITE)
 async def start_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
-    return await _sessions(state).start(session_id, _caller(request).visible_tenant)
+    return await _sessions(state).start(session_id, caller(request).visible_tenant)
 
 
 @delete(
@@ -198,14 +162,14 @@ async def start_session(session_id: FromPath[str], request: Request[Any, Any, An
     guards=WRITE,
 )
 async def delete_session(session_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> SessionRecord:
-    return await _sessions(state).delete(session_id, _caller(request).visible_tenant)
+    return await _sessions(state).delete(session_id, caller(request).visible_tenant)
 
 
 def _sse(request: Request[Any, Any, Any], feed: EventFeed) -> Stream:
     """The stream, holding one of its token's slots (429 ``too_many_streams`` over a cap)."""
     limits: StreamLimits = request.app.state.stream_limits
     return Stream(
-        limits.admit(_token(request).name, feed.frames()),
+        limits.admit(token_of(request).name, feed.frames()),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -291,7 +255,7 @@ async def firehose_events(
     _check_query(request, state.settings)
     bus: EventBus = state.bus
     stream = bus.stream_key(None)
-    tenant = _caller(request).visible_tenant
+    tenant = caller(request).visible_tenant
     feed_filter = _filter(type_, session, label, tenant)
     start = parse_after(request.headers.get("last-event-id"), after)
     if start is None:
@@ -325,7 +289,7 @@ async def session_events(
     check_session_id(session_id)
     bus: EventBus = state.bus
     start = parse_after(request.headers.get("last-event-id"), after) or "0-0"
-    tenant = _caller(request).visible_tenant
+    tenant = caller(request).visible_tenant
     # Filtered by tenant as well: a deleted id made anew by another tenant shares the stream key.
     feed_filter = _filter(type_, None, None, tenant)
     await _check_stream_exists(state, session_id, tenant)
@@ -430,6 +394,7 @@ ROUTES = [
     metrics,
     openapi_json,
     dashboard,
+    *api_execs.ROUTES,
 ]
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ServiceError: _service_error,
@@ -468,6 +433,8 @@ def _lifespan(
         stream_limits = StreamLimits(settings.sse_max_streams, settings.sse_max_streams_per_token)
         sessions = Sessions(core.store, core.queue, core.sandboxes, settings)
         monitor = SandboxMonitor(core.sandboxes, core.store, core.bus)
+        execs = ExecStore(core.redis, core.keys, keep_s=settings.exec_keep_s)
+        exec_hub = ExecOutputHub(core.redis, core.keys)
         app.state.update(
             tokens=tokens,
             settings=settings,
@@ -477,6 +444,8 @@ def _lifespan(
             hub=hub,
             sessions=sessions,
             stream_limits=stream_limits,
+            execs=execs,
+            exec_hub=exec_hub,
         )
         try:
             async with anyio.create_task_group() as tasks:
@@ -487,6 +456,7 @@ def _lifespan(
                     tasks.cancel_scope.cancel()
         finally:
             await hub.close()
+            await exec_hub.close()
             await core.aclose()
 
     return lifespan

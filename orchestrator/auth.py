@@ -21,7 +21,8 @@ from .names import DEFAULT_TENANT, TENANT_RE
 SESSIONS_WRITE = "sessions:write"  # producers: create, stop, start, delete, read sessions
 EVENTS_READ = "events:read"  # dashboards: event streams, read sessions
 ADMIN = "admin"  # operators: everything, sandboxes, metrics
-SCOPES = frozenset({SESSIONS_WRITE, EVENTS_READ, ADMIN})
+SESSIONS_EXEC = "sessions:exec"  # reach inside a desktop: exec (later terminals, files, ports)
+SCOPES = frozenset({SESSIONS_WRITE, EVENTS_READ, ADMIN, SESSIONS_EXEC})
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -186,6 +187,8 @@ async def _sessions(args: argparse.Namespace) -> int:
         if args.action == "get":
             _print_json(msgspec.to_builtins(await client.get(args.id)))
             return 0
+        if args.action == "exec":
+            return await _exec(client, args)
         # --wait follows only what happens from now on: remember where the stream is.
         after = None
         if args.wait:
@@ -198,6 +201,44 @@ async def _sessions(args: argparse.Namespace) -> int:
             done = {"stop": {"session.stopped"}, "start": {"session.ready"}, "rm": {"session.deleted"}}
             return await _follow(client, record.id, done[args.action], args.timeout, after)
         return 0
+
+
+async def _exec(client: Client, args: argparse.Namespace) -> int:
+    """Run a command in the session's desktop, its output streamed to this process's stdout and
+    stderr as it comes; exits with its exit code (124 after its timeout, 137 when killed, 125
+    when it could not run)."""
+    cmd = list(args.cmd)
+    if not cmd:
+        print("error: give the command to run after the session id (use -- before its options)", file=sys.stderr)
+        return 2
+    options: dict[str, Any] = {"env": _labels(args.env), "timeout_s": args.timeout}
+    if args.cwd:
+        options["cwd"] = args.cwd
+    if args.user:
+        options["user"] = args.user
+    if args.interactive:
+        options["stdin_base64"] = base64.b64encode(sys.stdin.buffer.read()).decode()
+    started = await client.exec_start(args.id, cmd, **options)
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    async for event in client.exec_stream(args.id, started.id):
+        if event.type in ("stdout", "stderr"):
+            target = out if event.type == "stdout" else err
+            data = event.data.get("data")
+            target.write(data.encode() if isinstance(data, str) else base64.b64decode(event.data.get("base64", "")))
+            target.flush()
+        elif event.type == "exit":
+            final = event.data
+            if final.get("state") == "failed":
+                error = final.get("error") or {}
+                print(f"exec failed: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+                return 125
+            if final.get("timed_out"):
+                return 124
+            if final.get("killed"):
+                return 137
+            code = final.get("exit_code")
+            return code if isinstance(code, int) else 125
+    return 125
 
 
 async def _sandboxes(args: argparse.Namespace) -> int:
@@ -311,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     get = sessions.add_parser("get", help="show one session")
     get.add_argument("id")
+    run = sessions.add_parser("exec", help="run a command in the session's desktop: exec ID [options] -- CMD...")
+    run.add_argument("id")
+    run.add_argument("--env", action="append", default=[], metavar="K=V")
+    run.add_argument("--cwd")
+    run.add_argument("--user")
+    run.add_argument("--timeout", type=float, default=60.0)
+    run.add_argument("-i", "--interactive", action="store_true", help="send this process's stdin (read to its end)")
+    run.add_argument("cmd", nargs="*", help="the command and its arguments (after --, to pass options)")
     for verb, text in (("stop", "stop (keeps the volume)"), ("start", "start again"), ("rm", "delete")):
         p = sessions.add_parser(verb, help=text)
         p.add_argument("id")
@@ -342,7 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # `sessions exec ID [options] -- CMD...`: what follows -- is the command, untouched
+    # (argparse's subparsers would take its options for theirs).
+    command: list[str] = []
+    if "--" in words:
+        at = words.index("--")
+        words, command = words[:at], words[at + 1 :]
+    args = build_parser().parse_args(words)
+    if command:
+        if getattr(args, "action", None) != "exec":
+            build_parser().error("-- is only for `sessions exec`")
+        args.cmd = [*args.cmd, *command]
     tracing.install()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

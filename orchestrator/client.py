@@ -4,8 +4,9 @@ the msgspec structs the server sends (orchestrator/schemas.py)."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ import anyio
 import httpx
 import msgspec
 
+from .exec_types import ExecRecord, ExecResult
 from .schemas import SandboxInfo, SandboxList, SandboxRetired, SessionList, SessionRecord
 
 T = TypeVar("T")
@@ -144,6 +146,46 @@ class Client:
     async def retire(self, sandbox_id: str) -> SandboxRetired:
         return await self._call(SandboxRetired, "POST", f"/v1/sandboxes/{sandbox_id}/retire")
 
+    # -- execs ------------------------------------------------------------------------------
+
+    async def exec(
+        self, session_id: str, cmd: builtins.list[str] | None = None, *, shell: str | None = None, **options: Any
+    ) -> ExecResult:
+        """Run a command and wait for its end (``wait: true``). ``options``: env, cwd, user,
+        stdin, stdin_base64, timeout_s, max_output_bytes, as the API takes them."""
+        body = _exec_body(cmd, shell, options) | {"wait": True}
+        timeout = httpx.Timeout(30.0, read=float(options.get("timeout_s", 60.0)) + 60.0)
+        return await self._call(ExecResult, "POST", f"/v1/sessions/{session_id}/exec", json=body, timeout=timeout)
+
+    async def exec_start(
+        self, session_id: str, cmd: builtins.list[str] | None = None, *, shell: str | None = None, **options: Any
+    ) -> ExecRecord:
+        """Start a command (202); follow it with ``exec_stream`` or ``exec_status``."""
+        body = _exec_body(cmd, shell, options)
+        return await self._call(ExecRecord, "POST", f"/v1/sessions/{session_id}/exec", json=body)
+
+    async def exec_status(self, session_id: str, exec_id: str) -> ExecRecord:
+        return await self._call(ExecRecord, "GET", f"/v1/sessions/{session_id}/execs/{exec_id}")
+
+    async def exec_kill(self, session_id: str, exec_id: str) -> ExecRecord:
+        return await self._call(ExecRecord, "POST", f"/v1/sessions/{session_id}/execs/{exec_id}/kill")
+
+    async def exec_stream(self, session_id: str, exec_id: str, after: str | None = None) -> AsyncIterator[ServerEvent]:
+        """The exec's output events (``stdout`` / ``stderr`` / ``exit``), resuming after a
+        dropped connection from the last id seen; ends after ``exit``."""
+        path = f"/v1/sessions/{session_id}/execs/{exec_id}/output"
+        last_id = after
+        while True:
+            try:
+                async with contextlib.aclosing(self._sse(path, last_id, {})) as feed:
+                    async for event in feed:
+                        last_id = event.id
+                        yield event
+                        if event.type == "exit":
+                            return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
+
     async def metrics(self) -> str:
         response = await self._http.get("/metrics")
         response.raise_for_status()
@@ -156,28 +198,33 @@ class Client:
         path = f"/v1/sessions/{session_id}/events" if session_id else "/v1/events"
         last_id = after
         while True:
-            headers = {"Last-Event-ID": last_id} if last_id else {}
-            params = {} if follow else {"follow": "false"}
             try:
-                async with self._http.stream(
-                    "GET", path, headers=headers, params=params, timeout=httpx.Timeout(30.0, read=None)
-                ) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        body = response.json()
-                        raise ApiError(response.status_code, body.get("code", ""), body.get("message", ""))
-                    parser = SseParser()
-                    async for line in response.aiter_lines():
-                        event = parser.feed(line)
-                        if event is not None:
-                            last_id = event.id
-                            yield event
+                async with contextlib.aclosing(self._sse(path, last_id, {} if follow else {"follow": "false"})) as feed:
+                    async for event in feed:
+                        last_id = event.id
+                        yield event
                 if not follow:
                     return
             except (httpx.TransportError, httpx.RemoteProtocolError):
                 if not follow:
                     raise
                 await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
+
+    async def _sse(self, path: str, last_id: str | None, params: dict[str, str]) -> AsyncGenerator[ServerEvent]:
+        """One connection's events; ApiError for a refusal."""
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        async with self._http.stream(
+            "GET", path, headers=headers, params=params, timeout=httpx.Timeout(30.0, read=None)
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                body = response.json()
+                raise ApiError(response.status_code, body.get("code", ""), body.get("message", ""))
+            parser = SseParser()
+            async for line in response.aiter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
 
     async def wait_ready(self, session_id: str, *, timeout: float = 180.0) -> SessionRecord:
         """Wait until the session is ready; returns its record. Raises SessionFailed or TimeoutError."""
@@ -207,6 +254,15 @@ class Client:
                 f"no {' or '.join(sorted(types))} for {session_id} within {timeout:g} s (saw: {got})"
             ) from None
         raise RuntimeError("event stream ended")
+
+
+def _exec_body(cmd: builtins.list[str] | None, shell: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = dict(options)
+    if cmd is not None:
+        body["cmd"] = cmd
+    if shell is not None:
+        body["shell"] = shell
+    return body
 
 
 def _described(event: ServerEvent) -> str:

@@ -335,6 +335,9 @@ class SharedSettings(RedisSettings):
     default_ttl_action: str = setting(
         "ORCH_DEFAULT_TTL_ACTION", "stop", parse=_text, doc="what a TTL's end does: `stop` or `delete`"
     )
+    exec_keep_s: int = setting(
+        "ORCH_EXEC_KEEP", 3600, parse=_int, doc="seconds an ended exec's record and output stay readable"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -379,6 +382,18 @@ class ApiSettings(SharedSettings):
         doc="sessions (not deleted) one tenant may hold; more creates get 429 `quota_exceeded`; 0: no limit",
     )
     # Bounds at the edge (docs/operations.md): what one client, or all, can hold of the process.
+    exec_max_timeout_s: float = setting(
+        "ORCH_EXEC_MAX_TIMEOUT", 3600.0, parse=_float, doc="longest timeout_s an exec may ask for"
+    )
+    exec_max_output_bytes: int = setting(
+        "ORCH_EXEC_MAX_OUTPUT_BYTES", 64 * 2**20, parse=_int, doc="most output an exec may ask to keep"
+    )
+    exec_max_stdin_bytes: int = setting(
+        "ORCH_EXEC_MAX_STDIN_BYTES", 48 * 1024, parse=_int, doc="largest stdin of an exec (within ORCH_MAX_BODY_BYTES)"
+    )
+    exec_max_per_session: int = setting(
+        "ORCH_EXEC_MAX_PER_SESSION", 32, parse=_int, doc="execs one session runs at once (more: 429)"
+    )
     sse_max_streams: int = setting(
         "ORCH_SSE_MAX_STREAMS", 2000, parse=_int, doc="open event streams one API process serves at most"
     )
@@ -533,6 +548,10 @@ class WorkerSettings(SharedSettings):
     )
     # Jobs mostly wait on Docker: enough to run a burst of creates at once (bench: 20).
     max_jobs: int = setting("ORCH_MAX_JOBS", 32, parse=_int, doc="jobs a worker runs at once")
+    # Apart from max_jobs: execs never hold up lifecycle jobs.
+    exec_max_running: int = setting(
+        "ORCH_EXEC_MAX_RUNNING", 256, parse=_int, doc="execs one worker runs at once (more wait on the stream)"
+    )
     pool_size: int = setting(
         "ORCH_POOL_SIZE", 0, parse=_int, doc="warm desktops kept ready for creates with the defaults"
     )

@@ -57,6 +57,36 @@ class Keys:
     def queue(self, sandbox_id: str) -> str:
         return f"{self.prefix}queue:{sandbox_id}"
 
+    # -- execs (orchestrator/exec_store.py) --------------------------------------------------
+
+    def exec(self, exec_id: str) -> str:
+        """An exec's record (JSON, ExecRecord): TTL its timeout plus ORCH_EXEC_KEEP while it
+        may still run, ORCH_EXEC_KEEP once it ended."""
+        return f"{self.prefix}exec:{exec_id}"
+
+    def exec_output(self, exec_id: str) -> str:
+        """An exec's output (stream: ``s`` stdout|stderr, ``d`` bytes; the last entry ``end``,
+        the final record). Expires with the record."""
+        return f"{self.prefix}exec-output:{exec_id}"
+
+    def exec_lease(self, exec_id: str) -> str:
+        """Held (PX) by the worker running the exec: a running exec without it has lost its worker."""
+        return f"{self.prefix}exec-lease:{exec_id}"
+
+    def exec_jobs(self, sandbox_id: str) -> str:
+        """The sandbox's exec requests (stream, consumer group ``workers``): written by the API,
+        each entry removed once its worker has handled it (it holds env and stdin)."""
+        return f"{self.prefix}exec-jobs:{sandbox_id}"
+
+    def exec_control(self, sandbox_id: str) -> str:
+        """Kill requests for the sandbox's running execs (stream, capped): every worker of the
+        sandbox reads it, the one running the exec acts."""
+        return f"{self.prefix}exec-control:{sandbox_id}"
+
+    def session_execs(self, session_id: str) -> str:
+        """Ids of the session's execs not ended (set): ORCH_EXEC_MAX_PER_SESSION counts them."""
+        return f"{self.prefix}session-execs:{session_id}"
+
     def userns_slots(self, machine: str) -> str:
         """The machine's uid range ledger (hash: slot -> "session sandbox claimed_at"), keyed by
         the kernel's boot id: no two userns desktops of one machine get one range

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from orchestrator import tracing
 from orchestrator.config import WorkerSettings
 from orchestrator.core import connect
+from orchestrator.exec_store import ExecStore
 from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
 from orchestrator.loops import every
@@ -34,6 +35,7 @@ from orchestrator.states import SandboxStatus
 from . import firewall
 from .disk import DiskGauge
 from .drain import Drain
+from .execs import ExecRunner
 from .health import HealthCheck
 from .heartbeat import Heartbeat, sessions_by_state
 from .jobs import JobContext, JobRunner
@@ -115,6 +117,14 @@ class SandboxWorker:
             disk=self.disk,
         )
         self.health = HealthCheck(settings, self.store, self.bus, self.runtime)
+        self.execs = ExecRunner(
+            ExecStore(self.redis, self.keys, keep_s=settings.exec_keep_s),
+            self.bus,
+            self.runtime.execs,
+            sandbox_id=settings.sandbox_id,
+            worker_id=self.worker_id,
+            max_running=settings.exec_max_running,
+        )
         # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
         self.started = asyncio.Event()
 
@@ -178,6 +188,7 @@ class SandboxWorker:
             duties.start_soon(every, settings.health_interval_s, self.health.check, "health check")
             duties.start_soon(every, settings.reconcile_interval_s, self._reconcile, "reconcile pass")
             duties.start_soon(self.pool.run_forever)
+            duties.start_soon(self.execs.run)
             duties.start_soon(self.drain.watch)
             self.started.set()
             await _first_of(stop, self.drain.drained, jobs_ended, self.preparation.refused_event)

@@ -41,7 +41,10 @@ UNCONFINED = [
 CAPS = ["--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE", *UNCONFINED]
 
 # Test tokens, one per scope; the API is configured with their hashes only.
-TOKENS = {scope: f"test-token-{scope.replace(':', '-')}" for scope in ("admin", "sessions:write", "events:read")}
+TOKENS = {
+    scope: f"test-token-{scope.replace(':', '-')}"
+    for scope in ("admin", "sessions:write", "events:read", "sessions:exec")
+}
 ADMIN = {"Authorization": f"Bearer {TOKENS['admin']}"}
 
 

@@ -207,6 +207,10 @@ ENDPOINTS = [  # (method, path, scope that may call it)
     ("GET", "/openapi.json", "admin"),
     ("GET", "/docs/openapi.json", "admin"),
     ("GET", "/dashboard", "admin"),
+    ("POST", "/v1/sessions/scope-probe/exec", "sessions:exec"),
+    ("GET", "/v1/sessions/scope-probe/execs/x00000000000000000000", "sessions:exec"),
+    ("GET", "/v1/sessions/scope-probe/execs/x00000000000000000000/output", "sessions:exec"),
+    ("POST", "/v1/sessions/scope-probe/execs/x00000000000000000000/kill", "sessions:exec"),
 ]
 
 
@@ -220,7 +224,12 @@ async def test_each_endpoint_is_401_without_a_token_and_403_with_a_wrong_scope(
         response = await http.request(method, path)
         assert response.status_code == 401, (method, path)
         assert response.json()["code"] == "unauthorized"
-        wrong = {"sessions:write": "events:read", "events:read": None, "admin": "sessions:write"}[scope]
+        wrong = {
+            "sessions:write": "events:read",
+            "events:read": None,
+            "admin": "sessions:write",
+            "sessions:exec": "sessions:write",
+        }[scope]
         if wrong is not None:  # (every valid token may read; docs and dashboard need any valid token)
             response = await http.request(method, path, headers={"Authorization": f"Bearer {TOKENS[wrong]}"})
             if path in ("/openapi.json", "/docs/openapi.json", "/dashboard"):

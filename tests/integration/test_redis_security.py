@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import msgspec
 import pytest
 import redis
 from arq.worker import func
@@ -31,6 +32,8 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from orchestrator.auth import hash_token
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
+from orchestrator.exec_store import ExecStore
+from orchestrator.exec_types import ExecJob, ExecRecord, ExecState, OutputStream
 from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
 from orchestrator.queue import JobQueue, Operation
@@ -259,6 +262,32 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
         assert await ledger.claim("u1", {"u0": 0}) == 1
         assert await ledger.sweep({"u1": 1}, now=time.time() + 3600, grace_s=60) == ["u0"]
         await ledger.release("u1")
+
+        # Execs (orchestrator/exec_store.py): the API submits and follows, the worker runs.
+        api_execs, worker_execs = ExecStore(api_redis, keys, keep_s=60), ExecStore(worker_redis, keys, keep_s=60)
+        await worker_execs.ensure_group("sec")
+        queued = ExecRecord(
+            id="x" + "1" * 20, session="s1", sandbox="sec", state=ExecState.QUEUED, by="t", created_at=time.time(),
+            timeout_s=30, max_output_bytes=100,
+        )  # fmt: skip
+        job = ExecJob(
+            id=queued.id, session="s1", argv=["true"], env={}, cwd=None, user=None, stdin_base64="", timeout_s=30,
+            max_output_bytes=100,
+        )  # fmt: skip
+        await api_execs.submit(queued, job, "sec", per_session=4)
+        [(entry_id, _)] = await worker_execs.next_jobs("sec", "w1", 10, 100)
+        assert await worker_execs.claim_abandoned("sec", "w1", 0) != []
+        running = await worker_execs.start(queued.id, "w1", time.time())
+        assert running is not None
+        await worker_execs.append(queued.id, [(OutputStream.STDOUT, b"hi")])
+        assert await worker_execs.renew([queued.id], "w1") == 1
+        await api_execs.request_kill(running)
+        position = await worker_execs.control_position("sec")
+        assert (await worker_execs.kill_requests("sec", "0-0", 100))[1] == [queued.id] and position != "0-0"
+        assert (await api_execs.settle(queued.id)) == running  # its lease is held
+        assert await worker_execs.finish(msgspec.structs.replace(running, state=ExecState.EXITED, exit_code=0))
+        await worker_execs.done_with("sec", entry_id)
+        assert len(await api_execs.read_output(queued.id, "0-0", block_ms=None)) == 2  # the chunk, the end
 
         # Jobs: the API enqueues (once), the worker's arq consumer runs it and keeps the result.
         ran: list[dict[str, Any]] = []

@@ -45,6 +45,11 @@ EVERYTHING = Settings(
     default_sandbox="sb",
     tokens="a:" + "0" * 64 + ":admin;b:" + "1" * 64 + ":events:read",
     tenant_max_sessions=12,
+    exec_keep_s=120,
+    exec_max_timeout_s=600.0,
+    exec_max_output_bytes=2**20,
+    exec_max_stdin_bytes=4096,
+    exec_max_per_session=4,
     sse_max_streams=300,
     sse_max_streams_per_token=30,
     max_query_bytes=2048,
@@ -76,6 +81,7 @@ EVERYTHING = Settings(
     poll_delay_s=0.125,
     max_jobs=4,
     pool_size=2,
+    exec_max_running=64,
     sandbox_labels={"gpu": "true", "zone": "a"},
     drain_timeout_s=9.0,
     min_free_disk_mb=512,
@@ -94,7 +100,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 68
+    assert len(fields) == 74
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]

@@ -7,6 +7,7 @@ import aiodocker
 
 from ..privilege import PrivilegeProfile
 from .desktops import DockerDesktops
+from .execs import DockerExecs
 from .images import DockerImages
 from .inner import DockerInnerDaemon
 from .probe import DockerPrivilegeProbe
@@ -35,6 +36,7 @@ class DesktopRuntime:
             self._docker, self.inner, registry=registry, credentials=registry_credentials, read_timeout_s=read_timeout_s
         )
         self.probe = DockerPrivilegeProbe(self._docker, image=image, sandbox_id=sandbox_id)
+        self.execs = DockerExecs(self._docker)
 
     @property
     def profile(self) -> PrivilegeProfile:

@@ -21,6 +21,7 @@ DesktopErrorCode = Literal[
     "desktop_remove_failed",
     "desktop_start_failed",
     "dockerd_timeout",
+    "exec_failed",
     "image_missing",
     "image_pull_failed",
     "preload_failed",
