@@ -75,9 +75,12 @@ class SseParser:
 
 
 class Client:
-    def __init__(self, base_url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
+    def __init__(
+        self, base_url: str, *, timeout: float = 30.0, token: str | None = None, max_connections: int = 100
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, limits=limits)
 
     async def __aenter__(self) -> Client:
         return self

@@ -260,6 +260,7 @@ def _runtime(settings: WorkerSettings) -> DesktopRuntime:
         registry=settings.registry,
         registry_credentials=settings.registry_credentials,
         read_timeout_s=settings.docker_read_timeout_s,
+        exec_connections=settings.exec_max_running + 8,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from orchestrator.client import ApiError, Client, ServerEvent
 from orchestrator.config import Settings
 from workers.worker import SandboxWorker
 
-from .conftest import TOKENS, running_worker, worker_env
+from .conftest import TOKENS, running_api, running_worker, worker_env
 from .test_cli import cli
 
 READY_TIMEOUT = 120.0
@@ -202,3 +203,23 @@ async def test_an_exec_whose_worker_is_killed_ends_worker_lost(client: Client, d
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_hundred_execs_run_at_once_beside_lifecycle_jobs(docker_settings: Settings) -> None:
+    settings = dataclasses.replace(docker_settings, exec_max_per_session=150)
+    async with (
+        running_api(settings) as url,
+        Client(url, token=TOKENS["admin"], max_connections=200) as client,
+        running_worker(settings),
+        ready_session(client) as sid,
+    ):
+        if True:
+            # Each waits until all 100 have started: they can only finish if they run at once.
+            marker = "/tmp/started"
+            script = f"echo x >> {marker}; until [ $(wc -l < {marker}) -ge 100 ]; do sleep 0.1; done; echo done"
+            runs = [asyncio.create_task(client.exec(sid, shell=script, timeout_s=120)) for _ in range(100)]
+            # Meanwhile a lifecycle job goes through: a second session comes up.
+            other = await client.create()
+            await client.wait_ready(other.id, timeout=READY_TIMEOUT)
+            results = await asyncio.gather(*runs)
+            assert [(r.exit_code, r.stdout) for r in results] == [(0, "done\n")] * 100
