@@ -30,33 +30,18 @@ DESKTOP_IMAGE=${ORCH_DESKTOP_IMAGE:-orchestrator/desktop:dev}
 SANDBOX_IMAGE=${ORCH_SANDBOX_IMAGE:-orchestrator/sandbox:dev}
 
 # The sandboxes' privilege (docs/threat-model.md, "A hostile sandbox"): ORCH_SANDBOX_PRIVILEGE
-#   auto        least, except in a user namespace that is not the machine's (a stack inside a
-#               userns desktop): privileged there, confined by that namespace, because only it
-#               lifts Docker's masked /proc paths, which the sandbox's dockerd then needs to
-#               mount a /proc for each desktop (the kernel refuses it in a user namespace otherwise)
-#   least       docker-compose.yml alone: 17 capabilities, private cgroup namespace, seccomp
-#   caps        UNSAFE: + docker-compose.caps.yml (every capability, unconfined)
-#   privileged  UNSAFE: + docker-compose.privileged.yml (--privileged)
+#   auto, least  docker-compose.yml alone: 17 capabilities, private cgroup namespace, seccomp
+#                (at every level: in a userns desktop too, confined by its namespace there)
+#   caps         UNSAFE: + docker-compose.caps.yml (every capability, unconfined)
+#   privileged   UNSAFE: + docker-compose.privileged.yml (--privileged)
 # A COMPOSE_FILE of your own replaces all of this.
-in_own_userns() {
-  local inside outside count
-  read -r inside outside count < /proc/self/uid_map || return 1
-  [ "$inside $outside $count" != "0 0 4294967295" ]
-}
 SANDBOX_PRIVILEGE=${ORCH_SANDBOX_PRIVILEGE:-auto}
-if [ "$SANDBOX_PRIVILEGE" = auto ]; then
-  SANDBOX_PRIVILEGE=least
-  if in_own_userns; then
-    SANDBOX_PRIVILEGE=privileged
-    log "this level runs in a user namespace of its own: sandboxes --privileged, confined by it"
-  fi
-fi
 if [ -z "${COMPOSE_FILE:-}" ]; then
   case "$SANDBOX_PRIVILEGE" in
-    least) COMPOSE_FILE=docker-compose.yml ;;
+    auto | least) COMPOSE_FILE=docker-compose.yml ;;
     caps | privileged)
       COMPOSE_FILE=docker-compose.yml:docker-compose.$SANDBOX_PRIVILEGE.yml
-      in_own_userns || log "UNSAFE: ORCH_SANDBOX_PRIVILEGE=$SANDBOX_PRIVILEGE: root in a sandbox is root on this machine"
+      log "UNSAFE: ORCH_SANDBOX_PRIVILEGE=$SANDBOX_PRIVILEGE: root in a sandbox is root of this level's machine"
       ;;
     *) die "ORCH_SANDBOX_PRIVILEGE must be auto, least, caps or privileged, got '$SANDBOX_PRIVILEGE'" ;;
   esac
