@@ -27,6 +27,34 @@ export ORCH_FIREWALL=${ORCH_FIREWALL:-1}
 
 log() { printf '%s sandbox-init: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
 
+# What root here could reach of the machine (docs/threat-model.md, "A hostile sandbox"), said at
+# every start. The least-privilege sandbox (docker-compose.yml) has a cgroup namespace of its
+# own; in the machine's, mounting cgroup v1 gives the machine's release_agent: refused, unless
+# this sandbox runs in a user namespace that is not the machine's (root here is not root there)
+# or an operator named an unsafe overlay (ORCH_SANDBOX_UNSAFE, set by it).
+check_privilege() {
+  read -r inside outside count < /proc/self/uid_map
+  if [ "$inside $outside $count" != "0 0 4294967295" ]; then
+    log "privilege: in a user namespace of its own (uid 0 is $outside outside): confined by it"
+    return
+  fi
+  caps=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)
+  if [ -n "${ORCH_SANDBOX_UNSAFE:-}" ]; then
+    log "UNSAFE: sandbox privilege ${ORCH_SANDBOX_UNSAFE} (capabilities $caps): root here is root on the machine"
+    return
+  fi
+  if grep -qv ':/$' /proc/self/cgroup; then
+    log "refusing to start: this sandbox shares the machine's cgroup namespace, where root here reaches the machine's release_agent. Give it a private one (compose v2 reads \`cgroup: private\` in docker-compose.yml; or the daemon's default-cgroupns-mode private), or name an unsafe overlay (ORCH_SANDBOX_PRIVILEGE=caps|privileged)"
+    exit 1
+  fi
+  # The 17 of docker-compose.yml (workers/privilege.py USERNS_CAPS): anything more is said.
+  case "$caps" in
+    00000000a82c35fb) log "privilege: least (17 capabilities, private cgroup namespace)" ;;
+    *) log "warning: capabilities $caps are more than the least-privilege sandbox's (00000000a82c35fb)" ;;
+  esac
+}
+check_privilege
+
 case "$(printf %s "$ORCH_FIREWALL" | tr '[:upper:]' '[:lower:]')" in  # as orchestrator/config.py reads it
   1|true|yes|on)
     python3 -m workers.firewall || { log "the desktops' firewall could not be loaded: not starting"; exit 1; } ;;

@@ -9,8 +9,8 @@
 #   scripts/stack.sh compose ARGS...  any compose command, with the same files and project
 #
 # Knobs: .env (see .env.example) or the environment: COMPOSE_PROJECT_NAME (default orchestrator),
-# COMPOSE_FILE (default: docker-compose.yml, plus docker-compose.caps.yml where this machine's
-# capability bounding set makes --privileged fail), ORCH_REGISTRY_PORT, ORCH_*_IMAGE.
+# ORCH_SANDBOX_PRIVILEGE (below), COMPOSE_FILE (default: docker-compose.yml, plus the overlay
+# ORCH_SANDBOX_PRIVILEGE names), ORCH_REGISTRY_PORT, ORCH_*_IMAGE.
 set -euo pipefail
 cd "${ORCH_STACK_DIR:-$(dirname "$0")/..}"
 
@@ -29,18 +29,22 @@ REGISTRY_PORT=${ORCH_REGISTRY_PORT:-5000}
 DESKTOP_IMAGE=${ORCH_DESKTOP_IMAGE:-orchestrator/desktop:dev}
 SANDBOX_IMAGE=${ORCH_SANDBOX_IMAGE:-orchestrator/sandbox:dev}
 
-privileged_refused() {
-  # runc refuses --privileged when the bounding set lacks a capability Docker knows (38 of them).
-  local bounding
-  bounding=$(sed -n 's/^CapBnd:[[:space:]]*//p' /proc/self/status)
-  (( (0x$bounding & 0x3fffffffff) != 0x3fffffffff ))
-}
+# The sandboxes' privilege (docs/threat-model.md, "A hostile sandbox"): ORCH_SANDBOX_PRIVILEGE
+#   auto, least  docker-compose.yml alone: 17 capabilities, private cgroup namespace, seccomp
+#                (at every level: in a userns desktop too, confined by its namespace there)
+#   caps         UNSAFE: + docker-compose.caps.yml (every capability, unconfined)
+#   privileged   UNSAFE: + docker-compose.privileged.yml (--privileged)
+# A COMPOSE_FILE of your own replaces all of this.
+SANDBOX_PRIVILEGE=${ORCH_SANDBOX_PRIVILEGE:-auto}
 if [ -z "${COMPOSE_FILE:-}" ]; then
-  COMPOSE_FILE=docker-compose.yml
-  if privileged_refused; then
-    log "this machine refuses --privileged: adding docker-compose.caps.yml"
-    COMPOSE_FILE=$COMPOSE_FILE:docker-compose.caps.yml
-  fi
+  case "$SANDBOX_PRIVILEGE" in
+    auto | least) COMPOSE_FILE=docker-compose.yml ;;
+    caps | privileged)
+      COMPOSE_FILE=docker-compose.yml:docker-compose.$SANDBOX_PRIVILEGE.yml
+      log "UNSAFE: ORCH_SANDBOX_PRIVILEGE=$SANDBOX_PRIVILEGE: root in a sandbox is root of this level's machine"
+      ;;
+    *) die "ORCH_SANDBOX_PRIVILEGE must be auto, least, caps or privileged, got '$SANDBOX_PRIVILEGE'" ;;
+  esac
   export COMPOSE_FILE
 fi
 
@@ -48,6 +52,18 @@ if docker compose version >/dev/null 2>&1; then
   COMPOSE=(docker compose)
 elif command -v docker-compose >/dev/null; then
   COMPOSE=(docker-compose)
+  # v1 knows no `cgroup:` key and refuses the file with it: it reads a copy without it, and the
+  # sandbox's cgroup namespace is the daemon's default (private on cgroup v2, or with the
+  # daemon's default-cgroupns-mode private). sandbox-init refuses to start in the machine's.
+  v1_files=
+  IFS=: read -ra files <<< "$COMPOSE_FILE"
+  for file in "${files[@]}"; do
+    copy=${TMPDIR:-/tmp}/stack-$COMPOSE_PROJECT_NAME-v1-${file//\//_}
+    grep -v '^    cgroup: private$' "$file" > "$copy"
+    v1_files=$v1_files${v1_files:+:}$copy
+  done
+  export COMPOSE_FILE=$v1_files
+  COMPOSE+=(--project-directory .)
 else
   die "neither \`docker compose\` nor \`docker-compose\` is installed (scripts/env.sh installs one)"
 fi

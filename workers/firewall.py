@@ -290,8 +290,11 @@ async def apply(facts: Facts) -> list[Rule]:
     await _load("iptables", text, jumps_v4(), ["DOCKER-USER"])
     if facts.ipv6:
         # Bridged frames (desktop to desktop) only meet ip6tables with this on; per namespace.
+        # A sandbox with Docker's read-only /proc/sys gets it as a sysctl of its container
+        # (docker-compose.yml): written only when it is not on already.
         try:
-            await asyncio.to_thread(BRIDGE_NF_IP6.write_text, "1")
+            if (await asyncio.to_thread(BRIDGE_NF_IP6.read_text)).strip() != "1":
+                await asyncio.to_thread(BRIDGE_NF_IP6.write_text, "1")
         except OSError as e:
             log.warning("could not set %s (%s): desktops may reach each other over IPv6", BRIDGE_NF_IP6, e)
         await _load("ip6tables", restore_v6(), jumps_v6(), [])

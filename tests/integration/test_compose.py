@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import uuid
@@ -20,6 +21,7 @@ from orchestrator.auth import hash_token
 from orchestrator.client import Client
 from orchestrator.schemas import SandboxInfo
 from tests.conftest import free_port
+from workers.privilege import SECCOMP_PROFILE, USERNS_CAPS
 
 from .conftest import DESKTOP_IMAGE, SANDBOX_IMAGE, TOKENS, adocker, docker
 
@@ -30,7 +32,13 @@ STACK = ROOT / "scripts" / "stack.sh"
 
 def stack_files() -> list[Path]:
     """What a stack needs at any level: the compose files and the script that runs them."""
-    return [ROOT / "docker-compose.yml", ROOT / "docker-compose.caps.yml", STACK]
+    return [
+        ROOT / "docker-compose.yml",
+        ROOT / "docker-compose.caps.yml",
+        ROOT / "docker-compose.privileged.yml",
+        ROOT / "deploy" / "seccomp" / "sandbox.json",
+        STACK,
+    ]
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,10 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         assert record.sandbox in {s.id for s in sandboxes}
         events = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=180)
         assert events[-1].type == "session.ready", [e.data for e in events]
+        # The sandbox's own desktops are user-namespaced, under a least-privilege sandbox.
+        (started,) = [e.data["data"] for e in events if e.type == "desktop.started"]
+        assert (started["privilege"], started["unsafe"]) == ("userns", False), started
+        await assert_least_privilege(stack)
         ready = next(e for e in events if e.type == "dockerd.ready").data["data"]
         assert ready["storage_driver"] == "overlay2" and ready["backing_filesystem"] == "extfs"
         assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
@@ -183,6 +195,26 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         record = await client.create(labels={"via": "compose", "after": "recreate"})
         assert record.sandbox in ids
         assert (await client.wait_ready(record.id, timeout=180)).state == "ready"
+
+
+async def assert_least_privilege(stack: Stack) -> None:
+    """docker-compose.yml's sandboxes: not privileged, the userns desktops' 17 capabilities and
+    no other, a private cgroup namespace, the project's seccomp profile, Docker's masked paths,
+    and sandbox-init saying so."""
+    host = stack.env["DOCKER_HOST"]
+    for box in (await stack.container("sandbox")).split():
+        config = json.loads(await adocker("inspect", "--format", "{{json .HostConfig}}", box, host=host))
+        assert config["Privileged"] is False
+        assert (config["CapDrop"], sorted(config["CapAdd"])) == (["ALL"], sorted(USERNS_CAPS)), config["CapAdd"]
+        assert config["CgroupnsMode"] == "private"
+        assert json.loads(config["SecurityOpt"][0].removeprefix("seccomp=")) == json.loads(SECCOMP_PROFILE)
+        # Docker's default masked and read-only paths, kept.
+        assert {"/proc/kcore", "/proc/keys", "/proc/timer_list"} <= set(config["MaskedPaths"]), config["MaskedPaths"]
+        assert {"/proc/sys", "/proc/sysrq-trigger"} <= set(config["ReadonlyPaths"]), config["ReadonlyPaths"]
+        status = await adocker("exec", box, "grep", "^Cap", "/proc/1/status", host=host)
+        assert "CapBnd:\t00000000a82c35fb" in status, status
+        logs = await adocker("logs", box, host=host, stderr=True)
+        assert "privilege: least (17 capabilities, private cgroup namespace)" in logs, logs[-2000:]
 
 
 async def assert_desktop_isolated(stack: Stack, sandbox_id: str, session_id: str) -> None:

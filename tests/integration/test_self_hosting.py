@@ -51,13 +51,22 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
             target = f"/stack/{path.relative_to(ROOT)}"
             await pipe_in(host, chain, f"mkdir -p {target.rsplit('/', 1)[0]} && cat > {target}", f"cat {path}")
         dotenv = "\n".join(
-            ["ORCH_SANDBOX_DEPTH=3", "ORCH_API_PORT=8080", f"ORCH_TOKENS=inner:{hash_token(TOKENS['admin'])}:admin"]
+            [
+                "ORCH_SANDBOX_DEPTH=3",
+                "ORCH_API_PORT=8080",
+                f"ORCH_TOKENS=inner:{hash_token(TOKENS['admin'])}:admin",
+                # The images this test preloaded, whatever their tags.
+                f"ORCH_DESKTOP_IMAGE={DESKTOP_IMAGE}",
+                f"ORCH_SANDBOX_IMAGE={SANDBOX_IMAGE}",
+            ]
         )
         await pipe_in(host, chain, "cat > /stack/.env", f"printf '%s\\n' '{dotenv}'")
         inner_up = await adocker(*chain, "bash", "/stack/scripts/stack.sh", "up", host=host, stderr=True, timeout=600)
         # Inside the desktop: Debian 12's compose v1 (the host test covers v2), this level's own
-        # registry, the caps override chosen by the same bounding-set check.
+        # registry, and docker-compose.yml's least-privilege sandbox (without `cgroup: private`,
+        # which v1 cannot say: the desktop's cgroup namespace is its own already).
         assert "docker-compose version 1." in await adocker(*chain, "docker-compose", "version", host=host)
+        assert "UNSAFE" not in inner_up, inner_up
         assert f"pushed {SANDBOX_IMAGE} to this level's registry" in inner_up, inner_up
         mark("inner stack up inside the desktop (registry, push, compose up)")
         # From outside, through the outer desktop: the inner API, with the same CLI.
@@ -82,6 +91,16 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
                 await asyncio.sleep(1)
         assert json.loads(listed)
         mark("inner sandbox (depth 3) reporting, desktop image pulled from the inner registry")
+        # Least privilege there too, confined by the desktop's user namespace (sandbox-init says so).
+        inner_box = await adocker(
+            *chain, "docker", "ps", "-q", "--filter", "label=com.docker.compose.service=sandbox", host=host
+        )
+        inner_log = await adocker(*chain, "docker", "logs", inner_box, host=host, stderr=True)
+        assert "privilege: in a user namespace of its own" in inner_log, inner_log[-3000:]
+        config = json.loads(
+            await adocker(*chain, "docker", "inspect", "--format", "{{json .HostConfig}}", inner_box, host=host)
+        )
+        assert config["Privileged"] is False and config["CapDrop"] == ["ALL"], config
         created = await adocker(
             *cli, "sessions", "create", "--label", "level=inner", "--wait", "--timeout", "400", host=host
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import ipaddress
+import json
 import re
 import subprocess
 import sys
@@ -29,8 +30,10 @@ import yaml  # type: ignore[import-untyped]
 
 from orchestrator.config import WorkerSettings
 from workers.firewall import PRIVATE
+from workers.privilege import SECCOMP_PROFILE, USERNS_CAPS
 
-ROOT = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+REPO = Path(__file__).resolve().parents[2]
+ROOT = REPO / "deploy" / "kubernetes"
 SYSBOX = ROOT / "overlays" / "sysbox"
 # Files that are not applied: shown for users to copy (the tokens Secret holds real hashes).
 EXAMPLES = {ROOT / "secret-tokens.example.yaml"}
@@ -274,19 +277,41 @@ def test_sandbox_identity_storage_and_metrics(variant: str) -> None:
 
 def test_sandbox_privilege_per_variant() -> None:
     base, sysbox = (the(docs, "StatefulSet", "sandbox") for docs in (BASE, OVERLAY))
-    assert pod_spec(base)["containers"][0]["securityContext"]["privileged"] is True
     assert "runtimeClassName" not in pod_spec(base)
     assert pod_spec(sysbox)["runtimeClassName"] == "sysbox-runc"
-    assert pod_spec(sysbox)["containers"][0]["securityContext"]["privileged"] is False
-    # The overlay changes the privilege and nothing else of the sandboxes.
+    # The overlay changes the runtime and nothing else of the sandboxes.
     undo = copy.deepcopy(sysbox)
     del pod_spec(undo)["runtimeClassName"]
-    pod_spec(undo)["containers"][0]["securityContext"]["privileged"] = True
     del undo["spec"]["template"]["metadata"]["annotations"]["io.kubernetes.cri-o.userns-mode"]
     assert undo == base
     assert [d for d in OVERLAY if identity(d) != ("StatefulSet", "sandbox")] == [
         d for d in BASE if identity(d) != ("StatefulSet", "sandbox")
     ]
+
+
+@pytest.mark.parametrize("variant", ["base", "sysbox"])
+def test_sandboxes_run_with_the_least_privilege_of_compose(variant: str) -> None:
+    """Never privileged: the capabilities, seccomp deny-list and sysctls of docker-compose.yml's
+    sandbox (measured there, docs/threat-model.md), and the seccomp file is the project's."""
+    spec = pod_spec(the(BASE if variant == "base" else OVERLAY, "StatefulSet", "sandbox"))
+    (container,) = spec["containers"]
+    context = container["securityContext"]
+    assert context.get("privileged") is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert sorted(context["capabilities"]["add"]) == sorted(USERNS_CAPS)
+    assert context["seccompProfile"] == {"type": "Localhost", "localhostProfile": "orchestrator/sandbox.json"}
+    assert "procMount" not in context  # Docker's masked and read-only paths
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["sandbox"]
+    assert sorted(compose["cap_add"]) == sorted(context["capabilities"]["add"])
+    assert {s["name"]: s["value"] for s in spec["securityContext"]["sysctls"]} == compose["sysctls"]
+    assert "seccomp=deploy/seccomp/sandbox.json" in compose["security_opt"] and "privileged" not in compose
+    # The profile on disk is the desktops' deny-list, which sandbox and desktops share.
+    assert json.loads((REPO / "deploy" / "seccomp" / "sandbox.json").read_text()) == json.loads(SECCOMP_PROFILE)
+    # No other container of any pod is privileged either.
+    for doc in BASE if variant == "base" else OVERLAY:
+        if doc["kind"] in WORKLOADS:
+            for c in pod_spec(doc).get("containers", []) + pod_spec(doc).get("initContainers", []):
+                assert not c.get("securityContext", {}).get("privileged"), (identity(doc), c["name"])
 
 
 def test_api() -> None:
