@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -46,6 +48,37 @@ TOKENS = {
     for scope in ("admin", "sessions:write", "events:read", "sessions:exec")
 }
 ADMIN = {"Authorization": f"Bearer {TOKENS['admin']}"}
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@functools.cache
+def compose_sandbox_flags(*overlays: str) -> tuple[str, ...]:
+    """`docker run` flags for the sandbox service of docker-compose.yml (+ ``overlays``)."""
+    files = [arg for name in ("docker-compose.yml", *overlays) for arg in ("-f", str(PROJECT_ROOT / name))]
+    out = subprocess.run(
+        ["docker", "compose", *files, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    ).stdout
+    service = json.loads(out)["services"]["sandbox"]
+    flags = [f"--cap-drop={cap}" for cap in service.get("cap_drop", [])]
+    flags += [f"--cap-add={cap}" for cap in service.get("cap_add", [])]
+    if "cgroup" in service:
+        flags.append(f"--cgroupns={service['cgroup']}")
+    for option in service.get("security_opt", []):
+        key, _, value = option.partition("=")
+        # The CLI reads a seccomp file as compose does, relative to the project.
+        path = PROJECT_ROOT / value if key == "seccomp" and value != "unconfined" else None
+        flags.append(f"--security-opt={key}={path or value}")
+    flags += [f"--sysctl={key}={value}" for key, value in service.get("sysctls", {}).items()]
+    if service.get("privileged"):
+        flags.append("--privileged")
+    return tuple(flags)
 
 
 def docker(*args: str, host: str, check: bool = True, stderr: bool = False, timeout: float = 120) -> str:

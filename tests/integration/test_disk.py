@@ -22,7 +22,7 @@ from workers.disk import DiskGauge
 from workers.privilege import PrivilegeKind, PrivilegeProfile
 from workers.runtime.desktops import DockerDesktops
 
-from .conftest import CAPS, SANDBOX_IMAGE, TEST_IMAGE, adocker, pipe_in, running_worker
+from .conftest import SANDBOX_IMAGE, TEST_IMAGE, adocker, compose_sandbox_flags, pipe_in, running_worker
 
 SOCKET_DIR = "/run/orchestrator/desktops"
 TMPFS_BYTES = 4 * 2**20  # sandbox-init.sh's size=4m
@@ -101,7 +101,7 @@ async def sandbox(images: str) -> AsyncIterator[str]:
             name,
             "--label",
             "orchestrator.role=test-sandbox",
-            *CAPS,
+            *compose_sandbox_flags(),
             "-v",
             f"{volume}:/var/lib/docker",
             "-e",

@@ -19,10 +19,13 @@ import pytest
 
 from workers.firewall import CHAIN, INPUT_CHAIN
 
-from .conftest import CAPS, SANDBOX_IMAGE, TEST_IMAGE, adocker
+from .conftest import SANDBOX_IMAGE, TEST_IMAGE, adocker, compose_sandbox_flags
 
 HTTPD = "mkdir -p /www && echo hello-from-target > /www/index.html && exec busybox httpd -f -p 80 -h /www"
 V6 = [f"--sysctl=net.ipv6.conf.{i}.disable_ipv6=0" for i in ("all", "default", "eth0")]
+# Like a pod with IPv6 on: the sandbox's bridges get a link-local address it answers on (its
+# /proc/sys is read-only: the defaults new interfaces take are set when it is made).
+SANDBOX_V6 = [f"--sysctl=net.ipv6.conf.{i}.disable_ipv6=0" for i in ("all", "default")]
 
 
 class Sandbox:
@@ -67,7 +70,8 @@ async def sandbox(docker_host: str) -> AsyncIterator[tuple[Sandbox, str]]:
         target = await adocker("inspect", "-f", "{{.NetworkSettings.IPAddress}}", names["target"], host=docker_host)
         # Depth 2: its pool (10.214/16) stays clear of this machine's dockerd (ORCH_DEPTH=1).
         await adocker(
-            "run", "-d", *labels, "--name", names["sandbox"], *CAPS, "-v", "/var/lib/docker",
+            "run", "-d", *labels, "--name", names["sandbox"], *compose_sandbox_flags(), *SANDBOX_V6,
+            "-v", "/var/lib/docker",
             "-e", "ORCH_DEPTH=2", "-e", "REDIS_URL=redis://127.0.0.1:9/0", SANDBOX_IMAGE,
             host=docker_host,
         )  # fmt: skip
@@ -96,8 +100,6 @@ async def test_desktops_are_fenced_before_the_worker_and_after_a_sandbox_restart
         )
 
     async def reach() -> dict[str, bool]:
-        # Like a pod with IPv6 on: the bridge gets a link-local address the sandbox answers on.
-        await box.sh("for f in /proc/sys/net/ipv6/conf/br-*/disable_ipv6; do echo 0 > $f; done")
         peer, bridge = await box.link_local("v6b"), await box.link_local("bridge")
         ping = ["busybox", "ping", "-c", "1", "-W", "2"]
         http, to_peer, to_bridge = await asyncio.gather(

@@ -19,7 +19,7 @@ from orchestrator.client import Client
 from orchestrator.config import Settings
 from tests.conftest import free_port
 
-from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, adocker, pipe_in
+from .conftest import CAPS, DESKTOP_IMAGE, SANDBOX_IMAGE, TEST_IMAGE, TOKENS, adocker, compose_sandbox_flags, pipe_in
 
 
 async def info(host: str, *exec_chain: str) -> dict[str, object]:
@@ -99,7 +99,7 @@ async def sandbox_stack(images: str, settings: Settings) -> AsyncIterator[tuple[
             sandbox_name,
             "--network",
             net,
-            *CAPS,
+            *compose_sandbox_flags(),
             "-v",
             f"orchnest-{tag}:/var/lib/docker",
             "-e",

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
-from .conftest import SANDBOX_IMAGE, adocker
-from .test_compose import ROOT
+from .conftest import SANDBOX_IMAGE, adocker, compose_sandbox_flags
 from .test_escapes import attempts, outcomes
 
 # Besides test_escapes.ATTEMPTS: what CAP_SYS_ADMIN in the machine's user namespace gives
@@ -74,38 +72,11 @@ EXPECTED = {
 }
 
 
-def compose_sandbox_flags(*overlays: str) -> list[str]:
-    """`docker run` flags for the sandbox service of docker-compose.yml (+ ``overlays``)."""
-    files = [arg for name in ("docker-compose.yml", *overlays) for arg in ("-f", str(ROOT / name))]
-    out = subprocess.run(
-        ["docker", "compose", *files, "config", "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-        cwd=ROOT,
-    ).stdout
-    service = json.loads(out)["services"]["sandbox"]
-    flags = [f"--cap-drop={cap}" for cap in service.get("cap_drop", [])]
-    flags += [f"--cap-add={cap}" for cap in service.get("cap_add", [])]
-    if "cgroup" in service:
-        flags.append(f"--cgroupns={service['cgroup']}")
-    for option in service.get("security_opt", []):
-        key, _, value = option.partition("=")
-        # The CLI reads a seccomp file as compose does, relative to the project.
-        path = ROOT / value if key == "seccomp" and value != "unconfined" else None
-        flags.append(f"--security-opt={key}={path or value}")
-    flags += [f"--sysctl={key}={value}" for key, value in service.get("sysctls", {}).items()]
-    if service.get("privileged"):
-        flags.append("--privileged")
-    return flags
-
-
 @pytest.fixture
 async def sandbox_box(docker_host: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str]]:
     """(variant, container): a sandbox container with its dockerd up."""
     variant: str = request.param
-    flags = compose_sandbox_flags(*(["docker-compose.caps.yml"] if variant == "caps" else []))
+    flags = list(compose_sandbox_flags(*(["docker-compose.caps.yml"] if variant == "caps" else [])))
     if variant == "least, host cgroupns":
         flags = [f for f in flags if not f.startswith("--cgroupns")] + ["--cgroupns=host"]
     name = f"hostile-sandbox-{uuid.uuid4().hex[:8]}"
