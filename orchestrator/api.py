@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,11 +28,13 @@ from redis.exceptions import NoPermissionError, RedisError
 
 from . import __version__, api_execs, api_metrics, auth, tracing
 from .auth import AuthError
+from .commands import CommandConsumer
 from .config import ApiSettings, Settings
 from .core import connect
 from .errors import ServiceError
 from .events import EventBus
 from .exec_output import ExecOutputHub
+from .exec_service import ExecService
 from .exec_store import ExecStore
 from .guards import ADMIN, ANY_TOKEN, EVENTS, READ, WRITE, caller, token_of
 from .http_headers import add_security_headers
@@ -435,6 +439,15 @@ def _lifespan(
         monitor = SandboxMonitor(core.sandboxes, core.store, core.bus)
         execs = ExecStore(core.redis, core.keys, keep_s=settings.exec_keep_s)
         exec_hub = ExecOutputHub(core.redis, core.keys)
+        exec_service = ExecService(execs, sessions, settings)
+        commands = CommandConsumer(
+            core.redis,
+            core.keys,
+            core.bus,
+            exec_service,
+            tenants=frozenset(t.tenant for t in tokens),
+            consumer=f"api@{socket.gethostname()}:{os.getpid()}",
+        )
         app.state.update(
             tokens=tokens,
             settings=settings,
@@ -446,10 +459,12 @@ def _lifespan(
             stream_limits=stream_limits,
             execs=execs,
             exec_hub=exec_hub,
+            exec_service=exec_service,
         )
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(every, settings.monitor_interval_s, monitor.pass_once, "sandbox monitor")
+                tasks.start_soon(_forever, commands.run, "command stream")
                 try:
                     yield
                 finally:
@@ -460,6 +475,16 @@ def _lifespan(
             await core.aclose()
 
     return lifespan
+
+
+async def _forever(run: Callable[[], Awaitable[None]], what: str) -> None:
+    """A duty that must not end: restarted a second after a failure (Redis away, say)."""
+    while True:
+        try:
+            await run()
+        except Exception:
+            log.exception("%s failed; restarting it", what)
+        await anyio.sleep(1)
 
 
 def create_app(settings: ApiSettings | None = None) -> Litestar:

@@ -6,7 +6,6 @@ with no connection from the API to the sandbox."""
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Annotated, Any
 
@@ -18,33 +17,19 @@ from litestar.response import Stream
 from .config import ApiSettings
 from .errors import ServiceError
 from .exec_output import ExecOutputHub, collect, output_frames
+from .exec_service import ExecService
 from .exec_store import ExecStore
 from .exec_types import (
     ExecFailure,
-    ExecJob,
-    ExecLimits,
     ExecRecord,
     ExecRequest,
     ExecResult,
     ExecState,
     check_exec_id,
-    check_limits,
-    exec_argv,
-    exec_stdin,
-    new_exec_id,
 )
 from .guards import EXEC, caller
 from .service import Sessions
 from .sse import StreamLimits, parse_after
-from .states import SessionState
-
-
-def _limits(settings: ApiSettings) -> ExecLimits:
-    return ExecLimits(
-        max_timeout_s=settings.exec_max_timeout_s,
-        max_output_bytes=settings.exec_max_output_bytes,
-        max_stdin_bytes=settings.exec_max_stdin_bytes,
-    )
 
 
 async def _exec_of(state: State, request: Request[Any, Any, Any], session_id: str, exec_id: str) -> ExecRecord:
@@ -72,42 +57,10 @@ async def create_exec(
     """202 with the exec's record (its ``id``); with ``wait: true``, 200 with its result when it
     ends (its output capped at ``max_output_bytes``, ``truncated`` when more was printed). A
     timeout kills the command's whole process tree and keeps what it printed."""
-    settings: ApiSettings = state.settings
-    limits = _limits(settings)
-    argv = exec_argv(data)
-    stdin = exec_stdin(data, limits)
-    check_limits(data, limits)
     token = caller(request)
-    sessions: Sessions = state.sessions
-    session = await sessions.get(session_id, token.visible_tenant)
-    if session.state is not SessionState.READY or session.sandbox is None:
-        raise ServiceError(
-            409, "session_not_ready", f"session {session_id} is {session.state.value}; execs run in ready sessions"
-        )
-    record = ExecRecord(
-        id=new_exec_id(),
-        session=session_id,
-        sandbox=session.sandbox,
-        state=ExecState.QUEUED,
-        by=token.name,
-        tenant=session.tenant,
-        created_at=time.time(),
-        timeout_s=data.timeout_s,
-        max_output_bytes=data.max_output_bytes,
-    )
-    job = ExecJob(
-        id=record.id,
-        session=session_id,
-        argv=argv,
-        env=dict(data.env),
-        cwd=data.cwd,
-        user=data.user,
-        stdin_base64=base64.b64encode(stdin).decode(),
-        timeout_s=data.timeout_s,
-        max_output_bytes=data.max_output_bytes,
-    )
+    service: ExecService = state.exec_service
+    _, record = await service.submit(session_id, data, by=token.name, tenant=token.visible_tenant)
     store: ExecStore = state.execs
-    await store.submit(record, job, session.sandbox, settings.exec_max_per_session)
     if not data.wait:
         return Response(record, status_code=202)
     hub: ExecOutputHub = state.exec_hub

@@ -42,8 +42,9 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     if state == 'exited' or state == 'failed' then redis.call('SREM', KEYS[2], id) end
   end
 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 2 end
 if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4], 'NX')
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
 redis.call('SADD', KEYS[2], cjson.decode(ARGV[1])['id'])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
 return 1
@@ -93,16 +94,21 @@ class ExecStore:
 
     # -- the API's side ---------------------------------------------------------------------
 
-    async def submit(self, record: ExecRecord, job: ExecJob, sandbox: str, per_session: int) -> None:
+    async def submit(self, record: ExecRecord, job: ExecJob, sandbox: str, per_session: int) -> bool:
+        """Record and queue the exec; False if an exec of that id exists (a command's retry)."""
         keys = [self.keys.exec(record.id), self.keys.session_execs(record.session), self.keys.exec_jobs(sandbox)]
         ttl = int(record.timeout_s + NOT_STARTED_GRACE_S + self.keep_s) + 1
         args: list[bytes | str | int] = [_encode(record), _encode(job), per_session, ttl, self.keys.exec("")]
-        if not await self._submit(keys=keys, args=args):
+        outcome = await self._submit(keys=keys, args=args)
+        if outcome == 2:
+            return False
+        if not outcome:
             raise ServiceError(
                 429,
                 "too_many_execs",
                 f"session {record.session} runs {per_session} execs already (ORCH_EXEC_MAX_PER_SESSION)",
             )
+        return True
 
     async def get(self, exec_id: str) -> ExecRecord | None:
         raw = await self.redis.get(self.keys.exec(exec_id))

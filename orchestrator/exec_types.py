@@ -155,6 +155,7 @@ class ExecRecord(Stored):
     timeout_s: float
     max_output_bytes: int
     tenant: str | None = None
+    request_id: str | None = None  # the producer's, for an exec sent on the command stream
     started_at: float | None = None
     ended_at: float | None = None
     worker: str | None = None

@@ -5,6 +5,8 @@ docs/architecture.md has the map (each key's writer, reader and TTL). arq's own 
 
 from __future__ import annotations
 
+from .names import DEFAULT_TENANT
+
 
 def job_id(operation: str, session_id: str, generation: int) -> str:
     """The same (operation, session, generation) enqueued twice runs once."""
@@ -56,6 +58,16 @@ class Keys:
 
     def queue(self, sandbox_id: str) -> str:
         return f"{self.prefix}queue:{sandbox_id}"
+
+    def commands(self, tenant: str | None = None) -> str:
+        """The command stream producers write (``XADD ... * command <json>``, docs/jobs.md): one
+        for the default tenant, one per other tenant (each producer's ACL user holds its own).
+        Read by the API processes' consumer group ``control``; each entry deleted once handled."""
+        return f"{self.prefix}commands" if tenant in (None, DEFAULT_TENANT) else f"{self.prefix}commands:{tenant}"
+
+    def command_done(self, tenant: str, request_id: str) -> str:
+        """A handled command's outcome (JSON), so the same ``request_id`` again acts once. TTL a day."""
+        return f"{self.prefix}command-done:{tenant}:{request_id}"
 
     # -- execs (orchestrator/exec_store.py) --------------------------------------------------
 

@@ -269,6 +269,8 @@ class ExecRunner:
         return timed_out, killed
 
     async def _event(self, type: str, record: ExecRecord, data: dict[str, object]) -> None:
+        if record.request_id is not None:  # a command's: its producer follows it by this
+            data = {**data, "request_id": record.request_id}
         try:
             await self.bus.publish(
                 make_event(type, sandbox=self.sandbox_id, session=record.session, data=data, tenant=record.tenant)

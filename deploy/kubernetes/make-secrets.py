@@ -86,11 +86,11 @@ def secret(name: str, component: str, data: dict[str, str]) -> str:
 
 
 def main() -> None:
-    passwords = {user: secrets.token_hex(32) for user in ("api", "worker", "admin")}
+    passwords = {user: secrets.token_hex(32) for user in ("api", "worker", "producer", "admin")}
     acl = [
-        line.replace("#API_PASSWORD_SHA256", "#" + sha256(passwords["api"])).replace(
-            "#WORKER_PASSWORD_SHA256", "#" + sha256(passwords["worker"])
-        )
+        line.replace("#API_PASSWORD_SHA256", "#" + sha256(passwords["api"]))
+        .replace("#WORKER_PASSWORD_SHA256", "#" + sha256(passwords["worker"]))
+        .replace("#PRODUCER_PASSWORD_SHA256", "#" + sha256(passwords["producer"]))
         for line in documented_acl()
     ]
     acl.append(f"user orchestrator-admin on #{sha256(passwords['admin'])} ~* &* +@all")

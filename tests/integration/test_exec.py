@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import signal
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import httpx
@@ -223,3 +225,46 @@ async def test_a_hundred_execs_run_at_once_beside_lifecycle_jobs(docker_settings
             await client.wait_ready(other.id, timeout=READY_TIMEOUT)
             results = await asyncio.gather(*runs)
             assert [(r.exit_code, r.stdout) for r in results] == [(0, "done\n")] * 100
+
+
+async def redis_cli(settings: Settings, *args: str) -> str:
+    """A producer that only speaks Redis: the redis-cli binary."""
+    url = urllib.parse.urlparse(settings.redis_url)
+    proc = await asyncio.create_subprocess_exec(
+        "redis-cli", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379), "--no-raw", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    return out.decode()
+
+
+async def test_a_redis_cli_producer_runs_an_exec_through_the_command_stream(
+    client: Client, worker: SandboxWorker, docker_settings: Settings
+) -> None:
+    prefix = docker_settings.key_prefix
+    async with ready_session(client) as sid:
+        command = {"op": "exec", "request_id": "build-7", "session": sid, "shell": "echo from-the-queue; exit 4"}
+        for _ in range(2):  # sent twice: acts once
+            await redis_cli(docker_settings, "XADD", f"{prefix}commands", "*", "command", json.dumps(command))
+        bad = {"op": "exec", "request_id": "bad-1", "session": sid, "cmd": ["true"], "cwd": "relative"}
+        await redis_cli(docker_settings, "XADD", f"{prefix}commands", "*", "command", json.dumps(bad))
+        await redis_cli(docker_settings, "XADD", f"{prefix}commands", "*", "command", "{not json")
+        events = await client.wait_for(sid, {"exec.exited"}, timeout=60)
+        firehose = [e async for e in client.events(None, after="0", follow=False)]
+        accepted = [e.data["data"] for e in firehose if e.type == "command.accepted"]
+        rejected = [e.data["data"] for e in firehose if e.type == "command.rejected"]
+        assert [a["request_id"] for a in accepted] == ["build-7"], accepted
+        assert sorted((r["request_id"], r["code"]) for r in rejected if r["request_id"]) == [
+            ("bad-1", "invalid_request")
+        ]
+        assert any(r["code"] == "invalid_json" for r in rejected), rejected
+        exited = next(e.data["data"] for e in events if e.type == "exec.exited")
+        assert exited["request_id"] == "build-7" and exited["exit_code"] == 4
+        # Its output, read the same way: the exec's stream, from the id the acceptance named.
+        out = await redis_cli(docker_settings, "XRANGE", f"{prefix}exec-output:{accepted[0]['exec']}", "-", "+")
+        assert "from-the-queue" in out
+        # Handled entries are removed; none is left pending.
+        assert (await redis_cli(docker_settings, "XLEN", f"{prefix}commands")).strip() == "(integer) 0"
+        execs = [e for e in events if e.type == "exec.started"]
+        assert len(execs) == 1  # once, though sent twice

@@ -10,6 +10,7 @@ import dataclasses
 import fnmatch
 import functools
 import hashlib
+import inspect
 import re
 import secrets
 import shutil
@@ -140,6 +141,7 @@ class AclServer:
     api_password: str = dataclasses.field(default_factory=lambda: "a@p:i/" + secrets.token_hex(8))
     worker_password: str = dataclasses.field(default_factory=lambda: "w%o@r#k" + secrets.token_hex(8))
     admin_password: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
+    producer_password: str = dataclasses.field(default_factory=lambda: "p:r@d" + secrets.token_hex(8))
 
     def url(self, user: str, password: str) -> str:
         return f"redis://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}/0"
@@ -161,9 +163,9 @@ def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
     workdir = tmp_path_factory.mktemp("redis-acl")
     acl = AclServer(port=free_port())
     lines = [
-        line.replace("API_PASSWORD_SHA256", sha256(acl.api_password)).replace(
-            "WORKER_PASSWORD_SHA256", sha256(acl.worker_password)
-        )
+        line.replace("API_PASSWORD_SHA256", sha256(acl.api_password))
+        .replace("WORKER_PASSWORD_SHA256", sha256(acl.worker_password))
+        .replace("PRODUCER_PASSWORD_SHA256", sha256(acl.producer_password))
         for line in documented_acl()
     ]
     # Test-only: a user to read ACL LOG with (the documented block has no administrator).
@@ -289,6 +291,15 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
         await worker_execs.done_with("sec", entry_id)
         assert len(await api_execs.read_output(queued.id, "0-0", block_ms=None)) == 2  # the chunk, the end
 
+        # The command stream (orchestrator/commands.py): the API processes' consumer group.
+        await api_redis.xgroup_create(keys.commands(), "control", id="0", mkstream=True)
+        entry = await api_redis.xadd(keys.commands(), {"command": "{}"})
+        assert await api_redis.xreadgroup("control", "api-1", {keys.commands(): ">"}, count=1)
+        await api_redis.xautoclaim(keys.commands(), "control", "api-2", min_idle_time=0, start_id="0-0")
+        await api_redis.xack(keys.commands(), "control", entry)
+        await api_redis.xdel(keys.commands(), entry)
+        await api_redis.set(keys.command_done("default", "r1"), "{}", ex=60)
+
         # Jobs: the API enqueues (once), the worker's arq consumer runs it and keeps the result.
         ran: list[dict[str, Any]] = []
 
@@ -373,7 +384,7 @@ def test_the_api_user_names_every_key_family_it_uses() -> None:
     patterns += [(word[3:], word[1].lower()) for word in api_line.split() if word[:3] in ("%R~", "%W~")]
     keys = Keys(PREFIX)
     families = {
-        name: member("x") if callable(member) else member
+        name: member(*["x"] * len(inspect.signature(member).parameters)) if callable(member) else member
         for name, member in ((n, getattr(keys, n)) for n in dir(Keys) if not n.startswith("_") and n != "prefix")
     }
     assert len(families) >= 17, families  # keys.py as it is: a family vanishing here is a bug
@@ -692,3 +703,27 @@ async def test_sentinel_with_a_password(sentinels: tuple[Server, Server]) -> Non
         await refused.aclose()
     # Jobs too: arq uses our client, so a sentinel password (arq 0.28 alone cannot pass one) works.
     await jobs_through(sentinel_settings(locked, redis_sentinel_password=SENTINEL_PASSWORD), "s10")
+
+
+async def test_a_producer_sends_commands_and_reads_events_and_output_only(acl_server: AclServer) -> None:
+    """docs/redis.md's producer user: what docs/jobs.md tells a producer to do, and nothing else."""
+    keys = Keys(PREFIX)
+    producer = redis.asyncio.Redis.from_url(acl_server.url("orchestrator-producer", acl_server.producer_password))
+    try:
+        assert await producer.xadd(keys.commands(), {"command": "{}"})
+        await producer.xread({keys.firehose: "0-0"}, count=1)
+        await producer.xrange(keys.exec_output("x" + "0" * 20))
+        refused = [
+            producer.get(keys.session("s1")),  # no session records,
+            producer.xrange(keys.commands()),  # not the commands of others,
+            producer.xadd(keys.exec_jobs("sec"), {"job": "{}"}),  # no sandbox's exec stream,
+            producer.zadd(keys.queue("sec"), {"job": 1}),  # no sandbox's job queue,
+            producer.xadd(keys.firehose, {"event": "{}"}),  # no forged events,
+            producer.xadd(keys.commands("other-tenant"), {"command": "{}"}),  # no other tenant's stream
+            producer.xreadgroup("control", "p", {keys.commands(): ">"}),
+        ]
+        for call in refused:
+            with pytest.raises(NoPermissionError):
+                await call
+    finally:
+        await producer.aclose()
