@@ -4,6 +4,10 @@
 #
 #   start-dockerd --supervise   preflight, then run dockerd under a restart loop (foreground)
 #   start-dockerd --check       preflight only
+#   start-dockerd --supervise --gated
+#                               the same, but the first dockerd starts only once a line (or
+#                               end-of-file: refused) arrives on fd 4 (userns-desktop: the
+#                               network is connected); the preparations run meanwhile
 #
 # Environment:
 #   ORCH_DEPTH            nesting level of this dockerd (networks from 10.(212+depth).0.0/16)
@@ -22,6 +26,8 @@ LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
 
 log() { printf '%s start-dockerd: %s\n' "$(date -u +%FT%TZ)" "$*" | tee -a "$LOG" >&2; }
 die() { log "error: $*"; exit 1; }
+# ORCH_TRACE_PHASES=1: a line per phase on stderr with its time (bench/phases.py reads them).
+mark() { [ -z "${ORCH_TRACE_PHASES:-}" ] || echo "phase $1 $(date +%s%N)" >&2; }
 
 preflight() {
   case "$DEPTH" in ''|*[!0-9]*) die "ORCH_DEPTH must be a number, got '$DEPTH'";; esac
@@ -106,15 +112,22 @@ write_daemon_json() {
 JSON
 }
 
-supervise() {
-  stopping=0 child=
+gate() {  # --gated: wait for the go on fd 4, then close it (nothing started later holds it)
+  read -r _ <&4 || die "the namespaces' network was not connected (the outer side gave up)"
+  exec 4<&-
+  mark dockerd.gate
+}
+
+supervise() {  # $1: 1 to wait for the gate before the first dockerd (--gated)
+  stopping=0 child= gated=${1:-0}
   trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null || :' TERM INT
   delay=1
   mkdir -p "$(dirname "$EXTERNAL_SOCKET")"
   while :; do
     remove_stale_state
-    started=$(date +%s)
     log "starting dockerd (depth $DEPTH, pool 10.$((212 + DEPTH)).0.0/16)"
+    [ "$gated" = 0 ] || { gate; gated=0; }
+    read -r started _ < /proc/uptime  # seconds since boot (no date process)
     # shellcheck disable=SC2086
     dockerd --host unix:///var/run/docker.sock --host "unix://$EXTERNAL_SOCKET" \
       ${DOCKERD_EXTRA_ARGS:-} >>"$LOG" 2>&1 &
@@ -125,7 +138,8 @@ supervise() {
     if [ "$stopping" = 1 ]; then wait "$child" 2>/dev/null || :; log "stopped"; exit 0; fi
     log "dockerd exited with status $status; restarting in ${delay}s"
     # Back off on crash loops, but a daemon that ran a while restarts fast.
-    [ $(( $(date +%s) - started )) -gt 30 ] && delay=1
+    read -r now _ < /proc/uptime
+    [ $(( ${now%.*} - ${started%.*} )) -gt 30 ] && delay=1
     sleep "$delay"
     delay=$((delay * 2)); [ "$delay" -le 16 ] || delay=16
   done
@@ -134,6 +148,8 @@ supervise() {
 mkdir -p "$(dirname "$LOG")"
 case "${1:---supervise}" in
   --check) preflight ;;
-  --supervise) preflight; prepare_proc_sys; prepare_cgroups; write_daemon_json; supervise ;;
+  --supervise)
+    mark dockerd.script; preflight; prepare_proc_sys; prepare_cgroups; write_daemon_json; mark dockerd.prepared
+    if [ "${2:-}" = --gated ]; then supervise 1; else supervise 0; fi ;;
   *) die "usage: start-dockerd [--supervise|--check]" ;;
 esac
