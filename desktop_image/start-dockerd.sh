@@ -24,6 +24,8 @@ DATA_ROOT=/var/lib/docker
 EXTERNAL_SOCKET=${ORCH_EXTERNAL_SOCKET:-/run/orchestrator/docker.sock}
 LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
 
+parent() { case "$1" in */*) PARENT=${1%/*}/ ;; *) PARENT=. ;; esac; }  # dirname, in the shell
+
 log() { printf '%s start-dockerd: %s\n' "$(date -u +%FT%TZ)" "$*" | tee -a "$LOG" >&2; }
 die() { log "error: $*"; exit 1; }
 # ORCH_TRACE_PHASES=1: a line per phase on stderr with its time (bench/phases.py reads them).
@@ -34,22 +36,32 @@ preflight() {
   [ "$DEPTH" -ge 0 ] && [ "$DEPTH" -le 43 ] || die "ORCH_DEPTH $DEPTH is out of range 0..43"
   # overlay2 cannot stack on the container's own overlay root: the data root must be a
   # real filesystem (a Docker volume), or the inner daemon silently degrades to vfs.
-  mountpoint -q "$DATA_ROOT" || die "refusing to start: $DATA_ROOT is not a mount point (mount a volume there)"
+  is_mountpoint "$DATA_ROOT" || die "refusing to start: $DATA_ROOT is not a mount point (mount a volume there)"
 }
+
+# The mount points of this mount namespace, read once (mountinfo: no process per question).
+# Its paths escape a space as \040: ours have none.
+MOUNTS=
+read_mounts() {
+  MOUNTS=
+  while read -r _ _ _ _ mnt _; do MOUNTS="$MOUNTS $mnt "; done < /proc/self/mountinfo
+}
+is_mountpoint() { [ -n "$MOUNTS" ] || read_mounts; case "$MOUNTS" in *" $1 "*) return 0 ;; esac; return 1; }
 
 remove_stale_state() {
   # A killed daemon leaves pid files behind and the next dockerd refuses to start.
-  rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid "$DATA_ROOT/docker.pid"
-  rm -f /var/run/docker.sock "$EXTERNAL_SOCKET"
+  rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid "$DATA_ROOT/docker.pid" \
+    /var/run/docker.sock "$EXTERNAL_SOCKET"
 }
 
-cgroup_v1_writable() { mkdir "$1/.orch-probe" 2>/dev/null && rmdir "$1/.orch-probe"; }
+# access(2) answers for the mount too (EROFS on a read-only one): no probe directory to make.
+cgroup_v1_writable() { [ -w "$1" ]; }
 
 prepare_cgroup_v1() {
   # Without privileged mode the hierarchies are read-only binds: replace each with a
   # fresh read-write mount, or the inner dockerd's containers fail to create cgroups.
   for dir in /sys/fs/cgroup/*; do
-    [ -d "$dir" ] && [ ! -L "$dir" ] && mountpoint -q "$dir" || continue
+    [ -d "$dir" ] && [ ! -L "$dir" ] && is_mountpoint "$dir" || continue
     cgroup_v1_writable "$dir" && continue
     name=${dir##*/}
     umount -l "$dir" 2>/dev/null || true
@@ -82,7 +94,9 @@ prepare_proc_sys() {
   # dockerd needs IP forwarding. Under the caps and userns profiles the worker sets it per
   # container (HostConfig.Sysctls) and /proc/sys stays read-only, as Docker mounts it: never
   # remount it (a read-write /proc/sys is core_pattern for anyone root here).
-  [ "$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null)" = 1 ] && return
+  forward=
+  read -r forward < /proc/sys/net/ipv4/ip_forward 2>/dev/null || :
+  [ "$forward" != 1 ] || return 0
   echo 1 > /proc/sys/net/ipv4/ip_forward 2>/dev/null \
     || log "warning: IP forwarding is off and /proc/sys is read-only; nested networking may be limited"
 }
@@ -94,22 +108,26 @@ prepare_cgroups() {
 write_daemon_json() {
   octet=$((212 + DEPTH))
   registries=
-  for registry in $(printf '%s' "${ORCH_REGISTRY:-}" | tr ',' ' '); do
+  # Split on commas and blanks by the shell itself (no tr), without globbing the pieces.
+  set -f; old_ifs=$IFS; IFS=", 	
+"
+  for registry in ${ORCH_REGISTRY:-}; do
+    IFS=$old_ifs
+    [ -n "$registry" ] || continue
     case "$registry" in *[!A-Za-z0-9.:_-]*) die "ORCH_REGISTRY: '$registry' is not host:port";; esac
     registries="$registries${registries:+, }\"$registry\""
   done
-  mkdir -p /etc/docker
+  IFS=$old_ifs; set +f
+  [ -d /etc/docker ] || mkdir -p /etc/docker
   # Each level takes its own /16 so nested networks never overlap; docker0 takes its first /24.
-  cat > /etc/docker/daemon.json <<JSON
-{
-  "default-address-pools": [{"base": "10.$octet.0.0/16", "size": 24}],
-  "bip": "10.$octet.0.1/24",
-  "storage-driver": "overlay2",
-  "insecure-registries": [$registries],
-  "log-driver": "json-file",
-  "log-opts": {"max-size": "10m", "max-file": "2"}
-}
-JSON
+  printf '%s\n' "{
+  \"default-address-pools\": [{\"base\": \"10.$octet.0.0/16\", \"size\": 24}],
+  \"bip\": \"10.$octet.0.1/24\",
+  \"storage-driver\": \"overlay2\",
+  \"insecure-registries\": [$registries],
+  \"log-driver\": \"json-file\",
+  \"log-opts\": {\"max-size\": \"10m\", \"max-file\": \"2\"}
+}" > /etc/docker/daemon.json
 }
 
 gate() {  # --gated: wait for the go on fd 4, then close it (nothing started later holds it)
@@ -122,7 +140,7 @@ supervise() {  # $1: 1 to wait for the gate before the first dockerd (--gated)
   stopping=0 child= gated=${1:-0}
   trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null || :' TERM INT
   delay=1
-  mkdir -p "$(dirname "$EXTERNAL_SOCKET")"
+  parent "$EXTERNAL_SOCKET"; [ -d "$PARENT" ] || mkdir -p "$PARENT"
   while :; do
     remove_stale_state
     log "starting dockerd (depth $DEPTH, pool 10.$((212 + DEPTH)).0.0/16)"
@@ -145,7 +163,7 @@ supervise() {  # $1: 1 to wait for the gate before the first dockerd (--gated)
   done
 }
 
-mkdir -p "$(dirname "$LOG")"
+parent "$LOG"; [ -d "$PARENT" ] || mkdir -p "$PARENT"
 case "${1:---supervise}" in
   --check) preflight ;;
   --supervise)

@@ -73,7 +73,9 @@ delegate() {
 prepare_cgroups() {
   # A private cgroup namespace is what keeps the machine's hierarchy roots (release_agent,
   # other containers' limits, devices.allow of the root) out of reach: refuse without one.
-  grep -q ':/$' /proc/self/cgroup || die "the cgroup namespace is not private (CgroupnsMode: private)"
+  private=0
+  while IFS= read -r line; do case "$line" in *:/) private=1; break ;; esac; done < /proc/self/cgroup
+  [ "$private" = 1 ] || die "the cgroup namespace is not private (CgroupnsMode: private)"
   if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
     mount -o remount,rw /sys/fs/cgroup 2>/dev/null || :
     # As start-dockerd does on v2: processes out of the root, controllers delegated.
@@ -85,28 +87,25 @@ prepare_cgroups() {
   fi
   # v1: each hierarchy made writable where it is. With a private cgroup namespace Docker's
   # mounts show this container's cgroup as their root already; they are read-only per mount,
-  # which a bind remount lifts (one process, not an unmount and a fresh mount). Concurrently.
+  # which a bind remount lifts: no unmount and fresh mount, and all of them in one mount
+  # process (--all with a type filter remounts what is mounted, mount(8)). Each is checked.
   dirs=$(cgroup_mounts)
-  jobs=
-  for dir in $dirs; do
-    mount -o remount,bind,rw "$dir" &
-    jobs="$jobs $!"
-  done
-  failed=0
-  for job in $jobs; do wait "$job" || failed=1; done
-  [ "$failed" = 0 ] || die "could not make the cgroup hierarchies writable"
+  mount --all -o remount,bind,rw -t cgroup,cgroup2 || die "could not make the cgroup hierarchies writable"
+  mark outer.cgroups.mounted
   for dir in $dirs; do
     [ ! -e "$dir/release_agent" ] || die "cgroup ${dir##*/} shows the hierarchy's root (release_agent)"
     [ -w "$dir" ] || die "cgroup ${dir##*/} is still read-only"
   done
   # shellcheck disable=SC2086
   delegate $dirs
+  mark outer.cgroups
 }
 
 prepare_files() {
   # /sys read-write before the namespace is made, or a privileged container inside cannot mount sysfs.
   mount -o remount,rw /sys
-  mkdir -p /var/lib/docker /run/orchestrator /etc/docker "${LOG%/*}" "$STATE"
+  case "$LOG" in */*) log_dir=${LOG%/*}/ ;; *) log_dir=. ;; esac
+  mkdir -p /var/lib/docker /run/orchestrator /etc/docker "$log_dir" "$STATE"
   : >> "$LOG"
   # Only the tops: what the desktop's dockerd writes below them is its own already. The
   # session's env file (workers/runtime/session_env.py) is root's: the namespaces' root's too,
@@ -119,11 +118,18 @@ prepare_files() {
   printf 'root:%s:%s\n' "$BASE" "$SIZE" > /etc/subuid
   printf 'root:%s:%s\n' "$BASE" "$SIZE" > /etc/subgid
   # The outer side's docker CLI (docker exec DESKTOP docker ...) reaches the desktop's dockerd.
-  ln -sfn /run/orchestrator/docker.sock /var/run/docker.sock
-  # The namespaces' resolv.conf: the outer end of the veth when Docker's resolver serves this
-  # container (127.0.0.11 is the outer side's loopback), else the same servers. The state
-  # directory is readable: the inner side reads resolv.conf before it covers /run.
+  [ -L /var/run/docker.sock ] || ln -sfn /run/orchestrator/docker.sock /var/run/docker.sock
+  # The state directory is readable: the inner side reads resolv.conf before it covers /run.
   chmod 0755 "$STATE"
+  # start_namespaces's hand-over.
+  rm -f "$STATE/up" "$STATE/go"
+  mkfifo -m 0600 "$STATE/up" "$STATE/go"
+  mark outer.files
+}
+
+resolv_conf() {  # the namespaces' resolv.conf; DOCKER_DNS=1 when Docker's resolver serves here
+  # The outer end of the veth when Docker's resolver serves this container (127.0.0.11 is the
+  # outer side's loopback), else the same servers.
   DOCKER_DNS=
   while IFS= read -r line || [ -n "$line" ]; do
     case "$line" in
@@ -134,14 +140,17 @@ prepare_files() {
   done < /etc/resolv.conf > "$STATE/resolv.conf"
 }
 
-inner_pid() {  # the namespaces' pid 1 (tini), a child of unshare: $1 is unshare's pid
+inner_pid() {  # PID: the namespaces' pid 1 (tini), a child of unshare; $1 is unshare's pid
   # Called once the namespaces' side has said it runs (start_namespaces), so tini is there.
-  mine=$(readlink /proc/self/ns/pid)
   children=
   read -r children < "/proc/$1/task/$1/children" || :  # (no newline at its end)
   for child in $children; do
-    ns=$(readlink "/proc/$child/ns/pid" 2>/dev/null) || continue
-    [ "$ns" != "$mine" ] && { echo "$child"; return 0; }
+    # The one that is pid 1 of a pid namespace below this one: "NSpid: <here> 1".
+    while read -r key here there; do
+      [ "$key" = NSpid: ] || continue
+      [ "$there" = 1 ] && { PID=$child; return 0; }
+      break
+    done < "/proc/$child/status" 2>/dev/null || :
   done
   return 1
 }
@@ -152,13 +161,13 @@ sysctl_is() {  # HostConfig.Sysctls sets them (/proc/sys is read-only here): che
   [ "$value" = "$2" ] || log "warning: $1 is '$value', not $2 (HostConfig.Sysctls)"
 }
 
-resolver_port() {  # $1: udp or tcp. Where Docker's resolver listens on 127.0.0.11 (its DNAT's target)
+resolver_port() {  # $1: udp or tcp. PORT: where Docker's resolver listens on 127.0.0.11 (its DNAT's target)
   # /proc/net/{udp,tcp} of this network namespace: 127.0.0.11 is 0B00007F there, the port in
   # hex; for tcp only a listener (state 0A). No iptables-save (a process and the whole table).
   while read -r _ local _ state _; do
     case "$local" in 0B00007F:*) ;; *) continue ;; esac
     [ "$1" = udp ] || [ "$state" = 0A ] || continue
-    echo $((0x${local#*:})); return 0
+    PORT=$((0x${local#*:})); return 0
   done < "/proc/net/$1"
   return 1
 }
@@ -177,6 +186,9 @@ addr add $INNER_IP/30 dev eth0
 link set eth0 up
 route add default via $OUTER_IP
 IP
+}
+
+prepare_nat() {  # the veth's NAT, before the veth exists (the rules name it): iptables-restore
   sysctl_is net/ipv4/ip_forward 1
   # Docker's resolver listens on 127.0.0.11 at ports of its choosing; its own DNAT only
   # covers this side's locally made packets, so the namespaces get one of their own. All the
@@ -185,12 +197,13 @@ IP
   if [ -n "$DOCKER_DNS" ]; then
     sysctl_is net/ipv4/conf/all/route_localnet 1
     for proto in udp tcp; do
-      port=$(resolver_port "$proto") || { log "warning: no Docker resolver for $proto"; continue; }
+      resolver_port "$proto" || { log "warning: no Docker resolver for $proto"; continue; }
       rules="$rules
--A PREROUTING -i ud0 -d $OUTER_IP/32 -p $proto -m $proto --dport 53 -j DNAT --to-destination 127.0.0.11:$port"
+-A PREROUTING -i ud0 -d $OUTER_IP/32 -p $proto -m $proto --dport 53 -j DNAT --to-destination 127.0.0.11:$PORT"
     done
   fi
   printf '*nat\n%s\nCOMMIT\n' "$rules" | iptables-restore --noflush
+  mark outer.nat
 }
 
 # The two sides' hand-over, on two fifos opened once and unlinked at once (nothing else can
@@ -198,9 +211,7 @@ IP
 # once the network is connected, writes one on their fd 4, which start-dockerd --gated reads
 # before dockerd starts. Blocking reads, no polling; a side that dies closes its ends, and the
 # other reads end-of-file instead of waiting out a timeout.
-start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini)
-  rm -f "$STATE/up" "$STATE/go"
-  mkfifo -m 0600 "$STATE/up" "$STATE/go"
+start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini); prepare made the fifos
   # --cgroup: a cgroup namespace of the user namespace's own, rooted where this process is (the
   # container's cgroup, the root of its private namespace, so every path reads the same), lets a
   # Docker-in-Docker inside mount cgroup v1 for its dockerd: the mount shows the desktop's
@@ -214,7 +225,8 @@ start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini)
   rm -f "$STATE/up" "$STATE/go"
   read -r _ <&5 || { exec 5<&- 6>&-; wait "$unshare_pid" || :; die "the namespaces did not start"; }
   exec 5<&-
-  pid=$(inner_pid "$unshare_pid") || die "the namespaces' pid 1 is not a child of unshare"
+  inner_pid "$unshare_pid" || die "the namespaces' pid 1 is not a child of unshare"
+  pid=$PID
   mark outer.pid
   echo "$pid" > "$STATE/pid"
   connect_network "$pid"
@@ -223,11 +235,16 @@ start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini)
   exec 6>&-
 }
 
-prepare() {  # the cgroups and the files, concurrently (independent of each other)
+prepare() {  # the cgroups, the files and the NAT, concurrently (independent of each other)
+  mkdir -p "$STATE"
+  resolv_conf
   prepare_cgroups &
   cgroups=$!
+  prepare_nat &
+  nat=$!
   prepare_files
   wait "$cgroups" || exit 1  # it said why
+  wait "$nat" || die "could not set up the NAT for the namespaces"
 }
 
 outer() {
@@ -253,13 +270,13 @@ inner() {
   exec 3>&-
   # The container's /run belongs to the machine's root: a tmpfs of our own, with the shared
   # socket directory moved back into it.
-  mkdir -p /tmp/.orchestrator
-  mount --bind /run/orchestrator /tmp/.orchestrator
+  # (/mnt, an empty directory of the image, holds it meanwhile: nothing to make and remove.)
+  [ -d /mnt ] || mkdir /mnt
+  mount --bind /run/orchestrator /mnt
   mount --bind "$STATE/resolv.conf" /etc/resolv.conf
   mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-  mkdir -p /run/orchestrator
-  mount --move /tmp/.orchestrator /run/orchestrator
-  rmdir /tmp/.orchestrator
+  mkdir /run/orchestrator
+  mount --move /mnt /run/orchestrator
   mark inner.mounts
   # Its preparations now too; dockerd itself once the network is connected (fd 4).
   exec start-dockerd --supervise --gated
