@@ -210,7 +210,8 @@ prepare_nat() {  # the veth's NAT, before the veth exists (the rules name it): i
 # open them): the namespaces' side writes a line on its fd 3 as soon as it runs; this side,
 # once the network is connected, writes one on their fd 4, which start-dockerd --gated reads
 # before dockerd starts. Blocking reads, no polling; a side that dies closes its ends, and the
-# other reads end-of-file instead of waiting out a timeout.
+# other reads end-of-file instead of waiting out a timeout. (tini keeps its copies: the ends of
+# two pipes whose other ends are closed once the hand-over is done, reaching nothing.)
 start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini); prepare made the fifos
   # --cgroup: a cgroup namespace of the user namespace's own, rooted where this process is (the
   # container's cgroup, the root of its private namespace, so every path reads the same), lets a
