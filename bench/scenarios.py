@@ -532,7 +532,16 @@ async def profiles(n: int, burst_size: int = 10) -> list[Result]:
                 box = next(b for b in await client.sandboxes() if b.id == svc.sandbox_id)
                 kinds[name] = box.privilege
             cold_r.notes["profiles"] = kinds
-            await alternate(n, lambda: cold_once(default), lambda: cold_once(caps), cold_r)
+            phases: dict[str, list[dict[str, int]]] = {"default": [], "caps": []}
+            await alternate(
+                n, lambda: cold_once(default, phases["default"]), lambda: cold_once(caps, phases["caps"]), cold_r
+            )
+            # The worker's own phases (session.ready's phases_ms): where the profiles differ.
+            for name, seen in phases.items():
+                if seen:
+                    cold_r.notes[f"{name} phases, median ms"] = {
+                        k: statistics.median(p.get(k, 0) for p in seen) for k in seen[0]
+                    }
             resumes = [await Resumable.make(default), await Resumable.make(caps)]
             await alternate(n, resumes[0].once, resumes[1].once, resume_r)
             for r in resumes:
@@ -544,12 +553,14 @@ async def profiles(n: int, burst_size: int = 10) -> list[Result]:
     return [cold_r, resume_r, burst_r]
 
 
-async def cold_once(client: Client) -> float:
+async def cold_once(client: Client, phases: list[dict[str, int]] | None = None) -> float:
     started = time.perf_counter()
     record = await client.create()
     events = await client.wait_for(record.id, {"dockerd.ready", "session.failed"}, timeout=120)
     elapsed = time.perf_counter() - started
-    await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=30, after=events[-1].id)
+    ready = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=30, after=events[-1].id)
+    if phases is not None and ready[-1].type == "session.ready":
+        phases.append(ready[-1].data["data"]["phases_ms"])
     await delete(client, record.id)
     if events[-1].type != "dockerd.ready":
         raise RuntimeError(events[-1].data)

@@ -2,6 +2,7 @@
 # PID 1's child in the desktop: prepare and supervise dockerd, then stay up until told to stop.
 # tini -g forwards SIGTERM to the whole group, so dockerd shuts its containers down cleanly.
 set -eu
+[ -z "${ORCH_TRACE_PHASES:-}" ] || echo "phase init $(date +%s%N)" >&2
 . /usr/local/lib/orchestrator/session-env.sh
 # A `userns` desktop (the worker sets ORCH_USERNS_BASE in the container's Env; the session's
 # env file never holds it): dockerd in a user namespace. Decided before the session's env loads.

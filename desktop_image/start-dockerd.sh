@@ -4,6 +4,10 @@
 #
 #   start-dockerd --supervise   preflight, then run dockerd under a restart loop (foreground)
 #   start-dockerd --check       preflight only
+#   start-dockerd --supervise --gated
+#                               the same, but the first dockerd starts only once a line (or
+#                               end-of-file: refused) arrives on fd 4 (userns-desktop: the
+#                               network is connected); the preparations run meanwhile
 #
 # Environment:
 #   ORCH_DEPTH            nesting level of this dockerd (networks from 10.(212+depth).0.0/16)
@@ -20,30 +24,44 @@ DATA_ROOT=/var/lib/docker
 EXTERNAL_SOCKET=${ORCH_EXTERNAL_SOCKET:-/run/orchestrator/docker.sock}
 LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
 
+parent() { case "$1" in */*) PARENT=${1%/*}/ ;; *) PARENT=. ;; esac; }  # dirname, in the shell
+
 log() { printf '%s start-dockerd: %s\n' "$(date -u +%FT%TZ)" "$*" | tee -a "$LOG" >&2; }
 die() { log "error: $*"; exit 1; }
+# ORCH_TRACE_PHASES=1: a line per phase on stderr with its time (bench/phases.py reads them).
+mark() { [ -z "${ORCH_TRACE_PHASES:-}" ] || echo "phase $1 $(date +%s%N)" >&2; }
 
 preflight() {
   case "$DEPTH" in ''|*[!0-9]*) die "ORCH_DEPTH must be a number, got '$DEPTH'";; esac
   [ "$DEPTH" -ge 0 ] && [ "$DEPTH" -le 43 ] || die "ORCH_DEPTH $DEPTH is out of range 0..43"
   # overlay2 cannot stack on the container's own overlay root: the data root must be a
   # real filesystem (a Docker volume), or the inner daemon silently degrades to vfs.
-  mountpoint -q "$DATA_ROOT" || die "refusing to start: $DATA_ROOT is not a mount point (mount a volume there)"
+  is_mountpoint "$DATA_ROOT" || die "refusing to start: $DATA_ROOT is not a mount point (mount a volume there)"
 }
+
+# The mount points of this mount namespace, read once (mountinfo: no process per question).
+# Its paths escape a space as \040: ours have none.
+MOUNTS=
+read_mounts() {
+  MOUNTS=
+  while read -r _ _ _ _ mnt _; do MOUNTS="$MOUNTS $mnt "; done < /proc/self/mountinfo
+}
+is_mountpoint() { [ -n "$MOUNTS" ] || read_mounts; case "$MOUNTS" in *" $1 "*) return 0 ;; esac; return 1; }
 
 remove_stale_state() {
   # A killed daemon leaves pid files behind and the next dockerd refuses to start.
-  rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid "$DATA_ROOT/docker.pid"
-  rm -f /var/run/docker.sock "$EXTERNAL_SOCKET"
+  rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid "$DATA_ROOT/docker.pid" \
+    /var/run/docker.sock "$EXTERNAL_SOCKET"
 }
 
-cgroup_v1_writable() { mkdir "$1/.orch-probe" 2>/dev/null && rmdir "$1/.orch-probe"; }
+# access(2) answers for the mount too (EROFS on a read-only one): no probe directory to make.
+cgroup_v1_writable() { [ -w "$1" ]; }
 
 prepare_cgroup_v1() {
   # Without privileged mode the hierarchies are read-only binds: replace each with a
   # fresh read-write mount, or the inner dockerd's containers fail to create cgroups.
   for dir in /sys/fs/cgroup/*; do
-    [ -d "$dir" ] && [ ! -L "$dir" ] && mountpoint -q "$dir" || continue
+    [ -d "$dir" ] && [ ! -L "$dir" ] && is_mountpoint "$dir" || continue
     cgroup_v1_writable "$dir" && continue
     name=${dir##*/}
     umount -l "$dir" 2>/dev/null || true
@@ -76,7 +94,9 @@ prepare_proc_sys() {
   # dockerd needs IP forwarding. Under the caps and userns profiles the worker sets it per
   # container (HostConfig.Sysctls) and /proc/sys stays read-only, as Docker mounts it: never
   # remount it (a read-write /proc/sys is core_pattern for anyone root here).
-  [ "$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null)" = 1 ] && return
+  forward=
+  read -r forward < /proc/sys/net/ipv4/ip_forward 2>/dev/null || :
+  [ "$forward" != 1 ] || return 0
   echo 1 > /proc/sys/net/ipv4/ip_forward 2>/dev/null \
     || log "warning: IP forwarding is off and /proc/sys is read-only; nested networking may be limited"
 }
@@ -88,33 +108,44 @@ prepare_cgroups() {
 write_daemon_json() {
   octet=$((212 + DEPTH))
   registries=
-  for registry in $(printf '%s' "${ORCH_REGISTRY:-}" | tr ',' ' '); do
+  # Split on commas and blanks by the shell itself (no tr), without globbing the pieces.
+  set -f; old_ifs=$IFS; IFS=", 	
+"
+  for registry in ${ORCH_REGISTRY:-}; do
+    IFS=$old_ifs
+    [ -n "$registry" ] || continue
     case "$registry" in *[!A-Za-z0-9.:_-]*) die "ORCH_REGISTRY: '$registry' is not host:port";; esac
     registries="$registries${registries:+, }\"$registry\""
   done
-  mkdir -p /etc/docker
+  IFS=$old_ifs; set +f
+  [ -d /etc/docker ] || mkdir -p /etc/docker
   # Each level takes its own /16 so nested networks never overlap; docker0 takes its first /24.
-  cat > /etc/docker/daemon.json <<JSON
-{
-  "default-address-pools": [{"base": "10.$octet.0.0/16", "size": 24}],
-  "bip": "10.$octet.0.1/24",
-  "storage-driver": "overlay2",
-  "insecure-registries": [$registries],
-  "log-driver": "json-file",
-  "log-opts": {"max-size": "10m", "max-file": "2"}
-}
-JSON
+  printf '%s\n' "{
+  \"default-address-pools\": [{\"base\": \"10.$octet.0.0/16\", \"size\": 24}],
+  \"bip\": \"10.$octet.0.1/24\",
+  \"storage-driver\": \"overlay2\",
+  \"insecure-registries\": [$registries],
+  \"log-driver\": \"json-file\",
+  \"log-opts\": {\"max-size\": \"10m\", \"max-file\": \"2\"}
+}" > /etc/docker/daemon.json
 }
 
-supervise() {
-  stopping=0 child=
+gate() {  # --gated: wait for the go on fd 4, then close it (nothing started later holds it)
+  read -r _ <&4 || die "the namespaces' network was not connected (the outer side gave up)"
+  exec 4<&-
+  mark dockerd.gate
+}
+
+supervise() {  # $1: 1 to wait for the gate before the first dockerd (--gated)
+  stopping=0 child= gated=${1:-0}
   trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null || :' TERM INT
   delay=1
-  mkdir -p "$(dirname "$EXTERNAL_SOCKET")"
+  parent "$EXTERNAL_SOCKET"; [ -d "$PARENT" ] || mkdir -p "$PARENT"
   while :; do
     remove_stale_state
-    started=$(date +%s)
     log "starting dockerd (depth $DEPTH, pool 10.$((212 + DEPTH)).0.0/16)"
+    [ "$gated" = 0 ] || { gate; gated=0; }
+    read -r started _ < /proc/uptime  # seconds since boot (no date process)
     # shellcheck disable=SC2086
     dockerd --host unix:///var/run/docker.sock --host "unix://$EXTERNAL_SOCKET" \
       ${DOCKERD_EXTRA_ARGS:-} >>"$LOG" 2>&1 &
@@ -125,15 +156,18 @@ supervise() {
     if [ "$stopping" = 1 ]; then wait "$child" 2>/dev/null || :; log "stopped"; exit 0; fi
     log "dockerd exited with status $status; restarting in ${delay}s"
     # Back off on crash loops, but a daemon that ran a while restarts fast.
-    [ $(( $(date +%s) - started )) -gt 30 ] && delay=1
+    read -r now _ < /proc/uptime
+    [ $(( ${now%.*} - ${started%.*} )) -gt 30 ] && delay=1
     sleep "$delay"
     delay=$((delay * 2)); [ "$delay" -le 16 ] || delay=16
   done
 }
 
-mkdir -p "$(dirname "$LOG")"
+parent "$LOG"; [ -d "$PARENT" ] || mkdir -p "$PARENT"
 case "${1:---supervise}" in
   --check) preflight ;;
-  --supervise) preflight; prepare_proc_sys; prepare_cgroups; write_daemon_json; supervise ;;
+  --supervise)
+    mark dockerd.script; preflight; prepare_proc_sys; prepare_cgroups; write_daemon_json; mark dockerd.prepared
+    if [ "${2:-}" = --gated ]; then supervise 1; else supervise 0; fi ;;
   *) die "usage: start-dockerd [--supervise|--check]" ;;
 esac

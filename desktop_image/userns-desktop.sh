@@ -26,6 +26,8 @@ LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
 
 log() { printf '%s userns-desktop: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# ORCH_TRACE_PHASES=1: a line per phase on stderr with its time (bench/phases.py reads them).
+mark() { [ -z "${ORCH_TRACE_PHASES:-}" ] || echo "phase $1 $(date +%s%N)" >&2; }
 
 check_input() {
   case "$BASE" in ''|*[!0-9]*) die "ORCH_USERNS_BASE must be a number, got '$BASE'";; esac
@@ -43,125 +45,216 @@ OCTET=$((212 + DEPTH))
 OUTER_IP=10.$OCTET.255.253
 INNER_IP=10.$OCTET.255.254
 
+cgroup_mounts() {  # the mount points of the cgroup hierarchies under /sys/fs/cgroup, a line each
+  # mountinfo, not `mountpoint` per directory: one read, no process per hierarchy.
+  while read -r _ _ _ _ mnt rest; do
+    case "$mnt" in /sys/fs/cgroup/*) ;; *) continue ;; esac
+    fstype=${rest#* - }
+    case "${fstype%% *}" in cgroup|cgroup2) echo "$mnt" ;; esac
+  done < /proc/self/mountinfo
+}
+
+# What the namespaces' root gets of a cgroup it is handed (cgroup v2's delegation set: the
+# directory, to make children, and the files that move processes), never the cgroup's own limits
+# (memory.limit_in_bytes, pids.max, cpu.cfs_quota_us...): the desktop's root must not lift the
+# limits the worker set on its container. $@: the cgroups.
+delegate() {
+  files=
+  for dir in "$@"; do
+    files="$files $dir"
+    for f in cgroup.procs tasks cgroup.threads cgroup.subtree_control; do
+      [ ! -e "$dir/$f" ] || files="$files $dir/$f"
+    done
+  done
+  # shellcheck disable=SC2086  # paths under /sys/fs/cgroup: no spaces
+  chown "$BASE:$BASE" $files
+}
+
 prepare_cgroups() {
   # A private cgroup namespace is what keeps the machine's hierarchy roots (release_agent,
   # other containers' limits, devices.allow of the root) out of reach: refuse without one.
-  grep -q ':/$' /proc/self/cgroup || die "the cgroup namespace is not private (CgroupnsMode: private)"
+  private=0
+  while IFS= read -r line; do case "$line" in *:/) private=1; break ;; esac; done < /proc/self/cgroup
+  [ "$private" = 1 ] || die "the cgroup namespace is not private (CgroupnsMode: private)"
   if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
     mount -o remount,rw /sys/fs/cgroup 2>/dev/null || :
     # As start-dockerd does on v2: processes out of the root, controllers delegated.
     mkdir -p /sys/fs/cgroup/init
     xargs -rn1 < /sys/fs/cgroup/cgroup.procs > /sys/fs/cgroup/init/cgroup.procs 2>/dev/null || :
     sed -e 's/ / +/g' -e 's/^/+/' < /sys/fs/cgroup/cgroup.controllers > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || :
-    chown -R "$BASE:$BASE" /sys/fs/cgroup
+    delegate /sys/fs/cgroup /sys/fs/cgroup/init
     return
   fi
-  # v1: a fresh read-write mount of each hierarchy, rooted at this container's cgroup (the
-  # namespace), then handed to the namespaces' root.
-  for dir in /sys/fs/cgroup/*; do
-    [ -d "$dir" ] && [ ! -L "$dir" ] && mountpoint -q "$dir" || continue
-    name=${dir##*/}
-    umount -l "$dir" 2>/dev/null || :
-    case "$name" in
-      unified) mount -t cgroup2 none "$dir" ;;
-      systemd) mount -t cgroup -o none,name=systemd cgroup "$dir" ;;
-      *) mount -t cgroup -o "$name" cgroup "$dir" ;;
-    esac || die "could not mount cgroup $name"
-    [ ! -e "$dir/release_agent" ] || die "cgroup $name shows the hierarchy's root (release_agent)"
-    chown -R "$BASE:$BASE" "$dir"
+  # v1: each hierarchy made writable where it is. With a private cgroup namespace Docker's
+  # mounts show this container's cgroup as their root already; they are read-only per mount,
+  # which a bind remount lifts: no unmount and fresh mount, and all of them in one mount
+  # process (--all with a type filter remounts what is mounted, mount(8)). Each is checked.
+  dirs=$(cgroup_mounts)
+  mount --all -o remount,bind,rw -t cgroup,cgroup2 || die "could not make the cgroup hierarchies writable"
+  mark outer.cgroups.mounted
+  for dir in $dirs; do
+    [ ! -e "$dir/release_agent" ] || die "cgroup ${dir##*/} shows the hierarchy's root (release_agent)"
+    [ -w "$dir" ] || die "cgroup ${dir##*/} is still read-only"
   done
+  # shellcheck disable=SC2086
+  delegate $dirs
+  mark outer.cgroups
 }
 
 prepare_files() {
   # /sys read-write before the namespace is made, or a privileged container inside cannot mount sysfs.
   mount -o remount,rw /sys
-  mkdir -p /var/lib/docker /run/orchestrator /etc/docker "$(dirname "$LOG")" "$STATE"
-  chmod 0700 "$STATE"
-  touch "$LOG"
-  # Only the tops: what the desktop's dockerd writes below them is its own already.
-  chown "$BASE:$BASE" /var/lib/docker /run/orchestrator /etc/docker "$LOG"
+  case "$LOG" in */*) log_dir=${LOG%/*}/ ;; *) log_dir=. ;; esac
+  mkdir -p /var/lib/docker /run/orchestrator /etc/docker "$log_dir" "$STATE"
+  : >> "$LOG"
+  # Only the tops: what the desktop's dockerd writes below them is its own already. The
+  # session's env file (workers/runtime/session_env.py) is root's: the namespaces' root's too,
+  # so login shells there get it (profile.d). Still no one else's.
+  owned="/var/lib/docker /run/orchestrator /etc/docker $LOG"
+  [ ! -d /etc/orchestrator ] || owned="$owned /etc/orchestrator"
+  [ ! -f /etc/orchestrator/session.env ] || owned="$owned /etc/orchestrator/session.env"
+  # shellcheck disable=SC2086  # fixed paths, no spaces
+  chown "$BASE:$BASE" $owned
   printf 'root:%s:%s\n' "$BASE" "$SIZE" > /etc/subuid
-  cp /etc/subuid /etc/subgid
-  # The session's env file (workers/runtime/session_env.py) is root's: the namespaces' root's
-  # too, so login shells there get it (profile.d). Still no one else's.
-  if [ -d /etc/orchestrator ]; then
-    chown "$BASE:$BASE" /etc/orchestrator
-    [ ! -f /etc/orchestrator/session.env ] || chown "$BASE:$BASE" /etc/orchestrator/session.env
-  fi
+  printf 'root:%s:%s\n' "$BASE" "$SIZE" > /etc/subgid
   # The outer side's docker CLI (docker exec DESKTOP docker ...) reaches the desktop's dockerd.
-  ln -sfn /run/orchestrator/docker.sock /var/run/docker.sock
-  # The namespaces' resolv.conf: the outer end of the veth when Docker's resolver serves this
-  # container (127.0.0.11 is the outer side's loopback), else the same servers.
-  if grep -q '^nameserver 127\.0\.0\.11' /etc/resolv.conf; then
-    sed "s/^nameserver 127\.0\.0\.11/nameserver $OUTER_IP/" /etc/resolv.conf > "$STATE/resolv.conf"
-  else
-    cp /etc/resolv.conf "$STATE/resolv.conf"
-  fi
-  chmod 0755 "$STATE"  # the inner side reads resolv.conf before it covers /run
+  [ -L /var/run/docker.sock ] || ln -sfn /run/orchestrator/docker.sock /var/run/docker.sock
+  # The state directory is readable: the inner side reads resolv.conf before it covers /run.
+  chmod 0755 "$STATE"
+  # start_namespaces's hand-over.
+  rm -f "$STATE/up" "$STATE/go"
+  mkfifo -m 0600 "$STATE/up" "$STATE/go"
+  mark outer.files
 }
 
-inner_pid() {  # the namespaces' pid 1 (tini), a child of unshare: $1 is unshare's pid
-  mine=$(readlink /proc/self/ns/pid)
-  tries=0
-  while [ "$tries" -lt 500 ]; do
-    for child in $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
-      ns=$(readlink "/proc/$child/ns/pid" 2>/dev/null) || continue
-      [ "$ns" != "$mine" ] && { echo "$child"; return 0; }
-    done
-    kill -0 "$1" 2>/dev/null || return 1
-    tries=$((tries + 1)); sleep 0.01
+resolv_conf() {  # the namespaces' resolv.conf; DOCKER_DNS=1 when Docker's resolver serves here
+  # The outer end of the veth when Docker's resolver serves this container (127.0.0.11 is the
+  # outer side's loopback), else the same servers.
+  DOCKER_DNS=
+  while IFS= read -r line || [ -n "$line" ]; do
+    case "$line" in
+      'nameserver 127.0.0.11'|'nameserver 127.0.0.11 '*|'nameserver 127.0.0.11	'*)
+        DOCKER_DNS=1; line="nameserver $OUTER_IP${line#nameserver 127.0.0.11}" ;;
+    esac
+    printf '%s\n' "$line"
+  done < /etc/resolv.conf > "$STATE/resolv.conf"
+}
+
+inner_pid() {  # PID: the namespaces' pid 1 (tini), a child of unshare; $1 is unshare's pid
+  # Called once the namespaces' side has said it runs (start_namespaces), so tini is there.
+  children=
+  read -r children < "/proc/$1/task/$1/children" || :  # (no newline at its end)
+  for child in $children; do
+    # The one that is pid 1 of a pid namespace below this one: "NSpid: <here> 1".
+    while read -r key here there; do
+      [ "$key" = NSpid: ] || continue
+      [ "$there" = 1 ] && { PID=$child; return 0; }
+      break
+    done < "/proc/$child/status" 2>/dev/null || :
   done
   return 1
 }
 
-set_sysctl() {  # HostConfig.Sysctls sets them; this is for daemons that do not
-  [ "$(cat "/proc/sys/$1" 2>/dev/null)" = "$2" ] || echo "$2" > "/proc/sys/$1" 2>/dev/null \
-    || log "warning: could not set $1=$2"
+sysctl_is() {  # HostConfig.Sysctls sets them (/proc/sys is read-only here): check, never write
+  value=
+  read -r value < "/proc/sys/$1" 2>/dev/null || :
+  [ "$value" = "$2" ] || log "warning: $1 is '$value', not $2 (HostConfig.Sysctls)"
+}
+
+resolver_port() {  # $1: udp or tcp. PORT: where Docker's resolver listens on 127.0.0.11 (its DNAT's target)
+  # /proc/net/{udp,tcp} of this network namespace: 127.0.0.11 is 0B00007F there, the port in
+  # hex; for tcp only a listener (state 0A). No iptables-save (a process and the whole table).
+  while read -r _ local _ state _; do
+    case "$local" in 0B00007F:*) ;; *) continue ;; esac
+    [ "$1" = udp ] || [ "$state" = 0A ] || continue
+    PORT=$((0x${local#*:})); return 0
+  done < "/proc/net/$1"
+  return 1
 }
 
 connect_network() {  # $1: the namespaces' pid
-  ip link add ud0 type veth peer name ud1
-  ip link set ud1 netns "$1"
-  ip addr add "$OUTER_IP/30" dev ud0
-  ip link set ud0 up
-  nsenter -t "$1" -n sh -c "ip link set lo up && ip link set ud1 name eth0 && ip addr add $INNER_IP/30 dev eth0 \
-    && ip link set eth0 up && ip route add default via $OUTER_IP"
-  set_sysctl net/ipv4/ip_forward 1
-  iptables -t nat -A POSTROUTING -s "$INNER_IP/32" ! -o ud0 -j MASQUERADE
-  # Docker's resolver listens on 127.0.0.11 at ports of its choosing; its own DNAT only
-  # covers this side's locally made packets, so the namespaces get one of their own.
-  if grep -q "^nameserver $OUTER_IP" "$STATE/resolv.conf"; then
-    set_sysctl net/ipv4/conf/ud0/route_localnet 1
-    rules=$(iptables-save -t nat)
-    for proto in udp tcp; do
-      port=$(printf '%s\n' "$rules" | sed -n "s/.*-A DOCKER_OUTPUT -d 127\.0\.0\.11\/32 -p $proto .*--to-destination 127\.0\.0\.11:\([0-9]*\).*/\1/p" | head -n1)
-      [ -n "$port" ] || { log "warning: no Docker resolver for $proto"; continue; }
-      iptables -t nat -A PREROUTING -i ud0 -d "$OUTER_IP" -p "$proto" --dport 53 -j DNAT --to-destination "127.0.0.11:$port"
-    done
-  fi
+  # The veth's inner end made in the namespaces' network namespace as eth0 (one ip process for
+  # this side, one for theirs).
+  ip -batch - <<IP
+link add ud0 type veth peer name eth0 netns $1
+addr add $OUTER_IP/30 dev ud0
+link set ud0 up
+IP
+  nsenter -t "$1" -n ip -batch - <<IP
+link set lo up
+addr add $INNER_IP/30 dev eth0
+link set eth0 up
+route add default via $OUTER_IP
+IP
 }
 
-start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini)
+prepare_nat() {  # the veth's NAT, before the veth exists (the rules name it): iptables-restore
+  sysctl_is net/ipv4/ip_forward 1
+  # Docker's resolver listens on 127.0.0.11 at ports of its choosing; its own DNAT only
+  # covers this side's locally made packets, so the namespaces get one of their own. All the
+  # rules in one iptables-restore (one process, one transaction).
+  rules="-A POSTROUTING -s $INNER_IP/32 ! -o ud0 -j MASQUERADE"
+  if [ -n "$DOCKER_DNS" ]; then
+    sysctl_is net/ipv4/conf/all/route_localnet 1
+    for proto in udp tcp; do
+      resolver_port "$proto" || { log "warning: no Docker resolver for $proto"; continue; }
+      rules="$rules
+-A PREROUTING -i ud0 -d $OUTER_IP/32 -p $proto -m $proto --dport 53 -j DNAT --to-destination 127.0.0.11:$PORT"
+    done
+  fi
+  printf '*nat\n%s\nCOMMIT\n' "$rules" | iptables-restore --noflush
+  mark outer.nat
+}
+
+# The two sides' hand-over, on two fifos opened once and unlinked at once (nothing else can
+# open them): the namespaces' side writes a line on its fd 3 as soon as it runs; this side,
+# once the network is connected, writes one on their fd 4, which start-dockerd --gated reads
+# before dockerd starts. Blocking reads, no polling; a side that dies closes its ends, and the
+# other reads end-of-file instead of waiting out a timeout. (tini keeps its copies: the ends of
+# two pipes whose other ends are closed once the hand-over is done, reaching nothing.)
+start_namespaces() {  # $@: what pid 1 of the namespaces runs (under tini); prepare made the fifos
   # --cgroup: a cgroup namespace of the user namespace's own, rooted where this process is (the
   # container's cgroup, the root of its private namespace, so every path reads the same), lets a
   # Docker-in-Docker inside mount cgroup v1 for its dockerd: the mount shows the desktop's
   # cgroup as its root, never the machine's (no release_agent there).
   unshare --user --map-users="$BASE,0,$SIZE" --map-groups="$BASE,0,$SIZE" --setuid 0 --setgid 0 \
     --mount --pid --fork --mount-proc --net --uts --ipc --cgroup \
-    tini -g -- "$@" &
+    tini -g -- "$@" 3>"$STATE/up" 4<"$STATE/go" &
   unshare_pid=$!
-  pid=$(inner_pid "$unshare_pid") || { wait "$unshare_pid" || :; die "the namespaces did not start"; }
+  # In the order the child opens them, or both wait.
+  exec 5<"$STATE/up" 6>"$STATE/go"
+  rm -f "$STATE/up" "$STATE/go"
+  read -r _ <&5 || { exec 5<&- 6>&-; wait "$unshare_pid" || :; die "the namespaces did not start"; }
+  exec 5<&-
+  inner_pid "$unshare_pid" || die "the namespaces' pid 1 is not a child of unshare"
+  pid=$PID
+  mark outer.pid
   echo "$pid" > "$STATE/pid"
   connect_network "$pid"
-  touch "$STATE/ready"
+  mark outer.network
+  echo go >&6
+  exec 6>&-
+}
+
+prepare() {  # the cgroups, the files and the NAT, concurrently (independent of each other)
+  mkdir -p "$STATE"
+  resolv_conf
+  prepare_cgroups &
+  cgroups=$!
+  prepare_nat &
+  nat=$!
+  prepare_files
+  wait "$cgroups" || exit 1  # it said why
+  wait "$nat" || die "could not set up the NAT for the namespaces"
 }
 
 outer() {
   check_input
   started=$(date +%s%N)
-  prepare_cgroups
-  prepare_files
-  rm -f "$STATE/pid" "$STATE/ready"
+  mark outer.start
+  prepare
+  mark outer.prepared
+  rm -f "$STATE/pid"
   trap 'kill -TERM "$pid" 2>/dev/null || :' TERM INT
   start_namespaces /usr/local/bin/userns-desktop --inner
   log "namespaces up in $(( ($(date +%s%N) - started) / 1000000 )) ms (uids $BASE..$((BASE + SIZE - 1)), pid $pid)"
@@ -173,28 +266,27 @@ outer() {
 }
 
 inner() {
-  tries=0
-  until [ -e "$STATE/ready" ]; do  # the outer side connects the network first
-    tries=$((tries + 1)); [ "$tries" -lt 1000 ] || die "the network was not connected within 10 s"
-    sleep 0.01
-  done
+  mark inner.start
+  echo up >&3  # start_namespaces: the outer side connects the network meanwhile
+  exec 3>&-
   # The container's /run belongs to the machine's root: a tmpfs of our own, with the shared
   # socket directory moved back into it.
-  mkdir -p /tmp/.orchestrator
-  mount --bind /run/orchestrator /tmp/.orchestrator
+  # (/mnt, an empty directory of the image, holds it meanwhile: nothing to make and remove.)
+  [ -d /mnt ] || mkdir /mnt
+  mount --bind /run/orchestrator /mnt
   mount --bind "$STATE/resolv.conf" /etc/resolv.conf
   mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-  mkdir -p /run/orchestrator
-  mount --move /tmp/.orchestrator /run/orchestrator
-  rmdir /tmp/.orchestrator
-  exec start-dockerd --supervise
+  mkdir /run/orchestrator
+  mount --move /mnt /run/orchestrator
+  mark inner.mounts
+  # Its preparations now too; dockerd itself once the network is connected (fd 4).
+  exec start-dockerd --supervise --gated
 }
 
 probe() {
   check_input
-  prepare_cgroups
-  prepare_files
-  start_namespaces sh -c 'until [ -e /run/userns/ready ]; do sleep 0.01; done; mount -t tmpfs tmpfs /run && mkdir /sys/fs/cgroup/memory/orch-probe 2>/dev/null; [ ! -d /sys/fs/cgroup/memory ] || rmdir /sys/fs/cgroup/memory/orch-probe'
+  prepare
+  start_namespaces sh -c 'echo up >&3 && exec 3>&- && read -r _ <&4 && exec 4<&- && mount -t tmpfs tmpfs /run && mkdir /sys/fs/cgroup/memory/orch-probe 2>/dev/null; [ ! -d /sys/fs/cgroup/memory ] || rmdir /sys/fs/cgroup/memory/orch-probe'
   wait "$unshare_pid"
 }
 

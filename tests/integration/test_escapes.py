@@ -84,6 +84,25 @@ s=1; $b mkdir -p /tmp/cg && $b mount -t cgroup -o memory cgroup /tmp/cg 2>/dev/n
   && { [ -e /tmp/cg/release_agent ] && s=0; $b umount /tmp/cg; }
 say mount_cgroup_v1_at_machine_root "$s"
 
+# The limits the worker set on the desktop (memory, pids, CPU), at its cgroup namespace's root:
+# the desktop's cgroup. A fresh mount shows that root wherever it is allowed (a container of the
+# desktop's dockerd sees its own cgroup at /sys/fs/cgroup, whose limits are its dockerd's to
+# set); else the desktop's /sys/fs/cgroup. Written back as read (a success changes nothing);
+# allowed, the desktop's root could lift its own limits.
+s=2; $b mkdir -p /tmp/cgl
+if $b mount -t cgroup -o memory cgroup /tmp/cgl 2>/dev/null; then
+  limits=/tmp/cgl/memory.limit_in_bytes
+else
+  limits="/sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/cpu/cpu.cfs_quota_us"
+  limits="$limits /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max"
+fi
+for f in $limits; do
+  [ -e "$f" ] || continue
+  s=1; $b cat "$f" > /tmp/limit 2>/dev/null && $b cat /tmp/limit > "$f" 2>/dev/null && { s=0; break; }
+done
+$b umount /tmp/cgl 2>/dev/null
+say own_limits_writable "$s" "$f"
+
 # Granting this cgroup the machine's disk (read only), then what that gives.
 s=1; for f in /sys/fs/cgroup/devices/devices.allow /sys/fs/cgroup/devices.allow; do
   [ -e "$f" ] && printf 'b DISK_MAJOR:DISK_MINOR r' > "$f" 2>/dev/null && s=0
@@ -191,8 +210,13 @@ OPEN_WITHOUT_FIREWALL = {"reach_metrics_via_gateway"}
 MAY_ALLOW = {
     ("userns", "desktop root"): set[str](),
     ("userns", "privileged container inside"): set[str](),
-    ("caps", "desktop root"): {"uid_map_is_machine_root", "core_pattern_after_remount", "devices_allow_writable"},
-    ("caps", "container inside"): {"uid_map_is_machine_root", "core_pattern_after_remount"},
+    ("caps", "desktop root"): {
+        "uid_map_is_machine_root",
+        "core_pattern_after_remount",
+        "devices_allow_writable",
+        "own_limits_writable",
+    },
+    ("caps", "container inside"): {"uid_map_is_machine_root", "core_pattern_after_remount", "own_limits_writable"},
 }
 
 
@@ -255,6 +279,7 @@ async def test_escapes_from_a_desktop(profiled: tuple[str, Settings, SandboxWork
         "machine_disk_readable",
         "machine_disk_from_root_cgroup",
         "mount_cgroup_v1_at_machine_root",
+        "own_limits_writable",
         "devices_allow_writable",
         "machine_disk_after_devices_allow",
         "module_load",
@@ -276,6 +301,9 @@ async def test_escapes_from_a_desktop(profiled: tuple[str, Settings, SandboxWork
     for name in ("module_load", "clock_settable", "open_by_handle_at"):
         assert as_root[name] == "refused", (name, as_root[name])
     if profile == "userns":
+        # The limits attempt found the desktop's limits to try (the desktop's own cgroup, and
+        # the privileged container's view of the same), and neither may write them.
+        assert as_root["own_limits_writable"] == privileged["own_limits_writable"] == "refused", seen
         # uid 0 inside is the first uid of one of the desktops' ranges.
         uid_map = await adocker("exec", desktop, "desktop-enter", "cat", "/proc/self/uid_map", host=host)
         inside_uid, outside, count = (int(n) for n in uid_map.split())
