@@ -14,12 +14,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
+import aiodocker
 import redis.asyncio as aioredis
 
 from orchestrator.client import Client
 from orchestrator.config import Settings
 from orchestrator.events import EventBus, make_event
 from orchestrator.keys import Keys
+from orchestrator.names import desktop_name
 from orchestrator.queue import JobQueue, Operation
 from orchestrator.redis_conn import redis_client
 from workers.runtime import DesktopRuntime
@@ -607,6 +609,74 @@ class Resumable:
         return elapsed
 
 
+# -- exec ---------------------------------------------------------------------------------------
+
+
+async def execs(n: int, concurrent: int = 100) -> list[Result]:
+    """`true` in a ready desktop: through the API (wait), and through the command stream (XADD →
+    exec.exited on the firehose), against aiodocker's exec of the same command (desktop-enter
+    true) run directly on the sandbox's daemon. Then 100 at once through the API."""
+    api_r = Result("exec true: API (wait)", "s", Side("project: POST exec wait"), Side("bare: aiodocker exec"))
+    queue_r = Result(
+        "exec true: command stream", "s", Side("project: XADD → exec.exited"), Side("bare: aiodocker exec")
+    )
+    many_r = Result(f"{concurrent} execs at once", "s", Side("project: all ended"), Side("bare: aiodocker, all"))
+    with services(ORCH_EXEC_MAX_PER_SESSION=str(concurrent + 10)) as svc:
+        client = await ready_client(svc)
+        redis = redis_client(Settings(redis_url=svc.redis_url))
+        keys = Keys(svc.key_prefix)
+        async with client, aiodocker.Docker() as docker:
+            record = await client.create()
+            await client.wait_ready(record.id, timeout=120)
+            desktop = docker.containers.container(desktop_name(record.id))
+
+            async def bare() -> float:
+                started = time.perf_counter()
+                run = await desktop.exec(["desktop-enter", "true"])
+                async with run.start(detach=False) as stream:
+                    while await stream.read_out() is not None:
+                        pass
+                if (await run.inspect())["ExitCode"] != 0:
+                    raise RuntimeError("bare exec failed")
+                return time.perf_counter() - started
+
+            async def via_api() -> float:
+                started = time.perf_counter()
+                done = await client.exec(record.id, ["true"])
+                if done.exit_code != 0:
+                    raise RuntimeError(done)
+                return time.perf_counter() - started
+
+            async def via_queue() -> float:
+                request = new_id("req")
+                last = await redis.xrevrange(keys.firehose, count=1)
+                after = last[0][0] if last else "0-0"
+                command = {"op": "exec", "request_id": request, "session": record.id, "cmd": ["true"]}
+                started = time.perf_counter()
+                await redis.xadd(keys.commands(), {"command": json.dumps(command)})
+                while True:
+                    reply = await redis.xread({keys.firehose: after}, block=10_000)
+                    if not reply:
+                        raise RuntimeError("no exec.exited within 10 s")
+                    for entry_id, fields in reply[0][1]:
+                        after = entry_id
+                        event = json.loads(fields[b"event"])
+                        if event["type"] == "exec.exited" and event["data"].get("request_id") == request:
+                            return time.perf_counter() - started
+
+            async def many(project: bool) -> float:
+                started = time.perf_counter()
+                await asyncio.gather(*(via_api() if project else bare() for _ in range(concurrent)))
+                return time.perf_counter() - started
+
+            await alternate(n, via_api, bare, api_r)
+            await alternate(n, via_queue, bare, queue_r)
+            await alternate(max(1, n // 20), lambda: many(True), lambda: many(False), many_r)
+            await delete(client, record.id)
+        await redis.aclose()
+    return [api_r, queue_r, many_r]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "cold": cold,
     "burst": burst,
@@ -616,6 +686,7 @@ SCENARIOS: dict[str, Scenario] = {
     "queue": queue,
     "footprint": footprint,
     "profiles": profiles,
+    "exec": execs,
 }
 
 # Rounds per scenario for `-n` (the issue's counts: 20 sequential sessions; 20-at-once bursts).
@@ -628,4 +699,5 @@ DEFAULT_N = {
     "queue": 200,
     "footprint": 1,
     "profiles": 10,
+    "exec": 100,
 }

@@ -124,6 +124,7 @@ write_daemon_json() {
   \"default-address-pools\": [{\"base\": \"10.$octet.0.0/16\", \"size\": 24}],
   \"bip\": \"10.$octet.0.1/24\",
   \"storage-driver\": \"overlay2\",
+  \"shutdown-timeout\": 10,
   \"insecure-registries\": [$registries],
   \"log-driver\": \"json-file\",
   \"log-opts\": {\"max-size\": \"10m\", \"max-file\": \"2\"}

@@ -115,6 +115,9 @@ prepare_files() {
   [ ! -f /etc/orchestrator/session.env ] || owned="$owned /etc/orchestrator/session.env"
   # shellcheck disable=SC2086  # fixed paths, no spaces
   chown "$BASE:$BASE" $owned
+  # The namespaces' root gets its home (shells, ~/.docker): the image's few files, once. -h and
+  # -R without -L: no symlink is followed (what is there was written by the namespaces' root).
+  [ "$(stat -c %u /root)" = "$BASE" ] || chown -R -h "$BASE:$BASE" /root
   printf 'root:%s:%s\n' "$BASE" "$SIZE" > /etc/subuid
   printf 'root:%s:%s\n' "$BASE" "$SIZE" > /etc/subgid
   # The outer side's docker CLI (docker exec DESKTOP docker ...) reaches the desktop's dockerd.

@@ -309,7 +309,7 @@ async def list_sandboxes(state: State) -> SandboxList:
 
 
 StopDesktops = Annotated[
-    bool, QueryParameter(description="also stop its ready sessions (inner containers first); volumes are kept")
+    bool, QueryParameter(description="also stop its ready sessions (their dockerd stops containers); volumes stay")
 ]
 
 

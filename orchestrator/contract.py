@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+from .commands import ExecCommand
+from .exec_types import ExecRecord, ExecRequest
 from .schemas import (
     DesktopStarted,
     DockerdReady,
@@ -28,6 +30,9 @@ from .schemas import (
 )
 
 SCHEMAS: dict[str, Any] = {
+    "command-exec": ExecCommand,
+    "exec-request": ExecRequest,
+    "exec-record": ExecRecord,
     "session-create": SessionCreate,
     "session-record": SessionRecord,
     "lifecycle-job": LifecycleJob,

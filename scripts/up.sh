@@ -37,13 +37,19 @@ for _ in $(seq 600); do
   "$BIN" sandboxes ls --json 2>/dev/null | grep -q '"status": *"available"' && break
   sleep 0.2
 done
-"$BIN" sessions create --wait --label created-by=make-up
+created=$("$BIN" sessions create --wait --label created-by=make-up | tee /dev/stderr)
+sid=$(printf '%s\n' "$created" | sed -n 's/^session \([a-z0-9-]*\) on sandbox .*/\1/p' | head -n 1)
+if [ -n "$sid" ]; then
+  # A command in the new desktop, through the API (exec): its own dockerd answers.
+  "$BIN" sessions exec "$sid" -- docker info --format 'in the desktop: dockerd {{.ServerVersion}}, storage {{.Driver}}'
+fi
 cat <<TXT
 
 The stack is up (compose project ${COMPOSE_PROJECT_NAME:-orchestrator}). Your admin token is in $RUN_DIR/token. Try:
   export ORCH_API_URL=$ORCH_API_URL ORCH_TOKEN=\$(sed -n 's/^token: *//p' $RUN_DIR/token)
   curl -H "Authorization: Bearer \$ORCH_TOKEN" \$ORCH_API_URL/v1/sessions
   $BIN sessions ls
+  $BIN sessions exec ${sid:-ID} -- uname -a
   $BIN events --follow
   $BIN sandboxes ls
   DOCKER_HOST=$DOCKER_HOST bash scripts/stack.sh compose ps

@@ -3,8 +3,9 @@
 A drain is asked for by the API (the drain key, ``by: api``) or by SIGTERM (``by: signal``).
 The worker then: stops being a placement target (the key), empties its warm pool, lets the
 queued and running jobs finish (bounded by drain_timeout_s), optionally stops its ready
-desktops (inner containers first), says ``sandbox.drained`` and ends. An API drain persists:
-a restarted worker idles, listed as drained, until the sandbox is undrained.
+desktops (each desktop's dockerd stops its containers as it exits), says ``sandbox.drained``
+and ends. An API drain persists: a restarted worker idles, listed as drained, until the
+sandbox is undrained.
 
 A retired sandbox (an operator said it will not return, orchestrator/sandboxes.py) is not
 drained: its worker, if it comes back anyway, stops working at once (its sessions and queue

@@ -207,8 +207,10 @@ class Lifecycle:
         if record.state is not S.STOPPING:
             return f"nothing to do in state {record.state.value}"
         try:
-            # The inner containers first: each gets its own stop signal and grace period.
-            await self.runtime.inner.stop_containers(session_id, min(10, self.stop_timeout_s))
+            # The desktop's SIGTERM reaches its dockerd, which stops its containers itself, each
+            # with its grace (shutdown-timeout, 10 s): a daemon's shutdown is not a stop by
+            # hand, so `unless-stopped` containers come back at the next start, as `always`
+            # ones do. (A `docker stop` of each first would keep them down after a resume.)
             await self.runtime.desktops.remove(session_id, self.stop_timeout_s)
             self.runtime.desktops.remove_socket_dir(session_id)
         except DesktopError as e:

@@ -134,8 +134,12 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
             assert 0 < await redis.ttl(key) <= settings.tombstone_ttl_s, key
         rest = set(keys) - set(streams) - set(tombstones)
         sid = settings.sandbox_id
-        allowed = {f"{prefix}{k}" for k in ("events", "sandboxes", f"sandbox:{sid}", f"sandbox-alive:{sid}")}
+        # And the streams consumer groups live on (empty: handled entries are deleted).
+        fixed = ("events", "sandboxes", f"sandbox:{sid}", f"sandbox-alive:{sid}", f"exec-jobs:{sid}", "commands")
+        allowed = {f"{prefix}{k}" for k in fixed}
         assert rest <= allowed, f"left over: {sorted(rest - allowed)}"
+        for stream in (f"{prefix}exec-jobs:{sid}", f"{prefix}commands"):
+            assert await redis.xlen(stream) == 0, stream
         assert [k async for k in redis.scan_iter(match="arq:*")] == []
     finally:
         await redis.aclose()

@@ -65,9 +65,7 @@ class Desktop:
         return desktop_name(self.sid)
 
     async def run(self, *args: str, timeout: float = 120) -> str:
-        """``args`` as the desktop's user (in its namespaces); stdout. The docker CLI's stderr
-        there is left out: it warns on every call that it cannot read /root/.docker (the
-        image's /root is not the namespace's root's: docs/threat-model.md)."""
+        """``args`` as the desktop's user (in its namespaces); stdout."""
         return await adocker("exec", self.name, "desktop-enter", *args, host=self.host, timeout=timeout)
 
     async def write(self, directory: str, files: dict[str, str]) -> None:
@@ -249,16 +247,17 @@ async def test_inner_containers_images_and_volumes_outlive_stop_and_resume(deskt
     assert TEST_IMAGE in (await desktop.run("docker", "images", "--format", "{{.Repository}}:{{.Tag}}")).split()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's stop `docker stop`s every inner container before the desktop goes "
-    "(workers/lifecycle.py _stop, runtime.inner.stop_containers): dockerd records each as stopped "
-    "by hand, so unless-stopped ones (compose's usual policy) stay exited after a resume; "
-    "`always` ones come back (the test above)",
-)
 async def test_unless_stopped_containers_come_back_after_resume(desktop: Desktop) -> None:
     kept, token = await keeper(desktop, "unless", "unless-stopped", 8091)
     await stop_and_resume(desktop)
     state = await desktop.run("docker", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", kept)
     assert state == "running 0", state
     assert await desktop.fetch("http://127.0.0.1:8091/") == token
+
+
+async def test_the_desktops_root_has_a_home_of_its_own(desktop: Desktop) -> None:
+    """/root is handed to the namespaces' root at the first start: its shells and the docker
+    CLI (~/.docker) can write there, and docker warns about nothing."""
+    assert await desktop.run("sh", "-c", "touch /root/.written && mkdir -p /root/.docker && echo ok") == "ok\n"
+    both = await adocker("exec", desktop.name, "desktop-enter", "docker", "info", host=desktop.host, stderr=True)
+    assert "config.json" not in both and "WARNING: Error loading" not in both, both

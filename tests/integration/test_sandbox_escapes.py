@@ -58,13 +58,17 @@ SYS_ADMIN = {
     "devices_allow_writable": "ALLOWED",
     "core_pattern_after_remount": "ALLOWED",
     "core_pattern_via_fresh_proc": "ALLOWED",
+    # Its own cgroup's limits (memory, pids, CPU) at the root of its cgroup namespace.
+    "own_limits_writable": "ALLOWED",
 }
 EXPECTED = {
     "least": REFUSED | SYS_ADMIN,
     # The machine's hierarchy roots: the classic release_agent escape.
     "least, host cgroupns": REFUSED
     | SYS_ADMIN
-    | {"release_agent_writable": "ALLOWED", "mount_cgroup_v1_at_machine_root": "ALLOWED"},
+    | {"release_agent_writable": "ALLOWED", "mount_cgroup_v1_at_machine_root": "ALLOWED"}
+    # (the probe writes the limits at its namespace's root: here the machine's, which has none)
+    | {"own_limits_writable": "refused"},
     # Every capability: modules, the clock, open_by_handle_at (seccomp unconfined) on top.
     "caps": REFUSED
     | SYS_ADMIN
