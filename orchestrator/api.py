@@ -482,6 +482,8 @@ async def _forever(run: Callable[[], Awaitable[None]], what: str) -> None:
     while True:
         try:
             await run()
+        except (RedisError, OSError) as e:
+            log.warning("%s: Redis unavailable (%s); restarting it", what, e)
         except Exception:
             log.exception("%s failed; restarting it", what)
         await anyio.sleep(1)

@@ -85,13 +85,18 @@ class CommandConsumer:
         self.consumer = consumer
         self.streams = {keys.commands(t): t for t in sorted({DEFAULT_TENANT, *tenants})}
 
-    async def run(self) -> None:
+    async def _ensure_groups(self) -> None:
         for stream in self.streams:
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+
+    async def run(self) -> None:
+        """Until cancelled; a failure (Redis away, its data gone) ends it, and the API's
+        supervisor starts it again a second later (the groups made anew)."""
+        await self._ensure_groups()
         claimed_at = 0.0
         loop = asyncio.get_running_loop()
         while True:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import anyio
 import msgspec
+from redis.exceptions import RedisError
 
 from orchestrator.events import EventBus, make_event
 from orchestrator.exec_store import LEASE_MS, ExecStore, decode_job
@@ -116,19 +117,29 @@ class ExecRunner:
         return len(self._running)
 
     async def run(self) -> None:
-        """The duty: runs until cancelled (the worker's shutdown), with the running execs."""
-        await self.store.ensure_group(self.sandbox_id)
+        """The duty: runs until cancelled (the worker's shutdown), with the running execs.
+        Redis away (or emptied: its group gone) is waited out, never the end of the worker."""
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._renew_leases)
             tasks.start_soon(self._follow_kills)
             tasks.start_soon(self._claim_abandoned)
+            grouped = False
             while True:
                 free = self.max_running - len(self._running)
                 if free <= 0:
                     self._freed.clear()
                     await self._freed.wait()
                     continue
-                jobs = await self.store.next_jobs(self.sandbox_id, self.worker_id, min(free, 50), BLOCK_MS)
+                try:
+                    if not grouped:
+                        await self.store.ensure_group(self.sandbox_id)
+                        grouped = True
+                    jobs = await self.store.next_jobs(self.sandbox_id, self.worker_id, min(free, 50), BLOCK_MS)
+                except (RedisError, OSError) as e:
+                    grouped = grouped and "NOGROUP" not in str(e)
+                    log.warning("could not read the exec stream (%s); retrying", e)
+                    await anyio.sleep(1)
+                    continue
                 for entry_id, raw in jobs:
                     self._running[f"entry:{entry_id}"] = asyncio.Event()  # its slot, until known
                     tasks.start_soon(self._handle, entry_id, raw)
@@ -290,9 +301,11 @@ class ExecRunner:
                 log.warning("could not renew exec leases (%s); retrying", e)
 
     async def _follow_kills(self) -> None:
-        after = await self.store.control_position(self.sandbox_id)
+        after: str | None = None
         while True:
             try:
+                if after is None:
+                    after = await self.store.control_position(self.sandbox_id)
                 after, ids = await self.store.kill_requests(self.sandbox_id, after, BLOCK_MS)
             except Exception as e:
                 log.warning("could not read kill requests (%s); retrying", e)

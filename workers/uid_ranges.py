@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -62,14 +62,17 @@ class LocalSlots:
 
 
 # KEYS[1] slots (slot -> "session sandbox claimed_at"), KEYS[2] owners (session -> slot).
-# ARGV: session, owner value, number of slots. The same session claims once: a retried create
-# gets its first slot back.
+# ARGV: session, owner value, number of slots, then slots to skip (the sandbox's own volumes',
+# which a ledger that lost its data may not list). The same session claims once: a retried
+# create gets its first slot back.
 _CLAIM_LUA = """
 local have = redis.call('HGET', KEYS[2], ARGV[1])
 if have then return tonumber(have) end
+local skip = {}
+for i = 4, #ARGV do skip[ARGV[i]] = true end
 for s = 0, tonumber(ARGV[3]) - 1 do
   local k = tostring(s)
-  if redis.call('HSETNX', KEYS[1], k, ARGV[2]) == 1 then
+  if not skip[k] and redis.call('HSETNX', KEYS[1], k, ARGV[2]) == 1 then
     redis.call('HSET', KEYS[2], ARGV[1], k)
     return s
   end
@@ -99,19 +102,23 @@ return 1
 
 # Record a slot a volume already holds (after Redis lost its data, or for volumes made before
 # the ledger): kept when free, and a conflict reported when another session holds it.
-# ARGV: the owner's tail ("sandbox claimed_at"), then session, slot pairs.
+# ARGV: the owner's tail ("sandbox claimed_at"), then session, slot pairs. Returns the
+# conflicting sessions, then "+" and the sessions it added.
 _ASSERT_LUA = """
-local conflicts = {}
+local conflicts, added = {}, {}
 for i = 2, #ARGV, 2 do
   local session, slot = ARGV[i], ARGV[i + 1]
   local owner = redis.call('HGET', KEYS[1], slot)
   if not owner then
     redis.call('HSET', KEYS[1], slot, session .. ' ' .. ARGV[1])
     redis.call('HSET', KEYS[2], session, slot)
+    table.insert(added, session)
   elseif string.sub(owner, 1, #session + 1) ~= session .. ' ' then
     table.insert(conflicts, session)
   end
 end
+table.insert(conflicts, '+')
+for _, session in ipairs(added) do table.insert(conflicts, session) end
 return conflicts
 """
 
@@ -133,11 +140,11 @@ class RedisSlotLedger:
         return f"{session_id} {self.sandbox_id} {int(now)}"
 
     async def claim(self, session_id: str, local: Mapping[str, int]) -> int:
-        # The sandbox's own volumes first: a ledger that lost them (Redis emptied, volumes made
-        # before it) gets them back, so the claim below skips them.
-        await self.record({n: s for n, s in local.items() if n != session_id})
+        # Never a slot the sandbox's own volumes hold, whatever the ledger says (it is only
+        # written here for this session: recording the others is the sweep's, which checks).
+        skip = [s for n, s in local.items() if n != session_id]
         keys = [self._slots, self._owners]
-        args: list[str | int] = [session_id, self._owner(session_id, time.time()), PROBE_SLOT]
+        args: list[str | int] = [session_id, self._owner(session_id, time.time()), PROBE_SLOT, *skip]
         slot = int(await self._claim(keys=keys, args=args))
         if slot < 0:
             raise ValueError(f"every uid range of machine {self.machine} is taken")
@@ -146,16 +153,20 @@ class RedisSlotLedger:
     async def release(self, session_id: str) -> None:
         await self._release(keys=[self._slots, self._owners], args=[session_id])
 
-    async def record(self, held: Mapping[str, int]) -> list[str]:
-        """Put the slots the sandbox's volumes hold into the ledger; returns the sessions whose
-        slot another session of the machine holds (each logged once)."""
+    async def record(self, held: Mapping[str, int]) -> tuple[list[str], list[str]]:
+        """Put the slots the sandbox's volumes hold into the ledger. Returns (the sessions whose
+        slot another session of the machine holds, each logged once; the sessions added)."""
         if not held:
-            return []
+            return [], []
         args: list[str | int] = [f"{self.sandbox_id} {int(time.time())}"]
         for session_id, slot in held.items():
             args += [session_id, slot]
-        raw = await self._assert(keys=[self._slots, self._owners], args=args)
-        conflicts = [c.decode() if isinstance(c, bytes) else str(c) for c in raw]
+        raw = [
+            c.decode() if isinstance(c, bytes) else str(c)
+            for c in await self._assert(keys=[self._slots, self._owners], args=args)
+        ]
+        split = raw.index("+")
+        conflicts, added = raw[:split], raw[split + 1 :]
         for session_id in conflicts:
             if session_id not in self._conflicts_logged:
                 self._conflicts_logged.add(session_id)
@@ -165,12 +176,22 @@ class RedisSlotLedger:
                     session_id,
                     held[session_id],
                 )
-        return conflicts
+        return conflicts, added
 
-    async def sweep(self, held: Mapping[str, int], *, now: float, grace_s: float) -> list[str]:
+    async def sweep(
+        self, volumes: Callable[[], Awaitable[Mapping[str, int]]], *, now: float, grace_s: float
+    ) -> list[str]:
         """Record what the sandbox's volumes hold, then release this sandbox's claims that no
-        volume of it explains and that are older than the grace. Returns the released ones."""
-        await self.record(held)
+        volume of it explains and that are older than the grace. Returns the released ones.
+        ``volumes`` lists them (session -> slot); it is read again after recording, so a volume
+        deleted meanwhile (its release done before the record) leaves no entry behind."""
+        held = await volumes()
+        _, added = await self.record(held)
+        if added:
+            still = await volumes()
+            for session_id in added:
+                if session_id not in still:
+                    await self.release(session_id)
         entries: dict[bytes | str, bytes | str] = await self._redis.hgetall(self._slots)  # type: ignore[misc]
         released = []
         for raw_slot, raw in entries.items():

@@ -203,8 +203,9 @@ class SandboxWorker:
     async def _sweep_uid_ranges(self) -> None:
         """The machine's uid range ledger agrees with this sandbox's volumes (workers/uid_ranges.py)."""
         if self.uid_ranges is not None:
-            held = await self.runtime.desktops.volume_slots()
-            await self.uid_ranges.sweep(held, now=time.time(), grace_s=self.settings.orphan_grace_s)
+            await self.uid_ranges.sweep(
+                self.runtime.desktops.volume_slots, now=time.time(), grace_s=self.settings.orphan_grace_s
+            )
 
     async def _enforce_firewall(self) -> None:
         """Desktops kept off everything but the internet (workers/firewall.py), when enabled.

@@ -262,7 +262,12 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
         # The machine's uid range ledger (workers/uid_ranges.py): claim, record, sweep, release.
         ledger = RedisSlotLedger(worker_redis, keys, sandbox_id="sec", machine="sec-machine")
         assert await ledger.claim("u1", {"u0": 0}) == 1
-        assert await ledger.sweep({"u1": 1}, now=time.time() + 3600, grace_s=60) == ["u0"]
+        assert await ledger.record({"u0": 0}) == ([], ["u0"])
+
+        async def volumes() -> dict[str, int]:
+            return {"u1": 1}
+
+        assert await ledger.sweep(volumes, now=time.time() + 3600, grace_s=60) == ["u0"]
         await ledger.release("u1")
 
         # Execs (orchestrator/exec_store.py): the API submits and follows, the worker runs.

@@ -572,9 +572,12 @@ def test_make_secrets_gives_every_key_the_manifests_read() -> None:
 
 def test_make_secrets_acl_is_the_documented_one_with_real_hashes() -> None:
     redis = generated_secrets()["orchestrator-redis"]
-    sha = {k: hashlib.sha256(redis[f"{k}-password"].encode()).hexdigest() for k in ("api", "worker", "admin")}
+    users = ("api", "worker", "producer", "admin")
+    sha = {k: hashlib.sha256(redis[f"{k}-password"].encode()).hexdigest() for k in users}
     expected = [
-        line.replace("#API_PASSWORD_SHA256", f"#{sha['api']}").replace("#WORKER_PASSWORD_SHA256", f"#{sha['worker']}")
+        line.replace("#API_PASSWORD_SHA256", f"#{sha['api']}")
+        .replace("#WORKER_PASSWORD_SHA256", f"#{sha['worker']}")
+        .replace("#PRODUCER_PASSWORD_SHA256", f"#{sha['producer']}")
         for line in documented_acl()
     ]
     expected.append(f"user orchestrator-admin on #{sha['admin']} ~* &* +@all")

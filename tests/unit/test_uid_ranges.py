@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,13 @@ async def redis_keys(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, Keys
         if stale:
             await redis.delete(*stale)
         await redis.aclose()
+
+
+def listing(volumes: dict[str, int]) -> Callable[[], Awaitable[dict[str, int]]]:
+    async def list_volumes() -> dict[str, int]:
+        return volumes
+
+    return list_volumes
 
 
 def ledger(rk: tuple[aioredis.Redis, Keys], sandbox: str, machine: str = MACHINE) -> RedisSlotLedger:
@@ -64,14 +71,31 @@ async def test_a_retried_claim_gets_its_slot_back_and_release_frees_it(
 async def test_slots_the_sandbox_volumes_hold_are_never_handed_out(
     redis_keys: tuple[aioredis.Redis, Keys],
 ) -> None:
-    # Redis lost its data while volumes of slots 0 and 2 exist: a new claim skips them, and
-    # records them so that another sandbox skips them too.
+    # Redis lost its data while volumes of slots 0 and 2 exist: a new claim skips them...
     a, b = ledger(redis_keys, "sb-a"), ledger(redis_keys, "sb-b")
     assert await a.claim("new", {"old0": 0, "old2": 2}) == 1
+    # ...and the sweep records them, so that another sandbox skips them too.
+    assert await a.sweep(listing({"old0": 0, "old2": 2, "new": 1}), now=time.time(), grace_s=300) == []
     assert await b.claim("other", {}) == 3
     # A volume whose slot another session holds (made before the ledger): reported, both kept.
-    assert await b.record({"legacy": 0}) == ["legacy"]
+    assert await b.record({"legacy": 0}) == (["legacy"], [])
     assert await b.claim("after", {"legacy": 0}) == 4
+
+
+async def test_a_volume_deleted_while_the_sweep_records_leaves_no_entry(
+    redis_keys: tuple[aioredis.Redis, Keys],
+) -> None:
+    # The sweep's listing still shows a volume its delete removed (and released) meanwhile.
+    a = ledger(redis_keys, "sb-a")
+    listings = iter([{"gone": 5, "kept": 6}, {"kept": 6}])
+
+    async def volumes() -> dict[str, int]:
+        return next(listings)
+
+    await a.sweep(volumes, now=time.time(), grace_s=300)
+    redis, keys = redis_keys
+    held = await awaited(redis.hgetall(keys.userns_slots(MACHINE)))
+    assert sorted(v.decode().split(" ")[0] for v in held.values()) == ["kept"]
 
 
 async def test_release_never_frees_a_slot_another_session_holds(redis_keys: tuple[aioredis.Redis, Keys]) -> None:
@@ -98,7 +122,7 @@ async def test_the_sweep_releases_only_its_own_stale_claims(redis_keys: tuple[ai
     for session, slot in (("has-volume", kept), ("no-volume", orphan), ("b-session", theirs)):
         sandbox = "sb-b" if session == "b-session" else "sb-a"
         await awaited(redis.hset(slots, str(slot), f"{session} {sandbox} {old}"))
-    released = await a.sweep({"has-volume": kept}, now=time.time(), grace_s=300)
+    released = await a.sweep(listing({"has-volume": kept}), now=time.time(), grace_s=300)
     assert released == ["no-volume"]
     held = {k.decode(): v.decode().split(" ")[0] for k, v in (await awaited(redis.hgetall(slots))).items()}
     assert held == {str(kept): "has-volume", str(young): "making", str(theirs): "b-session"}
