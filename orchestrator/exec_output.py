@@ -3,8 +3,9 @@ the collected output of a ``wait: true`` exec.
 
 The shared reader holds one Redis connection whatever the number of followers: one ``XREAD
 BLOCK`` over every followed exec's stream, each from the oldest position its followers need.
-A new follower is read from the next round (the block is short), so following costs no
-connection of the pool and no polling while nothing is printed."""
+A follower of a stream not yet read interrupts the read in flight (its connection is dropped
+and the read made again with the new stream), so a new exec's output is seen at once; nothing
+is polled while nothing is printed, and no one following costs nothing."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .sse import entry_key
 log = logging.getLogger("orchestrator.exec_output")
 
 Entry = tuple[str, dict[bytes, bytes]]
-ROUND_MS = 100
+ROUND_MS = 5_000
 BATCH = 500
 
 
@@ -45,12 +46,16 @@ class ExecOutputHub:
         self._followers: dict[str, set[_Follower]] = defaultdict(set)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Future[Any] | None = None
+        self._reading: frozenset[str] = frozenset()
 
     @contextlib.asynccontextmanager
     async def follow(self, exec_id: str, after: str) -> AsyncIterator[_Follower]:
         follower = _Follower(after)
         self._followers[exec_id].add(follower)
         self._wake.set()
+        if exec_id not in self._reading and self._inflight is not None and not self._inflight.done():
+            self._inflight.cancel()  # read again, with this stream
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read())
         try:
@@ -76,8 +81,15 @@ class ExecOutputHub:
                 self._keys.exec_output(exec_id): min((f.after for f in followers), key=entry_key)
                 for exec_id, followers in self._followers.items()
             }
+            self._reading = frozenset(self._followers)
+            self._inflight = asyncio.ensure_future(self._redis.xread(positions, count=BATCH, block=ROUND_MS))
             try:
-                reply: Any = await self._redis.xread(positions, count=BATCH, block=ROUND_MS)
+                reply: Any = await self._inflight
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the hub itself is closing
+                continue  # a new stream to read: the read was interrupted for it
             except Exception as e:
                 log.warning("exec output reader: %s; retrying", e)
                 await asyncio.sleep(0.5)

@@ -170,7 +170,8 @@ class ExecRunner:
                 log.exception("could not acknowledge exec entry %s", entry_id)
 
     async def _run(self, job: ExecJob, record: ExecRecord, kill_requested: asyncio.Event) -> None:
-        await self._event("exec.started", record, {"exec": record.id, "by": record.by})
+        # Published while the process starts (not before): it only has to precede exec.exited.
+        started_event = asyncio.ensure_future(self._event("exec.started", record, {"exec": record.id, "by": record.by}))
         spec = ExecSpec(
             argv=job.argv, env=job.env, cwd=job.cwd, user=job.user, stdin=base64.b64decode(job.stdin_base64)
         )
@@ -191,6 +192,7 @@ class ExecRunner:
             finally:
                 await process.close()
         await self.store.append(job.id, capture.rest())
+        await started_event
         final = msgspec.structs.replace(
             record,
             state=ExecState.FAILED if error else ExecState.EXITED,
