@@ -13,7 +13,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -101,7 +101,6 @@ class ExecRunner:
         sandbox_id: str,
         worker_id: str,
         max_running: int,
-        on_end: Callable[[ExecRecord], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -109,7 +108,6 @@ class ExecRunner:
         self.sandbox_id = sandbox_id
         self.worker_id = worker_id
         self.max_running = max_running
-        self.on_end = on_end
         self._running: dict[str, asyncio.Event] = {}  # exec id -> its kill request
         self._freed = asyncio.Event()
 
@@ -226,8 +224,6 @@ class ExecRunner:
                 **({"code": error.code} if error else {}),
             },
         )
-        if self.on_end is not None:
-            await self.on_end(final)
 
     async def _pump(
         self, process: ExecProcess, job: ExecJob, capture: Capture, kill_requested: asyncio.Event
