@@ -394,6 +394,32 @@ class ApiSettings(SharedSettings):
     exec_max_per_session: int = setting(
         "ORCH_EXEC_MAX_PER_SESSION", 32, parse=_int, doc="execs one session runs at once (more: 429)"
     )
+    # The port proxy (orchestrator/api_ports.py): its bodies stream, so their cap is its own.
+    port_url_ttl_s: int = setting(
+        "ORCH_PORT_URL_TTL", 300, parse=_int, doc="seconds a port URL (`POST .../ports/{port}/url`) stays valid"
+    )
+    port_url_base: str | None = setting(
+        "ORCH_PORT_URL_BASE",
+        None,
+        parse=_text,
+        doc="origin port URLs are given on (e.g. another hostname of this API, apart from the dashboard's);"
+        " unset: the request's own",
+    )
+    port_max_body_bytes: int = setting(
+        "ORCH_PORT_MAX_BODY_BYTES", 2**30, parse=_int, doc="largest request body the port proxy forwards (streamed)"
+    )
+    port_timeout_s: float = setting(
+        "ORCH_PORT_TIMEOUT",
+        60.0,
+        parse=_float,
+        doc="seconds the port proxy waits for a response's head (or a WebSocket handshake); then 504",
+    )
+    port_ws_max_message_bytes: int = setting(
+        "ORCH_PORT_WS_MAX_MESSAGE_BYTES",
+        16 * 2**20,
+        parse=_int,
+        doc="largest WebSocket message the port proxy relays from a desktop (more: closed 1009)",
+    )
     sse_max_streams: int = setting(
         "ORCH_SSE_MAX_STREAMS", 2000, parse=_int, doc="open event streams one API process serves at most"
     )
@@ -428,6 +454,12 @@ class ApiSettings(SharedSettings):
             raise ValueError(
                 f"ORCH_SSE_KEEPALIVE ({self.sse_keepalive_s:g} s) must be less than ORCH_REDIS_SOCKET_TIMEOUT"
                 f" ({self.redis_socket_timeout_s:g} s): the SSE reader blocks in Redis that long"
+            )
+        if self.port_url_ttl_s < 1:
+            raise ValueError(f"ORCH_PORT_URL_TTL must be at least 1 (seconds), got {self.port_url_ttl_s}")
+        if self.port_url_base is not None and not re.fullmatch(r"https?://[^/?#\s]+", self.port_url_base):
+            raise ValueError(
+                f"ORCH_PORT_URL_BASE must be an origin like https://ports.example.com, got {self.port_url_base!r}"
             )
         if self.tenant_max_sessions < 0:
             raise ValueError(f"ORCH_TENANT_MAX_SESSIONS must be 0 (no limit) or more, got {self.tenant_max_sessions}")

@@ -20,10 +20,14 @@ PAGE_CSP = (
     b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 PAGES = frozenset({"/dashboard"})
+# Set in the scope by the port proxy (orchestrator/api_ports.py) once it answers with the
+# upstream's response: that answer is the desktop's page, with its own policy (its scripts, its
+# framing: port URLs are for iframes), so none of the API's is added to it. Its errors are ours.
+PROXIED = "orchestrator.proxied"
 
 
 async def add_security_headers(message: Message, scope: Scope) -> None:
-    if message["type"] != "http.response.start":
+    if message["type"] != "http.response.start" or scope.get(PROXIED):
         return
     page = scope["path"] in PAGES
     added = [

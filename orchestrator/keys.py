@@ -99,6 +99,11 @@ class Keys:
         """Ids of the session's execs not ended (set): ORCH_EXEC_MAX_PER_SESSION counts them."""
         return f"{self.prefix}session-execs:{session_id}"
 
+    def port_grant(self, digest: str) -> str:
+        """A port URL's grant (JSON ``PortGrant``: session, port, issuer), under the SHA-256 of
+        its token (never the token): TTL ORCH_PORT_URL_TTL (orchestrator/port_grants.py)."""
+        return f"{self.prefix}port-grant:{digest}"
+
     def userns_slots(self, machine: str) -> str:
         """The machine's uid range ledger (hash: slot -> "session sandbox claimed_at"), keyed by
         the kernel's boot id: no two userns desktops of one machine get one range

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import uvicorn
+from litestar import Litestar
 
 from orchestrator.api import create_app
 from orchestrator.auth import hash_token
@@ -167,11 +168,12 @@ async def api(settings: Settings) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def running_api(settings: Settings) -> AsyncIterator[str]:
+async def running_api(settings: Settings, app: Litestar | None = None) -> AsyncIterator[str]:
+    """``app``: one built on ``create_app(settings)`` with more on it (routes a test adds)."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings),
+            app or create_app(settings),
             host="127.0.0.1",
             port=port,
             log_level="warning",
