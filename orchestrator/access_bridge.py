@@ -38,7 +38,7 @@ async def bridge(channel: Channel, reader: asyncio.StreamReader, writer: asyncio
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
-        with contextlib.suppress(ChannelClosed, ConnectionError, OSError):
+        with contextlib.suppress(ChannelClosed, ConnectionError, OSError, RuntimeError):  # uvloop: a closed transport
             await channel.aclose()
 
 

@@ -144,21 +144,20 @@ class ProxiedResponse:
         self.upstream = upstream
         self._headers = headers
         self.headers: dict[str, str] = {}  # what after_request hooks add (the trace id)
+        self._gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[PROXIED] = True  # type: ignore[literal-required]  # the API's page headers stay off it
-        pump = asyncio.create_task(self._pump(send))
         watch = asyncio.create_task(self._caller_gone(receive))
         try:
-            done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if pump in done:
-                pump.result()
+            await self._pump(send)
+        except ServiceError:
+            if not self._gone:
+                raise
         finally:
-            for task in (pump, watch):
-                task.cancel()
-            for task in (pump, watch):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
             await self.upstream.aclose()
 
     async def _pump(self, send: Send) -> None:
@@ -170,9 +169,13 @@ class ProxiedResponse:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _caller_gone(self, receive: Receive) -> None:
+        """The caller left (its server's sends are dropped silently then): closing the channel
+        ends the pump's read, so the upstream is read no further."""
         await self.upstream.request_sent()  # the body is the sender's to receive until then
         while (await receive())["type"] != "http.disconnect":
             pass
+        self._gone = True
+        await self.upstream.aclose()
 
 
 async def _limited(request: Request[Any, Any, Any], limit: int) -> AsyncIterator[bytes]:

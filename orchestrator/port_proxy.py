@@ -296,7 +296,7 @@ class HttpResponse:
     """The upstream's answer: its head known, its body still to read (``body()``, once), then
     ``aclose`` (which closes the channel and stops sending the request's body, if it still is)."""
 
-    def __init__(self, head: ResponseHead, exchange: HttpExchange, channel: Channel, sender: asyncio.Task[None]):
+    def __init__(self, head: ResponseHead, exchange: HttpExchange, channel: Channel, sender: asyncio.Future[None]):
         self.head = head
         self._exchange = exchange
         self._channel = channel
@@ -320,7 +320,7 @@ class HttpResponse:
         self._sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._sender
-        with contextlib.suppress(ChannelClosed, ConnectionError, OSError):
+        with contextlib.suppress(ChannelClosed, ConnectionError, OSError, RuntimeError):  # uvloop: a closed transport
             await self._channel.aclose()
 
 
@@ -338,12 +338,21 @@ async def http_through(
     the response does (``aclose``). A body that fails before the head (too large, the caller
     gone) fails the request with its error."""
     exchange = HttpExchange()
+    if body is None:  # the common case, without a task beside
+        await _send(channel, exchange.request(method, target, headers) + exchange.end())
+        sent = asyncio.get_running_loop().create_future()
+        sent.set_result(None)
+        try:
+            async with asyncio.timeout(head_timeout_s):
+                head = await _read_head(exchange, channel)
+        except TimeoutError:
+            raise _head_timeout(head_timeout_s) from None
+        return HttpResponse(head, exchange, channel, sent)
     await _send(channel, exchange.request(method, target, headers))
 
     async def send_body() -> None:
-        if body is not None:
-            async for chunk in body:
-                await _send(channel, exchange.body(chunk))
+        async for chunk in body:
+            await _send(channel, exchange.body(chunk))
         await _send(channel, exchange.end())
 
     sender = asyncio.create_task(send_body())
@@ -356,13 +365,15 @@ async def http_through(
             head = await head_task
     except TimeoutError:
         await _cancel(sender, head_task)
-        raise ServiceError(
-            504, "upstream_timeout", f"the upstream sent no response within {head_timeout_s:g} s"
-        ) from None
+        raise _head_timeout(head_timeout_s) from None
     except BaseException:
         await _cancel(sender, head_task)
         raise
     return HttpResponse(head, exchange, channel, sender)
+
+
+def _head_timeout(seconds: float) -> ServiceError:
+    return ServiceError(504, "upstream_timeout", f"the upstream sent no response within {seconds:g} s")
 
 
 async def _read_head(exchange: HttpExchange, channel: Channel) -> ResponseHead:
@@ -477,7 +488,7 @@ class UpstreamWebSocket:
             return [CloseConnection(code=1002, reason=f"upstream protocol error: {e}")]
 
     async def aclose(self) -> None:
-        with contextlib.suppress(ChannelClosed, ConnectionError, OSError):
+        with contextlib.suppress(ChannelClosed, ConnectionError, OSError, RuntimeError):  # uvloop: a closed transport
             await self.channel.aclose()
 
 

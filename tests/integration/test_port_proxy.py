@@ -208,6 +208,15 @@ async def test_a_20_mb_response_streams_back_whole(ports: Ports) -> None:
     assert first_byte_after is not None
 
 
+async def test_a_caller_that_leaves_mid_body_stops_the_reading(ports: Ports) -> None:
+    async with ports.http.stream("GET", ports.at("/big?mb=4000"), headers=bearer("exec")) as answer:
+        async for _ in answer.aiter_raw():
+            break  # 4 GB would take the upstream far longer than the wait below
+    async with asyncio.timeout(10):
+        while ports.access.bridges:
+            await asyncio.sleep(0.05)
+
+
 async def test_redirects_and_cookies_stay_under_the_ports_prefix(ports: Ports) -> None:
     prefix = f"/v1/sessions/{ports.session}/ports/{ports.upstream.port}"
     answer = await ports.http.get(ports.at("/redirect"), headers=bearer("exec"))
