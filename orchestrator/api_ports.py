@@ -25,6 +25,7 @@ from litestar import Request, WebSocket, post, route, websocket
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.enums import HttpMethod
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
 from litestar.types import Receive, Scope, Send
 
@@ -78,18 +79,25 @@ class PortCaller:
     tenant: str | None  # whose sessions it sees (None: every tenant's)
     grant: str | None = None  # a grant presented in the query: the answer sets its cookie
     grant_expires_at: float = 0.0
+    app_authorization: bool = False  # an Authorization header beside a grant: the app's own
 
 
 async def authorize_port(connection: ASGIConnection[Any, Any, Any, Any], session_id: str, port: int) -> PortCaller:
-    """The bearer token (scope ``sessions:exec``) when there is an Authorization header; else the
-    grant in ``?port_token=``, else in the cookie. A grant opens its own session and port only."""
+    """An API token (Authorization, scope ``sessions:exec``), else a grant: ``?port_token=``,
+    else its cookie; a grant opens its own session and port only. With a grant, an
+    Authorization header that is no API token is the page's own, for its app: passed on."""
     header = connection.headers.get("authorization")
-    if header is not None:
-        token = authenticate(header, connection.app.state.tokens)
-        authorize(token, SESSIONS_EXEC)
-        return PortCaller(by=token.name, tenant=token.visible_tenant)
     in_query = connection.query_params.get(GRANT_QUERY)
     presented = in_query or connection.cookies.get(GRANT_COOKIE)
+    if header is not None:
+        try:
+            token = authenticate(header, connection.app.state.tokens)
+        except AuthError:
+            if not presented:
+                raise
+        else:
+            authorize(token, SESSIONS_EXEC)
+            return PortCaller(by=token.name, tenant=token.visible_tenant)
     if not presented:
         raise AuthError(401, "unauthorized", f"missing Authorization: Bearer <token> (or a port URL's {GRANT_QUERY})")
     state = connection.app.state
@@ -99,6 +107,7 @@ async def authorize_port(connection: ASGIConnection[Any, Any, Any, Any], session
         tenant=grant.tenant,
         grant=presented if in_query else None,
         grant_expires_at=grant.expires_at,
+        app_authorization=header is not None,
     )
 
 
@@ -122,11 +131,16 @@ def grant_cookie(who: PortCaller, prefix: str, secure: bool) -> bytes:
     return f"{GRANT_COOKIE}={who.grant}; Path={prefix}/; Max-Age={max_age}; HttpOnly; {same_site}".encode()
 
 
-def _forwarded(connection: ASGIConnection[Any, Any, Any, Any], session_id: str, port: int) -> Forwarded:
+def _forwarded(
+    connection: ASGIConnection[Any, Any, Any, Any], session_id: str, port: int, who: PortCaller
+) -> Forwarded:
     client = connection.client
-    scheme = "https" if connection.scope.get("scheme") in ("https", "wss") else "http"
     return Forwarded(
-        port=port, prefix=port_prefix(session_id, port), client=client.host if client else None, scheme=scheme
+        port=port,
+        prefix=port_prefix(session_id, port),
+        client=client.host if client else None,
+        scheme="https" if connection.scope.get("scheme") in ("https", "wss") else "http",
+        app_authorization=who.app_authorization,
     )
 
 
@@ -201,17 +215,25 @@ PROXY_PATHS = [
 ALL_METHODS = [m for m in HttpMethod if m is not HttpMethod.TRACE]  # TRACE would echo our headers back
 
 
+_GATEWAY_ERRORS: dict[int, ResponseSpec] = {
+    502: ResponseSpec(ErrorBody, description="`port_closed`, `upstream_closed`, `upstream_protocol_error`, ..."),
+    504: ResponseSpec(ErrorBody, description="`upstream_timeout`: no response head within ORCH_PORT_TIMEOUT"),
+}
+
+
 @route(
     PROXY_PATHS,
     http_method=ALL_METHODS,
+    status_code=200,
     summary="Proxy a request to a port in the session's desktop",
     request_max_body_size=None,  # streamed to the desktop, capped by ORCH_PORT_MAX_BODY_BYTES instead
-    description="The upstream is 127.0.0.1:{port} inside the desktop; it sees the path below the port and the"
-    " query (without `port_token`), the caller's headers minus hop-by-hop ones and Authorization, Host"
-    " 127.0.0.1:{port} and X-Forwarded-For/-Host/-Proto/-Prefix. Authorization: a bearer token with"
-    " `sessions:exec`, or a port URL's grant (`?port_token=`, then its cookie). WebSockets on the same paths"
-    " are relayed too (subprotocols offered upstream, close codes passed on).",
-    responses=None,
+    description="The upstream is 127.0.0.1:{port} inside the desktop; its status, headers and body come back."
+    " It sees the path below the port and the query (without `port_token`), the caller's headers minus"
+    " hop-by-hop ones and the caller's API token, Host 127.0.0.1:{port} and X-Forwarded-For/-Host/-Proto/-Prefix."
+    " Authorization: a bearer token with `sessions:exec`, or a port URL's grant (`?port_token=`, then its"
+    " cookie). WebSockets on the same paths are relayed too (subprotocols offered upstream, close codes passed"
+    " on). `POST .../url` is the port URL route: the upstream's own `/url` takes every other method.",
+    responses=_GATEWAY_ERRORS,
 )
 async def proxy_http(
     session_id: FromPath[str],
@@ -230,7 +252,7 @@ async def proxy_http(
             "body_too_large",
             f"the request body is over {settings.port_max_body_bytes} bytes (ORCH_PORT_MAX_BODY_BYTES)",
         )
-    forwarded = _forwarded(request, session_id, port)
+    forwarded = _forwarded(request, session_id, port, who)
     headers = request_headers(list(request.scope["headers"]), forwarded)
     target = upstream_target(_raw_path(request.scope), request.scope.get("query_string", b""))
     body = _limited(request, settings.port_max_body_bytes) if _has_body(request) else None
@@ -250,6 +272,18 @@ async def proxy_http(
     return ProxiedResponse(upstream, answer)
 
 
+# The upstream's own /url: every method but the POST that issues port URLs (below), and OPTIONS,
+# which Litestar answers itself on a path with handlers of its own.
+proxy_http_url = route(
+    "/v1/sessions/{session_id:str}/ports/{port:int}/url",
+    http_method=[m for m in ALL_METHODS if m not in (HttpMethod.POST, HttpMethod.OPTIONS)],
+    name="proxy_http_url",
+    status_code=200,  # the upstream's, in fact
+    request_max_body_size=None,
+    include_in_schema=False,
+)(proxy_http.fn)
+
+
 @websocket(PROXY_PATHS)
 async def proxy_websocket(socket: WebSocket[Any, Any, Any], session_id: FromPath[str], port: FromPath[int]) -> None:
     """The same paths' WebSockets: the upstream's handshake first (the caller's subprotocols
@@ -260,7 +294,7 @@ async def proxy_websocket(socket: WebSocket[Any, Any, Any], session_id: FromPath
         check_port(port)
         who = await authorize_port(socket, session_id, port)
         record = await ready_session(socket.app.state, session_id, who.tenant)
-        forwarded = _forwarded(socket, session_id, port)
+        forwarded = _forwarded(socket, session_id, port, who)
         target = upstream_target(_raw_path(socket.scope), socket.scope.get("query_string", b"")).decode("latin-1")
         access: PortAccess = socket.app.state.access
         channel = await access.open_port(record, port, by=who.by)
@@ -341,4 +375,4 @@ async def port_url(
     return PortUrl(url=f"{base}{port_prefix(session_id, port)}/?{GRANT_QUERY}={raw}", expires_at=grant.expires_at)
 
 
-ROUTES = [port_url, proxy_http, proxy_websocket]
+ROUTES = [port_url, proxy_http, proxy_http_url, proxy_websocket]

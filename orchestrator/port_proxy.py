@@ -59,11 +59,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Ours to say, not the caller's: replaced, never passed through. Authorization is the caller's
-# API token (the desktop must never see it); Expect is answered by the API's own server.
-_REPLACED = frozenset(
-    {b"host", b"authorization", b"expect", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"}
-)
+# Ours to say, not the caller's: replaced, never passed through. Expect is answered by the API's
+# own server. (Authorization is dropped unless it is the app's own: Forwarded.app_authorization.)
+_REPLACED = frozenset({b"host", b"expect", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"})
 _PREFIX_SEGMENTS = 6  # "", "v1", "sessions", id, "ports", port
 
 
@@ -116,11 +114,14 @@ class Forwarded:
     prefix: str
     client: str | None  # the caller's address
     scheme: str  # http or https, as the API was reached
+    # The caller's Authorization is the app's own (the caller came with a grant, and the header
+    # is no API token): passed on. Otherwise it is the caller's API token: the desktop never sees it.
+    app_authorization: bool = False
 
 
 def request_headers(headers: Sequence[tuple[bytes, bytes]], forwarded: Forwarded) -> Headers:
-    """The caller's headers as the upstream gets them: hop-by-hop ones, the caller's
-    Authorization and the grant cookie dropped, Host rewritten to ``127.0.0.1:port``,
+    """The caller's headers as the upstream gets them: hop-by-hop ones, the caller's API token
+    (Authorization, unless it is the app's own) and the grant cookie dropped, Host rewritten to ``127.0.0.1:port``,
     X-Forwarded-For appended to, X-Forwarded-Host/-Proto/-Prefix set, the body's framing kept
     (a chunked body stays chunked; h11 sends none without a length or chunking), and
     ``Connection: close`` (one channel per request)."""
@@ -137,6 +138,9 @@ def request_headers(headers: Sequence[tuple[bytes, bytes]], forwarded: Forwarded
             chunked = chunked or b"chunked" in value.lower()
         elif name == b"x-forwarded-for":
             forwarded_for.append(value)
+        elif name == b"authorization":
+            if forwarded.app_authorization:
+                out.append((name, value))
         elif name in HOP_BY_HOP or name in named or name in _REPLACED:
             continue
         elif name == b"cookie":

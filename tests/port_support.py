@@ -115,6 +115,7 @@ def upstream_app(seen: Upstream) -> web.Application:
 
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/echo{tail:.*}", echo)
+    app.router.add_route("*", "/url", echo)  # beside the API's POST .../ports/{port}/url
     app.router.add_get("/big", big)
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/cookie", cookie)

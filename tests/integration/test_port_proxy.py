@@ -152,6 +152,11 @@ async def test_the_bare_prefix_is_the_upstreams_root(ports: Ports) -> None:
     assert answer.status_code == 404
     assert "json" not in answer.headers.get("content-type", "")
     assert (await ports.http.get(ports.at("/echo"), headers=bearer("exec"))).json()["path_qs"] == "/echo"
+    # POST .../url issues port URLs; the upstream's own /url takes every other method.
+    for method in ("GET", "PUT", "DELETE"):
+        answer = await ports.http.request(method, ports.at("/url?q=1"), headers=bearer("exec"))
+        assert answer.status_code == 200, (method, answer.text)
+        assert answer.json()["path_qs"] == "/url?q=1" and answer.json()["method"] == method
 
 
 async def test_a_post_body_larger_than_the_apis_json_limit_arrives_whole(ports: Ports) -> None:
@@ -307,6 +312,13 @@ async def test_a_port_url_opens_the_port_then_its_cookie_carries_the_page(ports:
         second = await browser.get(f"{ports.url}{prefix}/echo/style.css")
         assert second.status_code == 200, second.text
         assert "cookie" not in second.json()["headers"], "the grant cookie reached the desktop"
+        # The page's own Authorization (no API token), for its app: passed on beside the grant.
+        third = await browser.get(f"{ports.url}{prefix}/echo/api", headers={"Authorization": "token app-secret"})
+        assert third.status_code == 200, third.text
+        assert third.json()["headers"]["authorization"] == "token app-secret"
+        # An API token beside the grant is the caller's: it authorizes, and stays out of the desktop.
+        fourth = await browser.get(f"{ports.url}{prefix}/echo/api", headers=bearer("exec"))
+        assert "authorization" not in fourth.json()["headers"]
         # The jar does not send it elsewhere; asked by hand, nothing else opens with it.
         assert GRANT_COOKIE not in (await browser.get(f"{ports.url}/healthz")).request.headers.get("cookie", "")
 

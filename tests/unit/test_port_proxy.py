@@ -5,6 +5,7 @@ is sent, what the caller gets back, h11's exchange as bytes, grant checks; and t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 
 import pytest
@@ -109,6 +110,13 @@ def test_request_headers_drop_hop_by_hop_credentials_and_the_grant_and_say_where
         (b"x-forwarded-prefix", PREFIX.encode()),
         (b"connection", b"close"),
     ]
+
+
+def test_authorization_is_passed_on_only_when_it_is_the_apps_own() -> None:
+    given = [(b"authorization", b"token app")]
+    assert (b"authorization", b"token app") not in request_headers(given, FORWARDED)
+    app = dataclasses.replace(FORWARDED, app_authorization=True)
+    assert (b"authorization", b"token app") in request_headers(given, app)
 
 
 def test_a_grant_only_cookie_header_is_dropped_and_chunked_stays_chunked() -> None:
