@@ -26,7 +26,9 @@ from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 from redis.exceptions import NoPermissionError, RedisError
 
-from . import __version__, api_execs, api_metrics, auth, tracing
+from . import __version__, api_execs, api_metrics, api_terminal, auth, tracing
+from .access import AccessRouter
+from .access_types import AccessRoute
 from .auth import AuthError
 from .commands import CommandConsumer
 from .config import ApiSettings, Settings
@@ -41,6 +43,7 @@ from .http_headers import add_security_headers
 from .hub import StreamHub
 from .loops import every
 from .monitor import SandboxMonitor
+from .redis_conn import redis_client
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SandboxRetired, SessionCreate, SessionList, SessionRecord
 from .service import Sessions, check_session_id
 from .sse import EventFeed, EventFilter, StreamLimits, check_filter_counts, parse_after
@@ -399,6 +402,7 @@ ROUTES = [
     openapi_json,
     dashboard,
     *api_execs.ROUTES,
+    *api_terminal.ROUTES,
 ]
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ServiceError: _service_error,
@@ -440,6 +444,11 @@ def _lifespan(
         execs = ExecStore(core.redis, core.keys, keep_s=settings.exec_keep_s)
         exec_hub = ExecOutputHub(core.redis, core.keys)
         exec_service = ExecService(execs, sessions, settings)
+        # Its own client: each relayed access holds one connection blocked reading its stream.
+        relay_reader = redis_client(settings)
+        access = AccessRouter(
+            core.redis, relay_reader, core.keys, core.sandboxes, route=AccessRoute(settings.access_route)
+        )
         commands = CommandConsumer(
             core.redis,
             core.keys,
@@ -460,6 +469,7 @@ def _lifespan(
             execs=execs,
             exec_hub=exec_hub,
             exec_service=exec_service,
+            access=access,
         )
         try:
             async with anyio.create_task_group() as tasks:
@@ -472,6 +482,7 @@ def _lifespan(
         finally:
             await hub.close()
             await exec_hub.close()
+            await relay_reader.aclose()
             await core.aclose()
 
     return lifespan
