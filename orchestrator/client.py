@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import aiohttp
 import anyio
 import httpx
 import msgspec
@@ -79,6 +80,8 @@ class Client:
         self, base_url: str, *, timeout: float = 30.0, token: str | None = None, max_connections: int = 100
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._base_url = base_url.rstrip("/")
+        self._headers = headers
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, limits=limits)
 
@@ -135,6 +138,25 @@ class Client:
 
     async def delete(self, session_id: str) -> SessionRecord:
         return await self._call(SessionRecord, "DELETE", f"/v1/sessions/{session_id}")
+
+    @contextlib.asynccontextmanager
+    async def terminal(
+        self, session_id: str, *, cols: int = 80, rows: int = 24, user: str | None = None, cwd: str | None = None
+    ) -> AsyncIterator[Terminal]:
+        """An interactive terminal in the session's desktop (the WebSocket route): send it
+        keystrokes, iterate over what it shows; ``exit_code`` once it ended. ApiError when the
+        server refused it (the close code's HTTP status and the error's code)."""
+        params: dict[str, str] = {"cols": str(cols), "rows": str(rows)}
+        if user:
+            params["user"] = user
+        if cwd:
+            params["cwd"] = cwd
+        url = self._base_url.replace("http", "ws", 1) + f"/v1/sessions/{session_id}/terminal"
+        async with (
+            aiohttp.ClientSession(headers=self._headers) as http,
+            http.ws_connect(url, params=params, max_msg_size=0) as ws,
+        ):
+            yield Terminal(ws)
 
     async def sandboxes(self) -> builtins.list[SandboxInfo]:
         return (await self._call(SandboxList, "GET", "/v1/sandboxes")).sandboxes
@@ -257,6 +279,35 @@ class Client:
                 f"no {' or '.join(sorted(types))} for {session_id} within {timeout:g} s (saw: {got})"
             ) from None
         raise RuntimeError("event stream ended")
+
+
+class Terminal:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self.exit_code: int | None = None
+
+    async def send(self, data: bytes) -> None:
+        await self._ws.send_bytes(data)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._ws.send_str(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """What the terminal shows, until it ends; ApiError when the server refused or closed it."""
+        error: dict[str, Any] | None = None
+        async for message in self._ws:
+            if message.type is aiohttp.WSMsgType.BINARY:
+                yield message.data
+            elif message.type is aiohttp.WSMsgType.TEXT:
+                body = json.loads(message.data)
+                if body.get("type") == "exit":
+                    self.exit_code = body.get("exit_code")
+                elif body.get("type") == "error":
+                    error = body
+        code = self._ws.close_code or 1006
+        if error is not None or code >= 4000:
+            body = error or {}
+            raise ApiError(code - 4000 if code >= 4000 else 502, body.get("code", "closed"), body.get("message", ""))
 
 
 def _exec_body(cmd: builtins.list[str] | None, shell: str | None, options: dict[str, Any]) -> dict[str, Any]:
