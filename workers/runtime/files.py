@@ -30,7 +30,8 @@ from aiodocker.exceptions import DockerError
 from aiodocker.stream import Stream
 
 from orchestrator.desktop_io import FileEntry, FileErrorCode, FileKind
-from orchestrator.errors import CodedError
+from orchestrator.desktop_paths import check_desktop_path
+from orchestrator.errors import CodedError, ServiceError
 from orchestrator.exec_types import OutputStream
 from orchestrator.names import desktop_name
 
@@ -248,6 +249,10 @@ class DesktopFiles:
         self._docker = docker
 
     async def _start(self, session_id: str, script: str, args: Sequence[str], *, user: str | None, stdin: bool) -> _Run:
+        try:  # the API checked it already; a caller that did not gets the same answer
+            args = [check_desktop_path(args[0]), *args[1:]]
+        except ServiceError as e:
+            raise FileError("invalid_path", e.message) from e
         argv = enter_argv(["/bin/sh", "-c", script, "orch-files", *args], env={}, cwd="/", user=user)
         container = self._docker.containers.container(desktop_name(session_id))
         try:
