@@ -33,7 +33,7 @@ from rich.table import Table
 from . import tracing
 from .auth import SCOPES, new_token, token_entry
 from .client import ApiError, Client
-from .names import TENANT_RE
+from .names import SESSION_ID_RE, TENANT_RE
 from .placement import low_disk
 
 EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
@@ -195,6 +195,8 @@ async def _sessions(args: argparse.Namespace) -> int:
             return await _exec(client, args)
         if args.action == "shell":
             return await _shell(client, args)
+        if args.action == "cp":
+            return await _cp(client, args)
         # --wait follows only what happens from now on: remember where the stream is.
         after = None
         if args.wait:
@@ -293,6 +295,30 @@ async def _shell(client: Client, args: argparse.Namespace) -> int:
             if saved is not None:
                 termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
     return term.exit_code if term.exit_code is not None else 255
+
+
+def _remote(spec: str) -> tuple[str, str] | None:
+    """``SESSION:/abs/path`` as (session, path); None for a local path."""
+    session, colon, path = spec.partition(":")
+    if colon and path.startswith("/") and SESSION_ID_RE.fullmatch(session):
+        return session, path
+    return None
+
+
+async def _cp(client: Client, args: argparse.Namespace) -> int:
+    """Copy between this machine and a desktop, like `docker cp`: a file, or a directory's
+    contents (as a tar, streamed)."""
+    source, target = _remote(args.src), _remote(args.dst)
+    if (source is None) == (target is None):
+        raise UsageError("cp: exactly one of SRC and DST is SESSION:/absolute/path")
+    if target is not None:
+        written = await client.upload_path(target[0], args.src, target[1])
+        print(f"{written['bytes']} bytes to {target[0]}:{written['path']}")
+        return 0
+    assert source is not None
+    total = await client.download_to(source[0], source[1], args.dst)
+    print(f"{total} bytes from {source[0]}:{source[1]}")
+    return 0
 
 
 async def _sandboxes(args: argparse.Namespace) -> int:
@@ -418,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("id")
     shell.add_argument("--user")
     shell.add_argument("--cwd")
+    cp = sessions.add_parser("cp", help="copy a file or a directory's contents: cp SRC DST, one of them ID:/path")
+    cp.add_argument("src")
+    cp.add_argument("dst")
     for verb, text in (("stop", "stop (keeps the volume)"), ("start", "start again"), ("rm", "delete")):
         p = sessions.add_parser(verb, help=text)
         p.add_argument("id")
