@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from .access_channel import Channel, ChannelClosed, Control, FrameKind, StreamChannel, decode_control
 from .access_relay import RelayChannel, RelaySide
-from .access_types import TICKET_TTL_MS, AccessRoute, AccessTicket, encode_ticket
+from .access_types import TICKET_TTL_MS, AccessKind, AccessRoute, AccessTicket, encode_ticket, new_ticket_id
 from .errors import ServiceError
 from .keys import Keys
 from .sandboxes import SandboxRegistry
@@ -131,6 +131,23 @@ class AccessRouter:
             raise
         self.opened[road] += 1
         return channel, first
+
+    async def open_port(self, record: SessionRecord, port: int, *, by: str) -> Channel:
+        """A channel whose far end is a TCP connection to ``port`` on the desktop's loopback
+        (orchestrator/api_ports.py speaks HTTP or WebSocket over it)."""
+        assert record.sandbox is not None
+        ticket = AccessTicket(
+            id=new_ticket_id(),
+            kind=AccessKind.PORT,
+            session=record.id,
+            sandbox=record.sandbox,
+            by=by,
+            tenant=record.tenant,
+            created_at=time.time(),
+            port=port,
+        )
+        channel, _ = await self.open(ticket)
+        return channel
 
     async def _direct(self, ticket: AccessTicket) -> Channel | None:
         failed_at = self._direct_failed.get(ticket.sandbox)

@@ -31,6 +31,7 @@ from .keys import Keys
 CHUNK = 256 * 1024
 WINDOW = 4 * 1024 * 1024
 EXPIRE_MS = 30_000
+TRIM_BYTES = 1 << 20
 PING_S = 10.0
 SILENT_S = 35.0
 _BLOCK_MS = 5_000
@@ -73,6 +74,7 @@ class RelayChannel:
         self._acked_sent = 0
         self._room = asyncio.Event()
         self._last_write = time.monotonic()
+        self._expiry_set = -float(EXPIRE_MS)  # never: the first write sets it
         self._closed = False
         self._peer_gone = False  # its reader saw the other side close (or the route break)
         self._write_lock = asyncio.Lock()
@@ -111,14 +113,19 @@ class RelayChannel:
         if self._closed:
             raise ChannelClosed("the channel is closed")
         async with self._write_lock:  # entries in the order they were sent
+            now = time.monotonic()
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.xadd(self._out, {"k": str(kind), "d": payload})
-                    pipe.pexpire(self._out, EXPIRE_MS)
-                    await pipe.execute()
+                if now - self._expiry_set > EXPIRE_MS / 1000 / 3:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        pipe.xadd(self._out, {"k": str(kind), "d": payload})
+                        pipe.pexpire(self._out, EXPIRE_MS)
+                        await pipe.execute()
+                    self._expiry_set = now
+                else:  # the expiry set less than a third of it ago stands: one command
+                    await self._redis.xadd(self._out, {"k": str(kind), "d": payload})
             except Exception as e:
                 raise ChannelClosed(f"the relay is unavailable: {e}") from e
-            self._last_write = time.monotonic()
+            self._last_write = now
 
     async def _ping(self) -> None:
         while True:
@@ -150,6 +157,7 @@ class RelayChannel:
     async def _read(self) -> None:
         after = "0-0"
         heard = time.monotonic()
+        untrimmed = 0  # bytes read since the last trim
         try:
             while True:
                 reply: Any = await self._reader.xread({self._in: after}, count=256, block=_BLOCK_MS)
@@ -163,6 +171,7 @@ class RelayChannel:
                     after = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     kind = int(fields[b"k"])
                     payload = fields.get(b"d", b"")
+                    untrimmed += len(payload) + 64
                     if kind == _ACK:
                         self._acked = max(self._acked, int(payload))
                         self._room.set()
@@ -172,9 +181,11 @@ class RelayChannel:
                         self._frames.put_nowait((FrameKind(kind), payload))
                         if kind == FrameKind.CLOSE:
                             return
-                # What was read is not needed again (a restarted reader would start at 0-0,
-                # but a channel does not outlive its reader).
-                await self._redis.xtrim(self._in, minid=after, approximate=False)
+                # What was read is not needed again: trimmed once it adds up (a keystroke at a
+                # time costs no extra command), so Redis holds at most TRIM_BYTES of it.
+                if untrimmed >= TRIM_BYTES:
+                    await self._redis.xtrim(self._in, minid=after, approximate=False)
+                    untrimmed = 0
         except asyncio.CancelledError:
             raise
         except ChannelClosed as e:

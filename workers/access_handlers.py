@@ -16,21 +16,28 @@ from typing import Any
 import anyio
 import msgspec
 
+from orchestrator.access_bridge import bridge
 from orchestrator.access_channel import Channel, ChannelClosed, Control, FrameKind, decode_control
 from orchestrator.access_types import AccessKind, AccessTicket
 from orchestrator.events import EventBus, make_event
 
 from .runtime.errors import DesktopError
 from .runtime.files import DesktopFiles, FileError
+from .runtime.netns import DesktopPorts, PortError
 from .runtime.terminals import DockerTerminals
 
 log = logging.getLogger("workers.access_handlers")
 
+PORT_CONNECT_TIMEOUT_S = 5.0
+
 
 class AccessHandlers:
-    def __init__(self, terminals: DockerTerminals, files: DesktopFiles, bus: EventBus, *, sandbox_id: str) -> None:
+    def __init__(
+        self, terminals: DockerTerminals, files: DesktopFiles, ports: DesktopPorts, bus: EventBus, *, sandbox_id: str
+    ) -> None:
         self.terminals = terminals
         self.files = files
+        self.ports = ports
         self.bus = bus
         self.sandbox_id = sandbox_id
 
@@ -44,6 +51,8 @@ class AccessHandlers:
                 await self.file_read(ticket, channel)
             case AccessKind.FILE_LIST:
                 await self.file_list(ticket, channel)
+            case AccessKind.PORT:
+                await self.port(ticket, channel)
             case _:
                 await _refuse(channel, "invalid_request", f"this worker does not serve {ticket.kind} accesses")
 
@@ -178,6 +187,25 @@ class AccessHandlers:
         await channel.send_control(Control(type="meta", kind="directory"))
         await channel.send(msgspec.json.encode(entries))
         await channel.send_eof()
+
+    # -- ports ------------------------------------------------------------------------------
+
+    async def port(self, ticket: AccessTicket, channel: Channel) -> None:
+        """One connection to a port on the desktop's loopback, its bytes bridged as they come.
+        Not an event each: a page makes dozens (``port.url_issued`` is the audited access)."""
+        assert ticket.port is not None
+        try:
+            reader, writer = await self.ports.open(ticket.session, ticket.port, timeout_s=PORT_CONNECT_TIMEOUT_S)
+        except PortError as e:
+            await _refuse(channel, e.code, e.message)
+            return
+        try:
+            await channel.send_control(Control(type="ready"))
+            await bridge(channel, reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
     async def _publish(self, ticket: AccessTicket, type: str, data: dict[str, Any]) -> None:
         try:
