@@ -117,6 +117,15 @@ async def test_terminal_refusals_limits_idle_and_hang_up(docker_settings: Settin
             assert (last.get("code"), code) == ("session_not_found", 4404), (last, code)
 
         async with ready_session(admin) as sid:
+            # A browser follows an exec's output with the token in the URL (EventSource sends no
+            # header); no other route takes it there.
+            done = await admin.exec(sid, ["echo", "from-a-browser"])
+            async with aiohttp.ClientSession() as http:
+                url = f"{api}/v1/sessions/{sid}/execs/{done.id}/output"
+                async with http.get(url, params={"access_token": TOKENS["sessions:exec"]}) as response:
+                    assert response.status == 200 and "from-a-browser" in await response.text()
+                async with http.get(f"{api}/v1/sessions/{sid}", params={"access_token": TOKENS["admin"]}) as response:
+                    assert response.status == 401
             async with terminal(ws_url(api, sid, cols=0)) as ws:
                 last, code = await ending(ws)
                 assert (last.get("code"), code) == ("invalid_request", 4400), (last, code)
