@@ -356,7 +356,7 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
-    snapshot = await api_metrics.read_snapshot(_sessions(state), state.core, state.hub.followers)
+    snapshot = await api_metrics.read_snapshot(_sessions(state), state.core, state.hub.followers, state.access.opened)
     return api_metrics.render(snapshot)
 
 
