@@ -102,9 +102,9 @@ async def test_a_terminal_echoes_resizes_and_exits_with_its_code(route: str, doc
         assert isinstance(closed["bytes_in"], int) and closed["bytes_in"] > 0
         assert "marker" not in json.dumps([e.data for e in opened])  # never the content
         # The road it took, counted on the API's /metrics.
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{api}/metrics", headers={"Authorization": f"Bearer {TOKENS['admin']}"}) as r:
-                metrics = await r.text()
+        headers = {"Authorization": f"Bearer {TOKENS['admin']}"}
+        async with aiohttp.ClientSession() as http, http.get(f"{api}/metrics", headers=headers) as r:
+            metrics = await r.text()
         assert f'orchestrator_access_opened_total{{road="{route}"}} 1.0' in metrics, metrics[-800:]
 
 
