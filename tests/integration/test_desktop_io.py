@@ -309,6 +309,21 @@ async def test_an_interrupted_upload_leaves_the_file_as_it_was(desktop: Desktop)
     assert await desktop.run("cat", "/tmp/precious") == "before"
 
 
+async def test_a_read_given_up_midway_ends_in_the_desktop_too(desktop: Desktop) -> None:
+    await desktop.run("sh", "-c", "head -c 50000000 /dev/zero > /tmp/abandoned")
+    read = await desktop.files.read(desktop.sid, "/tmp/abandoned")
+    assert (read.kind, read.size) == (FileKind.FILE, 50 * MB)
+    async for chunk in read.chunks:
+        assert chunk
+        break
+    await read.aclose()
+    # The script's cat (its args: just "cat") sees its output closed and ends.
+    deadline = time.monotonic() + 10
+    while "cat" in (await desktop.run("ps", "-eo", "args")).splitlines():
+        assert time.monotonic() < deadline, "the read's process still runs in the desktop"
+        await asyncio.sleep(0.1)
+
+
 async def test_a_listing_says_what_each_entry_is(desktop: Desktop) -> None:
     await desktop.run(
         "sh", "-c", "mkdir -p /tmp/ls/sub && printf abc > /tmp/ls/f && chmod 4750 /tmp/ls/f && "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import get_args
 
 import aiodocker
@@ -198,16 +198,17 @@ class FileRead:
 
 
 class _Run:
-    """One script's exec: its output as it comes (stderr's end kept for a message)."""
+    """One script's exec: its stdout as it comes (``stdout``, one iterator for the whole run),
+    stderr's end kept on the side for a message."""
 
     def __init__(self, process: DockerExecProcess, stream: Stream) -> None:
         self.process = process
         self.stream = stream
         self._output = process.output()
         self.stderr = bytearray()
+        self.stdout = self._stdout()
 
-    async def stdout(self) -> AsyncIterator[bytes]:
-        """stdout's chunks; stderr's kept on the side."""
+    async def _stdout(self) -> AsyncGenerator[bytes, None]:
         async for stream, data in self._output:
             if stream is OutputStream.STDOUT:
                 yield data
@@ -220,8 +221,11 @@ class _Run:
         return script_error(await self.process.exit_code(), bytes(self.stderr))
 
     async def close(self) -> None:
+        """Ends the exec's connection; a script still running sees its stdout closed (and its
+        stdin end) and ends."""
         with contextlib.suppress(Exception):
-            await self._output.aclose()  # type: ignore[attr-defined]
+            await self.stdout.aclose()
+            await self._output.aclose()  # type: ignore[attr-defined]  # an async generator
         await self.process.close()
 
 
@@ -281,7 +285,7 @@ class DesktopFiles:
         said = bytearray()
 
         async def collect() -> None:
-            async for data in run.stdout():
+            async for data in run.stdout:
                 said.extend(data[: MAX_HEADER - len(said)])
 
         output = asyncio.create_task(collect())
@@ -317,7 +321,7 @@ class DesktopFiles:
         """Start reading ``path``: a file's bytes or a directory's tar, and which it is first."""
         run = await self._start(session_id, READ, [path], user=user, stdin=False)
         try:
-            stdout = run.stdout()
+            stdout = run.stdout
             head = bytearray()
             async for data in stdout:
                 head += data
@@ -372,7 +376,7 @@ class DesktopFiles:
         run = await self._start(session_id, LIST, [path, str(limit)], user=user, stdin=False)
         try:
             raw = bytearray()
-            async for data in run.stdout():
+            async for data in run.stdout:
                 raw += data
             code = await run.process.exit_code()
             if code != 0:
