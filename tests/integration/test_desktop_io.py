@@ -246,8 +246,17 @@ async def test_refusals_name_what_is_wrong(desktop: Desktop) -> None:
     await desktop.run("sh", "-c", "mkfifo /tmp/fifo; ln -sfn /proc /tmp/to-proc; echo hi > /tmp/plain")
 
     async def write_error(path: str, *, tar: bool = False, user: str | None = None) -> tuple[str, str]:
+        asked = []
+
+        async def upload() -> AsyncIterator[bytes]:
+            asked.append(True)
+            yield b"data"
+
         with pytest.raises(FileError) as caught:
-            await files.write(sid, path, chunks_of(b"data"), tar=tar, user=user)
+            await files.write(sid, path, upload(), tar=tar, user=user)
+        # Refused before a byte of the upload was asked for (the API can answer before reading
+        # the body), except for what only the bytes can tell (a tar that is not one).
+        assert asked == ([True] if path == "/tmp/not-a-tar" else []), path
         return caught.value.code, caught.value.message
 
     async def read_error(path: str) -> tuple[str, str]:
