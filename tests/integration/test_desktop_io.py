@@ -24,7 +24,7 @@ from orchestrator.client import Client
 from orchestrator.desktop_io import FileKind
 from orchestrator.names import desktop_name
 from workers.runtime.files import DesktopFiles, FileError
-from workers.runtime.netns import PortError, open_desktop_port
+from workers.runtime.netns import DesktopPorts, PortError, open_desktop_port
 
 from .conftest import (
     PROJECT_ROOT,
@@ -406,6 +406,28 @@ async def test_a_closed_port_and_a_gone_desktop_are_told_apart(desktop: Desktop)
     with pytest.raises(PortError) as caught:
         await open_desktop_port(desktop.docker, "s-no-such-session", 8000, timeout_s=5)
     assert caught.value.code == "desktop_gone"
+
+
+async def test_a_stopped_desktop_is_gone_and_an_unseen_one_unreachable(desktop: Desktop) -> None:
+    # A desktop container that exists but does not run: Docker refuses the exec (409), its
+    # inspect says so.
+    stopped = "s-stopped-" + os.urandom(4).hex()
+    await adocker("create", "--name", desktop_name(stopped), TEST_IMAGE, "true", host=desktop.host)
+    try:
+        with pytest.raises(FileError) as caught:
+            await desktop.files.list(stopped, "/")
+        assert caught.value.code == "desktop_gone", caught.value.message
+        with pytest.raises(PortError) as port_caught:
+            await open_desktop_port(desktop.docker, stopped, 80, timeout_s=5)
+        assert port_caught.value.code == "desktop_gone", port_caught.value.message
+    finally:
+        await adocker("rm", "-f", desktop_name(stopped), host=desktop.host)
+    # A worker that does not share the sandbox dockerd's pid namespace: the pid Docker gives
+    # names nothing here (or another process), which is told apart from a closed port.
+    blind = DesktopPorts(desktop.docker, visible=lambda pid, container: False)
+    with pytest.raises(PortError) as port_caught:
+        await blind.open(desktop.sid, 8000, timeout_s=5)
+    assert port_caught.value.code == "port_unreachable", port_caught.value.message
 
 
 # The shape of a userns desktop's network (a network namespace owned by a user namespace of its
