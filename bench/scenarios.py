@@ -693,7 +693,7 @@ SCENARIOS: dict[str, Scenario] = {
     "footprint": footprint,
     "profiles": profiles,
     "exec": execs,
-    "files": desktop_io,
+    "files-worker": desktop_io,
 }
 
 # Rounds per scenario for `-n` (the counts: 20 sequential sessions; 20-at-once bursts).
@@ -707,5 +707,5 @@ DEFAULT_N = {
     "footprint": 1,
     "profiles": 10,
     "exec": 100,
-    "files": 10,
+    "files-worker": 10,
 }
