@@ -24,7 +24,7 @@ from orchestrator.client import Client
 from orchestrator.desktop_io import FileKind
 from orchestrator.names import desktop_name
 from workers.runtime.files import DesktopFiles, FileError
-from workers.runtime.netns import PortError, open_desktop_port
+from workers.runtime.netns import DesktopPorts, PortError, open_desktop_port
 
 from .conftest import (
     PROJECT_ROOT,
@@ -246,8 +246,17 @@ async def test_refusals_name_what_is_wrong(desktop: Desktop) -> None:
     await desktop.run("sh", "-c", "mkfifo /tmp/fifo; ln -sfn /proc /tmp/to-proc; echo hi > /tmp/plain")
 
     async def write_error(path: str, *, tar: bool = False, user: str | None = None) -> tuple[str, str]:
+        asked = []
+
+        async def upload() -> AsyncIterator[bytes]:
+            asked.append(True)
+            yield b"data"
+
         with pytest.raises(FileError) as caught:
-            await files.write(sid, path, chunks_of(b"data"), tar=tar, user=user)
+            await files.write(sid, path, upload(), tar=tar, user=user)
+        # Refused before a byte of the upload was asked for (the API can answer before reading
+        # the body), except for what only the bytes can tell (a tar that is not one).
+        assert asked == ([True] if path == "/tmp/not-a-tar" else []), path
         return caught.value.code, caught.value.message
 
     async def read_error(path: str) -> tuple[str, str]:
@@ -307,6 +316,21 @@ async def test_an_interrupted_upload_leaves_the_file_as_it_was(desktop: Desktop)
         await desktop.files.write(desktop.sid, "/tmp/precious", stops_midway(), tar=False)
     await no_uploads_left(desktop, "/tmp")
     assert await desktop.run("cat", "/tmp/precious") == "before"
+
+
+async def test_a_read_given_up_midway_ends_in_the_desktop_too(desktop: Desktop) -> None:
+    await desktop.run("sh", "-c", "head -c 50000000 /dev/zero > /tmp/abandoned")
+    read = await desktop.files.read(desktop.sid, "/tmp/abandoned")
+    assert (read.kind, read.size) == (FileKind.FILE, 50 * MB)
+    async for chunk in read.chunks:
+        assert chunk
+        break
+    await read.aclose()
+    # The script's cat (its args: just "cat") sees its output closed and ends.
+    deadline = time.monotonic() + 10
+    while "cat" in (await desktop.run("ps", "-eo", "args")).splitlines():
+        assert time.monotonic() < deadline, "the read's process still runs in the desktop"
+        await asyncio.sleep(0.1)
 
 
 async def test_a_listing_says_what_each_entry_is(desktop: Desktop) -> None:
@@ -382,6 +406,28 @@ async def test_a_closed_port_and_a_gone_desktop_are_told_apart(desktop: Desktop)
     with pytest.raises(PortError) as caught:
         await open_desktop_port(desktop.docker, "s-no-such-session", 8000, timeout_s=5)
     assert caught.value.code == "desktop_gone"
+
+
+async def test_a_stopped_desktop_is_gone_and_an_unseen_one_unreachable(desktop: Desktop) -> None:
+    # A desktop container that exists but does not run: Docker refuses the exec (409), its
+    # inspect says so.
+    stopped = "s-stopped-" + os.urandom(4).hex()
+    await adocker("create", "--name", desktop_name(stopped), TEST_IMAGE, "true", host=desktop.host)
+    try:
+        with pytest.raises(FileError) as caught:
+            await desktop.files.list(stopped, "/")
+        assert caught.value.code == "desktop_gone", caught.value.message
+        with pytest.raises(PortError) as port_caught:
+            await open_desktop_port(desktop.docker, stopped, 80, timeout_s=5)
+        assert port_caught.value.code == "desktop_gone", port_caught.value.message
+    finally:
+        await adocker("rm", "-f", desktop_name(stopped), host=desktop.host)
+    # A worker that does not share the sandbox dockerd's pid namespace: the pid Docker gives
+    # names nothing here (or another process), which is told apart from a closed port.
+    blind = DesktopPorts(desktop.docker, visible=lambda pid, container: False)
+    with pytest.raises(PortError) as port_caught:
+        await blind.open(desktop.sid, 8000, timeout_s=5)
+    assert port_caught.value.code == "port_unreachable", port_caught.value.message
 
 
 # The shape of a userns desktop's network (a network namespace owned by a user namespace of its

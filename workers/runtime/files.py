@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import get_args
 
 import aiodocker
@@ -99,6 +99,7 @@ dir=${target%/*}; [ -n "$dir" ] || dir=/
 tmp=$(mktemp -p "$dir" .orch-upload.XXXXXXXXXX) || fail file_failed "could not make a temporary file in $dir"
 trap 'rm -f -- "$tmp"' EXIT
 trap 'exit 129' HUP INT TERM PIPE
+echo ready
 cat > "$tmp" || fail file_failed "could not write $1"
 size=$(stat -c %s -- "$tmp")
 n=$((size - 36))
@@ -133,10 +134,10 @@ elif ! mkdir -p -- "$dest" 2>/dev/null; then
   fail file_failed "could not make the directory $1"
 fi
 { [ -w "$dest" ] && [ -x "$dest" ]; } || fail permission_denied "$1 is not writable by $(me)"
+echo ready
 tar -x -f - -C "$dest" --no-same-owner --preserve-permissions \
   || fail file_failed "tar could not extract the archive into $1"
 cat > /dev/null
-echo ok
 """
 )
 
@@ -198,16 +199,17 @@ class FileRead:
 
 
 class _Run:
-    """One script's exec: its output as it comes (stderr's end kept for a message)."""
+    """One script's exec: its stdout as it comes (``stdout``, one iterator for the whole run),
+    stderr's end kept on the side for a message."""
 
     def __init__(self, process: DockerExecProcess, stream: Stream) -> None:
         self.process = process
         self.stream = stream
         self._output = process.output()
         self.stderr = bytearray()
+        self.stdout = self._stdout()
 
-    async def stdout(self) -> AsyncIterator[bytes]:
-        """stdout's chunks; stderr's kept on the side."""
+    async def _stdout(self) -> AsyncGenerator[bytes, None]:
         async for stream, data in self._output:
             if stream is OutputStream.STDOUT:
                 yield data
@@ -220,9 +222,38 @@ class _Run:
         return script_error(await self.process.exit_code(), bytes(self.stderr))
 
     async def close(self) -> None:
+        """Ends the exec's connection; a script still running sees its stdout closed (and its
+        stdin end) and ends."""
         with contextlib.suppress(Exception):
-            await self._output.aclose()  # type: ignore[attr-defined]
+            await self.stdout.aclose()
+            await self._output.aclose()  # type: ignore[attr-defined]  # an async generator
         await self.process.close()
+
+
+async def _send(stream: Stream, data: bytes) -> bool:
+    """Write to the script's stdin, waiting for the connection to drain; False once it closed
+    under the writes (the script ended: its end says why)."""
+    try:
+        await stream.write_in(data)
+    except (ConnectionError, RuntimeError):  # aiohttp's "Connection lost", aiodocker's "closed transport"
+        return False
+    return True
+
+
+async def first_line(run: _Run) -> tuple[bytes, bytes] | None:
+    """The script's first line on stdout and what came after it in the same chunks; None if
+    its stdout ended first (it failed: ``run.error()`` says why)."""
+    head = bytearray()
+    async for data in run.stdout:
+        head += data
+        if b"\n" in head or len(head) > MAX_HEADER:
+            break
+    line, newline, rest = bytes(head).partition(b"\n")
+    if newline:
+        return line, rest
+    if len(head) > MAX_HEADER:
+        raise FileError("file_failed", f"the desktop answered {bytes(head[:MAX_HEADER])!r}")
+    return None
 
 
 def script_error(exit_code: int | None, stderr: bytes) -> FileError:
@@ -273,40 +304,43 @@ class DesktopFiles:
         self, session_id: str, path: str, chunks: AsyncIterator[bytes], *, tar: bool, user: str | None = None
     ) -> int:
         """Write ``chunks`` to the file ``path`` (its directory must exist), or with ``tar``
-        extract them into the directory ``path`` (made if missing); the bytes received."""
+        extract them into the directory ``path`` (made if missing); the bytes received. A
+        refusal of the path (not_found, permission_denied...) comes before the first chunk is
+        asked for: the caller has not read a byte of its upload then."""
         nonce = secrets.token_hex(8)
         run = await self._start(
             session_id, WRITE_TAR if tar else WRITE_FILE, [path] if tar else [path, nonce], user=user, stdin=True
         )
-        said = bytearray()
-
-        async def collect() -> None:
-            async for data in run.stdout():
-                said.extend(data[: MAX_HEADER - len(said)])
-
-        output = asyncio.create_task(collect())
-        stream = run.stream
         sent = 0
         try:
+            first = await first_line(run)  # `ready` once the script's checks passed
+            if first is None:
+                raise await run.error()
+            if first[0] != b"ready":
+                raise FileError("file_failed", f"the desktop answered {first[0]!r}")
+            said = bytearray(first[1])
+
+            async def collect() -> None:
+                async for data in run.stdout:
+                    said.extend(data[: MAX_HEADER - len(said)])
+
+            output = asyncio.create_task(collect())
             try:
                 async for chunk in chunks:
                     if output.done():  # the script ended early: it says why below
                         break
-                    if chunk:
-                        await stream.write_in(chunk)
-                        sent += len(chunk)
+                    if chunk and not await _send(run.stream, chunk):
+                        break
+                    sent += len(chunk)
                 else:
-                    if not tar:
-                        await stream.write_in(f"{nonce}{sent:020d}".encode())
-                    _close_stdin(stream)
-            except (ConnectionError, RuntimeError):
-                pass  # the connection closed under the writes: the script's end says why
-            await output
+                    if tar or await _send(run.stream, f"{nonce}{sent:020d}".encode()):
+                        _close_stdin(run.stream)
+                await output
+            finally:
+                output.cancel()
         finally:
-            output.cancel()
             await run.close()
-        code = await run.process.exit_code()
-        if code != 0:
+        if await run.process.exit_code() != 0:
             raise await run.error()
         if not tar and said.strip() != str(sent).encode():
             wrote = said.strip().decode(errors="replace")
@@ -317,37 +351,28 @@ class DesktopFiles:
         """Start reading ``path``: a file's bytes or a directory's tar, and which it is first."""
         run = await self._start(session_id, READ, [path], user=user, stdin=False)
         try:
-            stdout = run.stdout()
-            head = bytearray()
-            async for data in stdout:
-                head += data
-                if b"\n" in head or len(head) > MAX_HEADER:
-                    break
-            line, newline, rest = bytes(head).partition(b"\n")
-            if not newline:
-                if len(head) > MAX_HEADER:
-                    raise FileError("file_failed", f"the desktop answered {bytes(head[:MAX_HEADER])!r}")
+            first = await first_line(run)  # what follows: `file SIZE` or `directory`
+            if first is None:
                 raise await run.error()
+            line, rest = first
             kind, _, size_text = line.decode(errors="replace").partition(" ")
             if kind == "directory":
-                return FileRead(FileKind.DIRECTORY, None, self._content(run, stdout, rest, None))
+                return FileRead(FileKind.DIRECTORY, None, self._content(run, rest, None))
             if kind == "file" and size_text.isdigit():
                 size = int(size_text)
-                return FileRead(FileKind.FILE, size, self._content(run, stdout, rest, size))
+                return FileRead(FileKind.FILE, size, self._content(run, rest, size))
             raise FileError("file_failed", f"the desktop answered {line!r}")
         except BaseException:
             await run.close()
             raise
 
-    async def _content(
-        self, run: _Run, stdout: AsyncIterator[bytes], first: bytes, size: int | None
-    ) -> AsyncIterator[bytes]:
+    async def _content(self, run: _Run, first: bytes, size: int | None) -> AsyncIterator[bytes]:
         try:
             got = 0
             if first:
                 got += len(first)
                 yield first if size is None else first[:size]
-            async for data in stdout:
+            async for data in run.stdout:
                 if size is not None and got + len(data) > size:  # it grew meanwhile: the size said goes
                     data = data[: size - got]
                 got += len(data)
@@ -372,7 +397,7 @@ class DesktopFiles:
         run = await self._start(session_id, LIST, [path, str(limit)], user=user, stdin=False)
         try:
             raw = bytearray()
-            async for data in run.stdout():
+            async for data in run.stdout:
                 raw += data
             code = await run.process.exit_code()
             if code != 0:
