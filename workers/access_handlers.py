@@ -133,9 +133,11 @@ class AccessHandlers:
 
     async def file_write(self, ticket: AccessTicket, channel: Channel) -> None:
         assert ticket.path is not None
-        await channel.send_control(Control(type="ready"))
 
         async def body() -> AsyncIterator[bytes]:
+            # Asked for once the write could start (its directory there, writable): a refusal
+            # comes as the first frame instead, before the API reads any of the body.
+            await channel.send_control(Control(type="ready"))
             while True:
                 kind, payload = await channel.receive()
                 if kind is FrameKind.DATA:
