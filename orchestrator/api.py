@@ -25,7 +25,9 @@ from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 from redis.exceptions import NoPermissionError, RedisError
 
-from . import __version__, api_dashboard, api_execs, api_metrics, auth, tracing
+from . import __version__, api_dashboard, api_execs, api_metrics, api_terminal, auth, tracing
+from .access import AccessRouter
+from .access_types import AccessRoute
 from .auth import AuthError
 from .commands import CommandConsumer
 from .config import ApiSettings, Settings
@@ -40,6 +42,7 @@ from .http_headers import add_security_headers
 from .hub import StreamHub
 from .loops import every
 from .monitor import SandboxMonitor
+from .redis_conn import redis_client
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SandboxRetired, SessionCreate, SessionList, SessionRecord
 from .service import Sessions, check_session_id
 from .sse import EventFeed, EventFilter, StreamLimits, check_filter_counts, parse_after
@@ -391,6 +394,7 @@ ROUTES = [
     openapi_json,
     *api_dashboard.ROUTES,
     *api_execs.ROUTES,
+    *api_terminal.ROUTES,
 ]
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ServiceError: _service_error,
@@ -432,6 +436,11 @@ def _lifespan(
         execs = ExecStore(core.redis, core.keys, keep_s=settings.exec_keep_s)
         exec_hub = ExecOutputHub(core.redis, core.keys)
         exec_service = ExecService(execs, sessions, settings)
+        # Its own client: each relayed access holds one connection blocked reading its stream.
+        relay_reader = redis_client(settings)
+        access = AccessRouter(
+            core.redis, relay_reader, core.keys, core.sandboxes, route=AccessRoute(settings.access_route)
+        )
         commands = CommandConsumer(
             core.redis,
             core.keys,
@@ -452,6 +461,7 @@ def _lifespan(
             execs=execs,
             exec_hub=exec_hub,
             exec_service=exec_service,
+            access=access,
         )
         try:
             async with anyio.create_task_group() as tasks:
@@ -464,6 +474,7 @@ def _lifespan(
         finally:
             await hub.close()
             await exec_hub.close()
+            await relay_reader.aclose()
             await core.aclose()
 
     return lifespan

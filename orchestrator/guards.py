@@ -14,8 +14,9 @@ from .auth import authenticate, authorize
 
 def token_of(connection: ASGIConnection[Any, Any, Any, Any]) -> auth.Token:
     header = connection.headers.get("authorization")
-    # Browsers' EventSource cannot send headers: event streams (and the dashboard page that opens
-    # one) may carry the token as ?access_token=; nothing else does (a URL lands in logs, L2).
+    # Browsers' EventSource and WebSocket cannot send headers: event streams, terminals (and the
+    # dashboard page that opens them) may carry the token as ?access_token=; nothing else does
+    # (a URL lands in logs, L2).
     if header is None and _token_in_url_allowed(connection) and "access_token" in connection.query_params:
         header = "Bearer " + connection.query_params["access_token"]
     return authenticate(header, connection.app.state.tokens)
@@ -23,6 +24,8 @@ def token_of(connection: ASGIConnection[Any, Any, Any, Any]) -> auth.Token:
 
 def _token_in_url_allowed(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     path: str = connection.scope["path"]
+    if str(connection.scope["type"]) == "websocket":
+        return path.endswith("/terminal")
     return connection.scope.get("method") == "GET" and (path == "/dashboard" or path.endswith("/events"))
 
 

@@ -14,6 +14,7 @@ from .execs import DockerExecs
 from .images import DockerImages
 from .inner import DockerInnerDaemon
 from .probe import DockerPrivilegeProbe
+from .terminals import DockerTerminals
 
 
 class DesktopRuntime:
@@ -44,6 +45,8 @@ class DesktopRuntime:
         )
         self.probe = DockerPrivilegeProbe(self._docker, image=image, sandbox_id=sandbox_id)
         self.execs = DockerExecs(self._exec_docker)
+        # Terminals, files and ports hold a connection as long as they last too.
+        self.terminals = DockerTerminals(self._exec_docker)
 
     @property
     def profile(self) -> PrivilegeProfile:

@@ -1,0 +1,130 @@
+"""What the worker does with a ticket (workers/access.py takes them): a terminal, a file written
+or read, a directory listed, a connection to a port, each in the ticket's desktop, each told on
+the session's event stream (who, what, when: never the bytes).
+
+Every handler's first frame is a control message: ``ready`` (or ``meta`` for a read) once it
+could start, or ``error`` with a code the API maps to a status (orchestrator/access.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import anyio
+
+from orchestrator.access_channel import Channel, ChannelClosed, Control, FrameKind, decode_control
+from orchestrator.access_types import AccessKind, AccessTicket
+from orchestrator.events import EventBus, make_event
+
+from .runtime.errors import DesktopError
+from .runtime.terminals import DockerTerminals
+
+log = logging.getLogger("workers.access_handlers")
+
+
+class AccessHandlers:
+    def __init__(self, terminals: DockerTerminals, bus: EventBus, *, sandbox_id: str) -> None:
+        self.terminals = terminals
+        self.bus = bus
+        self.sandbox_id = sandbox_id
+
+    async def handle(self, ticket: AccessTicket, channel: Channel) -> None:
+        match ticket.kind:
+            case AccessKind.TERMINAL:
+                await self.terminal(ticket, channel)
+            case _:
+                await _refuse(channel, "invalid_request", f"this worker does not serve {ticket.kind} accesses")
+
+    async def terminal(self, ticket: AccessTicket, channel: Channel) -> None:
+        try:
+            process = await self.terminals.open(
+                ticket.session,
+                argv=ticket.argv,
+                env=ticket.env,
+                cwd=ticket.cwd,
+                user=ticket.user,
+                cols=ticket.cols,
+                rows=ticket.rows,
+            )
+        except DesktopError as e:
+            await _refuse(channel, e.code, e.message)
+            return
+        started = time.monotonic()
+        sent = received = 0
+        ended_by = "exited"
+        await channel.send_control(Control(type="ready"))
+        await self._publish(ticket, "terminal.opened", {"cols": ticket.cols, "rows": ticket.rows, "user": ticket.user})
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def screen() -> None:
+                    nonlocal sent
+                    while (data := await process.read()) is not None:
+                        sent += len(data)
+                        await channel.send(data)
+                    tasks.cancel_scope.cancel()
+
+                async def keys() -> None:
+                    nonlocal received, ended_by
+                    while True:
+                        kind, payload = await channel.receive()
+                        if kind is FrameKind.DATA:
+                            received += len(payload)
+                            await process.write(payload)
+                        elif kind is FrameKind.CONTROL:
+                            control = decode_control(payload)
+                            if control.type == "resize" and control.cols and control.rows:
+                                await process.resize(control.cols, control.rows)
+                        elif kind in (FrameKind.EOF, FrameKind.CLOSE):
+                            ended_by = "client_closed"
+                            tasks.cancel_scope.cancel()
+                            return
+
+                tasks.start_soon(screen)
+                tasks.start_soon(keys)
+        except ChannelClosed as e:
+            ended_by = "client_lost"
+            log.info("terminal %s of session %s: the channel broke (%s)", ticket.id, ticket.session, e)
+        exit_code: int | None = None
+        try:
+            if ended_by == "exited":
+                exit_code = await process.exit_code()
+                await channel.send_control(Control(type="exit", exit_code=exit_code))
+            else:
+                await process.hang_up()
+        except ChannelClosed:
+            pass
+        finally:
+            await process.close()
+            await self._publish(
+                ticket,
+                "terminal.closed",
+                {
+                    "reason": ended_by,
+                    "exit_code": exit_code,
+                    "duration_ms": round((time.monotonic() - started) * 1000),
+                    "bytes_in": received,
+                    "bytes_out": sent,
+                },
+            )
+
+    async def _publish(self, ticket: AccessTicket, type: str, data: dict[str, Any]) -> None:
+        try:
+            await self.bus.publish(
+                make_event(
+                    type,
+                    sandbox=self.sandbox_id,
+                    session=ticket.session,
+                    data={"access_id": ticket.id, "by": ticket.by, **data},
+                    tenant=ticket.tenant,
+                )
+            )
+        except Exception:
+            log.exception("could not publish %s for access %s", type, ticket.id)
+
+
+async def _refuse(channel: Channel, code: str, message: str) -> None:
+    with contextlib.suppress(ChannelClosed):
+        await channel.send_control(Control(type="error", code=code, message=message))
