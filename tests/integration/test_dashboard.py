@@ -276,8 +276,19 @@ async def test_the_terminal_on_the_session_page_runs_docker_info_in_the_desktop(
         await page.keyboard.press("Enter")
         await page.wait_for_selector("#terminal[data-state='closed'][data-exit-code='3']", timeout=20_000)
         assert await page.get_attribute("#terminal", "data-close-code") == "1000"
+        # Open again, then close from the page (the button toggles): a fresh screen, a clean close.
+        await page.click("#terminal-open")
+        await page.wait_for_selector("#terminal[data-state='open']", timeout=20_000)
+        await page.keyboard.type("echo again-$((2*21))")
+        await page.keyboard.press("Enter")
+        await expect(screen).to_contain_text("again-42", timeout=20_000)
+        assert "FIRST=" not in await _terminal_text(page)
+        assert await page.inner_text("#terminal-open") == "close"
+        await page.click("#terminal-open")
+        await page.wait_for_selector("#terminal[data-state='closed'][data-close-code='1000']", timeout=10_000)
+        assert await page.inner_text("#terminal-open") == "open"
         for kind in ("terminal.opened", "terminal.closed"):
-            await page.wait_for_selector(f"#session-events li[data-type='{kind}']", timeout=10_000)
+            await expect(page.locator(f"#session-events li[data-type='{kind}']")).to_have_count(2, timeout=10_000)
         assert await violations(page) == []
 
 
