@@ -62,36 +62,38 @@ async def ending(ws: aiohttp.ClientWebSocketResponse, timeout: float = 20) -> tu
 
 
 @pytest.mark.parametrize("route", ["direct", "relay"])
-async def test_a_terminal_echoes_resizes_and_exits_with_its_code(
-    route: str, docker_settings: Settings
-) -> None:
+async def test_a_terminal_echoes_resizes_and_exits_with_its_code(route: str, docker_settings: Settings) -> None:
     settings = dataclasses.replace(docker_settings, access_route=route)
-    async with running_worker(settings), running_api(settings) as api, Client(api, token=TOKENS["admin"]) as admin:
-        async with ready_session(admin) as sid:
-            async with terminal(ws_url(api, sid, cols=100, rows=30)) as ws:
-                await ws.send_bytes(b"echo marker-$((6*7)); id -u; cat /proc/self/uid_map\r")
-                seen = await read_until(ws, b"marker-42")
-                seen += await read_until(ws, b"65536")  # the uid map: inside the user namespace
-                assert b"\r\n0\r\n" in seen, seen[-300:]
-                await ws.send_bytes(b"stty size\r")
-                await read_until(ws, b"30 100")
-                await ws.send_str(json.dumps({"type": "resize", "cols": 120, "rows": 40}))
-                await ws.send_bytes(b"stty size\r")
-                await read_until(ws, b"40 120")
-                await ws.send_bytes(b"docker info --format '{{.Driver}}'\r")
-                await read_until(ws, b"overlay2", timeout=30)
-                await ws.send_bytes(b"exit 5\r")
-                last, code = await ending(ws)
-            assert last == {"type": "exit", "exit_code": 5} and code == 1000, (last, code)
-            opened = [e async for e in admin.events(sid, follow=False) if e.type.startswith("terminal.")]
-            types = [e.type for e in opened]
-            assert types == ["terminal.opened", "terminal.closed"], types
-            first = opened[0].data["data"]
-            assert first["by"] == "sessions-exec" and first["cols"] == 100, first
-            closed = opened[1].data["data"]
-            assert closed["exit_code"] == 5 and closed["reason"] == "exited"
-            assert isinstance(closed["bytes_in"], int) and closed["bytes_in"] > 0
-            assert "marker" not in json.dumps([e.data for e in opened])  # never the content
+    async with (
+        running_worker(settings),
+        running_api(settings) as api,
+        Client(api, token=TOKENS["admin"]) as admin,
+        ready_session(admin) as sid,
+    ):
+        async with terminal(ws_url(api, sid, cols=100, rows=30)) as ws:
+            await ws.send_bytes(b"echo marker-$((6*7)); id -u; cat /proc/self/uid_map\r")
+            seen = await read_until(ws, b"marker-42")
+            seen += await read_until(ws, b"65536")  # the uid map: inside the user namespace
+            assert b"\r\n0\r\n" in seen, seen[-300:]
+            await ws.send_bytes(b"stty size\r")
+            await read_until(ws, b"30 100")
+            await ws.send_str(json.dumps({"type": "resize", "cols": 120, "rows": 40}))
+            await ws.send_bytes(b"stty size\r")
+            await read_until(ws, b"40 120")
+            await ws.send_bytes(b"docker info --format '{{.Driver}}'\r")
+            await read_until(ws, b"overlay2", timeout=30)
+            await ws.send_bytes(b"exit 5\r")
+            last, code = await ending(ws)
+        assert last == {"type": "exit", "exit_code": 5} and code == 1000, (last, code)
+        opened = [e async for e in admin.events(sid, follow=False) if e.type.startswith("terminal.")]
+        types = [e.type for e in opened]
+        assert types == ["terminal.opened", "terminal.closed"], types
+        first = opened[0].data["data"]
+        assert first["by"] == "sessions-exec" and first["cols"] == 100, first
+        closed = opened[1].data["data"]
+        assert closed["exit_code"] == 5 and closed["reason"] == "exited"
+        assert isinstance(closed["bytes_in"], int) and closed["bytes_in"] > 0
+        assert "marker" not in json.dumps([e.data for e in opened])  # never the content
 
 
 async def test_terminal_refusals_limits_idle_and_hang_up(docker_settings: Settings) -> None:
