@@ -33,6 +33,9 @@ from .access_types import TICKET_TTL_MS, AccessRoute, AccessTicket, encode_ticke
 from .errors import ServiceError
 from .keys import Keys
 from .sandboxes import SandboxRegistry
+from .schemas import SessionRecord
+from .service import Sessions
+from .states import SessionState
 
 log = logging.getLogger("orchestrator.access")
 
@@ -45,6 +48,8 @@ REQUESTS_MAXLEN = 10_000
 STATUS_OF = {
     "invalid_path": 400,
     "invalid_request": 400,
+    "unknown_user": 400,
+    "file_failed": 422,
     "not_found": 404,
     "not_a_directory": 409,
     "is_a_directory": 409,
@@ -55,6 +60,16 @@ STATUS_OF = {
     "too_many_terminals": 429,
 }
 CODE_OF = {"not_found": "file_not_found", "desktop_gone": "session_not_ready"}
+
+
+async def ready_record(sessions: Sessions, session_id: str, tenant: str | None, what: str) -> SessionRecord:
+    """The session, ready: 404 for an unknown one or another tenant's, 409 for one not ready."""
+    record = await sessions.get(session_id, tenant)
+    if record.state is not SessionState.READY or record.sandbox is None:
+        raise ServiceError(
+            409, "session_not_ready", f"session {session_id} is {record.state.value}; {what} need a ready session"
+        )
+    return record
 
 
 def worker_error(control: Control) -> ServiceError:

@@ -74,6 +74,7 @@ class RelayChannel:
         self._room = asyncio.Event()
         self._last_write = time.monotonic()
         self._closed = False
+        self._peer_gone = False  # its reader saw the other side close (or the route break)
         self._write_lock = asyncio.Lock()
         self._task = asyncio.create_task(self._read())
         self._pinger = asyncio.create_task(self._ping())
@@ -85,6 +86,8 @@ class RelayChannel:
         for start in range(0, len(view), CHUNK):
             chunk = bytes(view[start : start + CHUNK])
             while self._sent - self._acked + len(chunk) > self._window and self._sent != self._acked:
+                if self._peer_gone:
+                    raise ChannelClosed("the other side has closed")
                 self._room.clear()
                 await self._wait_for_room()
             self._sent += len(chunk)
@@ -179,6 +182,7 @@ class RelayChannel:
         except Exception as e:
             self._frames.put_nowait(ChannelClosed(f"the relay is unavailable: {e}"))
         finally:
+            self._peer_gone = True
             self._room.set()  # a sender waiting for room finds out
 
     async def aclose(self) -> None:

@@ -25,7 +25,7 @@ from litestar.datastructures import State
 from litestar.params import FromPath
 
 from . import auth
-from .access import AccessRouter
+from .access import AccessRouter, ready_record
 from .access_channel import Channel, ChannelClosed, Control, FrameKind, decode_control
 from .access_types import AccessKind, AccessTicket, new_ticket_id
 from .auth import AuthError
@@ -33,8 +33,6 @@ from .config import ApiSettings
 from .errors import ServiceError
 from .guards import token_of
 from .keys import Keys
-from .service import Sessions
-from .states import SessionState
 
 log = logging.getLogger("orchestrator.api_terminal")
 
@@ -106,12 +104,8 @@ async def terminal(socket: WebSocket[Any, Any, Any], session_id: FromPath[str], 
         query = socket.query_params
         cols = _size(query.get("cols"), 80, "cols")
         rows = _size(query.get("rows"), 24, "rows")
-        sessions: Sessions = state.sessions
-        record = await sessions.get(session_id, token.visible_tenant)
-        if record.state is not SessionState.READY or record.sandbox is None:
-            raise ServiceError(
-                409, "session_not_ready", f"session {session_id} is {record.state.value}; terminals open in ready ones"
-            )
+        record = await ready_record(state.sessions, session_id, token.visible_tenant, "terminals")
+        assert record.sandbox is not None
         settings: ApiSettings = state.settings
         ticket = AccessTicket(
             id=new_ticket_id(),

@@ -420,6 +420,9 @@ class ApiSettings(SharedSettings):
         doc="how the API reaches a desktop for terminals, files and ports: `auto` (direct to the worker's "
         "access port when it answers, else through Redis), `direct` or `relay` (Redis only)",
     )
+    files_max_bytes: int = setting(
+        "ORCH_FILES_MAX_BYTES", 4 * 2**30, parse=_int, doc="largest file (or tar) one upload may write into a desktop"
+    )
     terminal_max_per_session: int = setting(
         "ORCH_TERMINAL_MAX_PER_SESSION", 8, parse=_int, doc="terminals one session has open at once (more: 429)"
     )

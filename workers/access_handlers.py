@@ -10,23 +10,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import msgspec
 
 from orchestrator.access_channel import Channel, ChannelClosed, Control, FrameKind, decode_control
 from orchestrator.access_types import AccessKind, AccessTicket
 from orchestrator.events import EventBus, make_event
 
 from .runtime.errors import DesktopError
+from .runtime.files import DesktopFiles, FileError
 from .runtime.terminals import DockerTerminals
 
 log = logging.getLogger("workers.access_handlers")
 
 
 class AccessHandlers:
-    def __init__(self, terminals: DockerTerminals, bus: EventBus, *, sandbox_id: str) -> None:
+    def __init__(self, terminals: DockerTerminals, files: DesktopFiles, bus: EventBus, *, sandbox_id: str) -> None:
         self.terminals = terminals
+        self.files = files
         self.bus = bus
         self.sandbox_id = sandbox_id
 
@@ -34,6 +38,12 @@ class AccessHandlers:
         match ticket.kind:
             case AccessKind.TERMINAL:
                 await self.terminal(ticket, channel)
+            case AccessKind.FILE_WRITE:
+                await self.file_write(ticket, channel)
+            case AccessKind.FILE_READ:
+                await self.file_read(ticket, channel)
+            case AccessKind.FILE_LIST:
+                await self.file_list(ticket, channel)
             case _:
                 await _refuse(channel, "invalid_request", f"this worker does not serve {ticket.kind} accesses")
 
@@ -109,6 +119,65 @@ class AccessHandlers:
                     "bytes_out": sent,
                 },
             )
+
+    # -- files ------------------------------------------------------------------------------
+
+    async def file_write(self, ticket: AccessTicket, channel: Channel) -> None:
+        assert ticket.path is not None
+        await channel.send_control(Control(type="ready"))
+
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                kind, payload = await channel.receive()
+                if kind is FrameKind.DATA:
+                    yield payload
+                elif kind is FrameKind.EOF:
+                    return
+                elif kind is FrameKind.CLOSE:
+                    raise FileError("file_failed", "the upload was abandoned before its end")
+
+        try:
+            size = await self.files.write(ticket.session, ticket.path, body(), tar=ticket.tar, user=ticket.user)
+        except FileError as e:
+            await _refuse(channel, e.code, e.message)
+            return
+        except ChannelClosed as e:
+            log.info("upload %s to %s broke: %s", ticket.id, ticket.session, e)
+            return
+        await channel.send_control(Control(type="done", size=size))
+        await self._publish(ticket, "files.written", {"path": ticket.path, "bytes": size, "tar": ticket.tar})
+
+    async def file_read(self, ticket: AccessTicket, channel: Channel) -> None:
+        assert ticket.path is not None
+        try:
+            read = await self.files.read(ticket.session, ticket.path, user=ticket.user)
+        except FileError as e:
+            await _refuse(channel, e.code, e.message)
+            return
+        sent = 0
+        try:
+            await channel.send_control(Control(type="meta", kind=read.kind.value, size=read.size))
+            async for chunk in read.chunks:
+                sent += len(chunk)
+                await channel.send(chunk)
+            await channel.send_eof()
+        except FileError as e:
+            await _refuse(channel, e.code, e.message)
+            return
+        finally:
+            await read.aclose()
+        await self._publish(ticket, "files.read", {"path": ticket.path, "bytes": sent, "kind": read.kind.value})
+
+    async def file_list(self, ticket: AccessTicket, channel: Channel) -> None:
+        assert ticket.path is not None
+        try:
+            entries = await self.files.list(ticket.session, ticket.path, user=ticket.user)
+        except FileError as e:
+            await _refuse(channel, e.code, e.message)
+            return
+        await channel.send_control(Control(type="meta", kind="directory"))
+        await channel.send(msgspec.json.encode(entries))
+        await channel.send_eof()
 
     async def _publish(self, ticket: AccessTicket, type: str, data: dict[str, Any]) -> None:
         try:

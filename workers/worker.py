@@ -134,7 +134,7 @@ class SandboxWorker:
             self.redis,
             self.relay_redis,
             self.keys,
-            AccessHandlers(self.runtime.terminals, self.bus, sandbox_id=settings.sandbox_id).handle,
+            AccessHandlers(self.runtime.terminals, self.runtime.files, self.bus, sandbox_id=settings.sandbox_id).handle,
             sandbox_id=settings.sandbox_id,
             consumer=self.worker_id,
             host=advertised_host(settings.worker_access_host),

@@ -8,7 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
+import os
+import select
+import signal
+import struct
+import sys
+import termios
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -130,3 +137,64 @@ async def test_terminal_refusals_limits_idle_and_hang_up(docker_settings: Settin
             async with terminal(ws_url(api, sid)) as again:
                 await again.send_bytes(b"echo slot-$((1+1))\r")
                 await read_until(again, b"slot-2")
+
+
+async def test_the_cli_shell_under_a_pseudo_terminal(api: str, client: Client, worker: object) -> None:
+    """`orchestrator sessions shell ID` in a real pseudo-terminal: raw mode, the window's size
+    at the start and after a change (SIGWINCH), and the shell's exit code as its own."""
+    async with ready_session(client) as sid:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "--api",
+            api,
+            "sessions",
+            "shell",
+            sid,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env={**env, "ORCH_TOKEN": TOKENS["sessions:exec"]},
+        )
+        os.close(slave)
+        seen = bytearray()
+
+        async def until(needle: bytes) -> None:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(30):
+                while needle not in seen:
+                    chunk = await loop.run_in_executor(None, _read_some, master)
+                    if not chunk:
+                        raise AssertionError(f"the shell ended before {needle!r}: {bytes(seen[-400:])!r}")
+                    seen.extend(chunk)
+
+        try:
+            await until(b"# ")  # the desktop's root prompt: the CLI is in raw mode by now
+            os.write(master, b"stty size; echo cli-$((20+3))\r")
+            await until(b"cli-23")
+            assert b"33 111" in seen, bytes(seen[-400:])
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 123, 0, 0))
+            proc.send_signal(signal.SIGWINCH)
+            os.write(master, b"stty size\r")
+            await until(b"44 123")
+            os.write(master, b"exit 7\r")
+            assert await asyncio.wait_for(proc.wait(), 30) == 7
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            os.close(master)
+
+
+def _read_some(fd: int) -> bytes:
+    ready, _, _ = select.select([fd], [], [], 1.0)
+    if not ready:
+        return b"\0"  # nothing yet: not the end (a NUL is never looked for)
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: every slave end is closed
+        return b""

@@ -53,6 +53,7 @@ EVERYTHING = Settings(
     sse_max_streams=300,
     access_route="relay",
     terminal_max_per_session=2,
+    files_max_bytes=2**20,
     terminal_idle_s=60.0,
     sse_max_streams_per_token=30,
     max_query_bytes=2048,
@@ -105,7 +106,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 79
+    assert len(fields) == 80
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
