@@ -10,7 +10,6 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -26,7 +25,7 @@ from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 from redis.exceptions import NoPermissionError, RedisError
 
-from . import __version__, api_execs, api_files, api_metrics, api_terminal, auth, tracing
+from . import __version__, api_dashboard, api_execs, api_files, api_metrics, api_terminal, auth, tracing
 from .access import AccessRouter
 from .access_types import AccessRoute
 from .auth import AuthError
@@ -50,7 +49,6 @@ from .sse import EventFeed, EventFilter, StreamLimits, check_filter_counts, pars
 from .states import SessionState
 
 log = logging.getLogger("orchestrator.api")
-DASHBOARD = (Path(__file__).parent / "static" / "dashboard.html").read_bytes()
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> Response[ErrorBody]:
@@ -360,12 +358,6 @@ async def metrics(state: State) -> str:
     return api_metrics.render(snapshot)
 
 
-@get("/dashboard", include_in_schema=False, guards=ANY_TOKEN, media_type="text/html")
-async def dashboard() -> bytes:
-    """Sandboxes, sessions and a live event feed; open as /dashboard?access_token=<token>."""
-    return DASHBOARD
-
-
 @get("/openapi.json", include_in_schema=False, guards=ANY_TOKEN)
 async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     schema = request.app.openapi_schema.to_schema()
@@ -400,7 +392,7 @@ ROUTES = [
     healthz,
     metrics,
     openapi_json,
-    dashboard,
+    *api_dashboard.ROUTES,
     *api_execs.ROUTES,
     *api_terminal.ROUTES,
     *api_files.ROUTES,
