@@ -8,7 +8,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 WITH_ENV := set -a; . $(RUN_DIR)/env; set +a;
 
-.PHONY: help up down test test-fast test-docker env images venv lock lint fmt unit bench
+.PHONY: help up down test test-fast test-docker env images venv web-assets lock lint fmt unit bench
 
 help:
 	@echo "make up           bring the stack up and run one real session to dockerd.ready"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint         ruff check, ruff format --check, mypy --strict"
 	@echo "make fmt          ruff format and ruff check --fix"
 	@echo "make venv         $(VENV) from the lock (requirements/test.txt), the project editable"
+	@echo "make web-assets   the dashboard's xterm.js from the npm registry (pinned, checked)"
 	@echo "make lock         pyproject's ranges into requirements/*.txt (uv; UPGRADE=1 for the newest)"
 	@echo "make env          start the project's dockerd and Redis (scripts/env.sh)"
 	@echo "make images       build the desktop, sandbox and test images"
@@ -35,7 +36,12 @@ $(VENV)/.installed: pyproject.toml requirements/test.txt
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-venv: $(VENV)/.installed
+# The dashboard's vendored xterm.js (gitignored, package data of the wheel): the editable install
+# serves it from the checkout, so every venv gets it; idempotent, a no-op when present and current.
+web-assets:
+	bash scripts/fetch-web-assets.sh
+
+venv: $(VENV)/.installed web-assets
 
 env:
 	bash scripts/env.sh up

@@ -10,8 +10,11 @@ import argparse
 import asyncio
 import sys
 
+from . import access, scenarios
 from .harness import Result, print_table, write_results
-from .scenarios import DEFAULT_N, SCENARIOS
+
+SCENARIOS = {**scenarios.SCENARIOS, **access.SCENARIOS}
+DEFAULT_N = {**scenarios.DEFAULT_N, **access.DEFAULT_N}
 
 
 def main() -> int:

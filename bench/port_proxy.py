@@ -23,7 +23,6 @@ import uuid
 import httpx
 from litestar import Litestar
 
-from orchestrator import api_ports
 from orchestrator.access_bridge import bridge
 from orchestrator.access_channel import Channel, StreamChannel
 from orchestrator.api import create_app
@@ -36,7 +35,7 @@ from orchestrator.schemas import SessionRecord
 from orchestrator.states import SessionState as S
 from orchestrator.store import SessionStore
 from tests.conftest import free_port
-from tests.port_support import LoopbackAccess
+from tests.port_support import LoopbackAccess, with_ports
 
 
 class TcpRouteAccess:
@@ -53,12 +52,9 @@ class TcpRouteAccess:
 def app_from_env() -> Litestar:
     """The API with the port routes (uvicorn --factory): the TCP route when BENCH_ROUTE_PORT
     names the "worker", else the in-process loopback (its bridges in the API's process)."""
-    app = create_app(Settings.from_env())
-    for handler in api_ports.ROUTES:
-        app.register(handler)
     route_port = os.environ.get("BENCH_ROUTE_PORT")
-    app.state.access = TcpRouteAccess(int(route_port)) if route_port else LoopbackAccess()
-    return app
+    access = TcpRouteAccess(int(route_port)) if route_port else LoopbackAccess()
+    return with_ports(create_app(Settings.from_env()), access)
 
 
 def _serve_route(route_port: int, upstream_port: int) -> None:

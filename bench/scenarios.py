@@ -677,6 +677,12 @@ async def execs(n: int, concurrent: int = 100) -> list[Result]:
     return [api_r, queue_r, many_r]
 
 
+async def desktop_io(n: int) -> list[Result]:
+    from .desktop_io import files  # (it imports this module's helpers)
+
+    return await files(n)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "cold": cold,
     "burst": burst,
@@ -687,6 +693,7 @@ SCENARIOS: dict[str, Scenario] = {
     "footprint": footprint,
     "profiles": profiles,
     "exec": execs,
+    "files-worker": desktop_io,
 }
 
 # Rounds per scenario for `-n` (the counts: 20 sequential sessions; 20-at-once bursts).
@@ -700,4 +707,5 @@ DEFAULT_N = {
     "footprint": 1,
     "profiles": 10,
     "exec": 100,
+    "files-worker": 10,
 }

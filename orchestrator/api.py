@@ -10,7 +10,6 @@ import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -26,7 +25,9 @@ from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 from redis.exceptions import NoPermissionError, RedisError
 
-from . import __version__, api_execs, api_metrics, auth, tracing
+from . import __version__, api_dashboard, api_execs, api_files, api_metrics, api_terminal, auth, tracing
+from .access import AccessRouter
+from .access_types import AccessRoute
 from .auth import AuthError
 from .commands import CommandConsumer
 from .config import ApiSettings, Settings
@@ -41,13 +42,13 @@ from .http_headers import add_security_headers
 from .hub import StreamHub
 from .loops import every
 from .monitor import SandboxMonitor
+from .redis_conn import redis_client
 from .schemas import ErrorBody, SandboxInfo, SandboxList, SandboxRetired, SessionCreate, SessionList, SessionRecord
 from .service import Sessions, check_session_id
 from .sse import EventFeed, EventFilter, StreamLimits, check_filter_counts, parse_after
 from .states import SessionState
 
 log = logging.getLogger("orchestrator.api")
-DASHBOARD = (Path(__file__).parent / "static" / "dashboard.html").read_bytes()
 
 
 def _error(status: int, code: str, message: str, field: str | None = None) -> Response[ErrorBody]:
@@ -353,14 +354,8 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
-    snapshot = await api_metrics.read_snapshot(_sessions(state), state.core, state.hub.followers)
+    snapshot = await api_metrics.read_snapshot(_sessions(state), state.core, state.hub.followers, state.access.opened)
     return api_metrics.render(snapshot)
-
-
-@get("/dashboard", include_in_schema=False, guards=ANY_TOKEN, media_type="text/html")
-async def dashboard() -> bytes:
-    """Sandboxes, sessions and a live event feed; open as /dashboard?access_token=<token>."""
-    return DASHBOARD
 
 
 @get("/openapi.json", include_in_schema=False, guards=ANY_TOKEN)
@@ -397,8 +392,10 @@ ROUTES = [
     healthz,
     metrics,
     openapi_json,
-    dashboard,
+    *api_dashboard.ROUTES,
     *api_execs.ROUTES,
+    *api_terminal.ROUTES,
+    *api_files.ROUTES,
 ]
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ServiceError: _service_error,
@@ -440,6 +437,11 @@ def _lifespan(
         execs = ExecStore(core.redis, core.keys, keep_s=settings.exec_keep_s)
         exec_hub = ExecOutputHub(core.redis, core.keys)
         exec_service = ExecService(execs, sessions, settings)
+        # Its own client: each relayed access holds one connection blocked reading its stream.
+        relay_reader = redis_client(settings)
+        access = AccessRouter(
+            core.redis, relay_reader, core.keys, core.sandboxes, route=AccessRoute(settings.access_route)
+        )
         commands = CommandConsumer(
             core.redis,
             core.keys,
@@ -460,6 +462,7 @@ def _lifespan(
             execs=execs,
             exec_hub=exec_hub,
             exec_service=exec_service,
+            access=access,
         )
         try:
             async with anyio.create_task_group() as tasks:
@@ -472,6 +475,7 @@ def _lifespan(
         finally:
             await hub.close()
             await exec_hub.close()
+            await relay_reader.aclose()
             await core.aclose()
 
     return lifespan

@@ -7,6 +7,7 @@ keeps concurrent scrapes from sharing a snapshot."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,9 +40,13 @@ class ApiSnapshot:
     sse_followers: int
     # The cap assumed for the autoscaling signal while no sandbox is live.
     fallback_cap: int
+    # Accesses into desktops (terminals, files, ports) this API process opened, by road.
+    access_opened: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
-async def read_snapshot(service: Sessions, core: Core, sse_followers: int) -> ApiSnapshot:
+async def read_snapshot(
+    service: Sessions, core: Core, sse_followers: int, access_opened: Mapping[str, int] | None = None
+) -> ApiSnapshot:
     """The sessions, the sandboxes, then their queues and the firehose in one pipeline."""
     counts = dict.fromkeys((s.value for s in SessionState), 0)
     for record in await service.list(None, {}):
@@ -64,6 +69,7 @@ async def read_snapshot(service: Sessions, core: Core, sse_followers: int) -> Ap
         capacity_refusals=service.capacity_refusals,
         sse_followers=sse_followers,
         fallback_cap=service.settings.max_sessions,
+        access_opened={road: access_opened.get(road, 0) for road in ("direct", "relay")} if access_opened else {},
     )
 
 
@@ -153,6 +159,15 @@ class ApiCollector:
         yield GaugeMetricFamily(
             "orchestrator_sse_followers", "SSE clients following live events on this API process.", s.sse_followers
         )
+        if s.access_opened:
+            opened = CounterMetricFamily(
+                "orchestrator_access_opened",
+                "Terminals, file transfers and port connections this API process opened, by road.",
+                labels=["road"],
+            )
+            for road, count in s.access_opened.items():
+                opened.add_metric([road], count)
+            yield opened
 
 
 def render(snapshot: ApiSnapshot) -> str:

@@ -14,7 +14,11 @@ import json
 import logging
 import os
 import re
+import shutil
+import signal
 import sys
+import termios
+import tty
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -29,7 +33,7 @@ from rich.table import Table
 from . import tracing
 from .auth import SCOPES, new_token, token_entry
 from .client import ApiError, Client
-from .names import TENANT_RE
+from .names import SESSION_ID_RE, TENANT_RE
 from .placement import low_disk
 
 EXIT_API, EXIT_USAGE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
@@ -189,6 +193,10 @@ async def _sessions(args: argparse.Namespace) -> int:
             return 0
         if args.action == "exec":
             return await _exec(client, args)
+        if args.action == "shell":
+            return await _shell(client, args)
+        if args.action == "cp":
+            return await _cp(client, args)
         # --wait follows only what happens from now on: remember where the stream is.
         after = None
         if args.wait:
@@ -239,6 +247,78 @@ async def _exec(client: Client, args: argparse.Namespace) -> int:
             code = final.get("exit_code")
             return code if isinstance(code, int) else 125
     return 125
+
+
+async def _shell(client: Client, args: argparse.Namespace) -> int:
+    """An interactive shell in the session's desktop: this terminal in raw mode, its size sent
+    at the start and on every change (SIGWINCH); exits with the shell's exit code."""
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    interactive = os.isatty(stdin)
+    size = shutil.get_terminal_size()
+    loop = asyncio.get_running_loop()
+    keys: asyncio.Queue[bytes | os.terminal_size] = asyncio.Queue()  # keystrokes and new sizes, in order
+
+    def on_input() -> None:
+        try:
+            data = os.read(stdin, 65536)
+        except OSError:
+            data = b""
+        keys.put_nowait(data)
+        if not data:
+            loop.remove_reader(stdin)
+
+    saved = termios.tcgetattr(stdin) if interactive else None
+    async with client.terminal(args.id, cols=size.columns, rows=size.lines, user=args.user, cwd=args.cwd) as term:
+        try:
+            if saved is not None:
+                tty.setraw(stdin, termios.TCSANOW)  # what was typed ahead is kept
+            loop.add_reader(stdin, on_input)
+
+            loop.add_signal_handler(signal.SIGWINCH, lambda: keys.put_nowait(shutil.get_terminal_size()))
+
+            async def typing() -> None:
+                while item := await keys.get():
+                    if isinstance(item, os.terminal_size):
+                        await term.resize(item.columns, item.lines)
+                    else:
+                        await term.send(item)
+
+            sender = asyncio.create_task(typing())
+            try:
+                async for data in term:
+                    os.write(stdout, data)
+            finally:
+                sender.cancel()
+        finally:
+            loop.remove_reader(stdin)
+            loop.remove_signal_handler(signal.SIGWINCH)
+            if saved is not None:
+                termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+    return term.exit_code if term.exit_code is not None else 255
+
+
+def _remote(spec: str) -> tuple[str, str] | None:
+    """``SESSION:/abs/path`` as (session, path); None for a local path."""
+    session, colon, path = spec.partition(":")
+    if colon and path.startswith("/") and SESSION_ID_RE.fullmatch(session):
+        return session, path
+    return None
+
+
+async def _cp(client: Client, args: argparse.Namespace) -> int:
+    """Copy between this machine and a desktop, like `docker cp`: a file, or a directory's
+    contents (as a tar, streamed)."""
+    source, target = _remote(args.src), _remote(args.dst)
+    if (source is None) == (target is None):
+        raise UsageError("cp: exactly one of SRC and DST is SESSION:/absolute/path")
+    if target is not None:
+        written = await client.upload_path(target[0], args.src, target[1])
+        print(f"{written['bytes']} bytes to {target[0]}:{written['path']}")
+        return 0
+    assert source is not None
+    total = await client.download_to(source[0], source[1], args.dst)
+    print(f"{total} bytes from {source[0]}:{source[1]}")
+    return 0
 
 
 async def _sandboxes(args: argparse.Namespace) -> int:
@@ -360,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=60.0)
     run.add_argument("-i", "--interactive", action="store_true", help="send this process's stdin (read to its end)")
     run.add_argument("cmd", nargs="*", help="the command and its arguments (after --, to pass options)")
+    shell = sessions.add_parser("shell", help="an interactive shell in the session's desktop")
+    shell.add_argument("id")
+    shell.add_argument("--user")
+    shell.add_argument("--cwd")
+    cp = sessions.add_parser("cp", help="copy a file or a directory's contents: cp SRC DST, one of them ID:/path")
+    cp.add_argument("src")
+    cp.add_argument("dst")
     for verb, text in (("stop", "stop (keeps the volume)"), ("start", "start again"), ("rm", "delete")):
         p = sessions.add_parser(verb, help=text)
         p.add_argument("id")

@@ -6,10 +6,13 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+import os
+import tarfile
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import aiohttp
 import anyio
 import httpx
 import msgspec
@@ -79,6 +82,8 @@ class Client:
         self, base_url: str, *, timeout: float = 30.0, token: str | None = None, max_connections: int = 100
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._base_url = base_url.rstrip("/")
+        self._headers = headers
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=20)
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=headers, limits=limits)
 
@@ -135,6 +140,88 @@ class Client:
 
     async def delete(self, session_id: str) -> SessionRecord:
         return await self._call(SessionRecord, "DELETE", f"/v1/sessions/{session_id}")
+
+    @contextlib.asynccontextmanager
+    async def terminal(
+        self, session_id: str, *, cols: int = 80, rows: int = 24, user: str | None = None, cwd: str | None = None
+    ) -> AsyncIterator[Terminal]:
+        """An interactive terminal in the session's desktop (the WebSocket route): send it
+        keystrokes, iterate over what it shows; ``exit_code`` once it ended. ApiError when the
+        server refused it (the close code's HTTP status and the error's code)."""
+        params: dict[str, str] = {"cols": str(cols), "rows": str(rows)}
+        if user:
+            params["user"] = user
+        if cwd:
+            params["cwd"] = cwd
+        url = self._base_url.replace("http", "ws", 1) + f"/v1/sessions/{session_id}/terminal"
+        async with (
+            aiohttp.ClientSession(headers=self._headers) as http,
+            http.ws_connect(url, params=params, max_msg_size=0) as ws,
+        ):
+            yield Terminal(ws)
+
+    async def upload(
+        self,
+        session_id: str,
+        path: str,
+        content: bytes | AsyncIterable[bytes],
+        *,
+        tar: bool = False,
+        user: str | None = None,
+    ) -> dict[str, Any]:
+        """Write a file of the desktop (or, ``tar``, extract a tar into the directory ``path``);
+        ``content`` may be an async iterable of chunks, sent as they come."""
+        params = {"path": path, **({"user": user} if user else {})}
+        headers = {"Content-Type": "application/x-tar" if tar else "application/octet-stream"}
+        response = await self._http.put(
+            f"/v1/sessions/{session_id}/files", params=params, content=content, headers=headers, timeout=None
+        )
+        return _checked(response).json()  # type: ignore[no-any-return]
+
+    async def download(self, session_id: str, path: str, *, user: str | None = None) -> AsyncIterator[bytes]:
+        """A file's bytes (or a directory's tar) as they come; ApiError before the first one
+        when the server refused."""
+        params = {"path": path, **({"user": user} if user else {})}
+        async with self._http.stream("GET", f"/v1/sessions/{session_id}/files", params=params, timeout=None) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                _checked(r)
+            async for chunk in r.aiter_raw():
+                yield chunk
+
+    async def upload_path(self, session_id: str, local: str, path: str) -> dict[str, Any]:
+        """``sessions cp``'s upload: a local file to the file ``path`` (into it when it ends
+        with /), or a local directory's contents into the directory ``path`` (streamed as a tar)."""
+        if await anyio.Path(local).is_dir():
+            return await self.upload(session_id, path, _tar_of(local), tar=True)
+        if path.endswith("/"):
+            path += os.path.basename(local)
+        return await self.upload(session_id, path, _chunks_of(local))
+
+    async def download_to(self, session_id: str, path: str, local: str) -> int:
+        """``sessions cp``'s download: a file to ``local`` (into it when it is a directory), or
+        a directory's contents into the directory ``local`` (made if missing). The bytes read."""
+        params = {"path": path}
+        async with self._http.stream("GET", f"/v1/sessions/{session_id}/files", params=params, timeout=None) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                _checked(r)
+            if r.headers.get("content-type", "").startswith("application/x-tar"):
+                await anyio.Path(local).mkdir(parents=True, exist_ok=True)
+                return await _untar(r.aiter_raw(), local)
+            if await anyio.Path(local).is_dir():
+                local = os.path.join(local, os.path.basename(path.rstrip("/")))
+            total = 0
+            async with await anyio.open_file(local, "wb") as out:
+                async for chunk in r.aiter_raw():
+                    total += len(chunk)
+                    await out.write(chunk)
+            return total
+
+    async def list_files(self, session_id: str, path: str) -> builtins.list[dict[str, Any]]:
+        response = await self._http.get(f"/v1/sessions/{session_id}/files/list", params={"path": path})
+        entries: builtins.list[dict[str, Any]] = _checked(response).json()["entries"]
+        return entries
 
     async def sandboxes(self) -> builtins.list[SandboxInfo]:
         return (await self._call(SandboxList, "GET", "/v1/sandboxes")).sandboxes
@@ -257,6 +344,89 @@ class Client:
                 f"no {' or '.join(sorted(types))} for {session_id} within {timeout:g} s (saw: {got})"
             ) from None
         raise RuntimeError("event stream ended")
+
+
+class Terminal:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self.exit_code: int | None = None
+
+    async def send(self, data: bytes) -> None:
+        await self._ws.send_bytes(data)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._ws.send_str(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        """What the terminal shows, until it ends; ApiError when the server refused or closed it."""
+        error: dict[str, Any] | None = None
+        async for message in self._ws:
+            if message.type is aiohttp.WSMsgType.BINARY:
+                yield message.data
+            elif message.type is aiohttp.WSMsgType.TEXT:
+                body = json.loads(message.data)
+                if body.get("type") == "exit":
+                    self.exit_code = body.get("exit_code")
+                elif body.get("type") == "error":
+                    error = body
+        code = self._ws.close_code or 1006
+        if error is not None or code >= 4000:
+            body = error or {}
+            raise ApiError(code - 4000 if code >= 4000 else 502, body.get("code", "closed"), body.get("message", ""))
+
+
+_CHUNK = 1 << 20
+
+
+async def _chunks_of(local: str) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(local, "rb") as source:
+        while chunk := await source.read(_CHUNK):
+            yield chunk
+
+
+async def _tar_of(local: str) -> AsyncIterator[bytes]:
+    """A tar of the directory's contents, made in a thread into a pipe as it is sent."""
+    read_end, write_end = os.pipe()
+
+    def make() -> None:
+        with os.fdopen(write_end, "wb") as sink, tarfile.open(fileobj=sink, mode="w|") as tar:
+            for name in sorted(os.listdir(local)):
+                tar.add(os.path.join(local, name), arcname=name)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(anyio.to_thread.run_sync, make)
+        with os.fdopen(read_end, "rb") as source:
+            while chunk := await anyio.to_thread.run_sync(source.read, _CHUNK):
+                yield chunk
+
+
+async def _untar(chunks: AsyncIterator[bytes], local: str) -> int:
+    """Extract a streamed tar into ``local`` (tarfile's ``data`` filter: nothing outside it,
+    no devices, no setuid bits), fed from the response through a pipe."""
+    read_end, write_end = os.pipe()
+    total = 0
+
+    def extract() -> None:
+        with os.fdopen(read_end, "rb") as source, tarfile.open(fileobj=source, mode="r|") as tar:
+            tar.extractall(local, filter="data")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(anyio.to_thread.run_sync, extract)
+        with os.fdopen(write_end, "wb") as sink:
+            async for chunk in chunks:
+                total += len(chunk)
+                await anyio.to_thread.run_sync(sink.write, chunk)
+    return total
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            raise ApiError(response.status_code, "error", response.text[:200]) from None
+        raise ApiError(response.status_code, body.get("code", "error"), body.get("message", ""))
+    return response
 
 
 def _exec_body(cmd: builtins.list[str] | None, shell: str | None, options: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Self, TypeVar, overload
+from typing import Any, Self, TypeVar, cast, overload
 
 T = TypeVar("T")
 # (variable, raw value) -> value. A ValueError's message names the variable.
@@ -124,6 +124,25 @@ _TRUE = ("1", "true", "yes", "on")
 def _flag(name: str, raw: str) -> bool:
     # Anything else is off, as it always was: a typo never turns the firewall on by surprise.
     return raw.lower() in _TRUE
+
+
+def _port_or_off(name: str, raw: str) -> int | None:
+    if raw.lower() == "off":
+        return None
+    port = _int(name, raw)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{name} must be a TCP port (0: any free one) or off, got {raw!r}")
+    return port
+
+
+def _render_port(value: int | None) -> str:
+    return "off" if value is None else str(value)
+
+
+def _access_route(name: str, raw: str) -> str:
+    if raw not in ("auto", "direct", "relay"):
+        raise ValueError(f"{name} must be auto, direct or relay, got {raw!r}")
+    return raw
 
 
 def _render_flag(value: bool) -> str:
@@ -394,6 +413,25 @@ class ApiSettings(SharedSettings):
     exec_max_per_session: int = setting(
         "ORCH_EXEC_MAX_PER_SESSION", 32, parse=_int, doc="execs one session runs at once (more: 429)"
     )
+    access_route: str = setting(
+        "ORCH_ACCESS_ROUTE",
+        "auto",
+        parse=_access_route,
+        doc="how the API reaches a desktop for terminals, files and ports: `auto` (direct to the worker's "
+        "access port when it answers, else through Redis), `direct` or `relay` (Redis only)",
+    )
+    files_max_bytes: int = setting(
+        "ORCH_FILES_MAX_BYTES", 4 * 2**30, parse=_int, doc="largest file (or tar) one upload may write into a desktop"
+    )
+    terminal_max_per_session: int = setting(
+        "ORCH_TERMINAL_MAX_PER_SESSION", 8, parse=_int, doc="terminals one session has open at once (more: 429)"
+    )
+    terminal_idle_s: float = setting(
+        "ORCH_TERMINAL_IDLE",
+        900.0,
+        parse=_float,
+        doc="seconds a terminal may pass with no byte either way before it is closed (0: never)",
+    )
     # The port proxy (orchestrator/api_ports.py): its bodies stream, so their cap is its own.
     port_url_ttl_s: int = setting(
         "ORCH_PORT_URL_TTL", 300, parse=_int, doc="seconds a port URL (`POST .../ports/{port}/url`) stays valid"
@@ -630,6 +668,19 @@ class WorkerSettings(SharedSettings):
         parse=_networks,
         render=_render_list,
         doc="IPv4 networks (`cidr,...`) desktops may reach although private or denied, e.g. a package mirror",
+    )
+    worker_access_port: int | None = setting(
+        "ORCH_WORKER_ACCESS_PORT",
+        cast(int | None, 0),
+        parse=_port_or_off,
+        render=_render_port,
+        doc="TCP port of the worker's direct access road (terminals, files, ports); 0: any free one; `off`: Redis only",
+    )
+    worker_access_host: str = setting(
+        "ORCH_WORKER_ACCESS_HOST",
+        "",
+        parse=_text,
+        doc="address the worker listens on and advertises for direct access (default: its host name's address)",
     )
     worker_metrics_port: int = setting(
         "ORCH_WORKER_METRICS_PORT", 0, parse=_int, doc="TCP port of the worker's /metrics; 0: not served"

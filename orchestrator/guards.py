@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from litestar import Request
@@ -14,16 +15,24 @@ from .auth import authenticate, authorize
 
 def token_of(connection: ASGIConnection[Any, Any, Any, Any]) -> auth.Token:
     header = connection.headers.get("authorization")
-    # Browsers' EventSource cannot send headers: event streams (and the dashboard page that opens
-    # one) may carry the token as ?access_token=; nothing else does (a URL lands in logs, L2).
+    # Browsers' EventSource and WebSocket cannot send headers: event streams, an exec's output,
+    # terminals (and the dashboard page that opens them) may carry the token as ?access_token=;
+    # nothing else does (a URL lands in logs, L2).
     if header is None and _token_in_url_allowed(connection) and "access_token" in connection.query_params:
         header = "Bearer " + connection.query_params["access_token"]
     return authenticate(header, connection.app.state.tokens)
 
 
+_EXEC_OUTPUT = re.compile(r"/v1/sessions/[^/]+/execs/[^/]+/output")
+
+
 def _token_in_url_allowed(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     path: str = connection.scope["path"]
-    return connection.scope.get("method") == "GET" and (path == "/dashboard" or path.endswith("/events"))
+    if str(connection.scope["type"]) == "websocket":
+        return path.endswith("/terminal")
+    return connection.scope.get("method") == "GET" and (
+        path == "/dashboard" or path.endswith("/events") or _EXEC_OUTPUT.fullmatch(path) is not None
+    )
 
 
 def caller(request: Request[Any, Any, Any]) -> auth.Token:

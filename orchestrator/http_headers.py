@@ -1,7 +1,8 @@
 """Security headers on every HTTP answer (L2), errors and Litestar's own 404s included: a
 ``before_send`` hook (it sees every message the app sends), so no route can forget them. The
 API serves JSON and one page (the dashboard, whose address carries its token): nothing may
-frame it, nothing leaves it in a Referer, and the page loads nothing from elsewhere."""
+frame it, nothing leaves it in a Referer, and the page loads nothing from elsewhere (its
+third-party script, xterm.js, is served by the API itself)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ _COMMON = [
 ]
 # JSON answers: a browser must run nothing from them.
 API_CSP = b"default-src 'none'; frame-ancestors 'none'"
-# The dashboard: its own inline script and style, its own origin's API and event stream.
+# The dashboard: its own inline script and style, plus its origin's files for the vendored xterm.js
+# (/dashboard/assets/, served by the API: no other origin's code); its origin's API, event streams
+# and terminal WebSocket: CSP3's 'self' matches ws:/wss: to the same host and port, so no ws:
+# source is named (a bare `ws:` would allow any host).
 PAGE_CSP = (
-    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    b"default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
     b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 PAGES = frozenset({"/dashboard"})

@@ -99,6 +99,29 @@ class Keys:
         """Ids of the session's execs not ended (set): ORCH_EXEC_MAX_PER_SESSION counts them."""
         return f"{self.prefix}session-execs:{session_id}"
 
+    # -- access into desktops (orchestrator/access.py) --------------------------------------
+
+    def access_ticket(self, ticket_id: str) -> str:
+        """An access's ticket (JSON, AccessTicket): written by the API, taken once (GETDEL) by
+        the worker that does it. PX a few seconds: an untaken ticket opens nothing later."""
+        return f"{self.prefix}access-ticket:{ticket_id}"
+
+    def access_requests(self, sandbox_id: str) -> str:
+        """Relayed accesses for the sandbox's workers (stream, consumer group ``workers``, capped):
+        ``t`` the ticket's id. Each entry removed once a worker took it."""
+        return f"{self.prefix}access-requests:{sandbox_id}"
+
+    def relay(self, channel_id: str, side: str) -> str:
+        """One direction of a relayed access's bytes (stream, ``k`` frame kind, ``d`` payload):
+        ``a`` from the API, ``w`` from the worker; trimmed by its reader, PX 30 s after its last
+        write (orchestrator/access_relay.py)."""
+        return f"{self.prefix}relay:{channel_id}:{side}"
+
+    def session_terminals(self, session_id: str) -> str:
+        """The session's open terminals (sorted set: ticket id -> lease end, ms), renewed by the
+        API process serving each: ORCH_TERMINAL_MAX_PER_SESSION counts the live ones."""
+        return f"{self.prefix}session-terminals:{session_id}"
+
     def port_grant(self, digest: str) -> str:
         """A port URL's grant (JSON ``PortGrant``: session, port, issuer), under the SHA-256 of
         its token (never the token): TTL ORCH_PORT_URL_TTL (orchestrator/port_grants.py)."""

@@ -243,6 +243,8 @@ class SandboxInfo(Stored):
     # Placement skips the sandbox while ``free_disk_bytes`` (its dockerd's data root) is below
     # this (its ORCH_SANDBOX_MIN_FREE_DISK_MB); 0: no watermark (and what an older worker says).
     min_free_disk_bytes: int = 0
+    # host:port of the worker's direct access road ("" : none; accesses go through Redis).
+    access_address: str = ""
 
 
 class DrainRequest(Stored):

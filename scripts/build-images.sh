@@ -62,6 +62,8 @@ build_wheels() {
   local dir=build/wheels arch out
   arch=$(uname -m)
   rm -rf "$dir"; mkdir -p "$dir"
+  # The dashboard's xterm.js is package data of the wheel (gitignored, fetched from npm, pinned).
+  bash scripts/fetch-web-assets.sh
   out=$(mktemp)
   log "building wheels for the sandbox image"
   # Reproducible: the same sources give the same wheel bytes, so the image's layer cache holds

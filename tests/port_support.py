@@ -14,13 +14,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from litestar import Litestar
 
+from orchestrator import api_ports
 from orchestrator.access_bridge import bridge
 from orchestrator.access_channel import Channel, StreamChannel
+from orchestrator.api_ports import PortAccess
 from orchestrator.errors import ServiceError
 from orchestrator.schemas import SessionRecord
 
 CHUNK = 64 * 1024
+
+
+def with_ports(app: Litestar, access: PortAccess) -> Litestar:
+    """``app`` (create_app's) with the port routes and ``access`` as its ``state.access``, set
+    once its lifespan has set its own (on_startup hooks run after the lifespan managers)."""
+    for handler in api_ports.ROUTES:
+        app.register(handler)
+
+    def install(app: Litestar) -> None:
+        app.state.access = access
+
+    app.on_startup.append(install)
+    return app
 
 
 class LoopbackAccess:

@@ -72,6 +72,7 @@ class Heartbeat:
         self.status = status
         # Desktops of sessions (not the pool's) last seen on the sandbox's dockerd.
         self._desktops_seen = 0
+        self.access_address = ""  # the worker's direct access road, once it listens
         self._refused = False
 
     async def beat(self) -> SandboxInfo:
@@ -116,6 +117,7 @@ class Heartbeat:
             memory_mb=machine_memory_mb(),
             sessions_by_state=by_state,
             lost_after_s=settings.lost_after_s,
+            access_address=self.access_address,
         )
         if not await self.registry.beat(info):
             # Retired by an operator: listed nowhere, whatever this worker says (the drain

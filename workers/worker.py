@@ -30,9 +30,12 @@ from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
 from orchestrator.loops import every
 from orchestrator.queue import oldest_age_s
+from orchestrator.redis_conn import redis_client
 from orchestrator.states import SandboxStatus
 
 from . import firewall
+from .access import AccessServer, advertised_host
+from .access_handlers import AccessHandlers
 from .disk import DiskGauge
 from .drain import Drain
 from .execs import ExecRunner
@@ -125,6 +128,24 @@ class SandboxWorker:
             worker_id=self.worker_id,
             max_running=settings.exec_max_running,
         )
+        # Its own client: each relayed access blocks one connection reading its stream.
+        self.relay_redis = redis_client(settings)
+        self.access = AccessServer(
+            self.redis,
+            self.relay_redis,
+            self.keys,
+            AccessHandlers(
+                self.runtime.terminals,
+                self.runtime.files,
+                self.runtime.ports,
+                self.bus,
+                sandbox_id=settings.sandbox_id,
+            ).handle,
+            sandbox_id=settings.sandbox_id,
+            consumer=self.worker_id,
+            host=advertised_host(settings.worker_access_host),
+            port=settings.worker_access_port,
+        )
         # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
         self.started = asyncio.Event()
 
@@ -151,6 +172,7 @@ class SandboxWorker:
         finally:
             await self.reconciler.close()
             await self.runtime.close()
+            await self.relay_redis.aclose()
             await self.core.aclose()
 
     async def _start(self) -> None:
@@ -163,6 +185,8 @@ class SandboxWorker:
         # Before any job is consumed: adopt, finish and clean up what an earlier run left.
         await self.reconciler.pass_once()
         await self._sweep_uid_ranges()
+        await self.access.listen()
+        self.heartbeat.access_address = self.access.address
         log.info(
             "sandbox %s (depth %d) serving queue %s; desktops get privilege profile: %s",
             settings.sandbox_id,
@@ -189,6 +213,7 @@ class SandboxWorker:
             duties.start_soon(every, settings.reconcile_interval_s, self._reconcile, "reconcile pass")
             duties.start_soon(self.pool.run_forever)
             duties.start_soon(self.execs.run)
+            duties.start_soon(self.access.run)
             duties.start_soon(self.drain.watch)
             self.started.set()
             await _first_of(stop, self.drain.drained, jobs_ended, self.preparation.refused_event)

@@ -135,10 +135,18 @@ async def test_200_cycles_leave_nothing_behind_and_memory_flat(docker_settings: 
         rest = set(keys) - set(streams) - set(tombstones)
         sid = settings.sandbox_id
         # And the streams consumer groups live on (empty: handled entries are deleted).
-        fixed = ("events", "sandboxes", f"sandbox:{sid}", f"sandbox-alive:{sid}", f"exec-jobs:{sid}", "commands")
+        fixed = (
+            "events",
+            "sandboxes",
+            f"sandbox:{sid}",
+            f"sandbox-alive:{sid}",
+            f"exec-jobs:{sid}",
+            f"access-requests:{sid}",
+            "commands",
+        )
         allowed = {f"{prefix}{k}" for k in fixed}
         assert rest <= allowed, f"left over: {sorted(rest - allowed)}"
-        for stream in (f"{prefix}exec-jobs:{sid}", f"{prefix}commands"):
+        for stream in (f"{prefix}exec-jobs:{sid}", f"{prefix}access-requests:{sid}", f"{prefix}commands"):
             assert await redis.xlen(stream) == 0, stream
         assert [k async for k in redis.scan_iter(match="arq:*")] == []
     finally:

@@ -171,6 +171,7 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         assert ready["storage_driver"] == "overlay2" and ready["backing_filesystem"] == "extfs"
         assert ready["depth"] == 2 and ready["address_pool"] == "10.214.0.0/16"
         await assert_desktop_isolated(stack, record.sandbox, record.id)
+        await assert_access_works(client, record.id)
         await client.delete(record.id)
         events = await client.wait_for(
             record.id, {"session.deleted", "session.failed"}, timeout=120, after=events[-1].id
@@ -195,6 +196,19 @@ async def test_compose_stack_scales_sandboxes_and_runs_a_session(stack: Stack) -
         record = await client.create(labels={"via": "compose", "after": "recreate"})
         assert record.sandbox in ids
         assert (await client.wait_ready(record.id, timeout=180)).state == "ready"
+
+
+async def assert_access_works(client: Client, session_id: str) -> None:
+    """The API reaches the desktop through its sandbox's worker (the direct road, compose's
+    network): a file up and down, a terminal that runs a command."""
+    payload = os.urandom(3 * 2**20)
+    written = await client.upload(session_id, "/root/through-compose.bin", payload)
+    assert written["bytes"] == len(payload)
+    assert b"".join([c async for c in client.download(session_id, "/root/through-compose.bin")]) == payload
+    async with client.terminal(session_id) as term:
+        await term.send(b"echo via-$((40+2)); exit 3\r")
+        seen = b"".join([chunk async for chunk in term])
+    assert b"via-42" in seen and term.exit_code == 3, (seen[-300:], term.exit_code)
 
 
 async def assert_least_privilege(stack: Stack) -> None:
@@ -240,6 +254,7 @@ async def assert_desktop_isolated(stack: Stack, sandbox_id: str, session_id: str
         "api": (await address(await stack.container("api")), 8080),
         "registry": (await address(await stack.container("registry")), 5000),
         "the sandbox's metrics": (await address(box), 9100),
+        "the worker's access port": (await address(box), 9200),
     }
     for name, (ip, port) in targets.items():
         probe = f"timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' && echo open || echo closed"

@@ -19,7 +19,6 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from orchestrator import api_ports
 from orchestrator.api import create_app
 from orchestrator.auth import token_entry
 from orchestrator.client import Client
@@ -30,7 +29,7 @@ from orchestrator.port_grants import digest
 from orchestrator.port_proxy import GRANT_COOKIE
 from orchestrator.states import SessionState as S
 from orchestrator.store import SessionStore
-from tests.port_support import LoopbackAccess, Upstream, big_sha256, running_upstream
+from tests.port_support import LoopbackAccess, Upstream, big_sha256, running_upstream, with_ports
 
 from .conftest import running_api
 
@@ -90,11 +89,8 @@ async def ports(settings: Settings, redis: aioredis.Redis, port_url_ttl: int) ->
     settings = dataclasses.replace(
         settings, tokens=tokens, port_url_ttl_s=port_url_ttl, port_max_body_bytes=MAX_BODY, port_timeout_s=10.0
     )
-    app = create_app(settings)
-    for handler in api_ports.ROUTES:  # as the lead wires them into api.ROUTES
-        app.register(handler)
     access = LoopbackAccess()
-    app.state.access = access
+    app = with_ports(create_app(settings), access)  # the port routes, as api.ROUTES will have them
     keys = Keys(settings.key_prefix)
     bus = EventBus(redis, keys)
     async with (

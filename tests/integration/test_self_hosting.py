@@ -114,3 +114,16 @@ async def test_the_stack_runs_inside_its_own_desktop(images: str) -> None:
         sandboxes = json.loads(await adocker(*cli, "sandboxes", "ls", "--json", host=host))
         assert [s["depth"] for s in sandboxes] == [3]
         mark(f"inner session's dockerd (depth 4) ready, {ready['data']['duration_ms']} ms after its desktop started")
+        # Into the inner session, through the inner API (its access route at depth 3): a command,
+        # and a file up and back with the same CLI.
+        ran = await adocker(*cli, "sessions", "exec", inner_id, "--", "sh", "-c", "echo inner-$((2*21))", host=host)
+        assert ran.strip() == "inner-42", ran
+        script = (
+            f"orchestrator --api http://127.0.0.1:8080 --token {TOKENS['admin']} sessions cp"
+            f" /etc/os-release {inner_id}:/root/ && orchestrator --api http://127.0.0.1:8080"
+            f" --token {TOKENS['admin']} sessions cp {inner_id}:/root/os-release /tmp/back && cmp /etc/os-release"
+            " /tmp/back && echo same"
+        )
+        copied = await adocker(*cli[: cli.index("orchestrator")], "sh", "-c", script, host=host)
+        assert copied.strip().endswith("same"), copied
+        mark("exec and files in the inner session through the inner API")

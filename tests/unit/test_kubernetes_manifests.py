@@ -483,7 +483,7 @@ def test_network_policies_fence_the_sandboxes_redis_and_the_registry() -> None:
     # In: the API's pods, on the metrics port, and no one else.
     (ingress,) = spec["ingress"]
     assert admits(ingress["from"], component("api")) and not admits(ingress["from"], component("sandbox"))
-    assert ingress["ports"] == [{"protocol": "TCP", "port": 9100}]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 9100}, {"protocol": "TCP", "port": 9200}]  # metrics, access
     # Out: Redis, the registry, DNS, and an ipBlock for the internet that leaves out every private range.
     by_target: dict[str, Doc] = {}
     for rule in spec["egress"]:

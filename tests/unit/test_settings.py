@@ -56,6 +56,10 @@ EVERYTHING = Settings(
     port_timeout_s=5.5,
     port_ws_max_message_bytes=2**16,
     sse_max_streams=300,
+    access_route="relay",
+    terminal_max_per_session=2,
+    files_max_bytes=2**20,
+    terminal_idle_s=60.0,
     sse_max_streams_per_token=30,
     max_query_bytes=2048,
     max_header_bytes=8192,
@@ -95,6 +99,8 @@ EVERYTHING = Settings(
     desktop_allow=("10.20.30.0/24",),
     registry_credentials=("puller", "pull-s3cret"),
     worker_metrics_port=9100,
+    worker_access_port=9200,
+    worker_access_host="10.0.0.5",
     fault_kill_at="after_volume",
 )
 
@@ -105,7 +111,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 79
+    assert len(fields) == 85
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]

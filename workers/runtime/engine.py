@@ -11,9 +11,12 @@ import aiohttp
 from ..privilege import PrivilegeProfile
 from .desktops import DockerDesktops
 from .execs import DockerExecs
+from .files import DesktopFiles
 from .images import DockerImages
 from .inner import DockerInnerDaemon
+from .netns import DesktopPorts
 from .probe import DockerPrivilegeProbe
+from .terminals import DockerTerminals
 
 
 class DesktopRuntime:
@@ -44,6 +47,10 @@ class DesktopRuntime:
         )
         self.probe = DockerPrivilegeProbe(self._docker, image=image, sandbox_id=sandbox_id)
         self.execs = DockerExecs(self._exec_docker)
+        # Terminals, files and ports hold a connection as long as they last too.
+        self.terminals = DockerTerminals(self._exec_docker)
+        self.files = DesktopFiles(self._exec_docker)
+        self.ports = DesktopPorts(self._docker)
 
     @property
     def profile(self) -> PrivilegeProfile:

@@ -29,6 +29,7 @@ DesktopErrorCode = Literal[
     "privilege_refused",
     "provision_timeout",
     "resources_exceed_sandbox",
+    "terminal_failed",
     "volume_create_failed",
     "volume_lost",
     "volume_not_userns",
