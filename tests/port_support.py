@@ -26,11 +26,14 @@ from orchestrator.schemas import SessionRecord
 CHUNK = 64 * 1024
 
 
-def with_ports(app: Litestar, access: PortAccess) -> Litestar:
-    """``app`` (create_app's) with the port routes and ``access`` as its ``state.access``, set
-    once its lifespan has set its own (on_startup hooks run after the lifespan managers)."""
+def with_ports(app: Litestar, access: PortAccess | None = None) -> Litestar:
+    """``app`` (create_app's) with the port routes; with ``access``, that as its
+    ``state.access`` instead of the real route's, set once its lifespan has set its own
+    (on_startup hooks run after the lifespan managers)."""
     for handler in api_ports.ROUTES:
         app.register(handler)
+    if access is None:
+        return app
 
     def install(app: Litestar) -> None:
         app.state.access = access
