@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 
+import aiohttp
 import httpx
 from litestar import Litestar
 
@@ -102,18 +103,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def _latencies(http: httpx.AsyncClient, url: str, n: int, headers: dict[str, str]) -> list[float]:
+async def _latencies(http: aiohttp.ClientSession, url: str, n: int, headers: dict[str, str]) -> list[float]:
     out = []
     for _ in range(n):
         started = time.perf_counter()
-        answer = await http.get(url, headers=headers)
+        async with http.get(url, headers=headers) as answer:
+            await answer.read()
+            assert answer.status == 200, answer.status
         out.append((time.perf_counter() - started) * 1000)
-        assert answer.status_code == 200, answer.text
     return out
 
 
 async def _throughput(
-    http: httpx.AsyncClient, url: str, concurrency: int, seconds: float, headers: dict[str, str]
+    http: aiohttp.ClientSession, url: str, concurrency: int, seconds: float, headers: dict[str, str]
 ) -> float:
     done = 0
     deadline = time.perf_counter() + seconds
@@ -121,8 +123,9 @@ async def _throughput(
     async def one() -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            answer = await http.get(url, headers=headers)
-            assert answer.status_code == 200
+            async with http.get(url, headers=headers) as answer:
+                await answer.read()
+                assert answer.status == 200
             done += 1
 
     started = time.perf_counter()
@@ -130,11 +133,11 @@ async def _throughput(
     return done / (time.perf_counter() - started)
 
 
-async def _mb_per_s(http: httpx.AsyncClient, url: str, headers: dict[str, str], mb: int) -> float:
+async def _mb_per_s(http: aiohttp.ClientSession, url: str, headers: dict[str, str], mb: int) -> float:
     started = time.perf_counter()
     size = 0
-    async with http.stream("GET", url, headers=headers) as answer:
-        async for chunk in answer.aiter_raw():
+    async with http.get(url, headers=headers) as answer:
+        async for chunk in answer.content.iter_any():
             size += len(chunk)
     assert size == mb * 2**20
     return mb / (time.perf_counter() - started)
@@ -168,9 +171,10 @@ async def run(n: int, concurrency: int, seconds: float, separate_route: bool) ->
         await _wait_up(direct + "/small")
         await _wait_up(base + "/healthz")
         auth = {"Authorization": f"Bearer {token}"}
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency * 2)) as http:
-            created = await http.post(f"{base}/v1/sessions", headers=auth, json={})
-            session_id = created.json()["id"]
+        connector = aiohttp.TCPConnector(limit=concurrency * 2)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+            async with http.post(f"{base}/v1/sessions", headers=auth, json={}) as created:
+                session_id = (await created.json())["id"]
             store = SessionStore(redis, EventBus(redis, Keys(settings.key_prefix)))
             for target in (S.CREATING, S.STARTING, S.READY):
                 await store.transition(session_id, target)
