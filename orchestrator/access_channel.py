@@ -127,8 +127,9 @@ class StreamChannel:
             return
         self._closed = True
         try:
-            self._writer.write(encode_frame(FrameKind.CLOSE))
+            if not self._writer.is_closing():
+                self._writer.write(encode_frame(FrameKind.CLOSE))
             self._writer.close()
             await self._writer.wait_closed()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, RuntimeError):  # uvloop: a transport closed already
             pass

@@ -218,6 +218,13 @@ class Client:
                     await out.write(chunk)
             return total
 
+    async def port_url(self, session_id: str, port: int) -> dict[str, Any]:
+        """A short-lived URL of the session's ``port`` for a browser or an iframe (``url``,
+        ``expires_at``): it opens that session's port and nothing else."""
+        response = await self._http.post(f"/v1/sessions/{session_id}/ports/{port}/url")
+        body: dict[str, Any] = _checked(response).json()
+        return body
+
     async def list_files(self, session_id: str, path: str) -> builtins.list[dict[str, Any]]:
         response = await self._http.get(f"/v1/sessions/{session_id}/files/list", params={"path": path})
         entries: builtins.list[dict[str, Any]] = _checked(response).json()["entries"]

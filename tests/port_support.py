@@ -16,7 +16,6 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from litestar import Litestar
 
-from orchestrator import api_ports
 from orchestrator.access_bridge import bridge
 from orchestrator.access_channel import Channel, StreamChannel
 from orchestrator.api_ports import PortAccess
@@ -27,11 +26,9 @@ CHUNK = 64 * 1024
 
 
 def with_ports(app: Litestar, access: PortAccess | None = None) -> Litestar:
-    """``app`` (create_app's) with the port routes; with ``access``, that as its
+    """``app`` (create_app's, which has the port routes); with ``access``, that as its
     ``state.access`` instead of the real route's, set once its lifespan has set its own
     (on_startup hooks run after the lifespan managers)."""
-    for handler in api_ports.ROUTES:
-        app.register(handler)
     if access is None:
         return app
 

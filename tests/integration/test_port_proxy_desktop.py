@@ -19,7 +19,7 @@ from orchestrator.config import Settings
 from orchestrator.names import desktop_name
 from tests.port_support import with_ports
 
-from .conftest import TOKENS, adocker, running_api, running_worker
+from .conftest import TEST_IMAGE, TOKENS, adocker, running_api, running_worker
 from .test_exec import ready_session
 
 pytestmark = pytest.mark.docker
@@ -48,7 +48,7 @@ async def test_a_server_on_the_desktops_loopback_is_reached_through_the_proxy(
         running_worker(settings),
         running_api(settings, with_ports(create_app(settings))) as api,
         Client(api, token=TOKENS["admin"]) as admin,
-        ready_session(admin) as sid,
+        ready_session(admin, preload_images=[TEST_IMAGE]) as sid,
         httpx.AsyncClient(timeout=60) as http,
     ):
         made = await admin.exec(
@@ -82,6 +82,23 @@ async def test_a_server_on_the_desktops_loopback_is_reached_through_the_proxy(
             assert page.status_code == 200 and page.text == "served-on-loopback\n"
             again = await browser.get(f"{base}/index.html")  # the cookie alone
             assert again.status_code == 200 and again.text == "served-on-loopback\n"
+
+        # A port the desktop's own dockerd publishes (`docker run -p` inside): docker-proxy
+        # listens in the desktop's network namespace, where the worker connects.
+        published = await admin.exec(
+            sid,
+            shell=f"docker run -d -p 8000:80 {TEST_IMAGE} sh -c"
+            " 'mkdir -p /www && echo published-by-dockerd > /www/index.html && exec httpd -f -p 80 -h /www'",
+            timeout_s=60,
+        )
+        assert published.exit_code == 0, published
+        answer = await _served(http, f"{api}/v1/sessions/{sid}/ports/8000/")
+        assert answer.status_code == 200 and answer.text == "published-by-dockerd\n", answer.text
+        # The port URL of 8123 opens 8123 only.
+        other = await http.get(
+            f"{api}/v1/sessions/{sid}/ports/8000/?port_token={granted.json()['url'].split('port_token=')[1]}"
+        )
+        assert other.status_code == 403, other.text
 
         closed = await http.get(f"{api}/v1/sessions/{sid}/ports/8999/", headers=EXEC)
         assert (closed.status_code, closed.json()["code"]) == (502, "port_closed"), closed.text
