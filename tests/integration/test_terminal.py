@@ -193,8 +193,14 @@ async def test_the_cli_shell_under_a_pseudo_terminal(api: str, client: Client, w
             assert b"33 111" in seen, bytes(seen[-400:])
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 123, 0, 0))
             proc.send_signal(signal.SIGWINCH)
-            os.write(master, b"stty size\r")
-            await until(b"44 123")
+            # The signal and the keystrokes reach the CLI by two paths: the first `stty size`
+            # may overtake the resize, so ask until the new size shows (or the wait fails).
+            async with asyncio.timeout(30):
+                while b"44 123" not in seen:
+                    os.write(master, b"stty size\r")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1):
+                            await until(b"44 123")
             os.write(master, b"exit 7\r")
             assert await asyncio.wait_for(proc.wait(), 30) == 7
         finally:
