@@ -131,6 +131,14 @@ class AccessServer:
 
     async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            await self._serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            # The worker is shutting down. Not re-raised: asyncio's server would log a cancelled
+            # handler as an error ("Exception in callback ... connection_made").
+            writer.close()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
                 line = await reader.readline()
         except (TimeoutError, ValueError, OSError):
