@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
 
 import aiodocker
 import anyio
+import httpx
 
 from orchestrator.client import Client
 from orchestrator.names import desktop_name
+from workers.runtime.netns import DesktopPorts
 
 from .harness import Result, Side, alternate, services
 from .scenarios import delete, ready_client
@@ -138,5 +141,94 @@ async def _files(road: str, n: int, size_mb: int, tmp: str, source: str, digest:
     return [up, down]
 
 
-SCENARIOS = {"terminal": terminal, "files": files}
-DEFAULT_N = {"terminal": 200, "files": 5}
+# The upstream: a small asyncio HTTP/1.1 server on the desktop's loopback (python3 is in the
+# desktop image; http.server's listen backlog of 5 would drop connections under concurrency).
+UPSTREAM = """
+import asyncio
+async def serve(reader, writer):
+    while (await reader.readline()) not in (b"\\r\\n", b""):
+        pass
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 6\\r\\nConnection: close\\r\\n\\r\\nhello\\n")
+    await writer.drain()
+    writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 8123, backlog=1024)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+async def _get_raw(ports: DesktopPorts, session_id: str, port: int) -> bytes:
+    """One HTTP/1.1 GET on a new connection made from the sandbox into the desktop's network
+    namespace (what the worker's end of the route does, with nothing in between)."""
+    reader, writer = await ports.open(session_id, port, timeout_s=10)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        body = await reader.read()
+    finally:
+        writer.close()
+    if not body.startswith(b"HTTP/1.") or b" 200 " not in body.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"unexpected answer: {body[:80]!r}")
+    return body
+
+
+async def ports(n: int, concurrency: int = 8) -> list[Result]:
+    """GET / of a server on the desktop's 127.0.0.1 (python3 -m http.server): through the API's
+    port proxy by each road, against the same GET on a connection made directly from the
+    sandbox into the desktop's network namespace. Latency one at a time, then requests per
+    second with ``concurrency`` at once."""
+    return [r for road in ROADS for r in await _ports(road, n, concurrency)]
+
+
+async def _ports(road: str, n: int, concurrency: int) -> list[Result]:
+    latency = Result(f"port GET ({road})", "s", Side("project: API /ports/8123/"), Side("bare: from the sandbox"))
+    rate = Result(f"port req/s ({road}, {concurrency})", "req/s", Side("project: API"), Side("bare: sandbox"))
+    with services(ORCH_ACCESS_ROUTE=road) as svc:
+        client = await ready_client(svc)
+        async with client, aiodocker.Docker() as docker, httpx.AsyncClient(timeout=30) as http:
+            record = await client.create()
+            await client.wait_ready(record.id, timeout=120)
+            desktop = docker.containers.container(desktop_name(record.id))
+            serve = await desktop.exec(["desktop-enter", "python3", "-c", UPSTREAM])
+            await serve.start(detach=True)
+            ports = DesktopPorts(docker)
+            url = f"{svc.url}/v1/sessions/{record.id}/ports/8123/"
+            headers = {"Authorization": f"Bearer {svc.token}"}
+            for _ in range(100):  # until it listens
+                if (await http.get(url, headers=headers)).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+
+            async def project() -> float:
+                started = time.perf_counter()
+                answer = await http.get(url, headers=headers)
+                if answer.status_code != 200:
+                    raise RuntimeError(answer.text)
+                return time.perf_counter() - started
+
+            async def bare() -> float:
+                started = time.perf_counter()
+                await _get_raw(ports, record.id, 8123)
+                return time.perf_counter() - started
+
+            async def project_rate() -> float:
+                started = time.perf_counter()
+                await asyncio.gather(*(project() for _ in range(concurrency * 10)))
+                return concurrency * 10 / (time.perf_counter() - started)
+
+            async def bare_rate() -> float:
+                started = time.perf_counter()
+                await asyncio.gather(*(bare() for _ in range(concurrency * 10)))
+                return concurrency * 10 / (time.perf_counter() - started)
+
+            await alternate(n, project, bare, latency)
+            await alternate(max(3, n // 20), project_rate, bare_rate, rate)
+            await delete(client, record.id)
+    p50s = [statistics.median(side.values) for side in (latency.project, latency.baseline)]
+    latency.notes["added at p50"] = f"{(p50s[0] - p50s[1]) * 1000:.2f} ms (goal <= 3 ms)"
+    rate.notes["goal"] = "project >= 0.8x (ratio is project/baseline: higher is better)"
+    return [latency, rate]
+
+
+SCENARIOS = {"terminal": terminal, "files": files, "ports": ports}
+DEFAULT_N = {"terminal": 200, "files": 5, "ports": 200}
