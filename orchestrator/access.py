@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -70,6 +71,21 @@ async def ready_record(sessions: Sessions, session_id: str, tenant: str | None, 
             409, "session_not_ready", f"session {session_id} is {record.state.value}; {what} need a ready session"
         )
     return record
+
+
+def ticket_for(record: SessionRecord, kind: AccessKind, *, by: str, **params: Any) -> AccessTicket:
+    """A new ticket for an access into ``record``'s desktop (ready, so placed), by ``by``."""
+    assert record.sandbox is not None
+    return AccessTicket(
+        id=new_ticket_id(),
+        kind=kind,
+        session=record.id,
+        sandbox=record.sandbox,
+        by=by,
+        tenant=record.tenant,
+        created_at=time.time(),
+        **params,
+    )
 
 
 def worker_error(control: Control) -> ServiceError:
@@ -135,18 +151,7 @@ class AccessRouter:
     async def open_port(self, record: SessionRecord, port: int, *, by: str) -> Channel:
         """A channel whose far end is a TCP connection to ``port`` on the desktop's loopback
         (orchestrator/api_ports.py speaks HTTP or WebSocket over it)."""
-        assert record.sandbox is not None
-        ticket = AccessTicket(
-            id=new_ticket_id(),
-            kind=AccessKind.PORT,
-            session=record.id,
-            sandbox=record.sandbox,
-            by=by,
-            tenant=record.tenant,
-            created_at=time.time(),
-            port=port,
-        )
-        channel, _ = await self.open(ticket)
+        channel, _ = await self.open(ticket_for(record, AccessKind.PORT, by=by, port=port))
         return channel
 
     async def _direct(self, ticket: AccessTicket) -> Channel | None:

@@ -12,7 +12,6 @@ is a 404, not a broken stream."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -22,9 +21,9 @@ from litestar.datastructures import State
 from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 
-from .access import AccessRouter, ready_record, worker_error
+from .access import AccessRouter, ready_record, ticket_for, worker_error
 from .access_channel import Channel, ChannelClosed, FrameKind, decode_control
-from .access_types import AccessKind, AccessTicket, new_ticket_id
+from .access_types import AccessKind
 from .config import ApiSettings
 from .desktop_io import FileEntry
 from .desktop_paths import check_desktop_path
@@ -56,19 +55,7 @@ async def _open(
     if user is not None and not (0 < len(user) <= 64 and user.isprintable() and ":" not in user):
         raise ServiceError(400, "invalid_request", f"user {user!r} is not a user name", "user")
     record = await ready_record(state.sessions, session_id, token.visible_tenant, "files")
-    assert record.sandbox is not None
-    ticket = AccessTicket(
-        id=new_ticket_id(),
-        kind=kind,
-        session=session_id,
-        sandbox=record.sandbox,
-        by=token.name,
-        tenant=record.tenant,
-        created_at=time.time(),
-        path=path,
-        user=user,
-        **extra,
-    )
+    ticket = ticket_for(record, kind, by=token.name, path=path, user=user, **extra)
     router: AccessRouter = state.access
     channel, first = await router.open(ticket)
     return channel, path, first

@@ -25,9 +25,9 @@ from litestar.datastructures import State
 from litestar.params import FromPath
 
 from . import auth
-from .access import AccessRouter, ready_record
+from .access import AccessRouter, ready_record, ticket_for
 from .access_channel import Channel, ChannelClosed, Control, FrameKind, decode_control
-from .access_types import AccessKind, AccessTicket, new_ticket_id
+from .access_types import AccessKind, AccessTicket
 from .auth import AuthError
 from .config import ApiSettings
 from .errors import ServiceError
@@ -105,16 +105,11 @@ async def terminal(socket: WebSocket[Any, Any, Any], session_id: FromPath[str], 
         cols = _size(query.get("cols"), 80, "cols")
         rows = _size(query.get("rows"), 24, "rows")
         record = await ready_record(state.sessions, session_id, token.visible_tenant, "terminals")
-        assert record.sandbox is not None
         settings: ApiSettings = state.settings
-        ticket = AccessTicket(
-            id=new_ticket_id(),
-            kind=AccessKind.TERMINAL,
-            session=session_id,
-            sandbox=record.sandbox,
+        ticket = ticket_for(
+            record,
+            AccessKind.TERMINAL,
             by=token.name,
-            tenant=record.tenant,
-            created_at=time.time(),
             cols=cols,
             rows=rows,
             user=query.get("user") or None,

@@ -39,6 +39,18 @@ class ExecSpec:
     stdin: bytes
 
 
+async def exit_code_of(exec_: Exec) -> int | None:
+    """An ended exec's exit code (None if Docker has none): after its output ended, Docker may
+    take a moment to record the exit, so it is asked again for up to a second."""
+    for _ in range(50):
+        info: Mapping[str, Any] = await exec_.inspect()
+        if not info.get("Running"):
+            code = info.get("ExitCode")
+            return code if isinstance(code, int) else None
+        await asyncio.sleep(0.02)
+    return None
+
+
 class DockerExecProcess:
     """One started exec: read its output, then its exit code; kill it at any time."""
 
@@ -55,14 +67,7 @@ class DockerExecProcess:
             yield _STREAMS.get(message.stream, OutputStream.STDOUT), message.data
 
     async def exit_code(self) -> int | None:
-        """After the output ended: Docker may take a moment to record the exit."""
-        for _ in range(50):
-            info: Mapping[str, Any] = await self._exec.inspect()
-            if not info.get("Running"):
-                code = info.get("ExitCode")
-                return code if isinstance(code, int) else None
-            await asyncio.sleep(0.02)
-        return None
+        return await exit_code_of(self._exec)
 
     async def kill(self) -> bool:
         """TERM the tree, KILL what is left after the grace. False when the process is not in

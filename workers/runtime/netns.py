@@ -38,6 +38,8 @@ from orchestrator.desktop_io import PortErrorCode
 from orchestrator.errors import CodedError
 from orchestrator.names import desktop_name
 
+from .proctree import children
+
 CLONE_NEWNET = 0x40000000
 # The descendants looked at for a userns desktop's namespaces (its outer side runs a handful).
 MAX_SCANNED = 4096
@@ -86,21 +88,6 @@ def start_time(pid: int) -> int | None:
         return None
     fields = stat[stat.rfind(")") + 2 :].split()  # comm may hold spaces and parentheses
     return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
-                found += [int(c) for c in f.read().split()]
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 def namespaces_pid(container_pid: int) -> int | None:

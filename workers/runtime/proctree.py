@@ -10,7 +10,8 @@ import os
 import signal
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pid's children, of all its threads (/proc/<pid>/task/*/children)."""
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -40,7 +41,7 @@ def tree(root: int) -> set[int]:
     seen = {root}
     todo = [root]
     while todo:
-        for child in _children(todo.pop()):
+        for child in children(todo.pop()):
             if child not in seen:
                 seen.add(child)
                 todo.append(child)

@@ -20,6 +20,7 @@ from orchestrator.names import desktop_name
 from . import proctree
 from .enter import enter_argv
 from .errors import DesktopError
+from .execs import exit_code_of
 
 log = logging.getLogger("workers.runtime.terminals")
 
@@ -49,13 +50,7 @@ class TerminalProcess:
             log.debug("terminal resize refused: %s", e)
 
     async def exit_code(self) -> int | None:
-        for _ in range(50):
-            info: Mapping[str, Any] = await self._exec.inspect()
-            if not info.get("Running"):
-                code = info.get("ExitCode")
-                return code if isinstance(code, int) else None
-            await asyncio.sleep(0.02)
-        return None
+        return await exit_code_of(self._exec)
 
     async def hang_up(self) -> None:
         """The client went away: HUP the tree (as a closed terminal does), KILL what is left."""
