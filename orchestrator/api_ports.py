@@ -29,6 +29,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
 from litestar.types import Receive, Scope, Send
 
+from .access import ready_record
 from .access_channel import Channel
 from .auth import SESSIONS_EXEC, AuthError, authenticate, authorize
 from .config import ApiSettings
@@ -54,8 +55,6 @@ from .port_proxy import (
     websocket_through,
 )
 from .schemas import ErrorBody, SessionRecord
-from .service import Sessions
-from .states import SessionState
 
 
 class PortAccess(Protocol):
@@ -112,15 +111,8 @@ async def authorize_port(connection: ASGIConnection[Any, Any, Any, Any], session
 
 
 async def ready_session(state: State, session_id: str, tenant: str | None) -> SessionRecord:
-    sessions: Sessions = state.sessions
-    record = await sessions.get(session_id, tenant)  # 404 for another tenant's
-    if record.state is not SessionState.READY or not record.sandbox:
-        raise ServiceError(
-            409,
-            "session_not_ready",
-            f"session {session_id} is {record.state.value}; ports are reached in ready sessions",
-        )
-    return record
+    """The session, ready (access.ready_record: 404 for another tenant's, 409 not ready)."""
+    return await ready_record(state.sessions, session_id, tenant, "ports")
 
 
 def grant_cookie(who: PortCaller, prefix: str, secure: bool) -> bytes:
