@@ -142,14 +142,23 @@ async def _files(road: str, n: int, size_mb: int, tmp: str, source: str, digest:
 
 
 # The upstream: a small asyncio HTTP/1.1 server on the desktop's loopback (python3 is in the
-# desktop image; http.server's listen backlog of 5 would drop connections under concurrency).
+# desktop image), with keep-alive as HTTP/1.1 servers have it (http.server's listen backlog of
+# 5 would drop connections under concurrency, and it closes after every answer).
 UPSTREAM = """
 import asyncio
 async def serve(reader, writer):
-    while (await reader.readline()) not in (b"\\r\\n", b""):
-        pass
-    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 6\\r\\nConnection: close\\r\\n\\r\\nhello\\n")
-    await writer.drain()
+    while True:
+        close = False
+        line = await reader.readline()
+        if not line:
+            break
+        while line not in (b"\\r\\n", b""):
+            close = close or line.lower().startswith(b"connection: close")
+            line = await reader.readline()
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\nhello\\n")
+        await writer.drain()
+        if close:
+            break
     writer.close()
 async def main():
     server = await asyncio.start_server(serve, "127.0.0.1", 8123, backlog=1024)
@@ -158,25 +167,35 @@ asyncio.run(main())
 """
 
 
-async def _get_raw(ports: DesktopPorts, session_id: str, port: int) -> bytes:
-    """One HTTP/1.1 GET on a new connection made from the sandbox into the desktop's network
-    namespace (what the worker's end of the route does, with nothing in between)."""
-    reader, writer = await ports.open(session_id, port, timeout_s=10)
-    try:
-        writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        body = await reader.read()
-    finally:
-        writer.close()
-    if not body.startswith(b"HTTP/1.") or b" 200 " not in body.split(b"\r\n", 1)[0]:
-        raise RuntimeError(f"unexpected answer: {body[:80]!r}")
-    return body
+class KeepAliveGet:
+    """The same minimal HTTP/1.1 client on both sides of the comparison: GETs one after another
+    on one kept connection (a Content-Length body), so the client costs each side the same."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+        self.reader, self.writer, self.request = reader, writer, request
+
+    async def get(self) -> float:
+        started = time.perf_counter()
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"unexpected answer: {head[:200]!r}")
+        length = next(
+            int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"
+        )
+        await self.reader.readexactly(length)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 async def ports(n: int, concurrency: int = 8) -> list[Result]:
-    """GET / of a server on the desktop's 127.0.0.1 (python3 -m http.server): through the API's
-    port proxy by each road, against the same GET on a connection made directly from the
-    sandbox into the desktop's network namespace. Latency one at a time, then requests per
-    second with ``concurrency`` at once."""
+    """GET / of a keep-alive server on the desktop's 127.0.0.1: through the API's port proxy by
+    each road, against the same GET from the sandbox on a connection made into the desktop's
+    network namespace, with the same client (kept connections on both sides: the proxy keeps
+    its own to the desktop, orchestrator/port_pool.py). Latency one at a time, then requests
+    per second with ``concurrency`` connections at once."""
     return [r for road in ROADS for r in await _ports(road, n, concurrency)]
 
 
@@ -191,38 +210,46 @@ async def _ports(road: str, n: int, concurrency: int) -> list[Result]:
             desktop = docker.containers.container(desktop_name(record.id))
             serve = await desktop.exec(["desktop-enter", "python3", "-c", UPSTREAM])
             await serve.start(detach=True)
-            ports = DesktopPorts(docker)
-            url = f"{svc.url}/v1/sessions/{record.id}/ports/8123/"
+            path = f"/v1/sessions/{record.id}/ports/8123/"
             headers = {"Authorization": f"Bearer {svc.token}"}
             for _ in range(100):  # until it listens
-                if (await http.get(url, headers=headers)).status_code == 200:
+                if (await http.get(svc.url + path, headers=headers)).status_code == 200:
                     break
                 await asyncio.sleep(0.1)
+            api_host, api_port = svc.url.removeprefix("http://").rsplit(":", 1)
+            through_api = f"GET {path} HTTP/1.1\r\nHost: {api_host}\r\nAuthorization: Bearer {svc.token}\r\n\r\n"
+            direct = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8123\r\n\r\n"
+            ports = DesktopPorts(docker)
 
-            async def project() -> float:
-                started = time.perf_counter()
-                answer = await http.get(url, headers=headers)
-                if answer.status_code != 200:
-                    raise RuntimeError(answer.text)
-                return time.perf_counter() - started
+            async def connect_project() -> KeepAliveGet:
+                return KeepAliveGet(*await asyncio.open_connection(api_host, int(api_port)), through_api.encode())
 
-            async def bare() -> float:
+            async def connect_bare() -> KeepAliveGet:
+                return KeepAliveGet(*await ports.open(record.id, 8123, timeout_s=10), direct)
+
+            project_one, bare_one = await connect_project(), await connect_bare()
+            project_many = [await connect_project() for _ in range(concurrency)]
+            bare_many = [await connect_bare() for _ in range(concurrency)]
+
+            async def ten(conn: KeepAliveGet) -> None:
+                for _ in range(10):
+                    await conn.get()
+
+            async def rate_of(conns: list[KeepAliveGet]) -> float:
                 started = time.perf_counter()
-                await _get_raw(ports, record.id, 8123)
-                return time.perf_counter() - started
+                await asyncio.gather(*(ten(c) for c in conns))
+                return len(conns) * 10 / (time.perf_counter() - started)
 
             async def project_rate() -> float:
-                started = time.perf_counter()
-                await asyncio.gather(*(project() for _ in range(concurrency * 10)))
-                return concurrency * 10 / (time.perf_counter() - started)
+                return await rate_of(project_many)
 
             async def bare_rate() -> float:
-                started = time.perf_counter()
-                await asyncio.gather(*(bare() for _ in range(concurrency * 10)))
-                return concurrency * 10 / (time.perf_counter() - started)
+                return await rate_of(bare_many)
 
-            await alternate(n, project, bare, latency)
+            await alternate(n, project_one.get, bare_one.get, latency)
             await alternate(max(3, n // 20), project_rate, bare_rate, rate)
+            for conn in [project_one, bare_one, *project_many, *bare_many]:
+                conn.close()
             await delete(client, record.id)
     p50s = [statistics.median(side.values) for side in (latency.project, latency.baseline)]
     latency.notes["added at p50"] = f"{(p50s[0] - p50s[1]) * 1000:.2f} ms (goal <= 3 ms)"

@@ -43,6 +43,9 @@ log = logging.getLogger("orchestrator.access")
 HANDSHAKE = b"ORCH-ACCESS/1 "
 # How long a sandbox whose direct road failed is reached by the relay only.
 DIRECT_RETRY_S = 30.0
+# How long a sandbox's advertised address is used without reading its heartbeat again (a
+# worker that moved fails the connection, which forgets it at once).
+ADDRESS_TTL_S = 5.0
 REQUESTS_MAXLEN = 10_000
 
 # What a worker's error code means to an HTTP caller.
@@ -113,6 +116,7 @@ class AccessRouter:
         self.connect_timeout_s = connect_timeout_s
         self.open_timeout_s = open_timeout_s
         self._direct_failed: dict[str, float] = {}
+        self._addresses: dict[str, tuple[str, float]] = {}  # sandbox -> (access_address, read at)
         self.opened: Counter[str] = Counter()  # by road, for /metrics
 
     async def open(self, ticket: AccessTicket) -> tuple[Channel, Control]:
@@ -158,8 +162,7 @@ class AccessRouter:
         failed_at = self._direct_failed.get(ticket.sandbox)
         if failed_at is not None and time.monotonic() - failed_at < DIRECT_RETRY_S and self.route is AccessRoute.AUTO:
             return None
-        info = await self.sandboxes.get(ticket.sandbox)
-        address = info.access_address if info is not None else ""
+        address = await self._address(ticket.sandbox)
         if not address:
             return None
         host, _, port = address.rpartition(":")
@@ -170,10 +173,22 @@ class AccessRouter:
         except (OSError, TimeoutError, ValueError) as e:
             log.info("sandbox %s: no direct route to %s (%s); relaying", ticket.sandbox, address, e)
             self._direct_failed[ticket.sandbox] = time.monotonic()
+            self._addresses.pop(ticket.sandbox, None)
             return None
         self._direct_failed.pop(ticket.sandbox, None)
         writer.write(HANDSHAKE + ticket.id.encode() + b"\n")
         return StreamChannel(reader, writer)
+
+    async def _address(self, sandbox_id: str) -> str:
+        known = self._addresses.get(sandbox_id)
+        if known is not None and time.monotonic() - known[1] < ADDRESS_TTL_S:
+            return known[0]
+        info = await self.sandboxes.get(sandbox_id)
+        address = info.access_address if info is not None else ""
+        if len(self._addresses) >= 4096:
+            self._addresses.clear()
+        self._addresses[sandbox_id] = (address, time.monotonic())
+        return address
 
     async def _first_control(self, channel: Channel, ticket: AccessTicket) -> Control:
         try:

@@ -474,6 +474,7 @@ def _lifespan(
                 finally:
                     tasks.cancel_scope.cancel()
         finally:
+            await api_ports.close_port_connections(app.state)
             await hub.close()
             await exec_hub.close()
             await relay_reader.aclose()

@@ -8,8 +8,9 @@ a token a port URL's grant (orchestrator/port_grants.py): ``?port_token=`` on th
 request, then the cookie that request sets, for that session's that port only.
 
 The way into the desktop is ``state.access`` (``PortAccess``): for a session and a port it
-opens a Channel whose far end is a TCP connection to 127.0.0.1:port in the desktop. One
-channel per request (and per WebSocket)."""
+opens a Channel whose far end is a TCP connection to 127.0.0.1:port in the desktop. HTTP
+requests go over kept-alive ones where they can (orchestrator/port_pool.py); a WebSocket has
+a channel of its own."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from .events import EventBus, make_event
 from .guards import EXEC, caller
 from .http_headers import PROXIED
 from .port_grants import PortGrants
+from .port_pool import PortConnection, PortConnections
 from .port_proxy import (
     GRANT_COOKIE,
     GRANT_QUERY,
@@ -146,9 +148,13 @@ class ProxiedResponse:
     A caller that leaves stops the reading; an upstream that ends early aborts the answer (the
     caller sees a broken response, never a short one that looks whole)."""
 
-    def __init__(self, upstream: HttpResponse, headers: Headers) -> None:
+    def __init__(
+        self, upstream: HttpResponse, headers: Headers, connection: PortConnection, pool: PortConnections
+    ) -> None:
         self.upstream = upstream
         self._headers = headers
+        self._connection = connection
+        self._pool = pool
         self.headers: dict[str, str] = {}  # what after_request hooks add (the trace id)
         self._gone = False
 
@@ -164,7 +170,10 @@ class ProxiedResponse:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
-            await self.upstream.aclose()
+            if self._gone or not self.upstream.reusable:
+                await self.upstream.aclose()
+            else:  # read whole, sent whole: the connection may carry the next request
+                await self._pool.release(self._connection, reusable=True)
 
     async def _pump(self, send: Send) -> None:
         head = self.upstream.head
@@ -248,20 +257,55 @@ async def proxy_http(
     headers = request_headers(list(request.scope["headers"]), forwarded)
     target = upstream_target(_raw_path(request.scope), request.scope.get("query_string", b""))
     body = _limited(request, settings.port_max_body_bytes) if _has_body(request) else None
-    access: PortAccess = state.access
-    channel = await access.open_port(record, port, by=who.by)
-    try:
-        upstream = await http_through(
-            channel, request.method.encode(), target, headers, body, head_timeout_s=settings.port_timeout_s
-        )
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await channel.aclose()
-        raise
+    pool = port_connections(state)
+    method = request.method.encode()
+    connection = await pool.connect(record, port, by=who.by, method=method, replayable=body is None)
+    while True:
+        try:
+            upstream = await http_through(
+                connection.channel,
+                method,
+                target,
+                headers,
+                body,
+                head_timeout_s=settings.port_timeout_s,
+                exchange=connection.exchange,
+            )
+            break
+        except ServiceError as e:
+            await connection.aclose()
+            if not (connection.reused and e.code in _LOST_RACE):
+                raise
+            # A kept connection the upstream closed as it was reused (its keep-alive ran out):
+            # the request (idempotent, bodiless) goes again on a new one.
+            connection = await pool.fresh(record, port, by=who.by)
+        except BaseException:
+            await connection.aclose()
+            raise
     answer = response_headers(upstream.head.headers, forwarded.prefix, port)
     if who.grant is not None:
         answer.append((b"set-cookie", grant_cookie(who, forwarded.prefix, forwarded.scheme == "https")))
-    return ProxiedResponse(upstream, answer)
+    return ProxiedResponse(upstream, answer, connection, pool)
+
+
+# What a kept connection that the upstream closed meanwhile fails with, before any answer.
+_LOST_RACE = frozenset({"upstream_closed", "upstream_disconnected"})
+
+
+def port_connections(state: State) -> PortConnections:
+    """This process's kept connections to desktop ports (made on first use, over ``state.access``)."""
+    pool: PortConnections | None = state.get("port_connections")
+    if pool is None:
+        settings: ApiSettings = state.settings
+        pool = PortConnections(state.access, idle_s=settings.port_keepalive_s)
+        state.port_connections = pool
+    return pool
+
+
+async def close_port_connections(state: State) -> None:
+    pool: PortConnections | None = state.get("port_connections")
+    if pool is not None:
+        await pool.aclose()
 
 
 # The upstream's own /url: every method but the POST that issues port URLs (below), and OPTIONS,

@@ -452,6 +452,12 @@ class ApiSettings(SharedSettings):
         parse=_float,
         doc="seconds the port proxy waits for a response's head (or a WebSocket handshake); then 504",
     )
+    port_keepalive_s: float = setting(
+        "ORCH_PORT_KEEPALIVE",
+        30.0,
+        parse=_float,
+        doc="seconds an idle connection to a desktop's port is kept for the next request to it; 0: one per request",
+    )
     port_ws_max_message_bytes: int = setting(
         "ORCH_PORT_WS_MAX_MESSAGE_BYTES",
         16 * 2**20,

@@ -7,9 +7,9 @@ response's headers, its redirects and cookies moved under the prefix) are pure f
 ``HttpExchange`` is one request and its response as bytes in, events out. The async parts
 (``http_through``, ``websocket_through``, ``relay_websocket``) only move those bytes.
 
-One channel per request: a request opens a connection to the upstream, sends
-``Connection: close`` and the channel is closed once the response's body has been read (no
-keep-alive to the upstream; a connection inside the desktop costs a loopback handshake)."""
+A connection to the upstream outlives its request when HTTP/1.1 lets it (``HttpExchange``
+carries h11's state from one exchange to the next): orchestrator/port_pool.py keeps it for
+the next request to the same port, as reverse proxies keep theirs."""
 
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def request_headers(headers: Sequence[tuple[bytes, bytes]], forwarded: Forwarded
     """The caller's headers as the upstream gets them: hop-by-hop ones, the caller's API token
     (Authorization, unless it is the app's own) and the grant cookie dropped, Host rewritten to ``127.0.0.1:port``,
     X-Forwarded-For appended to, X-Forwarded-Host/-Proto/-Prefix set, the body's framing kept
-    (a chunked body stays chunked; h11 sends none without a length or chunking), and
-    ``Connection: close`` (one channel per request)."""
+    (a chunked body stays chunked; h11 sends none without a length or chunking). The
+    connection to the upstream is kept alive (HTTP/1.1's default) whatever the caller's is."""
     named = _connection_tokens(headers)
     out: Headers = []
     host: bytes | None = None
@@ -160,7 +160,6 @@ def request_headers(headers: Sequence[tuple[bytes, bytes]], forwarded: Forwarded
         out.append((b"x-forwarded-host", host))
     out.append((b"x-forwarded-proto", forwarded.scheme.encode()))
     out.append((b"x-forwarded-prefix", forwarded.prefix.encode()))
-    out.append((b"connection", b"close"))
     return out
 
 
@@ -229,10 +228,11 @@ class Upstream(enum.Enum):
 
 
 class HttpExchange:
-    """One request and its response, sans I/O: ``request``/``body``/``end`` give the bytes to
-    send, ``receive`` takes what came back, ``next_event`` says what it was: the response's
-    head (informational 1xx skipped), a piece of its body (bytes), its end, or that more bytes
-    are needed. An upstream that does not speak HTTP/1.x is 502 ``upstream_protocol_error``."""
+    """Requests and their responses on one connection, sans I/O: ``request``/``body``/``end``
+    give the bytes to send, ``receive`` takes what came back, ``next_event`` says what it was:
+    the response's head (informational 1xx skipped), a piece of its body (bytes), its end, or
+    that more bytes are needed; ``next_cycle`` readies the connection for another request when
+    both sides may go on. An upstream that does not speak HTTP/1.x is 502 ``upstream_protocol_error``."""
 
     def __init__(self, max_head_bytes: int = 64 * 1024) -> None:
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
@@ -246,6 +246,15 @@ class HttpExchange:
 
     def end(self) -> bytes:
         return self._conn.send(h11.EndOfMessage()) or b""
+
+    def next_cycle(self) -> bool:
+        """After a response read to its end: whether the connection may carry another request
+        (neither side said ``Connection: close``, the request was sent whole, HTTP/1.1), and if
+        so, ready for it."""
+        if self._ended or self._conn.our_state is not h11.DONE or self._conn.their_state is not h11.DONE:
+            return False
+        self._conn.start_next_cycle()
+        return True
 
     def receive(self, data: bytes) -> None:
         """``b""``: the upstream's side of the connection ended."""
@@ -305,11 +314,19 @@ class HttpResponse:
         self._exchange = exchange
         self._channel = channel
         self._sender = sender
+        self.complete = False  # the body was read to its end
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection may carry another request now (port_pool decides)."""
+        sent = self._sender.done() and not self._sender.cancelled() and self._sender.exception() is None
+        return self.complete and sent
 
     async def body(self) -> AsyncIterator[bytes]:
         while True:
             event = self._exchange.next_event()
             if event is Upstream.END:
+                self.complete = True
                 return
             if event is Upstream.NEED_DATA:
                 self._exchange.receive(await _received(self._channel))
@@ -336,12 +353,14 @@ async def http_through(
     body: AsyncIterable[bytes] | None,
     *,
     head_timeout_s: float,
+    exchange: HttpExchange | None = None,
 ) -> HttpResponse:
     """Send the request (its body streamed beside, so an upstream may answer before reading it
     all) and read the response's head. The caller owns the channel until this returns; after,
-    the response does (``aclose``). A body that fails before the head (too large, the caller
-    gone) fails the request with its error."""
-    exchange = HttpExchange()
+    the response does (``aclose``, unless it is kept for another request). A body that fails
+    before the head (too large, the caller gone) fails the request with its error. ``exchange``:
+    the connection's state when it carried requests before."""
+    exchange = HttpExchange() if exchange is None else exchange
     if body is None:  # the common case, without a task beside
         await _send(channel, exchange.request(method, target, headers) + exchange.end())
         sent = asyncio.get_running_loop().create_future()

@@ -23,6 +23,8 @@ operator said it will not return (its sessions are ended by the API, orchestrato
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -148,39 +150,53 @@ class SandboxRegistry:
         """Every sandbox that has reported in the last day, with its status as of now:
         ``unavailable`` once its alive key has expired (no clocks are compared), ``draining``
         while a drain is asked for, and ``placed`` (what its cap counts) from the placed set."""
-        k = self.keys
-        ids = sorted(_text(i) for i in await self._redis.smembers(k.sandbox_index))  # type: ignore[misc]
+        ids = sorted(_text(i) for i in await self._redis.smembers(self.keys.sandbox_index))  # type: ignore[misc]
         if not ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for i in ids:
-                pipe.get(k.sandbox(i))
-                pipe.exists(k.sandbox_alive(i))
-                pipe.exists(k.sandbox_drain(i))
-                pipe.scard(k.placed(i))
+                self._read(pipe, i)
             replies = await pipe.execute()
         out, gone = [], []
         for n, i in enumerate(ids):
-            raw, alive, draining, placed = replies[4 * n : 4 * n + 4]
-            if raw is None:
+            present, info = self._info(i, replies[4 * n : 4 * n + 4])
+            if not present:
                 gone.append(i)
-                continue
-            try:
-                info = _decode_info(raw)
-            except msgspec.DecodeError as e:  # one bad heartbeat must not hide the fleet
-                log.warning("sandbox %s's heartbeat does not decode (%s): skipped", i, e)
-                continue
-            out.append(
-                msgspec.structs.replace(
-                    info, status=_status(info.status, bool(alive), bool(draining)), placed=int(placed)
-                )
-            )
+            elif info is not None:
+                out.append(info)
         if gone:  # silent for a day (the info key's expiry): forgotten
-            await self._redis.srem(k.sandbox_index, *gone)  # type: ignore[misc]
+            await self._redis.srem(self.keys.sandbox_index, *gone)  # type: ignore[misc]
         return out
 
     async def get(self, sandbox_id: str) -> SandboxInfo | None:
-        return next((s for s in await self.list() if s.id == sandbox_id), None)
+        """One sandbox, as ``list`` shows it (one round trip, whatever the fleet's size)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self._read(pipe, sandbox_id)
+            replies = await pipe.execute()
+        return self._info(sandbox_id, replies)[1]
+
+    def _read(self, pipe: Any, sandbox_id: str) -> None:
+        k = self.keys
+        pipe.get(k.sandbox(sandbox_id))
+        pipe.exists(k.sandbox_alive(sandbox_id))
+        pipe.exists(k.sandbox_drain(sandbox_id))
+        pipe.scard(k.placed(sandbox_id))
+
+    @staticmethod
+    def _info(sandbox_id: str, replies: Sequence[Any]) -> tuple[bool, SandboxInfo | None]:
+        """A sandbox from ``_read``'s four replies: whether its info is there, and the info
+        (None when it does not decode: logged, as one bad heartbeat must not hide the fleet)."""
+        raw, alive, draining, placed = replies
+        if raw is None:
+            return False, None
+        try:
+            info = _decode_info(raw)
+        except msgspec.DecodeError as e:
+            log.warning("sandbox %s's heartbeat does not decode (%s): skipped", sandbox_id, e)
+            return True, None
+        return True, msgspec.structs.replace(
+            info, status=_status(info.status, bool(alive), bool(draining)), placed=int(placed)
+        )
 
     async def known(self, sandbox_id: str) -> bool:
         """Whether anything of the sandbox is left: its info (a day after its last beat), its

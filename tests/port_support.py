@@ -80,11 +80,20 @@ class Upstream:
 
     port: int
     requests: list[dict[str, Any]] = field(default_factory=list)
+    drop_next: int = 0  # requests to read and then close the connection on, unanswered
     ws_closes: list[int | None] = field(default_factory=list)  # the close codes its sockets got
 
 
 def upstream_app(seen: Upstream) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
+        if seen.drop_next:
+            seen.drop_next -= 1
+            assert request.transport is not None
+            request.transport.close()  # read, never answered: the keep-alive race's far side
+            raise asyncio.CancelledError
+        if request.headers.get("x-close-later"):
+            assert request.transport is not None
+            asyncio.get_running_loop().call_later(0.05, request.transport.close)
         body = await request.read()
         info = {
             "method": request.method,

@@ -84,10 +84,22 @@ def port_url_ttl() -> int:
 
 
 @pytest.fixture
-async def ports(settings: Settings, redis: aioredis.Redis, port_url_ttl: int) -> AsyncIterator[Ports]:
+def port_keepalive() -> float:
+    return 30.0
+
+
+@pytest.fixture
+async def ports(
+    settings: Settings, redis: aioredis.Redis, port_url_ttl: int, port_keepalive: float
+) -> AsyncIterator[Ports]:
     tokens = ";".join(token_entry(name, RAW[name], scopes, tenant) for name, (scopes, tenant) in TOKENS.items())
     settings = dataclasses.replace(
-        settings, tokens=tokens, port_url_ttl_s=port_url_ttl, port_max_body_bytes=MAX_BODY, port_timeout_s=10.0
+        settings,
+        tokens=tokens,
+        port_url_ttl_s=port_url_ttl,
+        port_max_body_bytes=MAX_BODY,
+        port_timeout_s=10.0,
+        port_keepalive_s=port_keepalive,
     )
     access = LoopbackAccess()
     app = with_ports(create_app(settings), access)  # the port routes, as api.ROUTES will have them
@@ -235,9 +247,58 @@ async def test_head_and_delete_pass_through(ports: Ports) -> None:
     assert answer.json()["method"] == "DELETE"
 
 
-async def test_every_channel_is_closed_once_its_answer_is_sent(ports: Ports) -> None:
+async def test_requests_one_after_another_share_one_kept_connection(ports: Ports) -> None:
+    for n in range(5):
+        answer = await ports.http.get(ports.at(f"/echo/{n}"), headers=bearer("exec"))
+        assert answer.json()["path_qs"] == f"/echo/{n}"
+    assert len(ports.access.opened) == 1  # one route into the desktop for all five
+    assert len(ports.upstream.requests) == 5
+    assert all("connection" not in r["headers"] for r in ports.upstream.requests)  # HTTP/1.1 keep-alive
+
+
+async def test_a_request_with_a_body_takes_a_new_connection_then_leaves_it_for_the_next(ports: Ports) -> None:
+    await ports.http.get(ports.at("/echo/a"), headers=bearer("exec"))
+    for _ in range(2):  # a body could not be sent again if a kept connection broke under it
+        answer = await ports.http.post(ports.at("/echo/p"), headers=bearer("exec"), content=b"x" * 1000)
+        assert answer.json()["body_bytes"] == 1000
+    assert len(ports.access.opened) == 3
+    await ports.http.get(ports.at("/echo/b"), headers=bearer("exec"))
+    assert len(ports.access.opened) == 3  # a kept one
+
+
+async def test_a_kept_connection_the_upstream_closes_is_dropped_and_never_reused(ports: Ports) -> None:
+    answer = await ports.http.get(ports.at("/echo/x"), headers={**bearer("exec"), "X-Close-Later": "1"})
+    assert answer.status_code == 200
+    async with asyncio.timeout(5):  # the upstream closes it after its answer: the pool lets it go
+        while ports.access.bridges:
+            await asyncio.sleep(0.02)
+    answer = await ports.http.get(ports.at("/echo/y"), headers=bearer("exec"))
+    assert answer.status_code == 200 and len(ports.access.opened) == 2
+
+
+async def test_a_request_lost_on_a_kept_connection_is_sent_again_on_a_new_one(ports: Ports) -> None:
+    """The keep-alive race: the upstream closes the kept connection as the next request goes
+    on it (here: it reads the request, then closes unanswered). A GET goes again, once."""
+    assert (await ports.http.get(ports.at("/echo/first"), headers=bearer("exec"))).status_code == 200
+    ports.upstream.drop_next = 1
+    answer = await ports.http.get(ports.at("/echo/again"), headers=bearer("exec"))
+    assert answer.status_code == 200 and answer.json()["path_qs"] == "/echo/again"
+    assert len(ports.access.opened) == 2
+    assert [r["path_qs"] for r in ports.upstream.requests] == ["/echo/first", "/echo/again"]
+
+
+async def test_a_lost_post_is_never_sent_twice(ports: Ports) -> None:
+    ports.upstream.drop_next = 1
+    answer = await ports.http.post(ports.at("/echo/once"), headers=bearer("exec"), content=b"body")
+    assert (answer.status_code, answer.json()["code"]) == (502, "upstream_closed")
+    assert ports.upstream.requests == []
+
+
+@pytest.mark.parametrize("port_keepalive", [0.0])
+async def test_without_keepalive_every_channel_is_closed_once_its_answer_is_sent(ports: Ports) -> None:
     for _ in range(5):
         assert (await ports.http.get(ports.at("/echo/x"), headers=bearer("exec"))).status_code == 200
+    assert len(ports.access.opened) == 5
     async with asyncio.timeout(5):
         while ports.access.bridges:
             await asyncio.sleep(0.02)

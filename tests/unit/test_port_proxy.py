@@ -108,7 +108,6 @@ def test_request_headers_drop_hop_by_hop_credentials_and_the_grant_and_say_where
         (b"x-forwarded-host", b"api.example.com"),
         (b"x-forwarded-proto", b"https"),
         (b"x-forwarded-prefix", PREFIX.encode()),
-        (b"connection", b"close"),
     ]
 
 

@@ -54,6 +54,7 @@ EVERYTHING = Settings(
     port_url_base="https://ports.example.com",
     port_max_body_bytes=2**20,
     port_timeout_s=5.5,
+    port_keepalive_s=4.5,
     port_ws_max_message_bytes=2**16,
     sse_max_streams=300,
     access_route="relay",
@@ -111,7 +112,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 85
+    assert len(fields) == 86
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
