@@ -148,64 +148,78 @@ async def terminal(socket: WebSocket[Any, Any, Any], session_id: FromPath[str], 
 async def _pump(
     socket: WebSocket[Any, Any, Any], channel: Channel, slots: TerminalSlots, ticket: AccessTicket, idle_s: float
 ) -> None:
-    last = time.monotonic()
-    async with anyio.create_task_group() as tasks:
+    await _TerminalPump(socket, channel, slots, ticket, idle_s).run()
 
-        async def keys() -> None:
-            nonlocal last
+
+class _TerminalPump:
+    """The WebSocket and the channel, both ways, until either ends, plus the slot's lease
+    renewed and the idle timeout (no input or output for ``idle_s``) watched."""
+
+    def __init__(
+        self,
+        socket: WebSocket[Any, Any, Any],
+        channel: Channel,
+        slots: TerminalSlots,
+        ticket: AccessTicket,
+        idle_s: float,
+    ) -> None:
+        self.socket, self.channel, self.slots, self.ticket, self.idle_s = socket, channel, slots, ticket, idle_s
+        self.last = time.monotonic()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tasks:
+            for pump in (self._keys, self._screen, self._watch):
+                tasks.start_soon(pump, tasks.cancel_scope)
+
+    async def _keys(self, scope: anyio.CancelScope) -> None:
+        while True:
+            message: dict[str, Any] = dict(await self.socket.receive())
+            if message["type"] == "websocket.disconnect":
+                scope.cancel()
+                return
+            self.last = time.monotonic()
+            if message.get("bytes"):
+                await self.channel.send(message["bytes"])
+            elif message.get("text"):
+                try:
+                    control = msgspec.json.decode(message["text"], type=_ClientMessage)
+                except msgspec.DecodeError:
+                    continue  # not ours to act on: dropped
+                if control.type == "resize" and control.cols and control.rows:
+                    cols = min(max(control.cols, 1), MAX_SIZE)
+                    rows = min(max(control.rows, 1), MAX_SIZE)
+                    await self.channel.send_control(Control(type="resize", cols=cols, rows=rows))
+
+    async def _screen(self, scope: anyio.CancelScope) -> None:
+        try:
             while True:
-                message: dict[str, Any] = dict(await socket.receive())
-                if message["type"] == "websocket.disconnect":
-                    tasks.cancel_scope.cancel()
-                    return
-                last = time.monotonic()
-                if message.get("bytes"):
-                    await channel.send(message["bytes"])
-                elif message.get("text"):
-                    try:
-                        control = msgspec.json.decode(message["text"], type=_ClientMessage)
-                    except msgspec.DecodeError:
-                        continue  # not ours to act on: dropped
-                    if control.type == "resize" and control.cols and control.rows:
-                        cols = min(max(control.cols, 1), MAX_SIZE)
-                        rows = min(max(control.rows, 1), MAX_SIZE)
-                        await channel.send_control(Control(type="resize", cols=cols, rows=rows))
-
-        async def screen() -> None:
-            nonlocal last
-            try:
-                while True:
-                    kind, payload = await channel.receive()
-                    if kind is FrameKind.DATA:
-                        last = time.monotonic()
-                        await socket.send_bytes(payload)
-                    elif kind is FrameKind.CONTROL:
-                        control = decode_control(payload)
-                        if control.type == "exit":
-                            await socket.send_text(
-                                msgspec.json.encode({"type": "exit", "exit_code": control.exit_code}).decode()
-                            )
-                            await socket.close(code=1000)
-                            break
-                    elif kind in (FrameKind.EOF, FrameKind.CLOSE):
-                        await socket.close(code=1000)
+                kind, payload = await self.channel.receive()
+                if kind is FrameKind.DATA:
+                    self.last = time.monotonic()
+                    await self.socket.send_bytes(payload)
+                elif kind is FrameKind.CONTROL:
+                    control = decode_control(payload)
+                    if control.type == "exit":
+                        exit_message = {"type": "exit", "exit_code": control.exit_code}
+                        await self.socket.send_text(msgspec.json.encode(exit_message).decode())
+                        await self.socket.close(code=1000)
                         break
-            except ChannelClosed as e:
-                await _refuse(socket, 502, "terminal_lost", f"the terminal's route broke: {e}")
-            tasks.cancel_scope.cancel()
+                elif kind in (FrameKind.EOF, FrameKind.CLOSE):
+                    await self.socket.close(code=1000)
+                    break
+        except ChannelClosed as e:
+            await _refuse(self.socket, 502, "terminal_lost", f"the terminal's route broke: {e}")
+        scope.cancel()
 
-        async def watch() -> None:
-            while True:
-                await anyio.sleep(min(idle_s / 4, 5.0) if idle_s > 0 else 20.0)
-                await slots.renew(ticket.session, ticket.id)
-                if idle_s > 0 and time.monotonic() - last > idle_s:
-                    await _refuse(socket, 408, "idle_timeout", f"no input or output for {idle_s:g} s")
-                    tasks.cancel_scope.cancel()
-                    return
-
-        tasks.start_soon(keys)
-        tasks.start_soon(screen)
-        tasks.start_soon(watch)
+    async def _watch(self, scope: anyio.CancelScope) -> None:
+        idle_s = self.idle_s
+        while True:
+            await anyio.sleep(min(idle_s / 4, 5.0) if idle_s > 0 else 20.0)
+            await self.slots.renew(self.ticket.session, self.ticket.id)
+            if idle_s > 0 and time.monotonic() - self.last > idle_s:
+                await _refuse(self.socket, 408, "idle_timeout", f"no input or output for {idle_s:g} s")
+                scope.cancel()
+                return
 
 
 ROUTES = [terminal]

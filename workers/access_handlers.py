@@ -24,7 +24,7 @@ from orchestrator.events import EventBus, make_event
 from .runtime.errors import DesktopError
 from .runtime.files import DesktopFiles, FileError
 from .runtime.netns import DesktopPorts, PortError
-from .runtime.terminals import DockerTerminals
+from .runtime.terminals import DockerTerminals, TerminalProcess
 
 log = logging.getLogger("workers.access_handlers")
 
@@ -70,45 +70,17 @@ class AccessHandlers:
         except DesktopError as e:
             await _refuse(channel, e.code, e.message)
             return
-        started = time.monotonic()
-        sent = received = 0
-        ended_by = "exited"
         await channel.send_control(Control(type="ready"))
         await self._publish(ticket, "terminal.opened", {"cols": ticket.cols, "rows": ticket.rows, "user": ticket.user})
+        pumps = _TerminalPumps(process, channel)
         try:
-            async with anyio.create_task_group() as tasks:
-
-                async def screen() -> None:
-                    nonlocal sent
-                    while (data := await process.read()) is not None:
-                        sent += len(data)
-                        await channel.send(data)
-                    tasks.cancel_scope.cancel()
-
-                async def keys() -> None:
-                    nonlocal received, ended_by
-                    while True:
-                        kind, payload = await channel.receive()
-                        if kind is FrameKind.DATA:
-                            received += len(payload)
-                            await process.write(payload)
-                        elif kind is FrameKind.CONTROL:
-                            control = decode_control(payload)
-                            if control.type == "resize" and control.cols and control.rows:
-                                await process.resize(control.cols, control.rows)
-                        elif kind in (FrameKind.EOF, FrameKind.CLOSE):
-                            ended_by = "client_closed"
-                            tasks.cancel_scope.cancel()
-                            return
-
-                tasks.start_soon(screen)
-                tasks.start_soon(keys)
+            await pumps.run()
         except ChannelClosed as e:
-            ended_by = "client_lost"
+            pumps.ended_by = "client_lost"
             log.info("terminal %s of session %s: the channel broke (%s)", ticket.id, ticket.session, e)
         exit_code: int | None = None
         try:
-            if ended_by == "exited":
+            if pumps.ended_by == "exited":
                 exit_code = await process.exit_code()
                 await channel.send_control(Control(type="exit", exit_code=exit_code))
             else:
@@ -121,11 +93,11 @@ class AccessHandlers:
                 ticket,
                 "terminal.closed",
                 {
-                    "reason": ended_by,
+                    "reason": pumps.ended_by,
                     "exit_code": exit_code,
-                    "duration_ms": round((time.monotonic() - started) * 1000),
-                    "bytes_in": received,
-                    "bytes_out": sent,
+                    "duration_ms": round((time.monotonic() - pumps.started) * 1000),
+                    "bytes_in": pumps.received,
+                    "bytes_out": pumps.sent,
                 },
             )
 
@@ -222,6 +194,44 @@ class AccessHandlers:
             )
         except Exception:
             log.exception("could not publish %s for access %s", type, ticket.id)
+
+
+class _TerminalPumps:
+    """A terminal's two directions, until the process's output ends (``exited``) or the
+    client's side does (``client_closed``); bytes counted each way for ``terminal.closed``."""
+
+    def __init__(self, process: TerminalProcess, channel: Channel) -> None:
+        self.process = process
+        self.channel = channel
+        self.started = time.monotonic()
+        self.sent = self.received = 0
+        self.ended_by = "exited"
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._screen, tasks.cancel_scope)
+            tasks.start_soon(self._keys, tasks.cancel_scope)
+
+    async def _screen(self, scope: anyio.CancelScope) -> None:
+        while (data := await self.process.read()) is not None:
+            self.sent += len(data)
+            await self.channel.send(data)
+        scope.cancel()
+
+    async def _keys(self, scope: anyio.CancelScope) -> None:
+        while True:
+            kind, payload = await self.channel.receive()
+            if kind is FrameKind.DATA:
+                self.received += len(payload)
+                await self.process.write(payload)
+            elif kind is FrameKind.CONTROL:
+                control = decode_control(payload)
+                if control.type == "resize" and control.cols and control.rows:
+                    await self.process.resize(control.cols, control.rows)
+            elif kind in (FrameKind.EOF, FrameKind.CLOSE):
+                self.ended_by = "client_closed"
+                scope.cancel()
+                return
 
 
 async def _refuse(channel: Channel, code: str, message: str) -> None:
