@@ -159,8 +159,10 @@ async def acl_stack(acl: AclServer, docker_settings: Settings) -> AsyncIterator[
     base = dataclasses.replace(docker_settings, key_prefix="orchestrator:")
     api = dataclasses.replace(base, redis_url=acl.url("orchestrator-api", acl.api_password))
     worker = dataclasses.replace(base, redis_url=acl.url("orchestrator-worker", acl.worker_password))
-    async with running_api(api), running_worker(worker):
+    async with running_api(api) as url, running_worker(worker):
         yield Producer("127.0.0.1", acl.port, "orchestrator:", "orchestrator-producer", acl.producer_password)
+        async with httpx.AsyncClient(base_url=url, headers=ADMIN) as http:  # the lag, as the API's user reads it
+            assert "orchestrator_command_lag" in (await http.get("/metrics")).text
     with contextlib.closing(acl.admin()) as admin:
         entries: list[dict[str, Any]] = admin.acl_log(count=100)  # type: ignore[assignment]
     # Neither the API nor the worker was refused anything (the producer's refusals are the test's).
