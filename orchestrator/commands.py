@@ -216,16 +216,19 @@ class CommandConsumer:
             claimed = [(_text(i), f) for i, f in reply[1] if f is not None]
             if claimed:
                 log.warning("claimed %d abandoned commands of %s", len(claimed), stream)
-                now_ms = await self._now_ms()
             for entry_id, fields in claimed:
-                await self._handle(stream, entry_id, fields, now_ms)
+                # No deadline: it was read in time, and may have been acted on before its
+                # consumer died; refusing it now would deny what was done.
+                await self._handle(stream, entry_id, fields, None)
 
-    async def _handle(self, stream: str, entry_id: str, fields: dict[bytes, bytes], now_ms: int) -> None:
+    async def _handle(self, stream: str, entry_id: str, fields: dict[bytes, bytes], now_ms: int | None) -> None:
+        """``now_ms``: Redis's time when the entry was read, for the deadline (None: none)."""
         tenant = self.streams[stream]
         try:
             if self.fault is not None:
                 await self.fault("read")
-            await self._act(tenant, fields.get(b"command", b""), _age_ms(entry_id, now_ms))
+            age_ms = 0 if now_ms is None else _age_ms(entry_id, now_ms)
+            await self._act(tenant, fields.get(b"command", b""), age_ms)
         except Exception:
             # Redis away mid-command: left unacknowledged, so it is claimed and handled again
             # (its action is idempotent by its request id).

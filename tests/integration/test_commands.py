@@ -414,13 +414,21 @@ async def test_a_stale_command_is_refused_overloaded(settings: Settings, redis: 
 
 @contextlib.asynccontextmanager
 async def consumer(
-    settings: Settings, name: str, fault: Callable[[str], Awaitable[None]] | None = None
+    settings: Settings, name: str, fault: Callable[[str], Awaitable[None]] | None = None, deadline_s: float = 300.0
 ) -> AsyncIterator[tuple[CommandConsumer, Core]]:
     core = connect(settings)
     sessions = Sessions(core.store, core.queue, core.sandboxes, settings)
     execs = ExecService(ExecStore(core.redis, core.keys, keep_s=60), sessions, settings)
     made = CommandConsumer(
-        core.redis, core.keys, core.bus, execs, tenants=frozenset(), consumer=name, claim_idle_s=0.5, fault=fault
+        core.redis,
+        core.keys,
+        core.bus,
+        execs,
+        tenants=frozenset(),
+        consumer=name,
+        claim_idle_s=0.5,
+        deadline_s=deadline_s,
+        fault=fault,
     )
     try:
         yield made, core
@@ -455,7 +463,8 @@ async def test_a_consumer_killed_midway_leaves_the_command_to_another_which_acts
     made_before = await awaited(redis.scard(keys.session_index))
     assert made_before == (1 if point == "acted" else 0)
 
-    async with consumer(settings, "heir") as (heir, _):
+    # A deadline shorter than the claim's wait: a claimed command is acted on whatever its age.
+    async with consumer(settings, "heir", deadline_s=0.2) as (heir, _):
         task = asyncio.create_task(heir.run())
         try:
             [answer] = await producer.answer(f"killed-{point}", timeout=20)
