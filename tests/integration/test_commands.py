@@ -21,6 +21,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from orchestrator.auth import token_entry
 from orchestrator.commands import CommandConsumer, StreamLag, session_id_for
 from orchestrator.config import Settings
 from orchestrator.core import Core, connect
@@ -387,6 +388,39 @@ async def test_bad_commands_are_refused_with_precise_codes_and_the_consumer_keep
     # Nothing but the good one was made, and the stream holds nothing.
     assert await awaited(redis.smembers(keys.session_index)) == {good["session"].encode()}
     assert await redis.xlen(keys.commands()) == 0
+
+
+async def test_a_tenants_stream_makes_its_sessions_within_its_quota_and_sees_no_other(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """``commands:<tenant>``: its sessions are the tenant's, counted in its quota; another
+    tenant's session is as unknown to it as over HTTP."""
+    keys = Keys(settings.key_prefix)
+    tokens = ";".join([settings.tokens, token_entry("acme", "acme-token", ["sessions:write"], "acme")])
+    stack = dataclasses.replace(settings, tokens=tokens, tenant_max_sessions=1)
+    default = acme = producer_for(settings)  # (the tenant is the stream: no ACL here)
+    acme_stream = keys.commands("acme")
+    async with running_api(stack):
+        await default.send({"op": "create", "request_id": "theirs"})
+        [theirs] = await default.answer("theirs")
+        for rid in ("a-1", "a-2"):
+            await acme.cli("XADD", acme_stream, "*", "command", json.dumps({"op": "create", "request_id": rid}))
+        await acme.cli(
+            "XADD",
+            acme_stream,
+            "*",
+            "command",
+            json.dumps({"op": "stop", "request_id": "a-3", "session": theirs["session"]}),
+        )
+        # The answers are on the one firehose, with their tenant.
+        first, second, third = [(await default.answer(rid))[0] for rid in ("a-1", "a-2", "a-3")]
+    assert first["type"] == "command.accepted" and first["session"] == session_id_for("acme", "a-1")
+    assert (second["type"], second["code"]) == ("command.rejected", "quota_exceeded")
+    assert (third["type"], third["code"]) == ("command.rejected", "session_not_found")
+    record = json.loads(await redis.get(keys.session(first["session"])) or b"{}")
+    assert record["tenant"] == "acme" and record["request_id"] == "a-1"
+    answers = [e for _, e in await default.events() if e["type"].startswith("command.")]
+    assert {e["tenant"] for e in answers if e["data"]["request_id"].startswith("a-")} == {"acme"}
 
 
 async def test_a_stale_command_is_refused_overloaded(settings: Settings, redis: aioredis.Redis) -> None:
