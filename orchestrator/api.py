@@ -354,7 +354,9 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
-    snapshot = await api_metrics.read_snapshot(_sessions(state), state.core, state.hub.followers, state.access.opened)
+    snapshot = await api_metrics.read_snapshot(
+        _sessions(state), state.core, state.hub.followers, state.access.opened, await state.commands.lag()
+    )
     return api_metrics.render(snapshot)
 
 
@@ -450,6 +452,8 @@ def _lifespan(
             exec_service,
             tenants=frozenset(t.tenant for t in tokens),
             consumer=f"api@{socket.gethostname()}:{os.getpid()}",
+            claim_idle_s=settings.command_claim_idle_s,
+            deadline_s=settings.command_deadline_s,
         )
         app.state.update(
             tokens=tokens,
@@ -464,6 +468,7 @@ def _lifespan(
             exec_hub=exec_hub,
             exec_service=exec_service,
             access=access,
+            commands=commands,
         )
         try:
             async with anyio.create_task_group() as tasks:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .commands import StreamLag
 from .core import Core
 from .metrics import desired_sandboxes
 from .placement import low_disk
@@ -42,10 +43,16 @@ class ApiSnapshot:
     fallback_cap: int
     # Accesses into desktops (terminals, files, ports) this API process opened, by road.
     access_opened: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # The command stream's backlog, by tenant (commands.CommandConsumer.lag).
+    commands: Mapping[str, StreamLag] = dataclasses.field(default_factory=dict)
 
 
 async def read_snapshot(
-    service: Sessions, core: Core, sse_followers: int, access_opened: Mapping[str, int] | None = None
+    service: Sessions,
+    core: Core,
+    sse_followers: int,
+    access_opened: Mapping[str, int] | None = None,
+    commands: Mapping[str, StreamLag] | None = None,
 ) -> ApiSnapshot:
     """The sessions, the sandboxes, then their queues and the firehose in one pipeline."""
     counts = dict.fromkeys((s.value for s in SessionState), 0)
@@ -70,6 +77,7 @@ async def read_snapshot(
         sse_followers=sse_followers,
         fallback_cap=service.settings.max_sessions,
         access_opened={road: access_opened.get(road, 0) for road in ("direct", "relay")} if access_opened else {},
+        commands=commands or {},
     )
 
 
@@ -168,6 +176,20 @@ class ApiCollector:
             for road, count in s.access_opened.items():
                 opened.add_metric([road], count)
             yield opened
+        if s.commands:
+            # Backpressure: commands wait here while the control side is behind (docs/jobs.md).
+            yield _gauge(
+                "orchestrator_command_lag",
+                "Commands added to the tenant's command stream and not yet read by the API.",
+                "tenant",
+                ((t, v.lag) for t, v in s.commands.items()),
+            )
+            yield _gauge(
+                "orchestrator_command_pending",
+                "Commands read and not yet handled (being acted on, or their API process died).",
+                "tenant",
+                ((t, v.pending) for t, v in s.commands.items()),
+            )
 
 
 def render(snapshot: ApiSnapshot) -> str:

@@ -413,6 +413,19 @@ class ApiSettings(SharedSettings):
     exec_max_per_session: int = setting(
         "ORCH_EXEC_MAX_PER_SESSION", 32, parse=_int, doc="execs one session runs at once (more: 429)"
     )
+    # The command stream (orchestrator/commands.py, docs/jobs.md).
+    command_claim_idle_s: float = setting(
+        "ORCH_COMMAND_CLAIM_IDLE",
+        30.0,
+        parse=_float,
+        doc="seconds a command read by an API process that went silent waits before another claims it",
+    )
+    command_deadline_s: float = setting(
+        "ORCH_COMMAND_DEADLINE",
+        300.0,
+        parse=_float,
+        doc="seconds a command may wait in its stream; older when read: rejected `overloaded` (0: no deadline)",
+    )
     access_route: str = setting(
         "ORCH_ACCESS_ROUTE",
         "auto",

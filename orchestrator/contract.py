@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from .commands import ExecCommand
+from .commands import CreateCommand, DeleteCommand, ExecCommand, StartCommand, StopCommand
 from .exec_types import ExecRecord, ExecRequest
 from .schemas import (
     DesktopStarted,
@@ -30,6 +30,10 @@ from .schemas import (
 )
 
 SCHEMAS: dict[str, Any] = {
+    "command-create": CreateCommand,
+    "command-stop": StopCommand,
+    "command-start": StartCommand,
+    "command-delete": DeleteCommand,
     "command-exec": ExecCommand,
     "exec-request": ExecRequest,
     "exec-record": ExecRecord,

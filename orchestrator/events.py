@@ -8,6 +8,8 @@ has one id wherever a client reads it, and resuming works across both streams.
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +57,30 @@ return id
 """
 
 _encode = msgspec.json.Encoder().encode
+
+# The request id of the command (the command stream's, docs/jobs.md) being acted on: every event
+# made meanwhile carries it in ``data.request_id``, so a producer knows what follows from its
+# request. Set by the command consumer around the action, and by a worker's lifecycle job when
+# the job is the one that command enqueued (``command_request_of``); like the trace id, a task
+# started meanwhile inherits it.
+command_request: contextvars.ContextVar[str | None] = contextvars.ContextVar("orchestrator_command", default=None)
+
+
+def command_trace(tenant: str, request_id: str) -> str:
+    """The trace id of a command's action: derived from its request id, so the jobs it enqueues
+    carry it (``LifecycleJob.trace``) and a worker can tell them from other jobs of the session."""
+    return hashlib.sha256(f"command\0{tenant}\0{request_id}".encode()).hexdigest()[:32]
+
+
+def command_request_of(request_id: str | None, tenant: str, trace: str | None) -> str | None:
+    """The request id a lifecycle job acts for: the record's (the command that last moved the
+    session) when the job carries that command's trace; None for any other job (an HTTP
+    request's, a TTL expiry's, a reconcile's), whose events must not claim the command."""
+    if request_id is None or trace is None or command_trace(tenant, request_id) != trace:
+        return None
+    return request_id
+
+
 _decode_event = msgspec.json.Decoder(Event).decode
 
 
@@ -67,6 +93,9 @@ def make_event(
     data: dict[str, Any] | None = None,
     tenant: str | None = None,
 ) -> Event:
+    request_id = command_request.get()
+    if request_id is not None and "request_id" not in (data or {}):
+        data = {**(data or {}), "request_id": request_id}
     return Event(
         type=type,
         ts=now_rfc3339(),

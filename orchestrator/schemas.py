@@ -118,6 +118,9 @@ class SessionRecord(Stored):
     # Whose session it is: the tenant of the token that created it (auth.py). A record written
     # before tenancy decodes as the default tenant's, which every session then was.
     tenant: str = DEFAULT_TENANT
+    # The request id of the command (docs/jobs.md, the command stream) that last moved it; null
+    # when an HTTP request (or the system) did. The events of the jobs it enqueued carry it.
+    request_id: str | None = None
 
 
 class SessionList(Stored):
@@ -174,6 +177,8 @@ class SessionChanged(Stored, omit_defaults=True):
     recovered: bool | None = None
     # session.deleting/deleted by POST /v1/sandboxes/{id}/retire (volume_removed: false).
     reason: Literal["sandbox_retired"] | None = None
+    # Every event that follows from a command (docs/jobs.md) carries its request id here.
+    request_id: str | None = None
 
 
 class VolumeCreated(Stored):

@@ -93,25 +93,30 @@ class Sessions:
         return await self.registry.list()
 
     async def create(
-        self, request: SessionCreate, idempotency_key: str | None = None, tenant: str = DEFAULT_TENANT
+        self,
+        request: SessionCreate,
+        idempotency_key: str | None = None,
+        tenant: str = DEFAULT_TENANT,
+        request_id: str | None = None,
     ) -> tuple[bool, SessionRecord]:
         """Returns (created, record): ``tenant``'s new session. The same id (or Idempotency-Key)
         with the same spec returns the existing session instead of making another. Raises
-        ServiceError 429 ``quota_exceeded`` when the tenant holds ORCH_TENANT_MAX_SESSIONS."""
+        ServiceError 429 ``quota_exceeded`` when the tenant holds ORCH_TENANT_MAX_SESSIONS.
+        ``request_id``: the command's that asks (commands.py), kept on a new record."""
         if request.id is None and idempotency_key is not None:
             request = msgspec.structs.replace(request, id=id_from_idempotency_key(idempotency_key, tenant))
         try:
-            return await self._create(request, tenant)
+            return await self._create(request, tenant, request_id)
         except QuotaExceeded as e:
             # At the quota: unless the count held leftovers (store.PRUNE_LUA), that is the answer.
             if not await self.store.prune_tenant(tenant):
                 raise ServiceError(429, "quota_exceeded", str(e)) from None
         try:
-            return await self._create(request, tenant)
+            return await self._create(request, tenant, request_id)
         except QuotaExceeded as e:
             raise ServiceError(429, "quota_exceeded", str(e)) from None
 
-    async def _create(self, request: SessionCreate, tenant: str) -> tuple[bool, SessionRecord]:
+    async def _create(self, request: SessionCreate, tenant: str, request_id: str | None) -> tuple[bool, SessionRecord]:
         quota = self.settings.tenant_max_sessions
         known = await self.sandboxes()
         default = self.settings.default_sandbox
@@ -133,7 +138,7 @@ class Sessions:
             )
             if problem:
                 raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
-            record = new_record(request, default, self.settings, tenant)
+            record = msgspec.structs.replace(new_record(request, default, self.settings, tenant), request_id=request_id)
             created, stored = await self.store.create(record, request.env, quota=quota)
             return await self._after_create(request, tenant, created, stored, warm=False)
         try:
@@ -152,7 +157,7 @@ class Sessions:
         # refusal has the same code, its message saying which are low and by how much.
         low = {s.id: why for s in fitting if (why := low_disk(s)) is not None}
         low_note = f"; low on disk: {'; '.join(low.values())}" if low else ""
-        record = new_record(request, "", self.settings, tenant)
+        record = msgspec.structs.replace(new_record(request, "", self.settings, tenant), request_id=request_id)
         try:
             placed = await self.store.place(
                 record,
@@ -267,28 +272,33 @@ class Sessions:
             if (state is None or r.state is state) and all(r.spec.labels.get(k) == v for k, v in labels.items())
         ]
 
-    async def stop(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+    # ``request_id``: the command's that asks (commands.py; None for HTTP), kept on the record
+    # it moves, so the jobs it enqueues tell their events (events.command_request_of).
+
+    async def stop(self, session_id: str, tenant: str | None = None, request_id: str | None = None) -> SessionRecord:
         record = await self.get(session_id, tenant)
         if record.state is S.STOPPED:  # already where the caller wants it
             return record
         if record.state is not S.STOPPING:
-            record = await self._transition(record, S.STOPPING, "stop", tenant)
+            record = await self._transition(record, S.STOPPING, "stop", tenant, request_id=request_id)
         await self._enqueue(Operation.STOP, record)
         return record
 
-    async def start(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+    async def start(self, session_id: str, tenant: str | None = None, request_id: str | None = None) -> SessionRecord:
         record = await self.get(session_id, tenant)
         if record.state in (S.STARTING, S.READY):
             return record
         # A (re)start is a new incarnation: late jobs of the old one must not touch it.
-        record = await self._transition(record, S.STARTING, "start", tenant, bump_generation=True)
+        record = await self._transition(
+            record, S.STARTING, "start", tenant, bump_generation=True, request_id=request_id
+        )
         await self._enqueue(Operation.START, record)
         return record
 
-    async def delete(self, session_id: str, tenant: str | None = None) -> SessionRecord:
+    async def delete(self, session_id: str, tenant: str | None = None, request_id: str | None = None) -> SessionRecord:
         record = await self.get(session_id, tenant)
         if record.state is not S.DELETING:
-            record = await self._transition(record, S.DELETING, "delete", tenant)
+            record = await self._transition(record, S.DELETING, "delete", tenant, request_id=request_id)
         await self._enqueue(Operation.DELETE, record)
         return record
 
@@ -299,16 +309,19 @@ class Sessions:
         verb: str,
         tenant: str | None,
         bump_generation: bool = False,
+        request_id: str | None = None,
     ) -> SessionRecord:
-        def restart(r: SessionRecord) -> dict[str, Any]:
-            ttl = r.spec.ttl_seconds
-            return {"generation": r.generation + 1, "expires_at": time.time() + ttl if ttl else None}
+        def changes(r: SessionRecord) -> dict[str, Any]:
+            # The asker's request id, or none (an HTTP request): never an earlier command's.
+            out: dict[str, Any] = {"request_id": request_id}
+            if bump_generation:
+                ttl = r.spec.ttl_seconds
+                out.update(generation=r.generation + 1, expires_at=time.time() + ttl if ttl else None)
+            return out
 
         try:
             # The tenant again: the id may have been deleted and made anew by another since the read.
-            return await self.store.transition(
-                record.id, target, mutate=restart if bump_generation else None, tenant=tenant
-            )
+            return await self.store.transition(record.id, target, mutate=changes, tenant=tenant)
         except states.TransitionError as e:
             raise ServiceError(
                 409, "invalid_state", f"cannot {verb} session {record.id!r} while it is {e.current.value}"

@@ -40,6 +40,11 @@ install_missing() {
   command -v ip >/dev/null || pkgs+=(iproute2)
   # The dashboard's browser test drives Debian's chromium (no browser download).
   if [ "$WITH_TEST_DEPS" = 1 ]; then command -v chromium >/dev/null || pkgs+=(chromium); fi
+  # The command stream's test of a producer in another language runs a Node.js program (npm redis).
+  if [ "$WITH_TEST_DEPS" = 1 ]; then
+    command -v node >/dev/null || pkgs+=(nodejs)
+    command -v npm >/dev/null || pkgs+=(npm)
+  fi
   command -v make >/dev/null || pkgs+=(make)
   if [ ${#pkgs[@]} -gt 0 ]; then
     need_root

@@ -21,8 +21,9 @@ from typing import Any
 import anyio
 from redis.exceptions import RedisError
 
+from orchestrator import tracing
 from orchestrator.config import operation_deadline
-from orchestrator.events import EventBus, make_event
+from orchestrator.events import EventBus, command_request, command_request_of, make_event
 from orchestrator.locks import LeaseLost, SessionLocks
 from orchestrator.names import volume_name
 from orchestrator.placement import resource_problem
@@ -142,16 +143,20 @@ class Lifecycle:
         locks.LeaseLost when the lease was lost midway (the operation was stopped)."""
         async with self.locks.hold(session_id, operation.verb) as lease:
             fenced = _fence.set(lease.token)
+            commanded = command_request.set(None)
             try:
                 record = await self._current(session_id, generation)
                 if record is None:
                     return "skipped"
+                # The job a command enqueued: its events carry the command's request id.
+                command_request.set(command_request_of(record.request_id, record.tenant, tracing.current.get()))
                 with anyio.move_on_after(self.operation_timeout_s):
                     return await self._dispatch(operation, record)
                 return await self._timed_out(operation, record)
             except SUPERSEDED as e:
                 return f"superseded: {e}"
             finally:
+                command_request.reset(commanded)
                 _fence.reset(fenced)
 
     async def _transition(self, session_id: str, target: SessionState, **kwargs: Any) -> SessionRecord:

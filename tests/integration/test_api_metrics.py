@@ -50,9 +50,9 @@ async def test_metrics_say_what_redis_holds(client: Client, redis: aioredis.Redi
         await client.create("no-room")
 
     text = await client.metrics()
-    # Prometheus's own parser: the text must be valid, with its 14 families.
+    # Prometheus's own parser: the text must be valid, with its 18 families.
     families = list(text_string_to_metric_families(text))
-    assert len(families) == 16
+    assert len(families) == 18
     samples = {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
 
     def metric(name: str, **labels: str) -> float:
@@ -76,3 +76,6 @@ async def test_metrics_say_what_redis_holds(client: Client, redis: aioredis.Redi
     assert metric("orchestrator_capacity_refusals_total") == 1
     assert metric("orchestrator_event_stream_length") == await redis.xlen(keys.firehose) > 0
     assert metric("orchestrator_sse_followers") == 0
+    # The command stream: nothing waiting, nothing held.
+    assert metric("orchestrator_command_lag", tenant="default") == 0
+    assert metric("orchestrator_command_pending", tenant="default") == 0

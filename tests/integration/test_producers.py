@@ -1,5 +1,6 @@
-"""The producers' contract, proven by a client that is not our Python code: `redis-cli`
-commands alone enqueue a create job (docs/jobs.md), and the worker runs it to dockerd.ready."""
+"""The worker's side of the internal job layout (docs/jobs.md), proven by a client that is not
+our Python code: `redis-cli` commands alone enqueue a create job, and the worker runs it to
+dockerd.ready. (Producers send commands instead: tests/integration/test_commands.py.)"""
 
 from __future__ import annotations
 

@@ -50,6 +50,8 @@ EVERYTHING = Settings(
     exec_max_output_bytes=2**20,
     exec_max_stdin_bytes=4096,
     exec_max_per_session=4,
+    command_claim_idle_s=5.5,
+    command_deadline_s=60.0,
     port_url_ttl_s=60,
     port_url_base="https://ports.example.com",
     port_max_body_bytes=2**20,
@@ -112,7 +114,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 86
+    assert len(fields) == 88
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
