@@ -63,7 +63,7 @@ class SandboxWorker:
         self.runtime = _runtime(settings)
         self.uid_ranges = _uid_ranges(core.redis, core.keys, settings.sandbox_id)
         if self.uid_ranges is not None:
-            self.runtime.desktops.ledger = self.uid_ranges
+            self.runtime.desktops.volumes.ledger = self.uid_ranges
         self.preparation = DesktopPreparation(self.runtime, settings)
         self.worker_id = f"{settings.sandbox_id}@{settings.hostname}:{os.getpid()}"
         self.metrics = WorkerMetrics(settings.sandbox_id)
@@ -229,7 +229,7 @@ class SandboxWorker:
         """The machine's uid range ledger agrees with this sandbox's volumes (workers/uid_ranges.py)."""
         if self.uid_ranges is not None:
             await self.uid_ranges.sweep(
-                self.runtime.desktops.volume_slots, now=time.time(), grace_s=self.settings.orphan_grace_s
+                self.runtime.desktops.volumes.slots, now=time.time(), grace_s=self.settings.orphan_grace_s
             )
 
     async def _enforce_firewall(self) -> None:
