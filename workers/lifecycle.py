@@ -88,6 +88,8 @@ class Lifecycle:
         self.before_bring_up: Callable[[], Awaitable[None]] | None = None
         # Told each dockerd readiness time (seconds from desktop start), for the worker's metrics.
         self.on_dockerd_ready: Callable[[float], None] | None = None
+        # The bring-up's Docker steps (bring_up.py). Their deadlines stay here and are passed at
+        # each call, so a change to a live lifecycle's timeouts (the fencing tests) takes effect.
         self.steps = BringUpSteps(runtime, self._event, self._fault)
 
     def _fault(self, point: str) -> None:
