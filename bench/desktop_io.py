@@ -30,7 +30,6 @@ async def files(n: int) -> list[Result]:
     `docker cp` (the daemon's archive API) of the same file, alternately."""
     up = Result("files: 100 MB upload", "s", Side("worker: DesktopFiles.write"), Side("bare: docker cp in"))
     down = Result("files: 100 MB download", "s", Side("worker: DesktopFiles.read"), Side("bare: docker cp out"))
-    connect = Result("ports: connect + GET", "s", Side("worker: open_desktop_port"), Side("bare: python client inside"))
     with services() as svc, tempfile.TemporaryDirectory(prefix="orch-bench-files-") as scratch:
         source, sink = os.path.join(scratch, "source.bin"), os.path.join(scratch, "sink.bin")
         with open(source, "wb") as f:  # noqa: ASYNC230  # set-up, not measured
@@ -41,11 +40,6 @@ async def files(n: int) -> list[Result]:
             await client.wait_ready(record.id, timeout=120)
             sid, name = record.id, desktop_name(record.id)
             desktop_files = DesktopFiles(docker)
-
-            async def cli(*args: str) -> None:
-                proc = await asyncio.create_subprocess_exec("docker", *args, stdout=asyncio.subprocess.DEVNULL)
-                if await proc.wait() != 0:
-                    raise RuntimeError(f"docker {' '.join(args)} failed")
 
             async def from_disk() -> AsyncIterator[bytes]:
                 loop = asyncio.get_running_loop()
@@ -60,7 +54,7 @@ async def files(n: int) -> list[Result]:
 
             async def cp_in() -> float:
                 started = time.perf_counter()
-                await cli("cp", source, f"{name}:/tmp/cp.bin")
+                await _docker("cp", source, f"{name}:/tmp/cp.bin")
                 return time.perf_counter() - started
 
             async def read() -> float:
@@ -73,7 +67,7 @@ async def files(n: int) -> list[Result]:
 
             async def cp_out() -> float:
                 started = time.perf_counter()
-                await cli("cp", f"{name}:/tmp/cp.bin", sink)
+                await _docker("cp", f"{name}:/tmp/cp.bin", sink)
                 return time.perf_counter() - started
 
             await alternate(n, write, cp_in, up)
@@ -84,37 +78,47 @@ async def files(n: int) -> list[Result]:
                     for side in (result.project, result.baseline)
                 ]
 
-            # A server on the desktop's loopback only, reached through its network namespace.
-            await cli(
-                "exec", "-d", name, "desktop-enter", "python3", "-m", "http.server", "--bind", "127.0.0.1", "8765"
-            )
-
-            async def get_via_netns() -> float:
-                started = time.perf_counter()
-                reader, writer = await open_desktop_port(docker, sid, 8765, timeout_s=5)
-                writer.write(b"GET / HTTP/1.0\r\n\r\n")
-                await reader.read()
-                writer.close()
-                return time.perf_counter() - started
-
-            probe = (
-                "import socket,time\nt=time.perf_counter()\ns=socket.create_connection(('127.0.0.1',8765))\n"
-                "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nwhile s.recv(65536): pass\nprint(time.perf_counter()-t)"
-            )
-
-            async def get_inside() -> float:
-                proc = await asyncio.create_subprocess_exec(
-                    "docker", "exec", name, "desktop-enter", "python3", "-c", probe, stdout=asyncio.subprocess.PIPE
-                )
-                out, _ = await proc.communicate()
-                return float(out)
-
-            for _ in range(100):  # the server's start
-                try:
-                    await get_via_netns()
-                    break
-                except Exception:
-                    await asyncio.sleep(0.1)
-            await alternate(max(n, 20), get_via_netns, get_inside, connect)
+            connect = await _ports(n, docker, sid, name)
             await delete(client, record.id)
     return [up, down, connect]
+
+
+async def _ports(n: int, docker: aiodocker.Docker, sid: str, name: str) -> Result:
+    connect = Result("ports: connect + GET", "s", Side("worker: open_desktop_port"), Side("bare: python client inside"))
+    # A server on the desktop's loopback only, reached through its network namespace.
+    await _docker("exec", "-d", name, "desktop-enter", "python3", "-m", "http.server", "--bind", "127.0.0.1", "8765")
+
+    async def get_via_netns() -> float:
+        started = time.perf_counter()
+        reader, writer = await open_desktop_port(docker, sid, 8765, timeout_s=5)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        await reader.read()
+        writer.close()
+        return time.perf_counter() - started
+
+    probe = (
+        "import socket,time\nt=time.perf_counter()\ns=socket.create_connection(('127.0.0.1',8765))\n"
+        "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nwhile s.recv(65536): pass\nprint(time.perf_counter()-t)"
+    )
+
+    async def get_inside() -> float:
+        proc = await asyncio.create_subprocess_exec(
+            "docker", "exec", name, "desktop-enter", "python3", "-c", probe, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        return float(out)
+
+    for _ in range(100):  # the server's start
+        try:
+            await get_via_netns()
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    await alternate(max(n, 20), get_via_netns, get_inside, connect)
+    return connect
+
+
+async def _docker(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec("docker", *args, stdout=asyncio.subprocess.DEVNULL)
+    if await proc.wait() != 0:
+        raise RuntimeError(f"docker {' '.join(args)} failed")

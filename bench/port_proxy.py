@@ -180,26 +180,7 @@ async def run(n: int, concurrency: int, seconds: float, separate_route: bool) ->
                 await store.transition(session_id, target)
             proxied = f"{base}/v1/sessions/{session_id}/ports/{upstream_port}"
             paths: dict[str, tuple[str, dict[str, str]]] = {"direct": (direct, {}), "proxy": (proxied, auth)}
-            lat: dict[str, list[float]] = {k: [] for k in paths}
-            rps: dict[str, list[float]] = {k: [] for k in paths}
-            mbs: dict[str, list[float]] = {k: [] for k in paths}
-            for url, headers in paths.values():  # warm up both
-                await _latencies(http, url + "/small", 50, headers)
-            rounds = 5
-            for _ in range(rounds):
-                for name, (url, headers) in paths.items():
-                    lat[name] += await _latencies(http, url + "/small", n // rounds, headers)
-                    rps[name].append(await _throughput(http, url + "/small", concurrency, seconds / rounds, headers))
-                    mbs[name].append(await _mb_per_s(http, url + "/big?mb=20", headers, 20))
-        return {
-            name: {
-                "p50_ms": percentile(lat[name], 50),
-                "p99_ms": percentile(lat[name], 99),
-                "rps": statistics.median(rps[name]),
-                "mb_s": statistics.median(mbs[name]),
-            }
-            for name in paths
-        }
+            return await _measure(http, paths, n, concurrency, seconds)
     finally:
         api.terminate()
         api.wait(10)
@@ -208,6 +189,32 @@ async def run(n: int, concurrency: int, seconds: float, separate_route: bool) ->
                 process.terminate()
                 process.join(10)
         await redis.aclose()
+
+
+async def _measure(
+    http: aiohttp.ClientSession, paths: dict[str, tuple[str, dict[str, str]]], n: int, concurrency: int, seconds: float
+) -> dict[str, dict[str, float]]:
+    """Latency, throughput and MB/s of each path, in rounds that alternate between them."""
+    lat: dict[str, list[float]] = {k: [] for k in paths}
+    rps: dict[str, list[float]] = {k: [] for k in paths}
+    mbs: dict[str, list[float]] = {k: [] for k in paths}
+    for url, headers in paths.values():  # warm up both
+        await _latencies(http, url + "/small", 50, headers)
+    rounds = 5
+    for _ in range(rounds):
+        for name, (url, headers) in paths.items():
+            lat[name] += await _latencies(http, url + "/small", n // rounds, headers)
+            rps[name].append(await _throughput(http, url + "/small", concurrency, seconds / rounds, headers))
+            mbs[name].append(await _mb_per_s(http, url + "/big?mb=20", headers, 20))
+    return {
+        name: {
+            "p50_ms": percentile(lat[name], 50),
+            "p99_ms": percentile(lat[name], 99),
+            "rps": statistics.median(rps[name]),
+            "mb_s": statistics.median(mbs[name]),
+        }
+        for name in paths
+    }
 
 
 def _print(results: dict[str, dict[str, float]]) -> None:

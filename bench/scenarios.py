@@ -11,7 +11,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiodocker
@@ -346,50 +346,13 @@ async def deliver(
     ready = asyncio.Semaphore(0)
     done = asyncio.Event()
     tag = uuid.uuid4().hex[:8]
-    host, port = svc.url.removeprefix("http://").split(":")
-
-    async def sse_subscriber() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
-        writer.write(
-            (
-                f"GET /v1/events?type=bench.{tag} HTTP/1.1\r\nHost: {host}\r\n"
-                f"Authorization: Bearer {svc.token}\r\nAccept: text/event-stream\r\n\r\n"
-            ).encode()
-        )
-        await writer.drain()
-        released = False
-        try:
-            while not done.is_set():
-                line = await reader.readline()
-                if not line:
-                    return
-                if not released and line.startswith(b"retry:"):
-                    released = True
-                    ready.release()
-                at = line.find(b'"sent":')
-                if at >= 0:
-                    received = time.time()
-                    sent = float(line[at + 7 : line.index(b"}", at)].split(b",")[0])
-                    latencies.append(received - sent)
-        finally:
-            writer.close()
-
-    async def xread_subscriber() -> None:
-        conn = aioredis.Redis(connection_pool=redis.connection_pool)
-        last = start  # not "$": a subscriber still connecting must not miss the first events
-        ready.release()
-        while not done.is_set():
-            reply = await conn.xread({keys.firehose: last}, block=1000)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    received = time.time()
-                    body = json.loads(fields[b"event"])
-                    if body["type"] == f"bench.{tag}":
-                        latencies.append(received - body["data"]["sent"])
-
     start = await bus.last_id(keys.firehose)
-    tasks = [asyncio.create_task(sse_subscriber() if kind == "project" else xread_subscriber()) for _ in range(count)]
+    sink = _Sink(tag, latencies, ready, done)
+
+    def subscriber() -> Coroutine[Any, Any, None]:
+        return _sse_subscriber(svc, sink) if kind == "project" else _xread_subscriber(redis, keys.firehose, start, sink)
+
+    tasks = [asyncio.create_task(subscriber()) for _ in range(count)]
     try:
         async with asyncio.timeout(120):
             for _ in range(count):
@@ -409,6 +372,60 @@ async def deliver(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return latencies, cpu
+
+
+@dataclass(frozen=True)
+class _Sink:
+    """Where a subscriber of ``deliver`` puts what it measures: the events of type bench.<tag>
+    arrive, their latencies go to ``latencies``; ``ready`` once it reads, until ``done``."""
+
+    tag: str
+    latencies: list[float]
+    ready: asyncio.Semaphore
+    done: asyncio.Event
+
+
+async def _sse_subscriber(svc: Services, sink: _Sink) -> None:
+    host, port = svc.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+    writer.write(
+        (
+            f"GET /v1/events?type=bench.{sink.tag} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {svc.token}\r\nAccept: text/event-stream\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    released = False
+    try:
+        while not sink.done.is_set():
+            line = await reader.readline()
+            if not line:
+                return
+            if not released and line.startswith(b"retry:"):
+                released = True
+                sink.ready.release()
+            at = line.find(b'"sent":')
+            if at >= 0:
+                received = time.time()
+                sent = float(line[at + 7 : line.index(b"}", at)].split(b",")[0])
+                sink.latencies.append(received - sent)
+    finally:
+        writer.close()
+
+
+async def _xread_subscriber(redis: aioredis.Redis, firehose: str, start: str, sink: _Sink) -> None:
+    conn = aioredis.Redis(connection_pool=redis.connection_pool)
+    last = start  # not "$": a subscriber still connecting must not miss the first events
+    sink.ready.release()
+    while not sink.done.is_set():
+        reply = await conn.xread({firehose: last}, block=1000)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                last = entry_id
+                received = time.time()
+                body = json.loads(fields[b"event"])
+                if body["type"] == f"bench.{sink.tag}":
+                    sink.latencies.append(received - body["data"]["sent"])
 
 
 # -- queue --------------------------------------------------------------------------------------
@@ -647,34 +664,36 @@ async def execs(n: int, concurrent: int = 100) -> list[Result]:
                     raise RuntimeError(done)
                 return time.perf_counter() - started
 
-            async def via_queue() -> float:
-                request = new_id("req")
-                last = await redis.xrevrange(keys.firehose, count=1)
-                after = last[0][0] if last else "0-0"
-                command = {"op": "exec", "request_id": request, "session": record.id, "cmd": ["true"]}
-                started = time.perf_counter()
-                await redis.xadd(keys.commands(), {"command": json.dumps(command)})
-                while True:
-                    reply = await redis.xread({keys.firehose: after}, block=10_000)
-                    if not reply:
-                        raise RuntimeError("no exec.exited within 10 s")
-                    for entry_id, fields in reply[0][1]:
-                        after = entry_id
-                        event = json.loads(fields[b"event"])
-                        if event["type"] == "exec.exited" and event["data"].get("request_id") == request:
-                            return time.perf_counter() - started
-
             async def many(project: bool) -> float:
                 started = time.perf_counter()
                 await asyncio.gather(*(via_api() if project else bare() for _ in range(concurrent)))
                 return time.perf_counter() - started
 
             await alternate(n, via_api, bare, api_r)
-            await alternate(n, via_queue, bare, queue_r)
+            await alternate(n, lambda: _exec_via_commands(redis, keys, record.id), bare, queue_r)
             await alternate(max(1, n // 20), lambda: many(True), lambda: many(False), many_r)
             await delete(client, record.id)
         await redis.aclose()
     return [api_r, queue_r, many_r]
+
+
+async def _exec_via_commands(redis: aioredis.Redis, keys: Keys, session_id: str) -> float:
+    """`true` through the command stream: from the XADD to its exec.exited on the firehose."""
+    request = new_id("req")
+    last = await redis.xrevrange(keys.firehose, count=1)
+    after = last[0][0] if last else "0-0"
+    command = {"op": "exec", "request_id": request, "session": session_id, "cmd": ["true"]}
+    started = time.perf_counter()
+    await redis.xadd(keys.commands(), {"command": json.dumps(command)})
+    while True:
+        reply = await redis.xread({keys.firehose: after}, block=10_000)
+        if not reply:
+            raise RuntimeError("no exec.exited within 10 s")
+        for entry_id, fields in reply[0][1]:
+            after = entry_id
+            event = json.loads(fields[b"event"])
+            if event["type"] == "exec.exited" and event["data"].get("request_id") == request:
+                return time.perf_counter() - started
 
 
 async def desktop_io(n: int) -> list[Result]:

@@ -96,100 +96,115 @@ class ApiCollector:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        s = self.snapshot
-        boxes = s.sandboxes
-        live = [b for b in boxes if b.status in LIVE]
-        yield _gauge("orchestrator_sessions", "Sessions by state.", "state", s.sessions_by_state.items())
+        # In this order, as before the split: the fleet, each sandbox, then this API process.
+        yield from _fleet(self.snapshot)
+        yield from _per_sandbox(self.snapshot)
+        yield from _this_process(self.snapshot)
+
+
+def _fleet(s: ApiSnapshot) -> Iterator[Metric]:
+    boxes = s.sandboxes
+    yield _gauge("orchestrator_sessions", "Sessions by state.", "state", s.sessions_by_state.items())
+    yield _gauge(
+        "orchestrator_sandboxes",
+        "Known sandboxes by status.",
+        "status",
+        ((status.value, sum(1 for b in boxes if b.status == status)) for status in SandboxStatus),
+    )
+    yield GaugeMetricFamily(
+        "orchestrator_sandboxes_live",
+        "Sandboxes with a fresh heartbeat (available or draining).",
+        sum(1 for b in boxes if b.status in LIVE),
+    )
+
+
+def _per_sandbox(s: ApiSnapshot) -> Iterator[Metric]:
+    boxes = s.sandboxes
+
+    def per_sandbox(name: str, help: str, values: Mapping[str, float]) -> GaugeMetricFamily:
+        return _gauge(name, help, "sandbox", ((b.id, values[b.id]) for b in boxes))
+
+    yield per_sandbox(
+        "orchestrator_sandbox_up",
+        "1 while the sandbox's heartbeat is fresh.",
+        {b.id: int(b.status in LIVE) for b in boxes},
+    )
+    yield per_sandbox(
+        "orchestrator_sandbox_placed",
+        "Sessions placed on the sandbox and not deleted (what its cap counts).",
+        {b.id: b.placed for b in boxes},
+    )
+    yield per_sandbox("orchestrator_sandbox_capacity", "The sandbox's cap.", {b.id: b.capacity for b in boxes})
+    yield per_sandbox(
+        "orchestrator_sandbox_free_disk_bytes",
+        "Free bytes on the sandbox's dockerd data root (last heartbeat).",
+        {b.id: b.free_disk_bytes for b in boxes},
+    )
+    yield per_sandbox(
+        "orchestrator_sandbox_low_disk",
+        "1 while the sandbox is below its free-disk watermark: placement skips it.",
+        {b.id: int(low_disk(b) is not None) for b in boxes},
+    )
+    yield per_sandbox("orchestrator_queue_depth", "Jobs queued per sandbox.", s.queued)
+    yield per_sandbox(
+        "orchestrator_queue_oldest_age_seconds",
+        "Age of the oldest queued job per sandbox (0: none).",
+        {b.id: round(s.oldest_queued_age_s[b.id], 3) for b in boxes},
+    )
+    yield per_sandbox(
+        "orchestrator_pool_ready",
+        "Warm desktops ready and unclaimed, per sandbox (last heartbeat).",
+        {b.id: b.pool_ready for b in boxes},
+    )
+    yield per_sandbox(
+        "orchestrator_pool_target", "Warm desktops each sandbox keeps ready.", {b.id: b.pool_target for b in boxes}
+    )
+
+
+def _this_process(s: ApiSnapshot) -> Iterator[Metric]:
+    """The autoscaling signal, then what this API process counted."""
+    boxes = s.sandboxes
+    live = [b for b in boxes if b.status in LIVE]
+    desired = desired_sandboxes(sum(b.placed for b in boxes), (b.capacity for b in live), s.fallback_cap)
+    yield GaugeMetricFamily(
+        "orchestrator_sandboxes_desired",
+        "Autoscaling signal: ceil(sessions holding a place / mean cap of live sandboxes), at least 1.",
+        desired,
+    )
+    # prometheus_client names the family without _total and its sample (and, in the text
+    # format, its HELP and TYPE) with it: orchestrator_capacity_refusals_total, as before.
+    yield CounterMetricFamily(
+        "orchestrator_capacity_refusals_total",
+        "Creates this API process refused with no_capacity.",
+        s.capacity_refusals,
+    )
+    yield GaugeMetricFamily("orchestrator_event_stream_length", "Entries in the firehose stream.", s.firehose_length)
+    yield GaugeMetricFamily(
+        "orchestrator_sse_followers", "SSE clients following live events on this API process.", s.sse_followers
+    )
+    if s.access_opened:
+        opened = CounterMetricFamily(
+            "orchestrator_access_opened",
+            "Terminals, file transfers and port connections this API process opened, by road.",
+            labels=["road"],
+        )
+        for road, count in s.access_opened.items():
+            opened.add_metric([road], count)
+        yield opened
+    if s.commands:
+        # Backpressure: commands wait here while the control side is behind (docs/jobs.md).
         yield _gauge(
-            "orchestrator_sandboxes",
-            "Known sandboxes by status.",
-            "status",
-            ((status.value, sum(1 for b in boxes if b.status == status)) for status in SandboxStatus),
+            "orchestrator_command_lag",
+            "Commands added to the tenant's command stream and not yet read by the API.",
+            "tenant",
+            ((t, v.lag) for t, v in s.commands.items()),
         )
-        yield GaugeMetricFamily(
-            "orchestrator_sandboxes_live", "Sandboxes with a fresh heartbeat (available or draining).", len(live)
+        yield _gauge(
+            "orchestrator_command_pending",
+            "Commands read and not yet handled (being acted on, or their API process died).",
+            "tenant",
+            ((t, v.pending) for t, v in s.commands.items()),
         )
-
-        def per_sandbox(name: str, help: str, values: Mapping[str, float]) -> GaugeMetricFamily:
-            return _gauge(name, help, "sandbox", ((b.id, values[b.id]) for b in boxes))
-
-        yield per_sandbox(
-            "orchestrator_sandbox_up",
-            "1 while the sandbox's heartbeat is fresh.",
-            {b.id: int(b.status in LIVE) for b in boxes},
-        )
-        yield per_sandbox(
-            "orchestrator_sandbox_placed",
-            "Sessions placed on the sandbox and not deleted (what its cap counts).",
-            {b.id: b.placed for b in boxes},
-        )
-        yield per_sandbox("orchestrator_sandbox_capacity", "The sandbox's cap.", {b.id: b.capacity for b in boxes})
-        yield per_sandbox(
-            "orchestrator_sandbox_free_disk_bytes",
-            "Free bytes on the sandbox's dockerd data root (last heartbeat).",
-            {b.id: b.free_disk_bytes for b in boxes},
-        )
-        yield per_sandbox(
-            "orchestrator_sandbox_low_disk",
-            "1 while the sandbox is below its free-disk watermark: placement skips it.",
-            {b.id: int(low_disk(b) is not None) for b in boxes},
-        )
-        yield per_sandbox("orchestrator_queue_depth", "Jobs queued per sandbox.", s.queued)
-        yield per_sandbox(
-            "orchestrator_queue_oldest_age_seconds",
-            "Age of the oldest queued job per sandbox (0: none).",
-            {b.id: round(s.oldest_queued_age_s[b.id], 3) for b in boxes},
-        )
-        yield per_sandbox(
-            "orchestrator_pool_ready",
-            "Warm desktops ready and unclaimed, per sandbox (last heartbeat).",
-            {b.id: b.pool_ready for b in boxes},
-        )
-        yield per_sandbox(
-            "orchestrator_pool_target", "Warm desktops each sandbox keeps ready.", {b.id: b.pool_target for b in boxes}
-        )
-        desired = desired_sandboxes(sum(b.placed for b in boxes), (b.capacity for b in live), s.fallback_cap)
-        yield GaugeMetricFamily(
-            "orchestrator_sandboxes_desired",
-            "Autoscaling signal: ceil(sessions holding a place / mean cap of live sandboxes), at least 1.",
-            desired,
-        )
-        # prometheus_client names the family without _total and its sample (and, in the text
-        # format, its HELP and TYPE) with it: orchestrator_capacity_refusals_total, as before.
-        yield CounterMetricFamily(
-            "orchestrator_capacity_refusals_total",
-            "Creates this API process refused with no_capacity.",
-            s.capacity_refusals,
-        )
-        yield GaugeMetricFamily(
-            "orchestrator_event_stream_length", "Entries in the firehose stream.", s.firehose_length
-        )
-        yield GaugeMetricFamily(
-            "orchestrator_sse_followers", "SSE clients following live events on this API process.", s.sse_followers
-        )
-        if s.access_opened:
-            opened = CounterMetricFamily(
-                "orchestrator_access_opened",
-                "Terminals, file transfers and port connections this API process opened, by road.",
-                labels=["road"],
-            )
-            for road, count in s.access_opened.items():
-                opened.add_metric([road], count)
-            yield opened
-        if s.commands:
-            # Backpressure: commands wait here while the control side is behind (docs/jobs.md).
-            yield _gauge(
-                "orchestrator_command_lag",
-                "Commands added to the tenant's command stream and not yet read by the API.",
-                "tenant",
-                ((t, v.lag) for t, v in s.commands.items()),
-            )
-            yield _gauge(
-                "orchestrator_command_pending",
-                "Commands read and not yet handled (being acted on, or their API process died).",
-                "tenant",
-                ((t, v.pending) for t, v in s.commands.items()),
-            )
 
 
 def render(snapshot: ApiSnapshot) -> str:

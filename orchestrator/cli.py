@@ -418,8 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     sub.add_parser("worker", help="run this sandbox's worker")
+    _add_sessions(sub.add_parser("sessions", help="manage sessions").add_subparsers(dest="action", required=True))
+    _add_sandboxes(sub.add_parser("sandboxes", help="sandboxes").add_subparsers(dest="action", required=True))
 
-    sessions = sub.add_parser("sessions", help="manage sessions").add_subparsers(dest="action", required=True)
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    new = token.add_parser("new", help="make a token; prints it and the ORCH_TOKENS entry holding its hash")
+    new.add_argument("--name", required=True)
+    new.add_argument("--scope", action="append", required=True, choices=sorted(SCOPES))
+    new.add_argument("--tenant", type=_tenant, help="whose sessions it makes and sees (default: the `default` tenant)")
+
+    events = sub.add_parser("events", help="print events")
+    events.add_argument("--session")
+    events.add_argument("--after", help="start after this event id")
+    events.add_argument("--follow", "-f", action="store_true", help="keep following")
+    events.add_argument("--json", action="store_true")
+    return parser
+
+
+def _add_sessions(sessions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create = sessions.add_parser("create", help="create a session")
     create.add_argument("--id", help="client-chosen id (idempotent create)")
     create.add_argument("--label", action="append", default=[], metavar="K=V")
@@ -453,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true")
         p.add_argument("--timeout", type=float, default=180.0)
 
-    sandboxes = sub.add_parser("sandboxes", help="sandboxes").add_subparsers(dest="action", required=True)
+
+def _add_sandboxes(sandboxes: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sandboxes.add_parser("ls", help="known sandboxes and their status").add_argument("--json", action="store_true")
     drain = sandboxes.add_parser("drain", help="stop placing sessions there; its worker finishes and exits")
     drain.add_argument("sandbox")
@@ -462,19 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
     sandboxes.add_parser(
         "retire", help="for an unavailable or drained sandbox that will not return: delete its sessions, forget it"
     ).add_argument("sandbox")
-
-    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
-    new = token.add_parser("new", help="make a token; prints it and the ORCH_TOKENS entry holding its hash")
-    new.add_argument("--name", required=True)
-    new.add_argument("--scope", action="append", required=True, choices=sorted(SCOPES))
-    new.add_argument("--tenant", type=_tenant, help="whose sessions it makes and sees (default: the `default` tenant)")
-
-    events = sub.add_parser("events", help="print events")
-    events.add_argument("--session")
-    events.add_argument("--after", help="start after this event id")
-    events.add_argument("--follow", "-f", action="store_true", help="keep following")
-    events.add_argument("--json", action="store_true")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

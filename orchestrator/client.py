@@ -6,8 +6,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-import os
-import tarfile
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,6 +15,7 @@ import anyio
 import httpx
 import msgspec
 
+from . import client_files
 from .exec_types import ExecRecord, ExecResult
 from .schemas import SandboxInfo, SandboxList, SandboxRetired, SessionList, SessionRecord
 
@@ -98,13 +97,7 @@ class Client:
 
     async def _call(self, type: builtins.type[T], method: str, path: str, **kwargs: Any) -> T:
         """The response decoded into ``type``, the struct the server sends; ApiError for a refusal."""
-        response = await self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-                raise ApiError(response.status_code, body.get("code", "error"), body.get("message", ""))
-            except (ValueError, AttributeError):
-                raise ApiError(response.status_code, "error", response.text[:200]) from None
+        response = _checked(await self._http.request(method, path, **kwargs))
         return msgspec.json.decode(response.content, type=type)
 
     async def create(
@@ -182,41 +175,22 @@ class Client:
         """A file's bytes (or a directory's tar) as they come; ApiError before the first one
         when the server refused."""
         params = {"path": path, **({"user": user} if user else {})}
-        async with self._http.stream("GET", f"/v1/sessions/{session_id}/files", params=params, timeout=None) as r:
-            if r.status_code >= 400:
-                await r.aread()
-                _checked(r)
+        async with _streamed(self._http, f"/v1/sessions/{session_id}/files", params) as r:
             async for chunk in r.aiter_raw():
                 yield chunk
 
     async def upload_path(self, session_id: str, local: str, path: str) -> dict[str, Any]:
         """``sessions cp``'s upload: a local file to the file ``path`` (into it when it ends
         with /), or a local directory's contents into the directory ``path`` (streamed as a tar)."""
-        if await anyio.Path(local).is_dir():
-            return await self.upload(session_id, path, _tar_of(local), tar=True)
-        if path.endswith("/"):
-            path += os.path.basename(local)
-        return await self.upload(session_id, path, _chunks_of(local))
+        path, content, tar = await client_files.upload_source(local, path)
+        return await self.upload(session_id, path, content, tar=tar)
 
     async def download_to(self, session_id: str, path: str, local: str) -> int:
         """``sessions cp``'s download: a file to ``local`` (into it when it is a directory), or
         a directory's contents into the directory ``local`` (made if missing). The bytes read."""
-        params = {"path": path}
-        async with self._http.stream("GET", f"/v1/sessions/{session_id}/files", params=params, timeout=None) as r:
-            if r.status_code >= 400:
-                await r.aread()
-                _checked(r)
-            if r.headers.get("content-type", "").startswith("application/x-tar"):
-                await anyio.Path(local).mkdir(parents=True, exist_ok=True)
-                return await _untar(r.aiter_raw(), local)
-            if await anyio.Path(local).is_dir():
-                local = os.path.join(local, os.path.basename(path.rstrip("/")))
-            total = 0
-            async with await anyio.open_file(local, "wb") as out:
-                async for chunk in r.aiter_raw():
-                    total += len(chunk)
-                    await out.write(chunk)
-            return total
+        async with _streamed(self._http, f"/v1/sessions/{session_id}/files", {"path": path}) as r:
+            tar = r.headers.get("content-type", "").startswith("application/x-tar")
+            return await client_files.save(r.aiter_raw(), local, tar=tar, remote_path=path)
 
     async def port_url(self, session_id: str, port: int) -> dict[str, Any]:
         """A short-lived URL of the session's ``port`` for a browser or an iframe (``url``,
@@ -267,61 +241,23 @@ class Client:
     async def exec_kill(self, session_id: str, exec_id: str) -> ExecRecord:
         return await self._call(ExecRecord, "POST", f"/v1/sessions/{session_id}/execs/{exec_id}/kill")
 
-    async def exec_stream(self, session_id: str, exec_id: str, after: str | None = None) -> AsyncIterator[ServerEvent]:
+    def exec_stream(self, session_id: str, exec_id: str, after: str | None = None) -> AsyncIterator[ServerEvent]:
         """The exec's output events (``stdout`` / ``stderr`` / ``exit``), resuming after a
         dropped connection from the last id seen; ends after ``exit``."""
         path = f"/v1/sessions/{session_id}/execs/{exec_id}/output"
-        last_id = after
-        while True:
-            try:
-                async with contextlib.aclosing(self._sse(path, last_id, {})) as feed:
-                    async for event in feed:
-                        last_id = event.id
-                        yield event
-                        if event.type == "exit":
-                            return
-            except (httpx.TransportError, httpx.RemoteProtocolError):
-                await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
+        return _resuming(self._http, path, after, {}, follow=True, until="exit")
 
     async def metrics(self) -> str:
         response = await self._http.get("/metrics")
         response.raise_for_status()
         return response.text
 
-    async def events(
+    def events(
         self, session_id: str | None = None, after: str | None = None, follow: bool = True
     ) -> AsyncIterator[ServerEvent]:
         """Events as they come; resumes after a dropped connection from the last id seen."""
         path = f"/v1/sessions/{session_id}/events" if session_id else "/v1/events"
-        last_id = after
-        while True:
-            try:
-                async with contextlib.aclosing(self._sse(path, last_id, {} if follow else {"follow": "false"})) as feed:
-                    async for event in feed:
-                        last_id = event.id
-                        yield event
-                if not follow:
-                    return
-            except (httpx.TransportError, httpx.RemoteProtocolError):
-                if not follow:
-                    raise
-                await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
-
-    async def _sse(self, path: str, last_id: str | None, params: dict[str, str]) -> AsyncGenerator[ServerEvent]:
-        """One connection's events; ApiError for a refusal."""
-        headers = {"Last-Event-ID": last_id} if last_id else {}
-        async with self._http.stream(
-            "GET", path, headers=headers, params=params, timeout=httpx.Timeout(30.0, read=None)
-        ) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                body = response.json()
-                raise ApiError(response.status_code, body.get("code", ""), body.get("message", ""))
-            parser = SseParser()
-            async for line in response.aiter_lines():
-                event = parser.feed(line)
-                if event is not None:
-                    yield event
+        return _resuming(self._http, path, after, {} if follow else {"follow": "false"}, follow=follow)
 
     async def wait_ready(self, session_id: str, *, timeout: float = 180.0) -> SessionRecord:
         """Wait until the session is ready; returns its record. Raises SessionFailed or TimeoutError."""
@@ -382,57 +318,74 @@ class Terminal:
             raise ApiError(code - 4000 if code >= 4000 else 502, body.get("code", "closed"), body.get("message", ""))
 
 
-_CHUNK = 1 << 20
+async def _resuming(
+    http: httpx.AsyncClient,
+    path: str,
+    after: str | None,
+    params: dict[str, str],
+    *,
+    follow: bool,
+    until: str | None = None,
+) -> AsyncGenerator[ServerEvent]:
+    """A stream's events, through one connection after another when ``follow`` (each resumes
+    after the last id seen); ends after an event of type ``until``, or with the connection
+    when not following."""
+    last_id = after
+    while True:
+        try:
+            async with contextlib.aclosing(_sse(http, path, last_id, params)) as feed:
+                async for event in feed:
+                    last_id = event.id
+                    yield event
+                    if event.type == until:
+                        return
+            if not follow:
+                return
+        except (httpx.TransportError, httpx.RemoteProtocolError):
+            if not follow:
+                raise
+            await anyio.sleep(0.5)  # the API restarts: reconnect and resume after last_id
 
 
-async def _chunks_of(local: str) -> AsyncIterator[bytes]:
-    async with await anyio.open_file(local, "rb") as source:
-        while chunk := await source.read(_CHUNK):
-            yield chunk
+async def _sse(
+    http: httpx.AsyncClient, path: str, last_id: str | None, params: dict[str, str]
+) -> AsyncGenerator[ServerEvent]:
+    """One connection's events; ApiError for a refusal."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    async with http.stream(
+        "GET", path, headers=headers, params=params, timeout=httpx.Timeout(30.0, read=None)
+    ) as response:
+        if response.status_code >= 400:
+            await response.aread()
+            body = response.json()
+            raise ApiError(response.status_code, body.get("code", ""), body.get("message", ""))
+        parser = SseParser()
+        async for line in response.aiter_lines():
+            event = parser.feed(line)
+            if event is not None:
+                yield event
 
 
-async def _tar_of(local: str) -> AsyncIterator[bytes]:
-    """A tar of the directory's contents, made in a thread into a pipe as it is sent."""
-    read_end, write_end = os.pipe()
-
-    def make() -> None:
-        with os.fdopen(write_end, "wb") as sink, tarfile.open(fileobj=sink, mode="w|") as tar:
-            for name in sorted(os.listdir(local)):
-                tar.add(os.path.join(local, name), arcname=name)
-
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(anyio.to_thread.run_sync, make)
-        with os.fdopen(read_end, "rb") as source:
-            while chunk := await anyio.to_thread.run_sync(source.read, _CHUNK):
-                yield chunk
-
-
-async def _untar(chunks: AsyncIterator[bytes], local: str) -> int:
-    """Extract a streamed tar into ``local`` (tarfile's ``data`` filter: nothing outside it,
-    no devices, no setuid bits), fed from the response through a pipe."""
-    read_end, write_end = os.pipe()
-    total = 0
-
-    def extract() -> None:
-        with os.fdopen(read_end, "rb") as source, tarfile.open(fileobj=source, mode="r|") as tar:
-            tar.extractall(local, filter="data")
-
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(anyio.to_thread.run_sync, extract)
-        with os.fdopen(write_end, "wb") as sink:
-            async for chunk in chunks:
-                total += len(chunk)
-                await anyio.to_thread.run_sync(sink.write, chunk)
-    return total
+@contextlib.asynccontextmanager
+async def _streamed(http: httpx.AsyncClient, path: str, params: dict[str, str]) -> AsyncIterator[httpx.Response]:
+    """A GET whose body is read as it comes; ApiError (the body read first) for a refusal."""
+    async with http.stream("GET", path, params=params, timeout=None) as response:
+        if response.status_code >= 400:
+            await response.aread()
+            _checked(response)
+        yield response
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
+    """The response, unless it is a refusal: then ApiError with the error's code and message
+    (or, for a body that is not the API's error, the start of its text)."""
     if response.status_code >= 400:
         try:
             body = response.json()
-        except ValueError:
+            code, message = body.get("code", "error"), body.get("message", "")
+        except (ValueError, AttributeError):
             raise ApiError(response.status_code, "error", response.text[:200]) from None
-        raise ApiError(response.status_code, body.get("code", "error"), body.get("message", ""))
+        raise ApiError(response.status_code, code, message)
     return response
 
 

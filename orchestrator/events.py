@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 
 from . import tracing
 from .keys import Keys
-from .schemas import Event, now_rfc3339
+from .schemas import Event, SessionRecord, now_rfc3339
+from .states import SessionState
 
 log = logging.getLogger("orchestrator.events")
 
@@ -118,6 +119,22 @@ def encode_event(event: Event) -> bytes:
     if len(raw) > MAX_EVENT_BYTES:
         raw = _encode(msgspec.structs.replace(event, data={"truncated": True, "bytes": len(raw)}))
     return raw
+
+
+def state_event(record: SessionRecord, previous: SessionState | None, data: dict[str, Any]) -> bytes:
+    """``session.<state>`` of ``record`` (``data["from"]``: the state it left), encoded: what
+    the store's scripts write together with the record."""
+    if previous is not None:
+        data = {"from": previous.value, **data}
+    event = make_event(
+        f"session.{record.state.value}",
+        sandbox=record.sandbox,
+        session=record.id,
+        generation=record.generation,
+        data=data,
+        tenant=record.tenant,
+    )
+    return encode_event(event)
 
 
 class EventBus:

@@ -1,6 +1,6 @@
 """Which sandbox a new session goes to. Pure: the rule lives here, and production runs it:
 ``SessionStore.place`` reads the candidates from Redis, chooses with ``choose``, and reserves
-the choice with a script that re-checks it (store.RESERVE_LUA), retrying when it changed.
+the choice with a script that re-checks it (reservation.RESERVE_LUA), retrying when it changed.
 
 The rule, least loaded with a hard cap:
 1. candidates are the sandboxes that are available (heartbeat fresh, not draining), carry

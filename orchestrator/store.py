@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from . import states
-from .events import EventBus, encode_event, make_event
+from .events import EventBus, state_event
 from .keys import Keys
 from .locks import LeaseLost
-from .placement import Candidate, NoCapacity, NoSandbox, choose
+from .placement import NoCapacity, NoSandbox, choose
+from .reservation import Placed, Reservations
 from .schemas import SessionError, SessionRecord, now_rfc3339
 from .states import SessionState
 
@@ -71,44 +71,6 @@ if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[4], ARGV[7]) end
 return {1, id}
 """
 
-# Placement reserves the sandbox that placement.choose picked from a read a moment ago, if
-# that sandbox still qualifies: alive, not draining, under its cap and, for a warm claim,
-# with that desktop still first in its pool. The re-check and the writes (the place, the
-# record, its env and its event) are one script, so concurrent creates never exceed a cap,
-# two never share a warm desktop, and no record exists without its place (or the reverse).
-# KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
-#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its
-#   tombstone (a new record drops it), 11 its tenant's session set.
-# ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
-#   6 env json ('' none), 7 firehose maxlen, 8 session maxlen, 9 its env key (an argument,
-#   not one of KEYS, for the API's write-only access: see CAS_LUA), 10 the tenant's quota
-#   (0: none).
-# Returns {1, entry id}; {0, existing record} when the requested id exists; {3, ''} when the
-#   tenant is at its quota; {2, why} when the sandbox no longer qualifies: 'gone', 'draining',
-#   'full' or 'claimed' (the desktop is taken). A claimed warm desktop becomes the claimer's
-#   tenant's session: the record stored here is the claimer's, with its tenant.
-RESERVE_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur then return {0, cur} end
-local quota = tonumber(ARGV[10])
-if quota > 0 and redis.call('SCARD', KEYS[11]) >= quota then return {3, ''} end
-if redis.call('EXISTS', KEYS[5]) == 0 then return {2, 'gone'} end
-if redis.call('EXISTS', KEYS[6]) == 1 then return {2, 'draining'} end
-if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[2]) then return {2, 'full'} end
-if ARGV[3] ~= '' then
-  if redis.call('LINDEX', KEYS[7], 0) ~= ARGV[3] then return {2, 'claimed'} end
-  redis.call('LPOP', KEYS[7])
-end
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[10])
-redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SADD', KEYS[11], ARGV[1])
-if ARGV[6] ~= '' then redis.call('SET', ARGV[9], ARGV[6]) end
-local entry = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[5])
-redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], entry, 'event', ARGV[5])
-return {1, entry}
-"""
 # A reservation fails only when its sandbox changed since the read (someone else took the
 # last place or the desktop, or it went silent or draining): each failure is another's
 # progress, so a few tries do. After half of them a create stops racing for warm desktops
@@ -181,26 +143,6 @@ class ConcurrentUpdate(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Placed:
-    created: bool
-    record: SessionRecord
-    # A warm desktop was claimed: the session is born ready and needs no create job.
-    warm: bool
-
-
-@dataclass(frozen=True)
-class _Fleet:
-    """What a placement read found: the requested id's record if it exists, and the
-    sandboxes that are alive and not draining, with the first of each one's warm pool."""
-
-    existing: SessionRecord | None
-    candidates: list[Candidate]
-    warm_heads: dict[str, str]
-    # How many sessions the record's tenant holds (what its quota counts).
-    tenant_sessions: int = 0
-
-
 Mutation = Callable[[SessionRecord], dict[str, Any]]
 
 
@@ -211,7 +153,8 @@ class SessionStore:
         self.bus = bus
         self.keys: Keys = bus.keys
         self._cas = redis.register_script(CAS_LUA)
-        self._reserve_script = redis.register_script(RESERVE_LUA)
+        # Placement's read and reservation (reservation.py); ``place`` below loops over them.
+        self.reservations = Reservations(redis, bus)
         self._prune_script = redis.register_script(PRUNE_LUA)
 
     async def get(self, session_id: str, *, tenant: str | None = None) -> SessionRecord | None:
@@ -283,7 +226,7 @@ class SessionStore:
     ) -> tuple[bool, SessionRecord]:
         """Store a new record (and its env) and emit ``session.<state>``; if one exists, return it.
         ``quota``: the most sessions its tenant may hold (0: no limit); raises QuotaExceeded."""
-        event = self._state_event(record, None, {})
+        event = state_event(record, None, {})
         ok, payload = await self._write(
             record.id, record.sandbox, record.tenant, -1, record, event, env=env, quota=quota
         )
@@ -310,9 +253,10 @@ class SessionStore:
         NoSandbox, or QuotaExceeded when the record's tenant holds ``quota`` sessions (0: no
         limit)."""
         why = "full"
+        reservations = self.reservations
         for attempt in range(PLACE_TRIES):
             warm = prefer_warm and attempt < PLACE_TRIES // 2
-            fleet = await self._read_fleet(record.id, record.tenant, sandboxes, warm=warm, low_disk=low_disk)
+            fleet = await reservations.read_fleet(record.id, record.tenant, sandboxes, warm=warm, low_disk=low_disk)
             if fleet.existing is not None:
                 return Placed(False, fleet.existing, warm=False)
             if quota > 0 and fleet.tenant_sessions >= quota:  # said before any capacity problem
@@ -322,92 +266,13 @@ class SessionStore:
             chosen = choose(fleet.candidates, prefer_warm=warm)
             if chosen is None:
                 raise NoCapacity(_NO_ROOM if any(c.low_disk for c in fleet.candidates) else _NO_CAPACITY)
-            outcome = await self._reserve(record, env, chosen, fleet.warm_heads.get(chosen.id), quota)
+            outcome = await reservations.reserve(record, env, chosen, fleet.warm_heads.get(chosen.id), quota)
             if isinstance(outcome, Placed):
                 return outcome
+            if outcome == "quota":
+                raise QuotaExceeded(record.tenant, quota)
             why = outcome
         raise NoSandbox(_NO_SANDBOX) if why in ("gone", "draining") else NoCapacity(_NO_CAPACITY)
-
-    async def _read_fleet(
-        self,
-        session_id: str,
-        tenant: str,
-        sandboxes: Sequence[tuple[str, int]],
-        *,
-        warm: bool,
-        low_disk: Collection[str] = (),
-    ) -> _Fleet:
-        """What placement decides on, in one round trip. A transaction, so that it is one
-        moment's view: "the id is free" and "every sandbox is full" are never from two."""
-        k = self.keys
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.get(k.session(session_id))
-            pipe.scard(k.tenant_sessions(tenant))
-            for sandbox, _cap in sandboxes:
-                pipe.exists(k.sandbox_alive(sandbox))
-                pipe.exists(k.sandbox_drain(sandbox))
-                pipe.scard(k.placed(sandbox))
-                if warm:
-                    pipe.lindex(k.pool(sandbox), 0)
-            existing, tenant_sessions, *replies = await pipe.execute()
-        width = 4 if warm else 3
-        candidates, heads = [], {}
-        for n, (sandbox, cap) in enumerate(sandboxes):
-            alive, draining, placed, *head = replies[n * width : (n + 1) * width]
-            if not alive or draining:
-                continue
-            if head and head[0] is not None:
-                heads[sandbox] = _text(head[0])
-            candidates.append(Candidate(sandbox, int(placed), cap, warm=sandbox in heads, low_disk=sandbox in low_disk))
-        record = None if existing is None else _decode_record(existing)
-        return _Fleet(record, candidates, heads, int(tenant_sessions))
-
-    async def _reserve(
-        self, record: SessionRecord, env: dict[str, str] | None, chosen: Candidate, warm_id: str | None, quota: int
-    ) -> Placed | str:
-        """Store ``record`` on ``chosen`` (as the warm desktop ``warm_id``, born ready, when
-        given) if it still qualifies (RESERVE_LUA). Returns the placement, or why not; raises
-        QuotaExceeded."""
-        if warm_id is None:
-            new, data = msgspec.structs.replace(record, sandbox=chosen.id), {}
-        else:
-            new = msgspec.structs.replace(record, id=warm_id, sandbox=chosen.id, state=SessionState.READY)
-            data = {"warm": True}
-        k, sandbox, session = self.keys, chosen.id, new.id
-        reply = await self._reserve_script(
-            keys=[
-                k.session(record.id),
-                k.session(session),
-                k.session_index,
-                k.placed(sandbox),
-                k.sandbox_alive(sandbox),
-                k.sandbox_drain(sandbox),
-                k.pool(sandbox),
-                k.firehose,
-                k.session_events(session),
-                k.session_deleted(session),
-                k.tenant_sessions(new.tenant),
-            ],
-            args=[
-                session,
-                chosen.cap,
-                warm_id or "",
-                _encode(new),
-                self._state_event(new, None, data),
-                _encode(env) if env and warm_id is None else b"",
-                self.bus.firehose_maxlen,
-                self.bus.session_maxlen,
-                k.session_env(session),
-                quota,
-            ],
-        )
-        if int(reply[0]) == 3:
-            raise QuotaExceeded(new.tenant, quota)
-        if int(reply[0]) == 0:
-            return Placed(False, _decode_record(reply[1]), warm=False)
-        if int(reply[0]) == 2:
-            return _text(reply[1])
-        return Placed(True, new, warm=warm_id is not None)
 
     async def transition(
         self,
@@ -446,7 +311,7 @@ class SessionStore:
             data = dict(event_data or {})
             if new.error is not None and target is SessionState.FAILED:
                 data.update(code=new.error.code, message=new.error.message)
-            event = self._state_event(new, current.state, data)
+            event = state_event(new, current.state, data)
             body = None if target is SessionState.DELETED else new
             ok, _ = await self._write(
                 session_id, current.sandbox, current.tenant, current.revision, body, event, fence=fence
@@ -463,19 +328,6 @@ class SessionStore:
         return await self.transition(
             session_id, SessionState.FAILED, generation=generation, mutate=lambda _: {"error": error}, fence=fence
         )
-
-    def _state_event(self, record: SessionRecord, previous: SessionState | None, data: dict[str, Any]) -> bytes:
-        if previous is not None:
-            data = {"from": previous.value, **data}
-        event = make_event(
-            f"session.{record.state.value}",
-            sandbox=record.sandbox,
-            session=record.id,
-            generation=record.generation,
-            data=data,
-            tenant=record.tenant,
-        )
-        return encode_event(event)
 
     async def _write(
         self,
@@ -540,6 +392,7 @@ def _text(value: bytes | str) -> str:
 
 __all__ = [
     "ConcurrentUpdate",
+    "Placed",
     "QuotaExceeded",
     "SessionNotFound",
     "SessionStore",

@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -25,14 +23,14 @@ from orchestrator import tracing
 from orchestrator.config import operation_deadline
 from orchestrator.events import EventBus, command_request, command_request_of, make_event
 from orchestrator.locks import LeaseLost, SessionLocks
-from orchestrator.names import volume_name
 from orchestrator.placement import resource_problem
 from orchestrator.queue import Operation
-from orchestrator.schemas import DesktopStarted, ImagesLoaded, SessionRecord, VolumeCreated, to_data
+from orchestrator.schemas import SessionRecord
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
-from .runtime import Desktop, DesktopError, Runtime
+from .bring_up import BringUpSteps, Phases
+from .runtime import DesktopError, Runtime
 
 log = logging.getLogger("workers.lifecycle")
 S = SessionState
@@ -53,31 +51,6 @@ FAULT_POINTS = (
     "delete:after_desktop_removed",
     "delete:after_volume_removed",
 )
-
-
-class Phases:
-    """Where a bring-up's time went, in ms, for the ``session.ready`` event: ``queue`` (from
-    the request to the job's start), then each step, and ``total`` from the request."""
-
-    def __init__(self, requested_at: str) -> None:
-        self._requested = _epoch(requested_at)
-        self._last = time.time()
-        self._ms: dict[str, int] = {"queue": max(0, round((self._last - self._requested) * 1000))}
-
-    def mark(self, name: str) -> None:
-        now = time.time()
-        self._ms[name] = round((now - self._last) * 1000)
-        self._last = now
-
-    def result(self) -> dict[str, int]:
-        return {**self._ms, "total": max(0, round((self._last - self._requested) * 1000))}
-
-
-def _epoch(rfc3339: str) -> float:
-    try:
-        return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return time.time()
 
 
 class Lifecycle:
@@ -116,6 +89,9 @@ class Lifecycle:
         self.before_bring_up: Callable[[], Awaitable[None]] | None = None
         # Told each dockerd readiness time (seconds from desktop start), for the worker's metrics.
         self.on_dockerd_ready: Callable[[float], None] | None = None
+        # The bring-up's Docker steps (bring_up.py). Their deadlines stay here and are passed at
+        # each call, so a change to a live lifecycle's timeouts (the fencing tests) takes effect.
+        self.steps = BringUpSteps(runtime, self._event, self._fault)
 
     def _fault(self, point: str) -> None:
         if point == self.fault_kill_at:
@@ -272,79 +248,20 @@ class Lifecycle:
         if self.before_bring_up is not None:
             await self.before_bring_up()
         phases.mark("prepare")
-        desktop = await self._provision(record, env, phases)
+        desktop = await self.steps.provision(record, env, phases, self.provision_timeout_s)
         if record.state is S.CREATING:
             record = await self._transition(record.id, S.STARTING, generation=record.generation)
-        await self._start_and_wait(record, desktop, phases)
+        ready = await self.steps.start_and_wait(record, desktop, phases, self.ready_timeout_s)
+        if self.on_dockerd_ready is not None:
+            self.on_dockerd_ready(ready.duration_ms / 1000)
+        self._fault("create:after_ready_event")
         if record.spec.preload_images:
-            await self._preload(record)
+            await self.steps.preload(record, self.preload_timeout_s)
             phases.mark("preload")
         await self._transition(
             record.id, S.READY, generation=record.generation, event_data={"phases_ms": phases.result()}
         )
         return "ready"
-
-    async def _provision(self, record: SessionRecord, env: dict[str, str], phases: Phases) -> Desktop:
-        """The volume (made on create, required on a resume) and the desktop container, both
-        under the provisioning deadline."""
-        session_id = record.id
-        try:
-            with anyio.fail_after(self.provision_timeout_s):
-                if record.state is S.CREATING:
-                    if await self.runtime.desktops.ensure_volume(session_id):
-                        await self._event(
-                            record, "volume.created", to_data(VolumeCreated(name=volume_name(session_id)))
-                        )
-                    self._fault("create:after_volume")
-                elif not await self.runtime.desktops.volume_exists(session_id):
-                    # A resume must find the volume: a new empty one would silently lose the data.
-                    raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
-                phases.mark("volume")
-                desktop = await self.runtime.desktops.create(session_id, record.generation, record.spec.resources, env)
-                self._fault("create:after_container")
-                phases.mark("create")
-                return desktop
-        except TimeoutError:
-            raise DesktopError(
-                "provision_timeout",
-                f"making the volume and the desktop took longer than {self.provision_timeout_s:g} s",
-            ) from None
-
-    async def _start_and_wait(self, record: SessionRecord, desktop: Desktop, phases: Phases) -> None:
-        started_at = time.monotonic()
-        await self.runtime.desktops.start(record.id)
-        self._fault("create:after_start")
-        profile = self.runtime.profile
-        started = DesktopStarted(
-            container=desktop.name,
-            id=desktop.id[:12],
-            privilege=profile.kind.value,
-            unsafe=profile.unsafe,
-            confined=profile.unsafe and profile.confined,
-        )
-        await self._event(record, "desktop.started", to_data(started))
-        phases.mark("start")
-        ready = await self.runtime.inner.wait_ready(record.id, started_at, self.ready_timeout_s)
-        phases.mark("dockerd")
-        self._fault("create:before_ready_event")
-        await self._event(record, "dockerd.ready", to_data(ready))
-        if self.on_dockerd_ready is not None:
-            self.on_dockerd_ready(ready.duration_ms / 1000)
-        self._fault("create:after_ready_event")
-
-    async def _preload(self, record: SessionRecord) -> None:
-        """Copy the requested images from the sandbox's daemon into the desktop's (a resumed
-        desktop keeps them on its volume: only missing ones move)."""
-        started = time.monotonic()
-        loaded: list[str] = []
-        moved = 0
-        with anyio.move_on_after(self.preload_timeout_s) as deadline:
-            loaded = [i for i in record.spec.preload_images if not await self.runtime.inner.has_image(record.id, i)]
-            moved = await self.runtime.images.copy_into(record.id, loaded) if loaded else 0
-        if deadline.cancelled_caught:
-            raise DesktopError("preload_timeout", f"copying the images took longer than {self.preload_timeout_s:g} s")
-        data = ImagesLoaded(images=loaded, bytes=moved, seconds=round(time.monotonic() - started, 3))
-        await self._event(record, "images.loaded", to_data(data))
 
     async def _fail(self, record: SessionRecord, code: str, message: str) -> None:
         # Rule: a desktop that never became ready is removed; the volume stays with the

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from orchestrator import tracing
 from orchestrator.config import WorkerSettings
-from orchestrator.core import connect
+from orchestrator.core import Core, connect
 from orchestrator.exec_store import ExecStore
 from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
@@ -63,24 +63,11 @@ class SandboxWorker:
         self.runtime = _runtime(settings)
         self.uid_ranges = _uid_ranges(core.redis, core.keys, settings.sandbox_id)
         if self.uid_ranges is not None:
-            self.runtime.desktops.ledger = self.uid_ranges
+            self.runtime.desktops.volumes.ledger = self.uid_ranges
         self.preparation = DesktopPreparation(self.runtime, settings)
         self.worker_id = f"{settings.sandbox_id}@{settings.hostname}:{os.getpid()}"
         self.metrics = WorkerMetrics(settings.sandbox_id)
-        self.lifecycle = Lifecycle(
-            self.store,
-            self.bus,
-            self.runtime,
-            SessionLocks(self.redis, self.keys, settings.lock_lease_s, self.worker_id),
-            sandbox_id=settings.sandbox_id,
-            provision_timeout_s=settings.provision_timeout_s,
-            ready_timeout_s=settings.ready_timeout_s,
-            stop_timeout_s=settings.stop_timeout_s,
-            preload_timeout_s=settings.preload_timeout_s,
-            operation_timeout_s=settings.operation_deadline_s,
-            limits=(settings.max_cpus, settings.max_memory_mb, settings.max_pids),
-            fault_kill_at=settings.fault_kill_at,
-        )
+        self.lifecycle = _lifecycle(settings, core, self.runtime, self.worker_id)
         self.lifecycle.before_bring_up = self.preparation.before_desktop
         self.lifecycle.on_dockerd_ready = self.metrics.observe_dockerd_ready
         self.pool = WarmPool(
@@ -120,32 +107,10 @@ class SandboxWorker:
             disk=self.disk,
         )
         self.health = HealthCheck(settings, self.store, self.bus, self.runtime)
-        self.execs = ExecRunner(
-            ExecStore(self.redis, self.keys, keep_s=settings.exec_keep_s),
-            self.bus,
-            self.runtime.execs,
-            sandbox_id=settings.sandbox_id,
-            worker_id=self.worker_id,
-            max_running=settings.exec_max_running,
-        )
+        self.execs = _exec_runner(settings, core, self.runtime, self.worker_id)
         # Its own client: each relayed access blocks one connection reading its stream.
         self.relay_redis = redis_client(settings)
-        self.access = AccessServer(
-            self.redis,
-            self.relay_redis,
-            self.keys,
-            AccessHandlers(
-                self.runtime.terminals,
-                self.runtime.files,
-                self.runtime.ports,
-                self.bus,
-                sandbox_id=settings.sandbox_id,
-            ).handle,
-            sandbox_id=settings.sandbox_id,
-            consumer=self.worker_id,
-            host=advertised_host(settings.worker_access_host),
-            port=settings.worker_access_port,
-        )
+        self.access = _access_server(settings, core, self.relay_redis, self.runtime, self.worker_id)
         # Set once start-up (privilege probe, first reconcile pass) is done and jobs flow.
         self.started = asyncio.Event()
 
@@ -229,7 +194,7 @@ class SandboxWorker:
         """The machine's uid range ledger agrees with this sandbox's volumes (workers/uid_ranges.py)."""
         if self.uid_ranges is not None:
             await self.uid_ranges.sweep(
-                self.runtime.desktops.volume_slots, now=time.time(), grace_s=self.settings.orphan_grace_s
+                self.runtime.desktops.volumes.slots, now=time.time(), grace_s=self.settings.orphan_grace_s
             )
 
     async def _enforce_firewall(self) -> None:
@@ -272,6 +237,50 @@ def _uid_ranges(redis: Redis, keys: Keys, sandbox_id: str) -> RedisSlotLedger | 
         log.warning("no machine id (%s): uid ranges are unique per sandbox only", e)
         return None
     return RedisSlotLedger(redis, keys, sandbox_id=sandbox_id, machine=machine)
+
+
+def _lifecycle(settings: WorkerSettings, core: Core, runtime: DesktopRuntime, worker_id: str) -> Lifecycle:
+    return Lifecycle(
+        core.store,
+        core.bus,
+        runtime,
+        SessionLocks(core.redis, core.keys, settings.lock_lease_s, worker_id),
+        sandbox_id=settings.sandbox_id,
+        provision_timeout_s=settings.provision_timeout_s,
+        ready_timeout_s=settings.ready_timeout_s,
+        stop_timeout_s=settings.stop_timeout_s,
+        preload_timeout_s=settings.preload_timeout_s,
+        operation_timeout_s=settings.operation_deadline_s,
+        limits=(settings.max_cpus, settings.max_memory_mb, settings.max_pids),
+        fault_kill_at=settings.fault_kill_at,
+    )
+
+
+def _exec_runner(settings: WorkerSettings, core: Core, runtime: DesktopRuntime, worker_id: str) -> ExecRunner:
+    return ExecRunner(
+        ExecStore(core.redis, core.keys, keep_s=settings.exec_keep_s),
+        core.bus,
+        runtime.execs,
+        sandbox_id=settings.sandbox_id,
+        worker_id=worker_id,
+        max_running=settings.exec_max_running,
+    )
+
+
+def _access_server(
+    settings: WorkerSettings, core: Core, relay_redis: Redis, runtime: DesktopRuntime, worker_id: str
+) -> AccessServer:
+    handlers = AccessHandlers(runtime.terminals, runtime.files, runtime.ports, core.bus, sandbox_id=settings.sandbox_id)
+    return AccessServer(
+        core.redis,
+        relay_redis,
+        core.keys,
+        handlers.handle,
+        sandbox_id=settings.sandbox_id,
+        consumer=worker_id,
+        host=advertised_host(settings.worker_access_host),
+        port=settings.worker_access_port,
+    )
 
 
 def _runtime(settings: WorkerSettings) -> DesktopRuntime:

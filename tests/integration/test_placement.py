@@ -158,14 +158,14 @@ async def test_a_sandbox_that_changes_after_the_read_is_not_used(redis: aioredis
     keys = Keys(settings.key_prefix)
     store = SessionStore(redis, EventBus(redis, keys))
     await fleet(redis, keys, [("a", 0, 5, True, False, 0), ("b", 3, 5, True, False, 0)])
-    read = store._read_fleet
+    read = store.reservations.read_fleet
 
     async def then_a_goes_away(*args: Any, **kwargs: Any) -> Any:
         fleet = await read(*args, **kwargs)
         await redis.delete(keys.sandbox_alive("a"))  # between the read and the reservation
         return fleet
 
-    store._read_fleet = then_a_goes_away  # type: ignore[method-assign]
+    store.reservations.read_fleet = then_a_goes_away  # type: ignore[method-assign]
     placed = await store.place(
         new_record(SessionCreate(id="late"), "", settings), None, [("a", 5), ("b", 5)], prefer_warm=False
     )

@@ -55,7 +55,7 @@ async def test_sandboxes_of_one_machine_give_their_volumes_distinct_ranges(docke
                 again = f"uidl-{run}-b9"
                 sessions[b].append(again)
                 assert await desktops_b.ensure_volume(again)
-                assert (await desktops_b.volume_slots())[again] == freed
+                assert (await desktops_b.volumes.slots())[again] == freed
             finally:
                 for sandbox, desktops in sandboxes.items():
                     for s in sessions[sandbox]:

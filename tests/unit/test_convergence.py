@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from orchestrator.errors import ServiceError
 from orchestrator.locks import Busy
 from orchestrator.states import IN_PROGRESS, SessionState
-from tests.fakes import Crash, QueuedJob, Stack, open_stack
+from tests.fakes import Crash, FakeRuntime, QueuedJob, Stack, open_stack
 from workers.runtime.errors import DesktopErrorCode
 
 S = SessionState
@@ -181,7 +181,7 @@ class Model:
         if result == "ready":
             assert record is not None and record.state is S.READY, record
             assert desktop is not None and desktop.running and desktop.generation == record.generation, desktop
-            assert sid in runtime.volumes
+            assert ours(runtime, sid), f"{sid} is ready on a volume the lifecycle did not make"
         elif result == "stopped":
             assert record is not None and record.state is S.STOPPED, record
             assert desktop is None, desktop
@@ -222,12 +222,19 @@ class Model:
             assert record.state not in IN_PROGRESS, record
             if record.state is S.READY:
                 assert desktop is not None and desktop.running and desktop.generation == record.generation, desktop
-                assert has_volume
+                assert ours(self.runtime, sid), f"{sid} is ready on a volume the lifecycle did not make"
             elif record.state is S.STOPPED:
                 assert desktop is None, desktop
                 assert not self.runtime.removed_volumes[sid]
             elif record.state is S.FAILED:
                 assert desktop is None, desktop
+
+
+def ours(runtime: FakeRuntime, session_id: str) -> bool:
+    """The session's volume exists and carries our labels: made by ensure_volume, not by Docker
+    when the desktop bound a missing one (the reconciler's listings find only labelled ones)."""
+    volume = runtime.volumes.get(session_id)
+    return volume is not None and volume.labelled
 
 
 async def run_example(redis_url: str, steps: Sequence[Step]) -> None:

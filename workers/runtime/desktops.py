@@ -1,17 +1,16 @@
-"""The desktops on the sandbox's daemon: their network, each session's volume and container,
-the socket directory each desktop shares with the worker, and the labelled listings the
-reconciler compares with Redis. Everything is found by its deterministic name."""
+"""The desktops on the sandbox's daemon: their network, each session's container (its volume
+through volumes.py), the socket directory each desktop shares with the worker, and the
+labelled listings the reconciler compares with Redis. Everything is found by its
+deterministic name; what a desktop is made of is desktop_spec.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import random
 import shutil
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import aiodocker
@@ -19,29 +18,20 @@ import aiohttp
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 from aiodocker.utils import clean_filters
-from aiodocker.volumes import DockerVolume
 
-from orchestrator.names import (
-    LABEL_DEPTH,
-    LABEL_GENERATION,
-    LABEL_ROLE,
-    LABEL_SANDBOX,
-    LABEL_SESSION,
-    desktop_name,
-    volume_name,
-)
+from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, desktop_name
 from orchestrator.schemas import Resources
 
-from ..privilege import LABEL_USERNS_SLOT, USERNS_ENV, PrivilegeKind, PrivilegeProfile, parse_slot
-from ..uid_ranges import LocalSlots, SlotLedger
+from ..privilege import USERNS_ENV, PrivilegeKind, PrivilegeProfile
+from ..uid_ranges import SlotLedger
+from . import desktop_spec
+from .desktop_spec import desktop_object, generation_of, socket_path
 from .errors import DesktopError, existed, unless_absent
 from .port import Desktop, DockerObject
 from .session_env import SESSION_ENV_DIR, env_archive
+from .volumes import DockerVolumes
 
-
-def socket_path(socket_dir: str, session_id: str) -> str:
-    """Where the desktop's dockerd socket appears on the worker's side."""
-    return os.path.join(socket_dir, session_id, "docker.sock")
+__all__ = ["DockerDesktops", "socket_path"]
 
 
 class DockerDesktops:
@@ -57,8 +47,8 @@ class DockerDesktops:
         ledger: SlotLedger | None = None,
     ) -> None:
         self._docker = docker
-        # Who hands out uid range slots: the machine's ledger in a worker, else the sandbox's own.
-        self.ledger: SlotLedger = ledger or LocalSlots()
+        # The session volumes; the machine's uid range ledger is theirs (``volumes.ledger``).
+        self.volumes = DockerVolumes(docker, sandbox_id=sandbox_id, depth=depth, ledger=ledger)
         self.image = image
         self.sandbox_id = sandbox_id
         self.depth = depth  # of the sandbox; desktops run at depth + 1
@@ -89,18 +79,7 @@ class DockerDesktops:
             if e.status != 409:  # another worker of this sandbox made it first
                 raise
 
-    # -- naming -----------------------------------------------------------------------------
-
-    def labels(self, session_id: str, generation: int | None = None) -> dict[str, str]:
-        labels = {
-            LABEL_SESSION: session_id,
-            LABEL_SANDBOX: self.sandbox_id,
-            LABEL_DEPTH: str(self.depth + 1),
-            LABEL_ROLE: "desktop",
-        }
-        if generation is not None:
-            labels[LABEL_GENERATION] = str(generation)
-        return labels
+    # -- the socket directory, the data root ------------------------------------------------
 
     def remove_socket_dir(self, session_id: str) -> None:
         shutil.rmtree(os.path.dirname(socket_path(self.socket_dir, session_id)), ignore_errors=True)
@@ -110,95 +89,25 @@ class DockerDesktops:
         root: str = info["DockerRootDir"]
         return root
 
-    # -- volume -----------------------------------------------------------------------------
+    # -- volumes (volumes.py; the profile says whether one gets a uid range) ----------------
 
     async def ensure_volume(self, session_id: str) -> bool:
-        if await self.volume_exists(session_id):
-            return False
-        if self.profile.kind is PrivilegeKind.USERNS:
-            await self._create_userns_volume(session_id)
-        else:
-            await self._create_volume(session_id, self.labels(session_id))
-        return True
-
-    async def _create_volume(self, session_id: str, labels: dict[str, str]) -> None:
-        try:
-            await self._docker.volumes.create({"Name": volume_name(session_id), "Labels": labels})
-        except DockerError as e:
-            raise DesktopError("volume_create_failed", f"could not create the volume: {e.message}") from e
-
-    # -- userns: one uid range per volume ---------------------------------------------------
-
-    async def volume_slots(self) -> dict[str, int]:
-        """The uid range slot of each volume of this sandbox that has one, by session."""
-        filters = {"label": [f"{LABEL_SANDBOX}={self.sandbox_id}"]}
-        found: dict[str, Any] = await self._docker.volumes.list(filters=filters)
-        slots = {}
-        for volume in found.get("Volumes") or []:
-            labels = volume.get("Labels") or {}
-            slot = parse_slot(labels)
-            if slot is not None and labels.get(LABEL_SESSION):
-                slots[labels[LABEL_SESSION]] = slot
-        return slots
-
-    async def _create_userns_volume(self, session_id: str, attempts: int = 20) -> int:
-        """Create the volume with a slot from the ledger (unique per machine). The sandbox's own
-        volumes are checked again after creating: a slot another of its volumes holds (a ledger
-        that lost its data, two workers of a sandbox without one) makes the new volume give way
-        (removed, still empty, and the claim dropped) and pick again. The first to see no rival
-        keeps it, and any later one sees it: no two volumes of a sandbox keep one slot."""
-        name = volume_name(session_id)
-        for _ in range(attempts):
-            try:
-                slot = await self.ledger.claim(session_id, await self.volume_slots())
-            except ValueError as e:
-                raise DesktopError("volume_create_failed", str(e)) from e
-            await self._create_volume(session_id, {**self.labels(session_id), LABEL_USERNS_SLOT: str(slot)})
-            after = await self.volume_slots()
-            mine = after.get(session_id)
-            if mine is None:  # made meanwhile under another profile: Docker kept its labels
-                raise DesktopError("volume_create_failed", f"volume {name} exists without a uid range slot")
-            rivals = [n for n, s in after.items() if s == mine and n != session_id]
-            if not rivals:
-                return mine
-            await self._remove_volume(name, "the volume that lost its uid range slot")
-            await self.ledger.release(session_id)
-            await asyncio.sleep(random.uniform(0.01, 0.1))
-        raise DesktopError("volume_create_failed", f"no free uid range slot after {attempts} attempts")
+        return await self.volumes.ensure(session_id, userns=self.profile.kind is PrivilegeKind.USERNS)
 
     async def userns_slot(self, session_id: str) -> int | None:
-        """The slot on the session's volume (None for other profiles). A volume made under
-        another profile has none, and its files belong to the sandbox's root: refused."""
+        """The slot on the session's volume (None for other profiles)."""
         if self.profile.kind is not PrivilegeKind.USERNS:
             return None
-        info = await unless_absent(DockerVolume(self._docker, volume_name(session_id)).show())
-        if info is None:
-            raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
-        slot = parse_slot(info.get("Labels") or {})
-        if slot is None:
-            raise DesktopError(
-                "volume_not_userns",
-                f"the volume of {session_id} was made under another privilege profile (no uid range slot)",
-            )
-        return slot
+        return await self.volumes.userns_slot(session_id)
 
     async def volume_exists(self, session_id: str) -> bool:
-        return await unless_absent(self._docker.volumes.get(volume_name(session_id))) is not None
+        return await self.volumes.exists(session_id)
 
     async def remove_volume(self, session_id: str) -> bool:
-        removed = await self._remove_volume(volume_name(session_id), "the volume")
-        # Gone (now or before): its uid range may go to another desktop of the machine.
-        await self.ledger.release(session_id)
-        return removed
+        return await self.volumes.remove(session_id)
 
     async def remove_volume_by_name(self, name: str) -> None:
-        await self._remove_volume(name, f"volume {name}")
-
-    async def _remove_volume(self, name: str, what: str) -> bool:
-        try:
-            return await existed(DockerVolume(self._docker, name).delete())
-        except DockerError as e:
-            raise DesktopError("volume_remove_failed", f"could not remove {what}: {e.message}") from e
+        await self.volumes.remove_by_name(name)
 
     # -- desktop container ------------------------------------------------------------------
 
@@ -214,54 +123,13 @@ class DockerDesktops:
             name=desktop_name(session_id),
             id=info["Id"],
             running=bool(state.get("Running")),
-            generation=_generation((info.get("Config") or {}).get("Labels") or {}),
+            generation=generation_of((info.get("Config") or {}).get("Labels") or {}),
             exit_code=state.get("ExitCode"),
         )
 
     def own_env(self, session_id: str) -> dict[str, str]:
-        """The orchestrator's own variables (not secret): the container's ``Env``. They win over a
-        session's variables of the same name, which are left out of the session's env file."""
-        return {
-            "ORCH_DEPTH": str(self.depth + 1),
-            "ORCH_SESSION": session_id,
-            "ORCH_EXTERNAL_SOCKET": "/run/orchestrator/docker.sock",
-        }
-
-    def desktop_config(
-        self,
-        session_id: str,
-        generation: int,
-        resources: Resources | None = None,
-        userns_slot: int | None = None,
-    ) -> dict[str, Any]:
-        """The container's configuration. It never holds the session's env: that goes into a
-        file in the container (``deliver_env``), so ``docker inspect`` shows none of it."""
-        sockets = os.path.dirname(socket_path(self.socket_dir, session_id))
-        host_config: dict[str, Any] = {
-            "Binds": [f"{volume_name(session_id)}:/var/lib/docker", f"{sockets}:/run/orchestrator"],
-            "NetworkMode": self.network,
-            # Back by itself when the sandbox's dockerd restarts; a desktop that stops otherwise is
-            # restarted by the reconciler (bounded) or its session fails (desktop_lost).
-            "RestartPolicy": {"Name": "unless-stopped"},
-            "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
-            **self.profile.host_config(),
-        }
-        if resources is not None:
-            if resources.cpus is not None:
-                host_config["NanoCpus"] = int(resources.cpus * 1e9)
-            if resources.memory_mb is not None:
-                host_config["Memory"] = resources.memory_mb * 1024 * 1024
-            if resources.pids is not None:
-                host_config["PidsLimit"] = resources.pids
-        variables = [f"{k}={v}" for k, v in self.own_env(session_id).items()]
-        variables += self.profile.desktop_env(userns_slot)
-        return {
-            "Image": self.image,
-            "Hostname": desktop_name(session_id)[:63],
-            "Env": variables,
-            "Labels": self.labels(session_id, generation),
-            "HostConfig": host_config,
-        }
+        """The orchestrator's own variables (desktop_spec.own_env), which win over a session's."""
+        return desktop_spec.own_env(self.depth, session_id)
 
     async def create(
         self,
@@ -282,8 +150,17 @@ class DockerDesktops:
 
     async def _create(self, session_id: str, generation: int, resources: Resources | None) -> Desktop:
         os.makedirs(os.path.dirname(socket_path(self.socket_dir, session_id)), exist_ok=True)
-        slot = await self.userns_slot(session_id)
-        config = self.desktop_config(session_id, generation, resources, userns_slot=slot)
+        config = desktop_spec.container_config(
+            session_id,
+            image=self.image,
+            network=self.network,
+            socket_dir=self.socket_dir,
+            labels=desktop_spec.desktop_labels(self.sandbox_id, self.depth, session_id, generation),
+            variables=self.own_env(session_id),
+            profile=self.profile,
+            resources=resources,
+            userns_slot=await self.userns_slot(session_id),
+        )
         try:
             await self._docker.containers.create(config, name=desktop_name(session_id))
         except DockerError as e:
@@ -366,45 +243,7 @@ class DockerDesktops:
         """An unlabelled container is never ours."""
         filters = clean_filters({"label": [f"{LABEL_ROLE}=desktop", f"{LABEL_SANDBOX}={self.sandbox_id}"]})
         found = await self._docker.containers.list(all=True, filters=filters)
-        return [_desktop_object(c) for c in found]
+        return [desktop_object(c) for c in found]
 
     async def list_volumes(self) -> list[DockerObject]:
-        filters = {"label": [f"{LABEL_SANDBOX}={self.sandbox_id}", LABEL_SESSION]}
-        found: dict[str, Any] = await self._docker.volumes.list(filters=filters)
-        return [_volume_object(v) for v in found.get("Volumes") or []]
-
-
-def _generation(labels: dict[str, str]) -> int | None:
-    raw = labels.get(LABEL_GENERATION, "")
-    return int(raw) if raw.isdigit() else None
-
-
-def _desktop_object(container: DockerContainer) -> DockerObject:
-    # The listing's fields of the container (DockerContainer has no .get()).
-    info = {key: container[key] for key in ("Labels", "Names", "State", "Created") if key in container}
-    labels = info.get("Labels") or {}
-    return DockerObject(
-        kind="desktop",
-        name=(info.get("Names") or ["/?"])[0].lstrip("/"),
-        session=labels.get(LABEL_SESSION, ""),
-        generation=_generation(labels),
-        # Restarting: the daemon's restart policy is bringing it back (its own backoff); the
-        # reconciler must not start it too, nor spend its restart budget on it.
-        running=info.get("State") in ("running", "restarting"),
-        created_at=float(info.get("Created") or 0),
-    )
-
-
-def _volume_object(volume: dict[str, Any]) -> DockerObject:
-    try:
-        created_at = datetime.fromisoformat((volume.get("CreatedAt") or "").replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        created_at = 0.0
-    return DockerObject(
-        kind="volume",
-        name=volume["Name"],
-        session=(volume.get("Labels") or {}).get(LABEL_SESSION, ""),
-        generation=None,
-        running=False,
-        created_at=created_at,
-    )
+        return await self.volumes.listing()

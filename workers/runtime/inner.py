@@ -20,7 +20,8 @@ from orchestrator.names import address_pool
 from orchestrator.schemas import DockerdReady
 
 from ..privilege import USERNS_SIZE, slot_base
-from .desktops import DockerDesktops, socket_path
+from .desktop_spec import socket_path
+from .desktops import DockerDesktops
 from .errors import DesktopError, unless_absent
 
 log = logging.getLogger("workers.runtime.inner")
