@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,10 +21,12 @@ from typing import Any
 
 import pytest
 from arq.worker import Retry, func
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestrator.keys import Keys, queue_wake
 from orchestrator.queue import WAKE_TTL_MS, JobQueue, Operation, wake
 from orchestrator.redis_conn import JobRedis
+from tests.conftest import free_port
 from workers.jobs import ResilientWorker
 
 FAR = 30.0  # the fallback where a test must not depend on it
@@ -55,7 +60,10 @@ class Harness:
 
     async def blocked(self) -> bool:
         """The worker's connection waits in BLPOP now (seen by Redis, not by the worker)."""
-        clients = await self.admin.client_list()
+        try:
+            clients = await self.admin.client_list()
+        except RedisConnectionError:  # Redis is away (restarted by a test)
+            return False
         return any(c["name"] == self.name and c["cmd"] == "blpop" and "b" in c["flags"] for c in clients)
 
     async def ran(self, session: str, times: int = 1) -> bool:
@@ -240,3 +248,50 @@ async def test_a_worker_not_picking_jobs_is_woken_but_starts_none(redis_url: str
         h.worker.allow_pick_jobs = True
         await wake(h.admin, h.keys.queue(h.sandbox))
         await until(lambda: h.ran("unpicked"), "picking again, the next wake-up starts it")
+
+
+def redis_server(port: int) -> subprocess.Popen[bytes]:
+    server = shutil.which("redis-server")
+    assert server is not None, "redis-server is not installed"
+    return subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def test_a_worker_blocked_when_redis_restarts_serves_the_next_job(caplog: pytest.LogCaptureFixture) -> None:
+    """The BLPOP's connection dies with Redis: an outage like a failed poll (logged, retried
+    with a backoff), and once Redis is back the worker waits for wake-ups again."""
+    caplog.set_level(logging.INFO, "workers.jobs")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = redis_server(port)
+    try:
+        probe = JobRedis.from_url(url)
+
+        async def answers() -> bool:
+            try:
+                return bool(await probe.ping())
+            except RedisConnectionError:
+                return False
+
+        await until(answers, "the private Redis answers")
+        await probe.aclose()
+        async with running(url) as h:
+            await until(h.blocked, "the idle worker blocks in BLPOP")
+            proc.terminate()
+            proc.wait(timeout=10)
+
+            async def outage() -> bool:
+                return h.worker._outage_since is not None
+
+            await until(outage, "the worker sees the outage")
+            proc = redis_server(port)
+            await until(h.blocked, "back, the worker blocks in BLPOP again", timeout=15)
+            assert "Redis is back" in caplog.text
+            assert await h.queue.enqueue(Operation.STOP, h.sandbox, "after-restart", 1)
+            await until(lambda: h.ran("after-restart"), f"woken, well before the {FAR:g} s fallback")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
