@@ -159,7 +159,10 @@ class ResilientWorker(Worker):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.on_reject = on_reject
-        self.fallback_s = fallback_s
+        # The BLPOP's reply must come within the socket timeout (WorkerSettings checks its own;
+        # a URL's ``socket_timeout=`` may still be shorter).
+        socket_timeout = self.pool.connection_pool.connection_kwargs.get("socket_timeout")
+        self.fallback_s = min(fallback_s, socket_timeout / 2) if socket_timeout else fallback_s
         # None: arq's own polling, every poll_delay.
         self.wake_key = queue_wake(self.queue_name) if fallback_s > 0 else None
         self._polled = False  # the first iteration polls at once: there may be work already

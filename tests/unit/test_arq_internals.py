@@ -144,3 +144,10 @@ async def test_a_started_jobs_end_is_seen_after_arq_has_freed_its_slot(redis_url
     assert counters == [0]
     await redis.delete(worker.queue_name)
     await redis.aclose()
+
+
+def test_the_wait_ends_within_the_socket_timeout() -> None:
+    """A BLPOP longer than the socket timeout would fail every idle wait as an outage."""
+    redis = JobRedis(host="127.0.0.1", port=1, socket_timeout=4)
+    assert make_worker(redis, fallback_s=30).fallback_s == 2
+    assert make_worker(JobRedis(host="127.0.0.1", port=1), fallback_s=30).fallback_s == 30  # no timeout
