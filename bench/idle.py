@@ -30,7 +30,7 @@ from workers.jobs import ResilientWorker
 
 from .harness import Result, Side, alternate, cleanup, cpu_seconds, free_port
 
-POLL_DELAY_S = 0.01  # ORCH_POLL_DELAY's default: the old idle poll, and the new least gap under load
+POLL_DELAY_S = 0.01  # ORCH_POLL_DELAY's default: the poll every 10 ms of ORCH_POLL_FALLBACK=0
 FALLBACK_S = 1.0  # ORCH_POLL_FALLBACK's default
 WINDOW_S = 10.0
 IDLE_CONSUMERS = 10

@@ -608,14 +608,13 @@ class WorkerSettings(SharedSettings):
     lock_lease_s: float = setting(
         "ORCH_LOCK_LEASE", 15.0, parse=_float, doc="seconds a dead worker's session lock lasts"
     )
-    # With wake-ups the gap between polls only under load (a burst is polled at most this
-    # often); without (ORCH_POLL_FALLBACK=0), arq polls every poll_delay_s: arq's default 0.5 s
-    # would dominate a sub-second session start, 10 ms costs ~100 ZRANGEBYSCOREs a second.
+    # Only without wake-ups (ORCH_POLL_FALLBACK=0): arq's default 0.5 s would dominate a
+    # sub-second session start; 10 ms costs ~100 ZRANGEBYSCOREs a second per worker.
     poll_delay_s: float = setting(
         "ORCH_POLL_DELAY",
         0.01,
         parse=_float,
-        doc="least seconds between a worker's polls for jobs (with ORCH_POLL_FALLBACK 0: between every poll)",
+        doc="with ORCH_POLL_FALLBACK 0: seconds between a worker's polls for jobs (with wake-ups it polls when woken)",
     )
     # An idle worker blocks on its queue's wake-up list (BLPOP) instead of polling; this bounds
     # how late it finds a job enqueued without a wake-up (docs/jobs.md) and costs ~3 commands per

@@ -137,8 +137,9 @@ class ResilientWorker(Worker):
     on the queue's wake-up list (``<queue>:wake``, which every enqueue pushes to) until an
     enqueue wakes it, the earliest deferred job is due (a retry's), one of its own jobs ends (a slot is free
     for a job that waited for one) or ``fallback_s`` passes (jobs enqueued without a wake-up),
-    then polls as arq does. arq's main loop (``async for _ in poll(poll_delay)``) still sleeps
-    out what is left of ``poll_delay`` after an iteration: under load, polls stay that far apart.
+    then polls as arq does. The wait replaces the sleep of arq's main loop (``async for _ in
+    poll(poll_delay)``, which sleeps what is left of ``poll_delay`` after an iteration): it is set
+    to 0, or an enqueue just after a poll (one a job's end woke) would wait out the rest of it.
 
     arq internals used (all checked by tests/unit/test_arq_internals.py): ``_poll_iteration``
     (called by ``main``'s loop, which sleeps ``poll_delay`` less the iteration's time),
@@ -165,6 +166,8 @@ class ResilientWorker(Worker):
         self.fallback_s = min(fallback_s, socket_timeout / 2) if socket_timeout else fallback_s
         # None: arq's own polling, every poll_delay.
         self.wake_key = queue_wake(self.queue_name) if fallback_s > 0 else None
+        if self.wake_key is not None:
+            self.poll_delay_s = 0.0
         self._polled = False  # the first iteration polls at once: there may be work already
         self._job_ended = False  # since the last wait: poll again without waiting
         self._blocked = False  # in BLPOP now: a job's end must push the wake key to end it

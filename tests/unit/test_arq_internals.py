@@ -151,3 +151,11 @@ def test_the_wait_ends_within_the_socket_timeout() -> None:
     redis = JobRedis(host="127.0.0.1", port=1, socket_timeout=4)
     assert make_worker(redis, fallback_s=30).fallback_s == 2
     assert make_worker(JobRedis(host="127.0.0.1", port=1), fallback_s=30).fallback_s == 30  # no timeout
+
+
+def test_waiting_replaces_the_main_loops_sleep() -> None:
+    """main's ``poll(poll_delay_s)`` would sleep out the rest of poll_delay after a short
+    iteration: a job enqueued just after a poll would wait for it."""
+    redis = JobRedis(host="127.0.0.1", port=1)
+    assert make_worker(redis, fallback_s=1, poll_delay=0.5).poll_delay_s == 0
+    assert make_worker(redis, poll_delay=0.5).poll_delay_s == 0.5  # polling: arq's own
