@@ -135,11 +135,11 @@ class ResilientWorker(Worker):
 
     With ``fallback_s`` > 0 it does not poll when idle: each iteration first blocks in ``BLPOP``
     on the queue's wake-up list (``<queue>:wake``, which every enqueue pushes to) until an
-    enqueue wakes it, the earliest deferred job is due (a retry's), one of its own jobs ends (a slot is free
-    for a job that waited for one) or ``fallback_s`` passes (jobs enqueued without a wake-up),
-    then polls as arq does. The wait replaces the sleep of arq's main loop (``async for _ in
-    poll(poll_delay)``, which sleeps what is left of ``poll_delay`` after an iteration): it is set
-    to 0, or an enqueue just after a poll (one a job's end woke) would wait out the rest of it.
+    enqueue wakes it, the earliest deferred job is due (a retry's), one of its own jobs ends (a
+    job may have waited for its slot) or ``fallback_s`` passes (for jobs enqueued without a
+    wake-up), then polls as arq does. That wait is the only pause: arq's main loop, which would
+    sleep out the rest of ``poll_delay`` after a short iteration (and so delay a job enqueued just
+    after a poll), gets a ``poll_delay`` of 0.
 
     arq internals used (all checked by tests/unit/test_arq_internals.py): ``_poll_iteration``
     (called by ``main``'s loop, which sleeps ``poll_delay`` less the iteration's time),
