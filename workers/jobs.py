@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import Function, Retry, Worker, func
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from orchestrator import tracing
 from orchestrator.config import WorkerSettings
@@ -166,6 +166,7 @@ class ResilientWorker(Worker):
         self.fallback_s = min(fallback_s, socket_timeout / 2) if socket_timeout else fallback_s
         # None: arq's own polling, every poll_delay.
         self.wake_key = queue_wake(self.queue_name) if fallback_s > 0 else None
+        self._own_poll_delay_s = self.poll_delay_s
         if self.wake_key is not None:
             self.poll_delay_s = 0.0
         self._polled = False  # the first iteration polls at once: there may be work already
@@ -233,6 +234,10 @@ class ResilientWorker(Worker):
             # BLPOP's 0 is "forever": the smallest wait is 1 ms. (redis-py annotates the timeout
             # as int; Redis 6 and later take decimal seconds.)
             await self.pool.blpop([wake_key], timeout=round(max(timeout, 0.001), 3))  # type: ignore[arg-type, misc]
+        except NoPermissionError as e:
+            # An ACL from before wake-ups: poll as arq does rather than fail every wait as an outage.
+            log.error("cannot wait for wake-ups (%s; docs/redis.md): polling every %g s", e, self._own_poll_delay_s)
+            self.wake_key, self.poll_delay_s = None, self._own_poll_delay_s
         finally:
             self._blocked = False
             self._job_ended = False  # the poll that follows sees what it ended

@@ -295,3 +295,32 @@ async def test_a_worker_blocked_when_redis_restarts_serves_the_next_job(caplog: 
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_a_worker_whose_user_may_not_blpop_polls_instead(redis_url: str) -> None:
+    """A Redis ACL from before wake-ups (no BLPOP): the worker says so once and polls every
+    poll_delay, instead of failing every wait as an outage."""
+    admin = JobRedis.from_url(redis_url)
+    user = f"wake-{uuid.uuid4().hex[:8]}"
+    await admin.acl_setuser(user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-blpop"])
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    try:
+        async with running(f"redis://{user}:x@{host}:{port}/0") as h:
+
+            async def polling() -> bool:
+                return h.worker.wake_key is None
+
+            await until(polling, "the worker gives up waiting for wake-ups")
+            assert h.worker.poll_delay_s == 0.01 and h.worker._outage_since is None
+            job = await h.admin.enqueue_job(
+                Operation.STOP.value,
+                _job_id="stop_session:polled:1",
+                _queue_name=h.keys.queue(h.sandbox),
+                session="polled",
+                generation=1,
+            )
+            assert job is not None
+            await until(lambda: h.ran("polled"), f"polling, it starts the job before the {FAR:g} s fallback")
+    finally:
+        await admin.acl_deluser(user)
+        await admin.aclose()
