@@ -489,7 +489,11 @@ async def queue(n: int) -> list[Result]:
         await asyncio.wait_for(serving, 60)
         await redis.aclose()
         await consumer.aclose()
-    result.notes["worker poll delay"] = f"{settings.poll_delay_s * 1000:.0f} ms (arq's default is 500 ms)"
+    result.notes["worker wake-ups"] = (
+        f"BLPOP on the queue's wake-up list, fallback poll every {settings.poll_fallback_s:g} s"
+        if settings.poll_fallback_s > 0
+        else f"none: a poll every {settings.poll_delay_s * 1000:.0f} ms (arq's default is 500 ms)"
+    )
     return [result]
 
 

@@ -627,13 +627,22 @@ class WorkerSettings(SharedSettings):
     lock_lease_s: float = setting(
         "ORCH_LOCK_LEASE", 15.0, parse=_float, doc="seconds a dead worker's session lock lasts"
     )
-    # arq's default 0.5 s would dominate a sub-second session start. 10 ms: pickup p50 ~ 12 ms
-    # (bench: queue) for ~100 cheap ZRANGEBYSCOREs a second.
+    # Only without wake-ups (ORCH_POLL_FALLBACK=0): arq's default 0.5 s would dominate a
+    # sub-second session start; 10 ms costs ~100 ZRANGEBYSCOREs a second per worker.
     poll_delay_s: float = setting(
         "ORCH_POLL_DELAY",
         0.01,
         parse=_float,
-        doc="seconds between arq's polls for jobs (arq's own 0.5 s would dominate a start)",
+        doc="with ORCH_POLL_FALLBACK 0: seconds between a worker's polls for jobs (with wake-ups it polls when woken)",
+    )
+    # An idle worker blocks on its queue's wake-up list (BLPOP) instead of polling; this bounds
+    # how late it finds a job enqueued without a wake-up (docs/jobs.md) and costs ~3 commands per
+    # period when idle. Less than the socket timeout: the BLPOP holds a reply that long.
+    poll_fallback_s: float = setting(
+        "ORCH_POLL_FALLBACK",
+        1.0,
+        parse=_float,
+        doc="seconds an idle worker waits for a wake-up before it polls its queue anyway; 0: no wake-ups, poll",
     )
     # Jobs mostly wait on Docker: enough to run a burst of creates at once (bench: 20).
     max_jobs: int = setting("ORCH_MAX_JOBS", 32, parse=_int, doc="jobs a worker runs at once")
@@ -732,6 +741,11 @@ class WorkerSettings(SharedSettings):
             )
         if self.min_free_disk_mb < 0:
             raise ValueError(f"ORCH_SANDBOX_MIN_FREE_DISK_MB must be 0 (off) or more, got {self.min_free_disk_mb}")
+        if not 0 <= self.poll_fallback_s < self.redis_socket_timeout_s:
+            raise ValueError(
+                f"ORCH_POLL_FALLBACK ({self.poll_fallback_s:g} s) must be 0 (poll) or more and less than"
+                f" ORCH_REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout_s:g} s): the worker blocks in Redis that long"
+            )
 
 
 @dataclass(frozen=True)

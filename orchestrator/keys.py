@@ -13,6 +13,12 @@ def job_id(operation: str, session_id: str, generation: int) -> str:
     return f"{operation}:{session_id}:{generation}"
 
 
+def queue_wake(queue: str) -> str:
+    """A queue's wake-up list, next to it: every enqueue pushes one element (trimmed to one, with
+    a TTL), and the queue's worker waits on it with ``BLPOP`` instead of polling (workers/jobs.py)."""
+    return f"{queue}:wake"
+
+
 class Keys:
     """Redis keys, all under one prefix."""
 
@@ -58,6 +64,10 @@ class Keys:
 
     def queue(self, sandbox_id: str) -> str:
         return f"{self.prefix}queue:{sandbox_id}"
+
+    def queue_wake(self, sandbox_id: str) -> str:
+        """The sandbox queue's wake-up list (``queue:<sandbox>:wake``): sandbox ids have no colon."""
+        return queue_wake(self.queue(sandbox_id))
 
     def commands(self, tenant: str | None = None) -> str:
         """The command stream producers write (``XADD ... * command <json>``, docs/jobs.md): one

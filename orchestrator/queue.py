@@ -2,13 +2,15 @@
 
 Layout (see docs/jobs.md): one arq queue per sandbox, ``<prefix>queue:<sandbox>``; job id
 ``<operation>:<session>:<generation>``; job body ``{"t": 1, "f": <operation>, "a": [],
-"k": {"session": ..., "generation": ...}, "et": <enqueue ms>}``.
+"k": {"session": ..., "generation": ...}, "et": <enqueue ms>}``. After each enqueue, one
+element on ``<queue>:wake`` wakes the queue's worker, which blocks on it instead of polling.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import re
 from collections.abc import Container
 from dataclasses import dataclass
@@ -17,10 +19,14 @@ from typing import Annotated, Any
 import msgspec
 from arq.connections import ArqRedis
 from arq.jobs import Job
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from . import tracing
-from .keys import Keys, job_id
+from .keys import Keys, job_id, queue_wake
 from .schemas import LifecycleJob, to_data
+
+log = logging.getLogger("orchestrator.queue")
 
 
 class Operation(enum.StrEnum):
@@ -128,6 +134,23 @@ def oldest_age_s(oldest: list[tuple[Any, float]], now: float) -> float:
     return max(0.0, now - float(oldest[0][1]) / 1000) if oldest else 0.0
 
 
+# A wake-up nobody took (its worker is gone, its sandbox retired) does not outlive this.
+WAKE_TTL_MS = 60_000
+
+
+async def wake(redis: Redis, queue: str) -> None:
+    """Wake the queue's worker: one element on its wake-up list, trimmed to one (a burst of
+    enqueues is one wake-up, not one poll each), with a TTL. Sent after the job is committed, so
+    a worker woken by it finds the job; a wake-up lost (the sender died first) costs at most the
+    worker's fallback poll (ORCH_POLL_FALLBACK)."""
+    key = queue_wake(queue)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.lpush(key, 1)
+        pipe.ltrim(key, 0, 0)
+        pipe.pexpire(key, WAKE_TTL_MS)
+        await pipe.execute()
+
+
 class JobQueue:
     def __init__(self, arq: ArqRedis, keys: Keys) -> None:
         self._arq = arq
@@ -136,10 +159,14 @@ class JobQueue:
     async def enqueue(self, operation: Operation, sandbox: str, session: str, generation: int) -> bool:
         """Enqueue once: False when a job with the same id is queued, running or finished recently."""
         payload = to_data(LifecycleJob(session=session, generation=generation, trace=tracing.current.get()))
+        queue = self.keys.queue(sandbox)
         job: Job | None = await self._arq.enqueue_job(
-            operation.value,
-            _job_id=job_id(operation.value, session, generation),
-            _queue_name=self.keys.queue(sandbox),
-            **payload,
+            operation.value, _job_id=job_id(operation.value, session, generation), _queue_name=queue, **payload
         )
-        return job is not None
+        if job is None:
+            return False
+        try:
+            await wake(self._arq, queue)
+        except (RedisError, OSError) as e:  # the job is queued: its worker's fallback poll finds it
+            log.warning("enqueued %s but could not wake its worker (%s)", job.job_id, e)
+        return True

@@ -15,13 +15,14 @@ from typing import Any
 import msgspec
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.worker import Function, Retry, Worker, func
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from orchestrator import tracing
 from orchestrator.config import WorkerSettings
+from orchestrator.keys import queue_wake
 from orchestrator.locks import Busy
 from orchestrator.placement import NoCapacity, NoSandbox, resource_problem
-from orchestrator.queue import Operation, Rejected, Rejection, error_path, names, screen
+from orchestrator.queue import Operation, Rejected, Rejection, error_path, names, screen, wake
 from orchestrator.records import new_record
 from orchestrator.redis_conn import JobRedis
 from orchestrator.schemas import LifecycleJob
@@ -132,16 +133,46 @@ class ResilientWorker(Worker):
     (``"t": "1"``) raise out of its run_job, which ends the worker on every start while the
     job stays queued. A malformed job is removed with its keys, counted and logged instead.
 
-    arq internals used (all checked by tests/unit/test_arq_internals.py): ``_poll_iteration``,
-    ``start_jobs(job_ids)``, ``run_job(job_id, score)``, ``tasks`` (job id -> task),
-    ``functions`` (name -> function), ``allow_pick_jobs``, ``health_check_key`` and
-    ``arq.constants``' ``in_progress_key_prefix``, ``job_key_prefix`` and ``retry_key_prefix``."""
+    With ``fallback_s`` > 0 it does not poll when idle: each iteration first blocks in ``BLPOP``
+    on the queue's wake-up list (``<queue>:wake``, which every enqueue pushes to) until an
+    enqueue wakes it, the earliest deferred job is due (a retry's), one of its own jobs ends (a
+    job may have waited for its slot) or ``fallback_s`` passes (for jobs enqueued without a
+    wake-up), then polls as arq does. That wait is the only pause: arq's main loop, which would
+    sleep out the rest of ``poll_delay`` after a short iteration (and so delay a job enqueued just
+    after a poll), gets a ``poll_delay`` of 0.
+
+    arq internals used (all checked by tests/unit/test_arq_internals.py): ``_poll_iteration``
+    (called by ``main``'s loop, which sleeps ``poll_delay`` less the iteration's time),
+    ``start_jobs(job_ids)`` (which puts each started job's task in ``tasks``, with arq's own
+    done callback that frees its slot), ``run_job(job_id, score)``, ``tasks`` (job id -> task),
+    ``functions`` (name -> function), ``allow_pick_jobs``, ``health_check_key``, ``queue_name``,
+    ``poll_delay_s`` and ``arq.constants``' ``in_progress_key_prefix``, ``job_key_prefix`` and
+    ``retry_key_prefix``."""
 
     _outage_since: float | None = None
 
-    def __init__(self, *args: Any, on_reject: Callable[[Rejection], None] = _ignore, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        on_reject: Callable[[Rejection], None] = _ignore,
+        fallback_s: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.on_reject = on_reject
+        # The BLPOP's reply must come within the socket timeout (WorkerSettings checks its own;
+        # a URL's ``socket_timeout=`` may still be shorter).
+        socket_timeout = self.pool.connection_pool.connection_kwargs.get("socket_timeout")
+        self.fallback_s = min(fallback_s, socket_timeout / 2) if socket_timeout else fallback_s
+        # None: arq's own polling, every poll_delay.
+        self.wake_key = queue_wake(self.queue_name) if fallback_s > 0 else None
+        self._own_poll_delay_s = self.poll_delay_s
+        if self.wake_key is not None:
+            self.poll_delay_s = 0.0
+        self._polled = False  # the first iteration polls at once: there may be work already
+        self._job_ended = False  # since the last wait: poll again without waiting
+        self._blocked = False  # in BLPOP now: a job's end must push the wake key to end it
+        self._wakers: set[asyncio.Task[None]] = set()
 
     async def run_job(self, job_id: str, score: int) -> None:
         """arq's run_job, for a job whose body passes ``screen``; any other is rejected. A
@@ -168,6 +199,10 @@ class ResilientWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         try:
+            # After an outage, poll at once: jobs may have been queued (or woken) meanwhile.
+            if self.wake_key is not None and self._polled and self._outage_since is None:
+                await self._wait_for_work(self.wake_key)
+            self._polled = True
             await super()._poll_iteration()
         except (RedisError, OSError) as e:
             if self._outage_since is None:
@@ -180,15 +215,62 @@ class ResilientWorker(Worker):
             self._outage_since = None
             await self.release_orphaned_jobs()
 
+    async def _wait_for_work(self, wake_key: str) -> None:
+        """Block until there may be work (see the class), on one pooled connection: the
+        deadline is the earliest deferred job's time, at most ``fallback_s``."""
+        now_ms = time.time() * 1000
+        timeout = self.fallback_s
+        due: list[tuple[bytes, float]] = await self.pool.zrangebyscore(
+            self.queue_name, f"({now_ms:.0f}", "+inf", start=0, num=1, withscores=True
+        )
+        if due:  # +1 ms: BLPOP's timeout is not exact, and the job is not due before its score
+            timeout = min(timeout, (due[0][1] - now_ms) / 1000 + 0.001)
+        # No await from here to the BLPOP's send: a job that ends sees _blocked, or was seen.
+        if self._job_ended or timeout <= 0:
+            self._job_ended = False
+            return
+        self._blocked = True
+        try:
+            # BLPOP's 0 is "forever": the smallest wait is 1 ms. (redis-py annotates the timeout
+            # as int; Redis 6 and later take decimal seconds.)
+            await self.pool.blpop([wake_key], timeout=round(max(timeout, 0.001), 3))  # type: ignore[arg-type, misc]
+        except NoPermissionError as e:
+            # An ACL from before wake-ups: poll as arq does rather than fail every wait as an outage.
+            log.error("cannot wait for wake-ups (%s; docs/redis.md): polling every %g s", e, self._own_poll_delay_s)
+            self.wake_key, self.poll_delay_s = None, self._own_poll_delay_s
+        finally:
+            self._blocked = False
+            self._job_ended = False  # the poll that follows sees what it ended
+
+    def _on_job_end(self, _: asyncio.Task[Any]) -> None:
+        """A started job's task is done (arq's own callback, registered first, has freed its
+        slot): a job waiting for a slot, or this one deferred to retry, needs a poll now."""
+        self._job_ended = True
+        if self._blocked and self.wake_key is not None:
+            waker = asyncio.get_running_loop().create_task(self._wake())
+            self._wakers.add(waker)
+            waker.add_done_callback(self._wakers.discard)
+
+    async def _wake(self) -> None:
+        try:
+            await wake(self.pool, self.queue_name)
+        except (RedisError, OSError):  # the blocked poll fails too, and is retried
+            log.debug("could not wake the poll after a job ended", exc_info=True)
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq re-checks every queued id on every poll, running ones included (a job stays in
         the queue until it ends): four round trips per running job per poll, 8,000 a second
         for a burst of 20 at our 10 ms poll, which cost the burst more CPU than its Docker
-        work. Ids this worker runs now are skipped here, with no Redis call."""
+        work. Ids this worker runs now are skipped here, with no Redis call. Each job started
+        gets ``_on_job_end`` after arq's own done callback."""
         running = self.tasks
-        fresh = [j for j in job_ids if (t := running.get(j.decode())) is None or t.done()]
+        fresh = {j.decode(): t for j in job_ids if (t := running.get(j.decode())) is None or t.done()}
         if fresh:
-            await super().start_jobs(fresh)
+            await super().start_jobs([j.encode() for j in fresh])
+            for job_id, before in fresh.items():
+                started = running.get(job_id)
+                if started is not None and started is not before:
+                    started.add_done_callback(self._on_job_end)
 
     async def release_orphaned_jobs(self) -> int:
         """Queued jobs marked in progress that this worker does not run: their run died with
@@ -235,6 +317,7 @@ class JobRunner:
             max_tries=10_000,
             handle_signals=False,
             on_reject=context.rejected,
+            fallback_s=settings.poll_fallback_s,
         )
 
     def running(self) -> int:

@@ -37,7 +37,7 @@ from orchestrator.exec_store import ExecStore
 from orchestrator.exec_types import ExecJob, ExecRecord, ExecState, OutputStream
 from orchestrator.keys import Keys
 from orchestrator.locks import SessionLocks
-from orchestrator.queue import JobQueue, Operation
+from orchestrator.queue import JobQueue, Operation, wake
 from orchestrator.redis_conn import redacted_url, redis_client
 from orchestrator.sandboxes import SandboxRegistry
 from orchestrator.schemas import DrainRequest, SandboxInfo
@@ -317,6 +317,11 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
         queue = JobQueue(api_redis, keys)
         assert await queue.enqueue(Operation.CREATE, "sec", "job-s1", 1)
         assert not await queue.enqueue(Operation.CREATE, "sec", "job-s1", 1)
+        # The enqueue woke the queue's worker (LPUSH, LTRIM, PEXPIRE), which waits in BLPOP; the
+        # worker's reconciler enqueues, and so wakes, too.
+        woken = await awaited(worker_redis.blpop([keys.queue_wake("sec")], timeout=1))
+        assert list(woken) == [keys.queue_wake("sec").encode(), b"1"]
+        await wake(worker_redis, keys.queue("sec"))
         worker = ResilientWorker(
             functions=[func(create_session, name=Operation.CREATE.value)],
             redis_pool=worker_redis,
@@ -326,6 +331,7 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
             poll_delay=0.01,
             burst=True,
             handle_signals=False,
+            fallback_s=1.0,
         )
         try:
             async with asyncio.timeout(20):

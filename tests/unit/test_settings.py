@@ -91,6 +91,7 @@ EVERYTHING = Settings(
     tombstone_ttl_s=3600,
     lock_lease_s=2.0,
     poll_delay_s=0.125,
+    poll_fallback_s=2.5,
     max_jobs=4,
     pool_size=2,
     exec_max_running=64,
@@ -114,7 +115,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 88
+    assert len(fields) == 89
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
@@ -251,6 +252,17 @@ def test_checks_run_for_each_component() -> None:
         WorkerSettings(lost_after_s=1.0)
     with pytest.raises(ValueError, match="ORCH_SANDBOX_LOST_AFTER"):
         dataclasses.replace(EVERYTHING, lost_after_s=0.5)
+
+
+def test_the_poll_fallback_is_shorter_than_the_socket_timeout() -> None:
+    """The idle worker's BLPOP waits that long for its reply: past the socket timeout every
+    idle wait would fail as a Redis outage."""
+    with pytest.raises(ValueError, match="ORCH_POLL_FALLBACK"):
+        WorkerSettings.from_env({"ORCH_POLL_FALLBACK": "30", "ORCH_REDIS_SOCKET_TIMEOUT": "30"})
+    with pytest.raises(ValueError, match="ORCH_POLL_FALLBACK"):
+        WorkerSettings.from_env({"ORCH_POLL_FALLBACK": "-1"})
+    assert WorkerSettings.from_env({"ORCH_POLL_FALLBACK": "0"}).poll_fallback_s == 0  # polling, as before
+    assert WorkerSettings().poll_fallback_s == 1.0
 
 
 def test_the_free_disk_watermark_is_never_negative() -> None:
