@@ -14,7 +14,7 @@ help:
 	@echo "make up           bring the stack up and run one real session to dockerd.ready"
 	@echo "make down         stop the compose stack and the project's dockerd and Redis"
 	@echo "make test         the whole suite: lint, unit, and integration on a real dockerd and Redis"
-	@echo "make test-fast    the tests that need no Docker Engine (unit and Redis-only; a few minutes)"
+	@echo "make test-fast    the tests that need no Docker Engine and are no soak (unit and Redis-only; under 3 minutes)"
 	@echo "make test-docker  the tests on the project's Docker Engine (marker docker, soaks included)"
 	@echo "make unit         the unit tests only"
 	@echo "make lint         ruff check, ruff format --check, mypy --strict"
@@ -82,7 +82,7 @@ unit: venv
 # Only a Redis server is needed (the tests start their own): install it if it is missing.
 test-fast: venv
 	@command -v redis-server >/dev/null || bash scripts/env.sh up --test >/dev/null
-	$(VENV)/bin/pytest -q -m "not docker" tests
+	$(VENV)/bin/pytest -q -m "not docker and not slow" tests
 
 test-docker: venv images
 	bash scripts/env.sh up --test >/dev/null

@@ -60,6 +60,7 @@ def app_schema(settings: Settings) -> Iterator[BaseSchema]:
         shutdown_lifespans()
 
 
+@pytest.mark.slow  # about 90 s: `make test` runs it, `make test-fast` leaves it out
 @pytest.mark.timeout(600)
 def test_a_thousand_generated_requests_get_no_5xx_and_no_stack_traces(app_schema: BaseSchema) -> None:
     responses: list[tuple[str, int, bytes]] = []  # (operation, status, body)
