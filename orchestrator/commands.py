@@ -311,7 +311,10 @@ class CommandConsumer:
             )
             return execution.session, {"session": execution.session, "exec": execution.id, "new": created}
         if isinstance(command, CreateCommand):
-            created, record = await self.sessions.create(_spec_of(command, tenant), None, tenant, request_id=rid)
+            derived = None if command.session else session_id_for(tenant, command.request_id)
+            created, record = await self.sessions.create(
+                _spec_of(command), None, tenant, request_id=rid, derived_id=derived
+            )
             return record.id, {**_said(record), "new": created}
         if isinstance(command, StopCommand):
             return _answered(await self.sessions.stop(command.session, tenant, request_id=rid))
@@ -376,14 +379,15 @@ def _op(command: Command) -> str:
     return op
 
 
-def _spec_of(command: CreateCommand, tenant: str) -> SessionCreate:
-    """The create request of ``command``: its spec, with the id it names or derives."""
+def _spec_of(command: CreateCommand) -> SessionCreate:
+    """The create request of ``command``: its spec, with the id it names (None: derived from
+    its request id by the caller, which a warm desktop may serve)."""
     if command.id is not None:
         raise ServiceError(
             400, "invalid_request", "a create command names its session in `session`, not `id`", field="id"
         )
     fields = {f: getattr(command, f) for f in SessionCreate.__struct_fields__ if f != "id"}
-    return SessionCreate(id=command.session or session_id_for(tenant, command.request_id), **fields)
+    return SessionCreate(id=command.session, **fields)
 
 
 def _said(record: SessionRecord) -> dict[str, object]:

@@ -31,6 +31,11 @@ class Keys:
     def session_env(self, session_id: str) -> str:
         return f"{self.prefix}session-env:{session_id}"
 
+    def session_alias(self, session_id: str) -> str:
+        """A derived id (an Idempotency-Key's, a create command's) whose create claimed a warm
+        desktop, which has an id of its own: the id it became (TTL), so a retry finds it."""
+        return f"{self.prefix}session-alias:{session_id}"
+
     def session_deleted(self, session_id: str) -> str:
         """A deleted session's tombstone (TTL): the evidence that lets the reconciler remove
         its leftover desktop or volume. Written by the DELETED transition, dropped by a new record."""

@@ -25,11 +25,13 @@ from .states import SessionState
 # two never share a warm desktop, and no record exists without its place (or the reverse).
 # KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
 #   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its
-#   tombstone (a new record drops it), 11 its tenant's session set.
+#   tombstone (a new record drops it), 11 its tenant's session set, 12 the requested id's
+#   alias (keys.session_alias).
 # ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
 #   6 env json ('' none), 7 firehose maxlen, 8 session maxlen, 9 its env key (an argument,
 #   not one of KEYS, for the API's write-only access: see store.CAS_LUA), 10 the tenant's quota
-#   (0: none).
+#   (0: none), 11 the record key's prefix (for an alias's record), 12 the alias's TTL in
+#   seconds ('' none: the requested id is no derived one, nobody asks for it again).
 # Returns {1, entry id}; {0, existing record} when the requested id exists; {3, ''} when the
 #   tenant is at its quota; {2, why} when the sandbox no longer qualifies: 'gone', 'draining',
 #   'full' or 'claimed' (the desktop is taken). A claimed warm desktop becomes the claimer's
@@ -37,6 +39,11 @@ from .states import SessionState
 RESERVE_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
+local aliased = redis.call('GET', KEYS[12])
+if aliased then
+  cur = redis.call('GET', ARGV[11] .. aliased)
+  if cur then return {0, cur} end
+end
 local quota = tonumber(ARGV[10])
 if quota > 0 and redis.call('SCARD', KEYS[11]) >= quota then return {3, ''} end
 if redis.call('EXISTS', KEYS[5]) == 0 then return {2, 'gone'} end
@@ -51,11 +58,16 @@ redis.call('SET', KEYS[2], ARGV[4])
 redis.call('DEL', KEYS[10])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[11], ARGV[1])
+if ARGV[3] ~= '' and ARGV[12] ~= '' then redis.call('SET', KEYS[12], ARGV[3], 'EX', ARGV[12]) end
 if ARGV[6] ~= '' then redis.call('SET', ARGV[9], ARGV[6]) end
 local entry = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'event', ARGV[5])
 redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], entry, 'event', ARGV[5])
 return {1, entry}
 """
+
+# How long a derived id that claimed a warm desktop leads to it (Idempotency-Keys and command
+# request ids are retried within minutes; the record itself may live longer).
+ALIAS_TTL_S = 86_400
 
 # Why a reservation did not happen: the sandbox changed since the read ('gone', 'draining',
 # 'full', 'claimed': RESERVE_LUA's {2, why}) or the tenant is at its quota ({3, ''}).
@@ -100,10 +112,16 @@ class Reservations:
         *,
         warm: bool,
         low_disk: Collection[str] = (),
+        aliased: bool = False,
     ) -> Fleet:
         """What placement decides on, in one round trip. A transaction, so that it is one
-        moment's view: "the id is free" and "every sandbox is full" are never from two."""
+        moment's view: "the id is free" and "every sandbox is full" are never from two.
+        ``aliased``: the id is a derived one, which may have become a warm desktop's."""
         k = self.keys
+        if aliased and (became := await self._redis.get(k.session_alias(session_id))) is not None:
+            found = await self._redis.get(k.session(_text(became)))
+            if found is not None:
+                return Fleet(_decode_record(found), [], {})
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.get(k.session(session_id))
             pipe.scard(k.tenant_sessions(tenant))
@@ -127,10 +145,18 @@ class Reservations:
         return Fleet(record, candidates, heads, int(tenant_sessions))
 
     async def reserve(
-        self, record: SessionRecord, env: dict[str, str] | None, chosen: Candidate, warm_id: str | None, quota: int
+        self,
+        record: SessionRecord,
+        env: dict[str, str] | None,
+        chosen: Candidate,
+        warm_id: str | None,
+        quota: int,
+        *,
+        aliased: bool = False,
     ) -> Placed | Refusal:
         """Store ``record`` on ``chosen`` (as the warm desktop ``warm_id``, born ready, when
-        given) if it still qualifies (RESERVE_LUA). Returns the placement, or why not."""
+        given) if it still qualifies (RESERVE_LUA). Returns the placement, or why not.
+        ``aliased``: ``record.id`` is a derived id: a warm claim leaves its alias."""
         if warm_id is None:
             new, data = msgspec.structs.replace(record, sandbox=chosen.id), {}
         else:
@@ -150,6 +176,7 @@ class Reservations:
                 k.session_events(session),
                 k.session_deleted(session),
                 k.tenant_sessions(new.tenant),
+                k.session_alias(record.id),
             ],
             args=[
                 session,
@@ -162,6 +189,8 @@ class Reservations:
                 self.bus.session_maxlen,
                 k.session_env(session),
                 quota,
+                k.session(""),
+                ALIAS_TTL_S if aliased else "",
             ],
         )
         if int(reply[0]) == 3:

@@ -48,10 +48,17 @@ def check_session_id(session_id: str) -> None:
 
 def warm_eligible(request: SessionCreate) -> bool:
     """Whether a warm desktop can serve ``request``: pooled desktops are made ahead with the
-    sandbox's defaults and their own pre-chosen id, so a request that names its id (or derives
-    it from an Idempotency-Key), sets env or resources, or preloads images is made cold."""
+    sandbox's defaults and their own pre-chosen id, so a request that names its id, sets env or
+    resources, or preloads images is made cold. (An id derived from an Idempotency-Key or a
+    command's request id is no name: a warm desktop serves it, and the id leads there.)"""
     no_limits = request.resources is None or request.resources == Resources()
     return request.id is None and not request.env and no_limits and not request.preload_images
+
+
+def _with_ids(record: SessionRecord, request_id: str | None, derived_id: str | None) -> SessionRecord:
+    if derived_id is not None:
+        return msgspec.structs.replace(record, id=derived_id, request_id=request_id)
+    return msgspec.structs.replace(record, request_id=request_id)
 
 
 def _caps(sandboxes: list[SandboxInfo]) -> str:
@@ -98,25 +105,33 @@ class Sessions:
         idempotency_key: str | None = None,
         tenant: str = DEFAULT_TENANT,
         request_id: str | None = None,
+        derived_id: str | None = None,
     ) -> tuple[bool, SessionRecord]:
         """Returns (created, record): ``tenant``'s new session. The same id (or Idempotency-Key)
         with the same spec returns the existing session instead of making another. Raises
         ServiceError 429 ``quota_exceeded`` when the tenant holds ORCH_TENANT_MAX_SESSIONS.
-        ``request_id``: the command's that asks (commands.py), kept on a new record."""
+        ``request_id``: the command's that asks (commands.py), kept on a new record.
+        ``derived_id``: the id a retry of this create names too (a command's), when the request
+        names none. A derived id (or an Idempotency-Key's) may be served by a warm desktop: the
+        session then has the desktop's id, and the derived id leads to it (keys.session_alias)."""
         if request.id is None and idempotency_key is not None:
-            request = msgspec.structs.replace(request, id=id_from_idempotency_key(idempotency_key, tenant))
+            derived_id = id_from_idempotency_key(idempotency_key, tenant)
+        if request.id is not None:
+            derived_id = None
         try:
-            return await self._create(request, tenant, request_id)
+            return await self._create(request, tenant, request_id, derived_id)
         except QuotaExceeded as e:
             # At the quota: unless the count held leftovers (store.PRUNE_LUA), that is the answer.
             if not await self.store.prune_tenant(tenant):
                 raise ServiceError(429, "quota_exceeded", str(e)) from None
         try:
-            return await self._create(request, tenant, request_id)
+            return await self._create(request, tenant, request_id, derived_id)
         except QuotaExceeded as e:
             raise ServiceError(429, "quota_exceeded", str(e)) from None
 
-    async def _create(self, request: SessionCreate, tenant: str, request_id: str | None) -> tuple[bool, SessionRecord]:
+    async def _create(
+        self, request: SessionCreate, tenant: str, request_id: str | None, derived_id: str | None
+    ) -> tuple[bool, SessionRecord]:
         quota = self.settings.tenant_max_sessions
         known = await self.sandboxes()
         default = self.settings.default_sandbox
@@ -138,7 +153,7 @@ class Sessions:
             )
             if problem:
                 raise ServiceError(422, "resources_exceed_sandbox", problem[1], field=problem[0])
-            record = msgspec.structs.replace(new_record(request, default, self.settings, tenant), request_id=request_id)
+            record = _with_ids(new_record(request, default, self.settings, tenant), request_id, derived_id)
             created, stored = await self.store.create(record, request.env, quota=quota)
             return await self._after_create(request, tenant, created, stored, warm=False)
         try:
@@ -157,13 +172,14 @@ class Sessions:
         # refusal has the same code, its message saying which are low and by how much.
         low = {s.id: why for s in fitting if (why := low_disk(s)) is not None}
         low_note = f"; low on disk: {'; '.join(low.values())}" if low else ""
-        record = msgspec.structs.replace(new_record(request, "", self.settings, tenant), request_id=request_id)
+        record = _with_ids(new_record(request, "", self.settings, tenant), request_id, derived_id)
         try:
             placed = await self.store.place(
                 record,
                 request.env,
                 [(s.id, s.capacity) for s in fitting],
                 prefer_warm=warm_eligible(request),
+                aliased=derived_id is not None,
                 quota=quota,
                 low_disk=low.keys(),
             )

@@ -244,19 +244,23 @@ class SessionStore:
         prefer_warm: bool,
         quota: int = 0,
         low_disk: Collection[str] = (),
+        aliased: bool = False,
     ) -> Placed:
         """Place ``record`` (its sandbox field is ignored) on the sandbox the placement rule
         chooses among ``sandboxes`` (id, cap), and store it there. With ``prefer_warm``, a
         sandbox with a warm desktop wins and the session takes that desktop's id, born ready.
         Those in ``low_disk`` (below their free-disk watermark, as their heartbeats said) are
-        never chosen. An existing record with the same id is returned as is. Raises NoCapacity,
-        NoSandbox, or QuotaExceeded when the record's tenant holds ``quota`` sessions (0: no
-        limit)."""
+        never chosen. An existing record with the same id is returned as is; with ``aliased``
+        (the id is derived: an Idempotency-Key's, a command's), so is the warm session an
+        earlier create with that id became. Raises NoCapacity, NoSandbox, or QuotaExceeded when
+        the record's tenant holds ``quota`` sessions (0: no limit)."""
         why = "full"
         reservations = self.reservations
         for attempt in range(PLACE_TRIES):
             warm = prefer_warm and attempt < PLACE_TRIES // 2
-            fleet = await reservations.read_fleet(record.id, record.tenant, sandboxes, warm=warm, low_disk=low_disk)
+            fleet = await reservations.read_fleet(
+                record.id, record.tenant, sandboxes, warm=warm, low_disk=low_disk, aliased=aliased
+            )
             if fleet.existing is not None:
                 return Placed(False, fleet.existing, warm=False)
             if quota > 0 and fleet.tenant_sessions >= quota:  # said before any capacity problem
@@ -266,7 +270,9 @@ class SessionStore:
             chosen = choose(fleet.candidates, prefer_warm=warm)
             if chosen is None:
                 raise NoCapacity(_NO_ROOM if any(c.low_disk for c in fleet.candidates) else _NO_CAPACITY)
-            outcome = await reservations.reserve(record, env, chosen, fleet.warm_heads.get(chosen.id), quota)
+            outcome = await reservations.reserve(
+                record, env, chosen, fleet.warm_heads.get(chosen.id), quota, aliased=aliased
+            )
             if isinstance(outcome, Placed):
                 return outcome
             if outcome == "quota":

@@ -350,6 +350,33 @@ async def test_the_same_request_id_twice_acts_once_and_is_answered_twice(
     assert len(pending) == 1 and pending[0]["data"]["request_id"] == "twice"
 
 
+async def test_a_warm_desktop_serves_a_create_command_and_a_retry_after_a_crash_finds_it(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """A create without ``session`` takes a warm desktop, as an HTTP create without an id does;
+    its answer lost (the API died before recording it: the done key gone), the same request
+    id again finds that session instead of making a second."""
+    keys = Keys(settings.key_prefix)
+    registry = SandboxRegistry(redis, keys)
+    box = f"{settings.sandbox_id}-w"
+    assert await registry.mark_alive(box, 120.0)
+    assert await registry.beat(beat(10, box))
+    await awaited(redis.rpush(keys.pool(box), "w-warm-0", "w-warm-1"))
+    producer = producer_for(settings)
+    async with running_api(settings):
+        await producer.send({"op": "create", "request_id": "warm-1"})
+        [first] = await producer.answer("warm-1")
+        assert (first["type"], first["session"], first["new"]) == ("command.accepted", "w-warm-0", True)
+        await redis.delete(keys.command_done(DEFAULT_TENANT, "warm-1"))
+        await producer.send({"op": "create", "request_id": "warm-1"})
+        again = (await producer.answer("warm-1", count=2))[-1]
+        assert (again["type"], again["session"], again["new"]) == ("command.accepted", "w-warm-0", False)
+    assert await awaited(redis.smembers(keys.session_index)) == {b"w-warm-0"}
+    assert await awaited(redis.lrange(keys.pool(box), 0, -1)) == [b"w-warm-1"]
+    ready = [e for _, e in await producer.events() if e["type"] == "session.ready"]
+    assert [(e["session"], e["data"]["warm"], e["data"]["request_id"]) for e in ready] == [("w-warm-0", True, "warm-1")]
+
+
 async def test_bad_commands_are_refused_with_precise_codes_and_the_consumer_keeps_serving(
     settings: Settings, redis: aioredis.Redis
 ) -> None:

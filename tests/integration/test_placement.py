@@ -7,6 +7,7 @@ import asyncio
 import random
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -150,6 +151,32 @@ async def test_concurrent_warm_creates_never_share_a_desktop(redis: aioredis.Red
         stored = await store.get(sid)
         assert stored is not None and stored.sandbox == "w"
         assert stored.state is (S.READY if warm else S.PENDING)
+
+
+async def test_a_derived_id_served_warm_leads_its_retries_to_the_same_session(
+    redis: aioredis.Redis, settings: Settings
+) -> None:
+    """An Idempotency-Key's (or a command's) id is no name: a warm desktop serves it, and the
+    same id again, even 6 at once, finds that session instead of making another."""
+    keys = Keys(settings.key_prefix)
+    store = SessionStore(redis, EventBus(redis, keys))
+    await fleet(redis, keys, [("w", 0, 50, True, False, 3)])
+    derived = "k-derived-from-a-key"
+
+    async def one() -> tuple[bool, str, bool]:
+        record = msgspec.structs.replace(new_record(SessionCreate(), "", settings), id=derived)
+        placed = await store.place(record, None, [("w", 50)], prefer_warm=True, aliased=True)
+        return placed.created, placed.record.id, placed.warm
+
+    results = await asyncio.gather(*(one() for _ in range(6)))
+    assert sorted(results) == [(False, "w-w-0", False)] * 5 + [(True, "w-w-0", True)]
+    assert await store.get(derived) is None  # no second record under the derived id
+    assert await redis.get(keys.session_alias(derived)) == b"w-w-0"
+    assert 0 < await redis.ttl(keys.session_alias(derived)) <= 86_400
+    assert await awaited(redis.llen(keys.pool("w"))) == 2 and await awaited(redis.scard(keys.placed("w"))) == 1
+    # Without `aliased` (a plain server id), nothing is aliased: a claim leaves no key.
+    plain = await store.place(new_record(SessionCreate(), "", settings), None, [("w", 50)], prefer_warm=True)
+    assert plain.warm and not await redis.exists(keys.session_alias(plain.record.id))
 
 
 async def test_a_sandbox_that_changes_after_the_read_is_not_used(redis: aioredis.Redis, settings: Settings) -> None:
