@@ -2,10 +2,12 @@
 the collected output of a ``wait: true`` exec.
 
 The shared reader holds one Redis connection whatever the number of followers: one ``XREAD
-BLOCK`` over every followed exec's stream, each from the oldest position its followers need.
-A follower of a stream not yet read interrupts the read in flight (its connection is dropped
-and the read made again with the new stream), so a new exec's output is seen at once; nothing
-is polled while nothing is printed, and no one following costs nothing."""
+BLOCK`` over every followed exec's stream, each from the oldest position its followers need,
+and over this process's wake-up stream. A follower of a stream not yet read adds to the
+wake-up stream, which ends the read in flight (its connection kept: cancelling a blocked read
+would cost a reconnection), and the read is made again with the new stream, so a new exec's
+output is seen at once; nothing is polled while nothing is printed, and no one following
+costs nothing."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import base64
 import contextlib
 import json
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +34,7 @@ log = logging.getLogger("orchestrator.exec_output")
 Entry = tuple[str, dict[bytes, bytes]]
 ROUND_MS = 5_000
 BATCH = 500
+WAKE_TTL_MS = 3_600_000  # a dead process's wake-up stream goes within the hour
 
 
 class _Follower:
@@ -48,16 +52,19 @@ class ExecOutputHub:
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Future[Any] | None = None
         self._reading: frozenset[str] = frozenset()
+        # Under exec-output:* (the API's ACL pattern), never an exec's id (those have no '-').
+        self._wake_key = keys.exec_output(f"wake-{uuid.uuid4().hex[:16]}")
+        self._woken_after = "0-0"
 
     @contextlib.asynccontextmanager
     async def follow(self, exec_id: str, after: str) -> AsyncIterator[_Follower]:
         follower = _Follower(after)
         self._followers[exec_id].add(follower)
         self._wake.set()
-        if exec_id not in self._reading and self._inflight is not None and not self._inflight.done():
-            self._inflight.cancel()  # read again, with this stream
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._read())
+        elif exec_id not in self._reading and self._inflight is not None and not self._inflight.done():
+            await self._interrupt()  # read again, with this stream
         try:
             yield follower
         finally:
@@ -65,11 +72,22 @@ class ExecOutputHub:
             if not self._followers[exec_id]:
                 del self._followers[exec_id]
 
+    async def _interrupt(self) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=16, approximate=False)
+                pipe.pexpire(self._wake_key, WAKE_TTL_MS)
+                await pipe.execute()
+        except Exception as e:  # the read in flight ends by itself within ROUND_MS
+            log.warning("exec output reader: could not wake it (%s)", e)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        with contextlib.suppress(Exception):
+            await self._redis.delete(self._wake_key)
 
     async def _read(self) -> None:
         while True:
@@ -81,21 +99,21 @@ class ExecOutputHub:
                 self._keys.exec_output(exec_id): min((f.after for f in followers), key=entry_key)
                 for exec_id, followers in self._followers.items()
             }
+            positions[self._wake_key] = self._woken_after
             self._reading = frozenset(self._followers)
             self._inflight = asyncio.ensure_future(self._redis.xread(positions, count=BATCH, block=ROUND_MS))
             try:
                 reply: Any = await self._inflight
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # the hub itself is closing
-                continue  # a new stream to read: the read was interrupted for it
             except Exception as e:
                 log.warning("exec output reader: %s; retrying", e)
                 await asyncio.sleep(0.5)
                 continue
             for raw_key, entries in reply or []:
                 key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                if key == self._wake_key:  # a new stream to read: the read ended for it
+                    last = entries[-1][0]
+                    self._woken_after = last.decode() if isinstance(last, bytes) else last
+                    continue
                 exec_id = key.rsplit(":", 1)[-1]
                 decoded = [(i.decode() if isinstance(i, bytes) else i, fields) for i, fields in entries]
                 for follower in list(self._followers.get(exec_id, ())):
