@@ -8,9 +8,30 @@ set -eu
 # env file never holds it): dockerd in a user namespace. Decided before the session's env loads.
 daemon=/usr/local/bin/start-dockerd
 [ -z "${ORCH_USERNS_BASE:-}" ] || daemon=/usr/local/bin/userns-desktop
+# The flavor and its screen, also the worker's (the container's Env), also read before the
+# session's env loads, and exported again after it, so a session variable never changes them.
+flavor=${ORCH_DESKTOP_FLAVOR:-minimal} size=${ORCH_DISPLAY_SIZE:-}
+case "$flavor" in
+  minimal) ;;
+  graphical)
+    [ -x /usr/local/bin/start-display ] || {
+      echo "desktop-init: the graphical flavor needs the graphical image (no start-display here)" >&2; exit 1; } ;;
+  *) echo "desktop-init: ORCH_DESKTOP_FLAVOR must be minimal or graphical, got '$flavor'" >&2; exit 1 ;;
+esac
+# When this desktop started (seconds since boot, which every namespace shares): display.ready
+# counts from here.
+read -r ORCH_INIT_UPTIME _ < /proc/uptime
+own() { export ORCH_DESKTOP_FLAVOR="$flavor" ORCH_INIT_UPTIME; [ -z "$size" ] || export ORCH_DISPLAY_SIZE="$size"; }
 # The session's env (a root-only file, never the container's Env) reaches dockerd and what it
 # runs; loaded in the child, so a session variable never changes this script.
-(load_session_env && exec "$daemon" --supervise) &
+(load_session_env && own && exec "$daemon" --supervise) &
 supervisor=$!
-trap 'kill -TERM "$supervisor" 2>/dev/null; wait "$supervisor"; exit 0' TERM INT
+# The display runs where the user does: here outside the userns profile; under it, inside the
+# namespaces (userns-desktop --inner starts it there).
+display=
+if [ "$flavor" = graphical ] && [ -z "${ORCH_USERNS_BASE:-}" ]; then
+  (load_session_env && own && exec /usr/local/bin/start-display --supervise) &
+  display=$!
+fi
+trap 'kill -TERM "$supervisor" $display 2>/dev/null; wait "$supervisor"; exit 0' TERM INT
 wait "$supervisor"

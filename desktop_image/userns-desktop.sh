@@ -6,7 +6,8 @@
 #   userns-desktop [--supervise]  set up as the container's root (the "outer" side), start the
 #                            namespaces and supervise them (desktop-init runs this)
 #   userns-desktop --probe   the same set-up, then `true` in the namespaces: does it work here?
-#   userns-desktop --inner   (internal) inside the namespaces: /run, DNS, then start-dockerd
+#   userns-desktop --inner   (internal) inside the namespaces: /run, DNS, then start-dockerd (and
+#                            start-display for the graphical flavor)
 #
 # The outer side keeps the container's capabilities; nothing in the namespaces can reach it:
 # the outer processes are in the parent pid namespace, its /run is covered by a tmpfs, and the
@@ -23,6 +24,7 @@ SIZE=${ORCH_USERNS_SIZE:-65536}
 DEPTH=${ORCH_DEPTH:-2}
 STATE=/run/userns
 LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
+DISPLAY_LOG=${DISPLAY_LOG:-/var/log/display.log}
 
 log() { printf '%s userns-desktop: %s\n' "$(date -u +%FT%TZ)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -113,6 +115,8 @@ prepare_files() {
   owned="/var/lib/docker /run/orchestrator /etc/docker $LOG"
   [ ! -d /etc/orchestrator ] || owned="$owned /etc/orchestrator"
   [ ! -f /etc/orchestrator/session.env ] || owned="$owned /etc/orchestrator/session.env"
+  # The graphical flavor's log (start-display runs as the namespaces' root).
+  if [ "${ORCH_DESKTOP_FLAVOR:-minimal}" = graphical ]; then : >> "$DISPLAY_LOG"; owned="$owned $DISPLAY_LOG"; fi
   # shellcheck disable=SC2086  # fixed paths, no spaces
   chown "$BASE:$BASE" $owned
   # The namespaces' root gets its home (shells, ~/.docker): the image's few files, once. -h and
@@ -282,6 +286,9 @@ inner() {
   mkdir /run/orchestrator
   mount --move /mnt /run/orchestrator
   mark inner.mounts
+  # The graphical flavor (desktop-init checked it): the display here too, as the namespaces'
+  # root, beside dockerd and without the gate (it needs no network); tini -g stops both.
+  if [ "${ORCH_DESKTOP_FLAVOR:-minimal}" = graphical ]; then /usr/local/bin/start-display --supervise 4<&- & fi
   # Its preparations now too; dockerd itself once the network is connected (fd 4).
   exec start-dockerd --supervise --gated
 }
