@@ -137,7 +137,7 @@ class PortConnections:
 
     def _take(self, key: PoolKey) -> PortConnection | None:
         now = time.monotonic()
-        for ident, kept in reversed(self._kept.items()):  # the newest first: the least likely closed
+        for ident, kept in list(reversed(self._kept.items())):  # the newest first: the least likely closed
             if kept.connection.key != key:
                 continue
             del self._kept[ident]
