@@ -9,7 +9,15 @@ import msgspec
 
 from .config import SharedSettings
 from .names import DEFAULT_TENANT, new_session_id
-from .schemas import SessionCreate, SessionRecord, SessionSpec, StoredResources, TtlAction, now_rfc3339
+from .schemas import (
+    SessionCreate,
+    SessionRecord,
+    SessionSpec,
+    StoredDisplaySize,
+    StoredResources,
+    TtlAction,
+    now_rfc3339,
+)
 from .states import SessionState
 
 
@@ -28,6 +36,8 @@ def new_record(
         ttl_action=request.ttl_action or default_action,
         preload_images=request.preload_images,
         constraints=request.constraints,
+        flavor=request.flavor,
+        display=_display(request),
     )
     now = now_rfc3339()
     return SessionRecord(
@@ -41,3 +51,10 @@ def new_record(
         expires_at=time.time() + ttl if ttl else None,
         tenant=tenant,
     )
+
+
+def _display(request: SessionCreate) -> StoredDisplaySize | None:
+    if request.flavor != "graphical":
+        return None
+    size = request.display
+    return StoredDisplaySize() if size is None else StoredDisplaySize(width=size.width, height=size.height)

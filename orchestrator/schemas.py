@@ -65,6 +65,23 @@ class StoredResources(Resources, forbid_unknown_fields=False):
     """Resources as a record keeps them (lenient: see ``Stored``)."""
 
 
+# Which desktop image a session gets: the minimal one (dockerd only, the default) or the
+# graphical one (a screen, a window manager, a terminal, an editor and a browser; docs/graphical.md).
+Flavor = Literal["minimal", "graphical"]
+DEFAULT_DISPLAY_WIDTH, DEFAULT_DISPLAY_HEIGHT = 1280, 800
+
+
+class DisplaySize(Strict, omit_defaults=True):
+    """The screen of a graphical desktop, in pixels (desktop_image/start-display.sh's bounds)."""
+
+    width: Annotated[int, msgspec.Meta(ge=320, le=7680)] = DEFAULT_DISPLAY_WIDTH
+    height: Annotated[int, msgspec.Meta(ge=200, le=4320)] = DEFAULT_DISPLAY_HEIGHT
+
+
+class StoredDisplaySize(DisplaySize, forbid_unknown_fields=False):
+    """A display size as a record keeps it (lenient: see ``Stored``)."""
+
+
 class SessionCreate(Strict):
     """Body of ``POST /v1/sessions``."""
 
@@ -82,6 +99,13 @@ class SessionCreate(Strict):
     preload_images: Annotated[list[ImageRef], msgspec.Meta(max_length=16)] = []
     # Labels the chosen sandbox must carry (its ORCH_SANDBOX_LABELS), e.g. {"gpu": "true"}.
     constraints: Labels = {}
+    # The desktop's image: "graphical" adds a screen (docs/graphical.md) of ``display``'s size.
+    flavor: Flavor = "minimal"
+    display: DisplaySize | None = None
+
+    def __post_init__(self) -> None:
+        if self.display is not None and self.flavor != "graphical":
+            raise ValueError("display is for graphical desktops: set flavor to graphical")
 
 
 class SessionSpec(Stored):
@@ -92,6 +116,10 @@ class SessionSpec(Stored):
     ttl_action: TtlAction = "stop"
     preload_images: list[str] = []
     constraints: dict[str, str] = {}
+    # A record written before flavors decodes as minimal, which every desktop then was.
+    flavor: Flavor = "minimal"
+    # Graphical sessions only: the screen's size (always set for them by new_record).
+    display: StoredDisplaySize | None = None
 
 
 class SessionError(Stored, omit_defaults=True):
@@ -208,6 +236,22 @@ class DockerdReady(Stored):
     server_version: str
     depth: int
     address_pool: str
+
+
+class DisplayReady(Stored):
+    """``display.ready``: a graphical desktop's screen answers (desktop_image/start-display.sh's
+    marker, read by the worker). ``duration_ms`` from the desktop's start, as dockerd.ready's;
+    ``since_init_ms`` and ``start_ms`` as the desktop counted them (from desktop-init's start,
+    from Xvnc's); ``restarts``: how often the display server was restarted before."""
+
+    duration_ms: int
+    width: int
+    height: int
+    depth: int
+    display: str = ":0"
+    since_init_ms: int | None = None
+    start_ms: int | None = None
+    restarts: int = 0
 
 
 class SandboxInfo(Stored):
