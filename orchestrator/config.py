@@ -544,6 +544,14 @@ class WorkerSettings(SharedSettings):
     desktop_image: str = setting(
         "ORCH_DESKTOP_IMAGE", "orchestrator/desktop:dev", parse=_text, doc="image of the desktops"
     )
+    # Ensured lazily, before the first graphical desktop (workers/prepare.py): a sandbox that
+    # serves none never needs its 1.9 GB.
+    graphical_image: str = setting(
+        "ORCH_GRAPHICAL_IMAGE",
+        "orchestrator/desktop-graphical:dev",
+        parse=_text,
+        doc="image of the graphical desktops (flavor `graphical`, docs/graphical.md)",
+    )
     # start-dockerd lists it (all of a comma list) in the daemon's insecure-registries.
     registry: str | None = setting(
         "ORCH_REGISTRY",

@@ -52,7 +52,9 @@ def warm_eligible(request: SessionCreate) -> bool:
     resources, or preloads images is made cold. (An id derived from an Idempotency-Key or a
     command's request id is no name: a warm desktop serves it, and the id leads there.)"""
     no_limits = request.resources is None or request.resources == Resources()
-    return request.id is None and not request.env and no_limits and not request.preload_images
+    # The pool holds minimal desktops: a graphical request is made cold.
+    minimal = request.flavor == "minimal"
+    return request.id is None and not request.env and no_limits and not request.preload_images and minimal
 
 
 def _with_ids(record: SessionRecord, request_id: str | None, derived_id: str | None) -> SessionRecord:

@@ -287,6 +287,7 @@ def _runtime(settings: WorkerSettings) -> DesktopRuntime:
     return DesktopRuntime(
         docker_host=settings.docker_host,
         image=settings.desktop_image,
+        graphical_image=settings.graphical_image,
         sandbox_id=settings.sandbox_id,
         depth=settings.depth,
         socket_dir=settings.socket_dir,

@@ -73,6 +73,7 @@ EVERYTHING = Settings(
     depth=3,
     docker_host="unix:///run/inner.sock",
     desktop_image="example/desktop:1",
+    graphical_image="example/desktop-graphical:1",
     registry="registry:5000",
     socket_dir="/tmp/desktops",
     privilege="runtime:sysbox-runc",
@@ -115,7 +116,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 89
+    assert len(fields) == 90
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]
