@@ -661,6 +661,14 @@ class WorkerSettings(SharedSettings):
     pool_size: int = setting(
         "ORCH_POOL_SIZE", 0, parse=_int, doc="warm desktops kept ready for creates with the defaults"
     )
+    # A pool of its own (Keys.pool), made with the default screen: a graphical create with
+    # another display size is made cold. Each costs its desktop's memory while it waits.
+    pool_graphical_size: int = setting(
+        "ORCH_WARM_POOL_GRAPHICAL",
+        0,
+        parse=_int,
+        doc="warm graphical desktops (default display size) kept ready for graphical creates with the defaults",
+    )
     # setting() returns a dataclasses.field (default_factory=dict): nothing mutable is shared.
     sandbox_labels: dict[str, str] = setting(  # noqa: RUF009
         "ORCH_SANDBOX_LABELS",

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import Settings
+from orchestrator.records import new_record
 from orchestrator.schemas import DisplaySize, SessionCreate, SessionSpec, StoredDisplaySize
 from orchestrator.service import warm_eligible
 from orchestrator.states import SessionState
 from tests.fakes import Stack, open_stack
+from workers.pool import WarmPool
 from workers.prepare import DesktopPreparation
 from workers.privilege import PrivilegeKind, PrivilegeProfile
 from workers.runtime import DesktopError, DesktopRuntime
@@ -116,11 +118,6 @@ def test_display_of_a_spec() -> None:
     assert display_of(SessionSpec(flavor="graphical")) == DisplaySize()  # a record without its size
     asked = display_of(SessionSpec(flavor="graphical", display=StoredDisplaySize(width=800, height=600)))
     assert asked is not None and (asked.width, asked.height) == (800, 600)
-
-
-def test_a_graphical_request_is_never_served_a_minimal_warm_desktop() -> None:
-    assert warm_eligible(SessionCreate())
-    assert not warm_eligible(SessionCreate(flavor="graphical"))
 
 
 # -- the lifecycle over the in-memory port -------------------------------------------------
@@ -267,3 +264,56 @@ async def test_every_start_clears_the_stale_marker_before_the_desktop_runs(
     monkeypatch.setattr(desktops, "_container", lambda session_id: container)
     await desktops.start(SID)
     assert container.marker_at_start is False
+
+
+# -- the warm pool, per flavor ---------------------------------------------------------------
+
+
+def test_a_graphical_request_is_served_warm_only_with_the_default_screen() -> None:
+    assert warm_eligible(SessionCreate(flavor="graphical"))
+    assert warm_eligible(SessionCreate(flavor="graphical", display=DisplaySize()))
+    assert not warm_eligible(SessionCreate(flavor="graphical", display=DisplaySize(width=800, height=600)))
+    assert not warm_eligible(SessionCreate(flavor="graphical", env={"A": "b"}))
+
+
+async def test_each_flavor_is_pooled_apart_and_claimed_by_its_own_flavor(stack: Stack) -> None:
+    pool = WarmPool(
+        stack.runtime, stack.redis, stack.keys, "fake", targets={"minimal": 1, "graphical": 1}, ready_timeout_s=1
+    )
+    assert pool.target == 2
+    await pool._make_one("graphical")
+    await pool._make_one("minimal")
+    [screen] = await pool.pooled("graphical")
+    [plain] = await pool.pooled("minimal")
+    assert sorted(await pool.pooled()) == sorted([screen, plain])
+    assert await pool.ready_by_flavor() == {"minimal": 1, "graphical": 1}
+    made = stack.runtime.containers[screen].display
+    assert made is not None and (made.width, made.height) == (1280, 800)  # the default screen
+    assert stack.runtime.containers[plain].display is None
+    assert stack.runtime.calls.count("wait_display") == 1  # the graphical one was seen ready
+
+    await stack.redis.set(stack.keys.sandbox_alive("fake"), "1")
+
+    async def place(request: SessionCreate) -> tuple[str, bool]:
+        record = new_record(request, "", stack.settings)
+        placed = await stack.store.place(record, None, [("fake", 10)], prefer_warm=warm_eligible(request))
+        return placed.record.id, placed.warm
+
+    # A minimal create never gets the graphical desktop, nor one with another screen.
+    assert await place(SessionCreate(flavor="graphical", display=DisplaySize(width=800, height=600))) != (screen, True)
+    assert await place(SessionCreate()) == (plain, True)
+    assert (await place(SessionCreate()))[1] is False  # the minimal pool is empty: cold
+    assert await place(SessionCreate(flavor="graphical")) == (screen, True)
+    claimed = await stack.store.get(screen)
+    assert claimed is not None and claimed.spec.flavor == "graphical" and claimed.state is SessionState.READY
+    assert await pool.pooled() == []
+
+
+async def test_a_drain_stops_refilling_every_flavor(stack: Stack) -> None:
+    pool = WarmPool(
+        stack.runtime, stack.redis, stack.keys, "fake", targets={"minimal": 1, "graphical": 2}, ready_timeout_s=1
+    )
+    await pool._make_one("graphical")
+    assert await pool.shrink() == 1
+    assert pool.targets == {"minimal": 0, "graphical": 0} and pool.target == 0
+    assert not stack.runtime.containers and await pool.pooled() == []
