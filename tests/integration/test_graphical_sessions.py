@@ -1,7 +1,8 @@
 """Graphical sessions through the API and a real worker (docs/graphical.md): the desktop is made
 from ORCH_GRAPHICAL_IMAGE with its screen's size, its display.ready comes after dockerd.ready
 and before session.ready; a minimal session gets none; a resumed graphical desktop is not
-taken for ready on a stale marker, and what the session keeps survives."""
+taken for ready on a stale marker, and what the session keeps survives; the desktop's own
+dockerd runs nested containers as a minimal desktop's does."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from orchestrator.config import Settings
 from orchestrator.names import desktop_name
 from workers.worker import SandboxWorker
 
-from .conftest import TOKENS, adocker, docker, running_api, running_worker
+from .conftest import TEST_IMAGE, TOKENS, adocker, docker, running_api, running_worker
 
 GRAPHICAL_IMAGE = os.environ.get("ORCH_GRAPHICAL_IMAGE", "orchestrator/desktop-graphical:dev")
 READY_TIMEOUT = 120.0
@@ -131,3 +132,17 @@ async def test_a_resumed_graphical_desktop_waits_for_its_new_screen(
 
     await client.delete(sid)
     await client.wait_for(sid, {"session.deleted"}, timeout=READY_TIMEOUT)
+
+
+async def test_a_graphical_desktop_runs_its_own_dockerd(stack: tuple[Client, SandboxWorker]) -> None:
+    client, _ = stack
+    record = await client.create(flavor="graphical", preload_images=[TEST_IMAGE])
+    events = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=READY_TIMEOUT)
+    seen = types(events)
+    assert seen[-1] == "session.ready", [(e.type, e.data.get("data")) for e in events]
+    # The screen first, then the images it asked for: ready means both.
+    assert seen.index("dockerd.ready") < seen.index("display.ready") < seen.index("images.loaded")
+    dockerd = data(events, "dockerd.ready")
+    assert (dockerd["storage_driver"], dockerd["backing_filesystem"], dockerd["depth"]) == ("overlay2", "extfs", 2)
+    ran = await client.exec(record.id, ["docker", "run", "--rm", TEST_IMAGE, "echo", "nested in a graphical desktop"])
+    assert (ran.exit_code, ran.stdout) == (0, "nested in a graphical desktop\n"), ran
