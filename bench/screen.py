@@ -7,14 +7,12 @@ work."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import time
 
 import aiodocker
 
 from orchestrator.client import ApiError, Client
-from orchestrator.config import Settings
 from orchestrator.names import desktop_name
 
 from .harness import Result, Side, alternate, services
@@ -22,12 +20,6 @@ from .scenarios import delete, ready_client
 
 GRAPHICAL_IMAGE = os.environ.get("ORCH_GRAPHICAL_IMAGE", "orchestrator/desktop-graphical:dev")
 SIZE = (1280, 800)
-
-
-def _graphical_env() -> dict[str, str]:
-    # Before the worker knew the flavor, every desktop of a worker was of its one image.
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    return {"ORCH_GRAPHICAL_IMAGE" if "graphical_image" in fields else "ORCH_DESKTOP_IMAGE": GRAPHICAL_IMAGE}
 
 
 async def screen(n: int) -> list[Result]:
@@ -40,7 +32,7 @@ async def screen(n: int) -> list[Result]:
     png = Result("screen: PNG 1280x800", "s", Side("project: GET /screenshot"), Side("bare: docker exec orch-screen"))
     half = Result("screen: PNG at scale 0.5", "s", Side("project: GET ?scale=0.5"), Side("bare: --size 640x400"))
     move = Result("screen: input move", "s", Side("project: POST /input"), Side("bare: docker exec orch-screen"))
-    with services(**_graphical_env()) as svc:
+    with services(ORCH_GRAPHICAL_IMAGE=GRAPHICAL_IMAGE) as svc:
         client = await ready_client(svc)
         async with client, aiodocker.Docker() as docker:
             record = await client.create(flavor="graphical", display={"width": SIZE[0], "height": SIZE[1]})

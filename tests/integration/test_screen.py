@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -24,14 +23,14 @@ import pytest_asyncio
 from orchestrator.client import ApiError, Client, ScreenImage
 from orchestrator.config import Settings
 
-from .conftest import TOKENS, make_settings, remove_sandbox_objects, require_images, running_api, running_worker
+from .conftest import TOKENS, docker, make_settings, remove_sandbox_objects, require_images, running_api, running_worker
 from .test_cli import cli
 from .test_graphical_image import png_facts
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 
 GRAPHICAL_IMAGE = os.environ.get("ORCH_GRAPHICAL_IMAGE", "orchestrator/desktop-graphical:dev")
-SIZE = (1280, 800)
+SIZE = (1024, 640)  # not the default (1280x800): the session's own
 READY_S = 120.0
 EXEC = {"Authorization": f"Bearer {TOKENS['sessions:exec']}"}
 
@@ -74,12 +73,9 @@ async def _screen_up(user: Client, sid: str) -> ScreenImage:
 async def desktop(docker_host: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Desktop]:
     host = require_images(docker_host)
     settings = make_settings(redis_url, tmp_path_factory)
-    # The worker gives a graphical session the graphical image (ORCH_GRAPHICAL_IMAGE); before
-    # that wiring, every desktop of this worker is one.
-    image: dict[str, Any] = {
-        "graphical_image" if hasattr(settings, "graphical_image") else "desktop_image": GRAPHICAL_IMAGE
-    }
-    settings = dataclasses.replace(settings, docker_host=host, **image)
+    if not docker("image", "inspect", "--format", "{{.Id}}", GRAPHICAL_IMAGE, host=host, check=False):
+        pytest.skip(f"no graphical image {GRAPHICAL_IMAGE}: scripts/build-images.sh --graphical builds it")
+    settings = dataclasses.replace(settings, docker_host=host, graphical_image=GRAPHICAL_IMAGE)
     try:
         async with (
             running_worker(settings),
@@ -123,10 +119,10 @@ async def test_screenshots_png_jpeg_and_scaled(desktop: Desktop) -> None:
     assert (half.image_width, half.image_height, half.scale) == (SIZE[0] // 2, SIZE[1] // 2, 0.5)
     assert (half.screen_width, half.screen_height) == SIZE
 
-    # max_width: the factor that fits, the height rounded half up (800 * 500 / 1280 = 312.5).
+    # max_width: the factor that fits, the height rounded half up (640 * 500 / 1024 = 312.5).
     fitted = await desktop.user.screenshot(desktop.sid, max_width=500, format="jpeg")
     assert jpeg_size(fitted.data) == (500, 313) == (fitted.image_width, fitted.image_height)
-    assert fitted.scale == pytest.approx(500 / 1280)
+    assert fitted.scale == pytest.approx(500 / SIZE[0])
 
     # The raw response, as an agent without the client reads it.
     async with httpx.AsyncClient(base_url=desktop.url, headers=EXEC) as http:
@@ -162,7 +158,7 @@ async def test_input_moves_the_pointer_in_screen_and_scaled_coordinates(desktop:
     assert (done.x, done.y, done.image_x, done.image_y) == (201, 101, 100, 50)
     assert await desktop.cursor() == (201, 101)
     done = await user.input(desktop.sid, "move", x=250, y=125, image={"width": 500, "height": 313})
-    assert (done.x, done.y) == (641, 320) == await desktop.cursor()  # (2 * 250 + 1) * 1280 // 1000
+    assert (done.x, done.y) == (513, 256) == await desktop.cursor()  # (2 * 250 + 1) * 1024 // 1000
     assert (done.image_x, done.image_y) == (250, 125)
 
     # Every pointed action ends where it was asked.
@@ -170,8 +166,8 @@ async def test_input_moves_the_pointer_in_screen_and_scaled_coordinates(desktop:
     assert await desktop.cursor() == (720, 530)
     done = await user.input(desktop.sid, "scroll", x=900, y=600, dy=2)
     assert (done.x, done.y) == (900, 600) == await desktop.cursor()
-    done = await user.input(desktop.sid, "double_click", x=1000, y=700, button="right")
-    assert (done.x, done.y) == (1000, 700)
+    done = await user.input(desktop.sid, "double_click", x=1000, y=600, button="right")
+    assert (done.x, done.y) == (1000, 600)
 
 
 async def test_typed_text_reaches_the_focused_terminal_and_actions_are_audited(desktop: Desktop) -> None:
@@ -216,8 +212,8 @@ async def test_typed_text_reaches_the_focused_terminal_and_actions_are_audited(d
     [
         ({"action": "move", "x": 5000, "y": 10}, 422, "out_of_screen"),
         ({"action": "click", "x": -1, "y": 10}, 422, "out_of_screen"),
-        ({"action": "move", "x": 700, "y": 10, "scale": 0.5}, 422, "out_of_screen"),  # off the 640-wide image
-        ({"action": "drag", "x": 1, "y": 1, "to_x": 1, "to_y": 900}, 422, "out_of_screen"),
+        ({"action": "move", "x": 600, "y": 10, "scale": 0.5}, 422, "out_of_screen"),  # off the 512-wide image
+        ({"action": "drag", "x": 1, "y": 1, "to_x": 1, "to_y": 640}, 422, "out_of_screen"),
         ({"action": "key", "keys": ["ctrl+nosuchkey"]}, 422, "unknown_key"),
         ({"action": "key", "keys": ["hyper+a"]}, 422, "unknown_key"),
         ({"action": "scroll", "x": 1, "y": 1}, 422, "bad_argument"),
