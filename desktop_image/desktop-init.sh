@@ -18,6 +18,24 @@ case "$flavor" in
       echo "desktop-init: the graphical flavor needs the graphical image (no start-display here)" >&2; exit 1; } ;;
   *) echo "desktop-init: ORCH_DESKTOP_FLAVOR must be minimal or graphical, got '$flavor'" >&2; exit 1 ;;
 esac
+# The user's home lives on the session's volume beside the desktop's Docker data, so a stop
+# and a start (a new container) keep it: /root is bound to <volume>/.orchestrator-home, seeded
+# once from the image's /root. The directory is written by the desktop's user, who may be
+# hostile: nothing of theirs runs yet at this point (a new container), and a symlink or
+# anything but a directory there is refused rather than followed.
+# Without a volume there (start-dockerd refuses that desktop below) there is no home to keep.
+home_store=/var/lib/docker/.orchestrator-home
+if ! awk '$5 == "/var/lib/docker" { found = 1 } END { exit !found }' /proc/self/mountinfo; then
+  :
+elif [ -L "$home_store" ] || { [ -e "$home_store" ] && [ ! -d "$home_store" ]; }; then
+  echo "desktop-init: $home_store is not a directory; refusing to use it as the home" >&2; exit 1
+else
+  if [ ! -d "$home_store" ]; then
+    rm -rf "$home_store.new" && mkdir -m 0700 "$home_store.new" && cp -a /root/. "$home_store.new/" \
+      && mv "$home_store.new" "$home_store" || { echo "desktop-init: could not seed the home" >&2; exit 1; }
+  fi
+  mount --bind "$home_store" /root || { echo "desktop-init: could not mount the home from the volume" >&2; exit 1; }
+fi
 # When this desktop started (seconds since boot, which every namespace shares): display.ready
 # counts from here.
 read -r ORCH_INIT_UPTIME _ < /proc/uptime

@@ -104,8 +104,8 @@ async def test_a_resumed_graphical_desktop_waits_for_its_new_screen(
     record = await client.create(flavor="graphical", display=SCREEN)
     sid = record.id
     await client.wait_ready(sid, timeout=READY_TIMEOUT)
-    # What the session keeps is its volume (the desktop's /var/lib/docker).
-    wrote = await client.exec(sid, shell="echo kept > /var/lib/docker/orch-kept && cat /var/lib/docker/orch-kept")
+    # What the session keeps is its volume: the desktop's /var/lib/docker and the user's home.
+    wrote = await client.exec(sid, shell="mkdir -p ~/Documents && echo kept > ~/Documents/kept && cat ~/Documents/kept")
     assert wrote.stdout == "kept\n", wrote
 
     await client.stop(sid)
@@ -127,7 +127,7 @@ async def test_a_resumed_graphical_desktop_waits_for_its_new_screen(
     screen = data(events, "display.ready")
     assert (screen["width"], screen["height"], screen["restarts"]) == (1024, 768, 0)
     assert all(e.data["generation"] == 2 for e in events if e.type in seen)
-    kept = await client.exec(sid, ["cat", "/var/lib/docker/orch-kept"])
+    kept = await client.exec(sid, shell="cat ~/Documents/kept")
     assert kept.stdout == "kept\n", kept
 
     await client.delete(sid)

@@ -96,7 +96,7 @@ async def test_create_reaches_dockerd_ready_and_runs_nested_containers(
     assert (await client.get(sid)).state == "ready"
 
 
-async def test_stop_then_start_keeps_the_inner_images(
+async def test_stop_then_start_keeps_the_inner_images_and_the_home(
     client: Client, worker: SandboxWorker, docker_settings: Settings
 ) -> None:
     host = docker_settings.docker_host
@@ -104,6 +104,9 @@ async def test_stop_then_start_keeps_the_inner_images(
     sid = (await client.create("keep-me")).id
     await client.wait_for(sid, {"session.ready"}, timeout=READY_TIMEOUT)
     await worker.runtime.images.copy_into(sid, [TEST_IMAGE])
+    # The user's files: the home is on the session's volume too (desktop-init binds it).
+    wrote = await client.exec(sid, shell="mkdir -p ~/work && echo notes > ~/work/notes.txt && echo $HOME")
+    assert (wrote.exit_code, wrote.stdout) == (0, "/root\n"), wrote
 
     stopping = await client.stop(sid)
     assert stopping.state == "stopping"
@@ -130,6 +133,8 @@ async def test_stop_then_start_keeps_the_inner_images(
     assert TEST_IMAGE in images.split()
     out = await adocker("exec", desktop_name(sid), "docker", "run", "--rm", TEST_IMAGE, "echo", "still here", host=host)
     assert out == "still here"
+    kept = await client.exec(sid, shell="cat ~/work/notes.txt && test -f ~/.bashrc")
+    assert (kept.exit_code, kept.stdout) == (0, "notes\n"), kept  # and the image's own files, seeded once
 
 
 async def test_delete_leaves_no_container_volume_or_record(
@@ -187,3 +192,36 @@ async def test_desktop_refuses_to_start_without_a_volume(docker_settings: Settin
     assert status == "1"
     logs = await adocker("logs", name, host=host, stderr=True)
     assert "/var/lib/docker is not a mount point" in logs
+
+
+async def test_a_home_that_is_no_directory_on_the_volume_is_refused_not_followed(docker_settings: Settings) -> None:
+    """The volume's home directory is the desktop user's to write: one they replaced with a
+    symlink (say, to /etc) must not be bound over /root by the next start's root."""
+    host = docker_settings.docker_host
+    assert host
+    name = f"{docker_settings.sandbox_id}-badhome"
+    await adocker("volume", "create", name, host=host)
+    try:
+        await adocker(
+            "run",
+            "--rm",
+            "-v",
+            f"{name}:/d",
+            TEST_IMAGE,
+            "busybox",
+            "ln",
+            "-s",
+            "/etc",
+            "/d/.orchestrator-home",
+            host=host,
+        )
+        await adocker(
+            "create", "--name", name, "-v", f"{name}:/var/lib/docker", *CAPS, docker_settings.desktop_image, host=host
+        )
+        await adocker("start", name, host=host)
+        assert await adocker("wait", name, host=host) == "1"
+        logs = await adocker("logs", name, host=host, stderr=True)
+        assert "/var/lib/docker/.orchestrator-home is not a directory" in logs, logs
+    finally:
+        await adocker("rm", "-f", name, host=host)
+        await adocker("volume", "rm", "-f", name, host=host)
