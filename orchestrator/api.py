@@ -25,7 +25,18 @@ from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 from redis.exceptions import NoPermissionError, RedisError
 
-from . import __version__, api_dashboard, api_execs, api_files, api_metrics, api_ports, api_terminal, auth, tracing
+from . import (
+    __version__,
+    api_dashboard,
+    api_display,
+    api_execs,
+    api_files,
+    api_metrics,
+    api_ports,
+    api_terminal,
+    auth,
+    tracing,
+)
 from .access import AccessRouter
 from .access_types import AccessRoute
 from .auth import AuthError
@@ -399,6 +410,7 @@ ROUTES = [
     *api_terminal.ROUTES,
     *api_files.ROUTES,
     *api_ports.ROUTES,
+    *api_display.ROUTES,
 ]
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ServiceError: _service_error,
