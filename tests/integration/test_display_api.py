@@ -22,9 +22,9 @@ from orchestrator.api import create_app
 from orchestrator.api_display import VNC_PORT
 from orchestrator.auth import token_entry
 from orchestrator.config import Settings
-from orchestrator.events import Event, EventBus, decode_entries
+from orchestrator.events import EventBus, decode_entries
 from orchestrator.keys import Keys
-from orchestrator.schemas import SessionRecord
+from orchestrator.schemas import Event, SessionRecord
 from orchestrator.states import SessionState as S
 from orchestrator.store import SessionStore
 from tests.port_support import LoopbackAccess, with_ports
