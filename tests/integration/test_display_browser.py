@@ -244,6 +244,9 @@ async def test_at_the_rfb_level_view_drops_the_pointer_and_control_moves_it(grap
         token = (await display_url(http, graphical.api, graphical.session, "view")).rpartition("display_token=")[2]
         answer = await http.get(f"{graphical.api}/v1/sessions/{graphical.session}/ports/{VNC_PORT}/?port_token={token}")
         assert answer.status_code == 401 and answer.json()["code"] == "invalid_port_token"
+        # Nor does an API token reach Xvnc through the port road: it speaks HTTP, Xvnc does not.
+        answer = await http.get(f"{graphical.api}/v1/sessions/{graphical.session}/ports/{VNC_PORT}/", headers=ADMIN)
+        assert answer.status_code == 502, answer.text
 
 
 async def test_a_minimal_sessions_display_is_409_not_graphical(api: str, client: Client) -> None:
