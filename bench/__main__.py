@@ -10,11 +10,17 @@ import argparse
 import asyncio
 import sys
 
-from . import access, commands, idle, scenarios
+from . import access, commands, graphical, idle, scenarios
 from .harness import Result, print_table, write_results
 
-SCENARIOS = {**scenarios.SCENARIOS, **access.SCENARIOS, **commands.SCENARIOS, **idle.SCENARIOS}
-DEFAULT_N = {**scenarios.DEFAULT_N, **access.DEFAULT_N, **commands.DEFAULT_N, **idle.DEFAULT_N}
+SCENARIOS = {**scenarios.SCENARIOS, **access.SCENARIOS, **commands.SCENARIOS, **idle.SCENARIOS, **graphical.SCENARIOS}
+DEFAULT_N = {
+    **scenarios.DEFAULT_N,
+    **access.DEFAULT_N,
+    **commands.DEFAULT_N,
+    **idle.DEFAULT_N,
+    **graphical.DEFAULT_N,
+}
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 
 from orchestrator.names import desktop_name
+from orchestrator.schemas import DisplaySize
 from workers.privilege import candidates, read_bounding_set, read_uid_map
 from workers.runtime import DesktopRuntime
 
@@ -53,7 +54,11 @@ async def runtime_for(arm: str, socket_dir: str, sandbox_id: str) -> AsyncIterat
         profile=profile,
     )
     own_env = runtime.desktops.own_env
-    runtime.desktops.own_env = lambda session_id: {**own_env(session_id), "ORCH_TRACE_PHASES": "1"}  # type: ignore[method-assign]
+
+    def traced(session_id: str, display: DisplaySize | None = None) -> dict[str, str]:
+        return {**own_env(session_id, display), "ORCH_TRACE_PHASES": "1"}
+
+    runtime.desktops.own_env = traced  # type: ignore[method-assign]
     await runtime.desktops.ensure_network()
     try:
         yield runtime

@@ -365,8 +365,14 @@ async def healthz(state: State) -> Response[dict[str, Any]]:
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4", guards=ADMIN)
 async def metrics(state: State) -> str:
+    pool = state.get("port_connections")
     snapshot = await api_metrics.read_snapshot(
-        _sessions(state), state.core, state.hub.followers, state.access.opened, await state.commands.lag()
+        _sessions(state),
+        state.core,
+        state.hub.followers,
+        state.access.opened,
+        await state.commands.lag(),
+        None if pool is None else api_metrics.PortPoolStats(kept=len(pool), opened=pool.opened, reused=pool.reused),
     )
     return api_metrics.render(snapshot)
 

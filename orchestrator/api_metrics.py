@@ -45,6 +45,15 @@ class ApiSnapshot:
     access_opened: Mapping[str, int] = dataclasses.field(default_factory=dict)
     # The command stream's backlog, by tenant (commands.CommandConsumer.lag).
     commands: Mapping[str, StreamLag] = dataclasses.field(default_factory=dict)
+    # This process's kept connections to desktop ports (port_pool.PortConnections), once used.
+    port_connections: PortPoolStats | None = None
+
+
+@dataclass(frozen=True)
+class PortPoolStats:
+    kept: int  # idle now, ready for the next request to their port
+    opened: int  # new routes into a desktop's port
+    reused: int  # requests that took a kept connection instead
 
 
 async def read_snapshot(
@@ -53,6 +62,7 @@ async def read_snapshot(
     sse_followers: int,
     access_opened: Mapping[str, int] | None = None,
     commands: Mapping[str, StreamLag] | None = None,
+    port_connections: PortPoolStats | None = None,
 ) -> ApiSnapshot:
     """The sessions, the sandboxes, then their queues and the firehose in one pipeline."""
     counts = dict.fromkeys((s.value for s in SessionState), 0)
@@ -78,6 +88,7 @@ async def read_snapshot(
         fallback_cap=service.settings.max_sessions,
         access_opened={road: access_opened.get(road, 0) for road in ("direct", "relay")} if access_opened else {},
         commands=commands or {},
+        port_connections=port_connections,
     )
 
 
@@ -204,6 +215,24 @@ def _this_process(s: ApiSnapshot) -> Iterator[Metric]:
             "Commands read and not yet handled (being acted on, or their API process died).",
             "tenant",
             ((t, v.pending) for t, v in s.commands.items()),
+        )
+
+    if s.port_connections is not None:
+        pool = s.port_connections
+        yield GaugeMetricFamily(
+            "orchestrator_port_connections_kept",
+            "Idle keep-alive connections to desktop ports this API process holds.",
+            pool.kept,
+        )
+        yield CounterMetricFamily(
+            "orchestrator_port_connections_opened",
+            "New routes into desktop ports this API process opened.",
+            pool.opened,
+        )
+        yield CounterMetricFamily(
+            "orchestrator_port_connections_reused",
+            "Port requests this API process sent on a kept connection (no new route).",
+            pool.reused,
         )
 
 

@@ -52,6 +52,10 @@ CLAIM_IDLE_S = 30.0
 # A command older than this when read (its entry id's time) is rejected ``overloaded``.
 DEADLINE_S = 300.0
 DONE_TTL_S = 86_400
+# A consumer (an API process, named per host and pid) idle this long with nothing pending is
+# removed from the group: restarts would otherwise leave one behind each time. Removing a live
+# one is harmless: Redis makes it again at its next read.
+FORGET_CONSUMER_S = 3_600.0
 MAX_COMMAND_BYTES = 64 * 1024
 RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}(?!\n)$")]
 
@@ -154,6 +158,7 @@ class CommandConsumer:
         consumer: str,
         claim_idle_s: float = CLAIM_IDLE_S,
         deadline_s: float = DEADLINE_S,
+        forget_after_s: float = FORGET_CONSUMER_S,
         fault: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.redis = redis
@@ -164,6 +169,7 @@ class CommandConsumer:
         self.consumer = consumer
         self.claim_idle_ms = max(1, int(claim_idle_s * 1000))
         self.deadline_ms = int(deadline_s * 1000)
+        self.forget_after_ms = int(forget_after_s * 1000)
         # Test-only: awaited at "read" (before acting) and "acted" (before the outcome is
         # remembered and the entry acknowledged), where a test kills this consumer.
         self.fault = fault
@@ -213,6 +219,7 @@ class CommandConsumer:
             except Exception as e:
                 log.warning("could not claim abandoned commands of %s: %s", stream, e)
                 continue
+            await self._forget_consumers(stream)
             claimed = [(_text(i), f) for i, f in reply[1] if f is not None]
             if claimed:
                 log.warning("claimed %d abandoned commands of %s", len(claimed), stream)
@@ -220,6 +227,16 @@ class CommandConsumer:
                 # No deadline: it was read in time, and may have been acted on before its
                 # consumer died; refusing it now would deny what was done.
                 await self._handle(stream, entry_id, fields, None)
+
+    async def _forget_consumers(self, stream: str) -> None:
+        """Remove the group's idle consumers that hold nothing (``FORGET_CONSUMER_S``)."""
+        try:
+            consumers: Any = await self.redis.xinfo_consumers(stream, GROUP)
+            for name in idle_consumers(consumers, self.consumer, self.forget_after_ms):
+                # DELCONSUMER drops a consumer's pending entries too: only when it still holds none.
+                await self.redis.xgroup_delconsumer(stream, GROUP, name)
+        except ResponseError as e:
+            log.warning("could not list the consumers of %s: %s", stream, e)
 
     async def _handle(self, stream: str, entry_id: str, fields: dict[bytes, bytes], now_ms: int | None) -> None:
         """``now_ms``: Redis's time when the entry was read, for the deadline (None: none)."""
@@ -371,6 +388,16 @@ class CommandConsumer:
                 lag = max(0, await self.redis.xlen(stream) - int(group.get("pending", 0)))
             out[tenant] = StreamLag(lag=int(lag), pending=int(group.get("pending", 0)))
         return out
+
+
+def idle_consumers(consumers: list[dict[Any, Any]], me: str, idle_ms: int) -> list[str]:
+    """From XINFO CONSUMERS: the names of the others idle at least ``idle_ms`` with nothing pending."""
+    out = []
+    for consumer in consumers:
+        name = _text(consumer.get("name", b""))
+        if name and name != me and int(consumer.get("pending", 1)) == 0 and int(consumer.get("idle", 0)) >= idle_ms:
+            out.append(name)
+    return out
 
 
 def _op(command: Command) -> str:

@@ -544,6 +544,14 @@ class WorkerSettings(SharedSettings):
     desktop_image: str = setting(
         "ORCH_DESKTOP_IMAGE", "orchestrator/desktop:dev", parse=_text, doc="image of the desktops"
     )
+    # Ensured lazily, before the first graphical desktop (workers/prepare.py): a sandbox that
+    # serves none never needs its 1.9 GB.
+    graphical_image: str = setting(
+        "ORCH_GRAPHICAL_IMAGE",
+        "orchestrator/desktop-graphical:dev",
+        parse=_text,
+        doc="image of the graphical desktops (flavor `graphical`, docs/graphical.md)",
+    )
     # start-dockerd lists it (all of a comma list) in the daemon's insecure-registries.
     registry: str | None = setting(
         "ORCH_REGISTRY",
@@ -652,6 +660,14 @@ class WorkerSettings(SharedSettings):
     )
     pool_size: int = setting(
         "ORCH_POOL_SIZE", 0, parse=_int, doc="warm desktops kept ready for creates with the defaults"
+    )
+    # A pool of its own (Keys.pool), made with the default screen: a graphical create with
+    # another display size is made cold. Each costs its desktop's memory while it waits.
+    pool_graphical_size: int = setting(
+        "ORCH_WARM_POOL_GRAPHICAL",
+        0,
+        parse=_int,
+        doc="warm graphical desktops (default display size) kept ready for graphical creates with the defaults",
     )
     # setting() returns a dataclasses.field (default_factory=dict): nothing mutable is shared.
     sandbox_labels: dict[str, str] = setting(  # noqa: RUF009

@@ -17,6 +17,7 @@ from .commands import CreateCommand, DeleteCommand, ExecCommand, StartCommand, S
 from .exec_types import ExecRecord, ExecRequest
 from .schemas import (
     DesktopStarted,
+    DisplayReady,
     DockerdReady,
     ErrorBody,
     Event,
@@ -45,6 +46,7 @@ SCHEMAS: dict[str, Any] = {
     "event-data-volume-created": VolumeCreated,
     "event-data-desktop-started": DesktopStarted,
     "event-data-dockerd-ready": DockerdReady,
+    "event-data-display-ready": DisplayReady,
     "event-data-images-loaded": ImagesLoaded,
     "event-data-sandbox-heartbeat": SandboxInfo,
     "error": ErrorBody,

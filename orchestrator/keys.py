@@ -152,13 +152,17 @@ class Keys:
         """The same ledger the other way (hash: session -> slot): a retried claim gets its slot back."""
         return f"{self.prefix}userns-owners:{machine}"
 
-    def pool(self, sandbox_id: str) -> str:
-        """The sandbox's warm desktops, ready and unclaimed: a list of their (pre-chosen) session ids."""
-        return f"{self.prefix}pool:{sandbox_id}"
+    def pool(self, sandbox_id: str, flavor: str = "minimal") -> str:
+        """The sandbox's warm desktops of ``flavor``, ready and unclaimed: a list of their
+        (pre-chosen) session ids. The minimal pool's key is the one of before flavors
+        (``pool:<sandbox>``); the graphical one's is ``pool:<sandbox>:graphical`` (sandbox ids
+        have no colon, so neither is another sandbox's)."""
+        return f"{self.prefix}pool:{sandbox_id}" if flavor == "minimal" else f"{self.prefix}pool:{sandbox_id}:{flavor}"
 
     def pool_making(self, sandbox_id: str) -> str:
-        """Ids of warm desktops being made (added before the first object): a leftover of one
-        that never reached the pool list is the pool's own, never handed out, so removable."""
+        """Ids of warm desktops being made, of every flavor (added before the first object): a
+        leftover of one that never reached its pool list is the pool's own, never handed out,
+        so removable."""
         return f"{self.prefix}pool-making:{sandbox_id}"
 
     def placed(self, sandbox_id: str) -> str:

@@ -15,16 +15,17 @@ import redis.asyncio as aioredis
 
 from .events import EventBus, state_event
 from .placement import Candidate
-from .schemas import SessionRecord
+from .schemas import Flavor, SessionRecord
 from .states import SessionState
 
 # Placement reserves the sandbox that placement.choose picked from a read a moment ago, if
 # that sandbox still qualifies: alive, not draining, under its cap and, for a warm claim,
-# with that desktop still first in its pool. The re-check and the writes (the place, the
-# record, its env and its event) are one script, so concurrent creates never exceed a cap,
-# two never share a warm desktop, and no record exists without its place (or the reverse).
+# with that desktop still first in its pool (the pool of the record's flavor: Keys.pool).
+# The re-check and the writes (the place, the record, its env and its event) are one script,
+# so concurrent creates never exceed a cap, two never share a warm desktop, and no record
+# exists without its place (or the reverse).
 # KEYS: 1 the requested id's record, 2 the record to store (1 unless warm), 3 session index,
-#   4 placed set, 5 alive, 6 drain, 7 pool, 8 firehose, 9 the session's stream, 10 its
+#   4 placed set, 5 alive, 6 drain, 7 the flavor's pool, 8 firehose, 9 the session's stream, 10 its
 #   tombstone (a new record drops it), 11 its tenant's session set, 12 the requested id's
 #   alias (keys.session_alias).
 # ARGV: 1 session id, 2 cap, 3 the warm desktop's id ('' cold), 4 record, 5 event,
@@ -111,11 +112,13 @@ class Reservations:
         sandboxes: Sequence[tuple[str, int]],
         *,
         warm: bool,
+        flavor: Flavor = "minimal",
         low_disk: Collection[str] = (),
         aliased: bool = False,
     ) -> Fleet:
         """What placement decides on, in one round trip. A transaction, so that it is one
         moment's view: "the id is free" and "every sandbox is full" are never from two.
+        ``warm``: read the head of each sandbox's pool of ``flavor`` too.
         ``aliased``: the id is a derived one, which may have become a warm desktop's."""
         k = self.keys
         if aliased and (became := await self._redis.get(k.session_alias(session_id))) is not None:
@@ -130,7 +133,7 @@ class Reservations:
                 pipe.exists(k.sandbox_drain(sandbox))
                 pipe.scard(k.placed(sandbox))
                 if warm:
-                    pipe.lindex(k.pool(sandbox), 0)
+                    pipe.lindex(k.pool(sandbox, flavor), 0)
             existing, tenant_sessions, *replies = await pipe.execute()
         width = 4 if warm else 3
         candidates, heads = [], {}
@@ -171,7 +174,7 @@ class Reservations:
                 k.placed(sandbox),
                 k.sandbox_alive(sandbox),
                 k.sandbox_drain(sandbox),
-                k.pool(sandbox),
+                k.pool(sandbox, record.spec.flavor),
                 k.firehose,
                 k.session_events(session),
                 k.session_deleted(session),

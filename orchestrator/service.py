@@ -22,6 +22,7 @@ from .queue import JobQueue, Operation
 from .records import new_record
 from .sandboxes import SandboxRegistry
 from .schemas import (
+    DisplaySize,
     DrainRequest,
     Resources,
     SandboxInfo,
@@ -47,12 +48,15 @@ def check_session_id(session_id: str) -> None:
 
 
 def warm_eligible(request: SessionCreate) -> bool:
-    """Whether a warm desktop can serve ``request``: pooled desktops are made ahead with the
-    sandbox's defaults and their own pre-chosen id, so a request that names its id, sets env or
-    resources, or preloads images is made cold. (An id derived from an Idempotency-Key or a
+    """Whether a warm desktop can serve ``request`` (from its flavor's pool): pooled desktops
+    are made ahead with the sandbox's defaults and their own pre-chosen id, so a request that
+    names its id, sets env or resources, preloads images or asks for a screen of another size
+    than the default is made cold. (An id derived from an Idempotency-Key or a
     command's request id is no name: a warm desktop serves it, and the id leads there.)"""
     no_limits = request.resources is None or request.resources == Resources()
-    return request.id is None and not request.env and no_limits and not request.preload_images
+    # Each flavor has its pool (workers/pool.py); graphical ones have the default screen.
+    default_screen = request.display is None or request.display == DisplaySize()
+    return request.id is None and not request.env and no_limits and not request.preload_images and default_screen
 
 
 def _with_ids(record: SessionRecord, request_id: str | None, derived_id: str | None) -> SessionRecord:

@@ -259,7 +259,13 @@ class SessionStore:
         for attempt in range(PLACE_TRIES):
             warm = prefer_warm and attempt < PLACE_TRIES // 2
             fleet = await reservations.read_fleet(
-                record.id, record.tenant, sandboxes, warm=warm, low_disk=low_disk, aliased=aliased
+                record.id,
+                record.tenant,
+                sandboxes,
+                warm=warm,
+                flavor=record.spec.flavor,
+                low_disk=low_disk,
+                aliased=aliased,
             )
             if fleet.existing is not None:
                 return Placed(False, fleet.existing, warm=False)

@@ -28,6 +28,7 @@ export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-orchestrator}
 REGISTRY_PORT=${ORCH_REGISTRY_PORT:-5000}
 DESKTOP_IMAGE=${ORCH_DESKTOP_IMAGE:-orchestrator/desktop:dev}
 SANDBOX_IMAGE=${ORCH_SANDBOX_IMAGE:-orchestrator/sandbox:dev}
+GRAPHICAL_IMAGE=${ORCH_GRAPHICAL_IMAGE:-orchestrator/desktop-graphical:dev}
 
 # The sandboxes' privilege (docs/threat-model.md, "A hostile sandbox"): ORCH_SANDBOX_PRIVILEGE
 #   auto, least  docker-compose.yml alone: 17 capabilities, private cgroup namespace, seccomp
@@ -77,8 +78,15 @@ push() {
     [ "$tries" -lt 150 ] || { compose logs registry >&2; die "the registry did not answer within 30 s"; }
     sleep 0.2
   done
-  local image remote started
-  for image in "$DESKTOP_IMAGE" "$SANDBOX_IMAGE"; do
+  local image remote started images=("$DESKTOP_IMAGE" "$SANDBOX_IMAGE")
+  # The graphical flavor is opt-in (build-images.sh --graphical): pushed when it was built, so
+  # the sandboxes' workers pull it before their first graphical desktop (workers/prepare.py).
+  if docker image inspect "$GRAPHICAL_IMAGE" >/dev/null 2>&1; then
+    images+=("$GRAPHICAL_IMAGE")
+  else
+    log "no $GRAPHICAL_IMAGE here (scripts/build-images.sh --graphical): graphical sessions will fail image_missing"
+  fi
+  for image in "${images[@]}"; do
     docker image inspect "$image" >/dev/null 2>&1 || die "image $image is missing: run scripts/build-images.sh"
     # A daemon pushes over plain HTTP to loopback without any configuration.
     remote=127.0.0.1:$REGISTRY_PORT/$image

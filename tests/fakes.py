@@ -25,7 +25,15 @@ from orchestrator.names import address_pool, desktop_name, volume_name
 from orchestrator.queue import JobQueue, Operation
 from orchestrator.records import new_record
 from orchestrator.sandboxes import SandboxRegistry
-from orchestrator.schemas import DockerdReady, Event, Resources, SessionCreate, SessionRecord
+from orchestrator.schemas import (
+    DisplayReady,
+    DisplaySize,
+    DockerdReady,
+    Event,
+    Resources,
+    SessionCreate,
+    SessionRecord,
+)
 from orchestrator.service import Sessions
 from orchestrator.store import SessionStore
 from workers.lifecycle import Lifecycle
@@ -35,6 +43,7 @@ from workers.runtime import Desktop, DesktopError, Desktops, DockerObject, Image
 from workers.runtime.errors import DesktopErrorCode
 
 DESKTOP_IMAGE = "orchestrator/desktop:dev"
+GRAPHICAL_IMAGE = "orchestrator/desktop-graphical:dev"
 
 
 class Crash(BaseException):
@@ -48,6 +57,10 @@ class FakeDesktop:
     running: bool = False
     created_at: float = field(default_factory=time.time)
     id: str = field(default_factory=lambda: secrets.token_hex(32))
+    # A graphical desktop's screen (None: a minimal desktop).
+    display: DisplaySize | None = None
+    # Starts since it was made: a fake display.ready says how often its screen came up.
+    starts: int = 0
 
 
 @dataclass
@@ -63,16 +76,24 @@ class FakeRuntime:
     the port (``desktops``, ``images``, ``inner`` and ``probe`` return it). ``calls`` lists
     every call by method name, in order; crash indices count in that list."""
 
-    def __init__(self, *, sandbox_id: str = "fake", depth: int = 1, image: str = DESKTOP_IMAGE) -> None:
+    def __init__(
+        self,
+        *,
+        sandbox_id: str = "fake",
+        depth: int = 1,
+        image: str = DESKTOP_IMAGE,
+        graphical_image: str = GRAPHICAL_IMAGE,
+    ) -> None:
         self.sandbox_id = sandbox_id
         self.depth = depth
         self.image = image
+        self.graphical_image = graphical_image
         self._profile = PrivilegeProfile(PrivilegeKind.PRIVILEGED, "fake")
         self.data_root_dir = "/"
         self.containers: dict[str, FakeDesktop] = {}
         self.volumes: dict[str, FakeVolume] = {}
         self.removed_volumes: Counter[str] = Counter()
-        self.images_present: set[str] = {image}
+        self.images_present: set[str] = {image, graphical_image}
         self.registry_images: set[str] = set()
         self.registry: str | None = None
         self.calls: list[str] = []
@@ -180,15 +201,17 @@ class FakeRuntime:
         generation: int,
         resources: Resources | None = None,
         env: dict[str, str] | None = None,
+        display: DisplaySize | None = None,
     ) -> Desktop:
         with self._call("create"):
             existing = self.containers.get(session_id)
             if existing is None or existing.generation != generation:
                 self.containers.pop(session_id, None)
-                if self.image not in self.images_present:
-                    raise DesktopError("image_missing", f"desktop image {self.image!r} is missing")
+                image = self.image if display is None else self.graphical_image
+                if image not in self.images_present:
+                    raise DesktopError("image_missing", f"desktop image {image!r} is missing")
                 self.volumes.setdefault(session_id, FakeVolume(labelled=False))
-                self.containers[session_id] = FakeDesktop(generation)
+                self.containers[session_id] = FakeDesktop(generation, display=display)
             return self._desktop(session_id)
 
     def _desktop(self, session_id: str) -> Desktop:
@@ -200,6 +223,7 @@ class FakeRuntime:
             if session_id not in self.containers:
                 raise DesktopError("desktop_gone", f"no such container: {desktop_name(session_id)}")
             self.containers[session_id].running = True
+            self.containers[session_id].starts += 1
 
     async def remove(self, session_id: str, stop_timeout: int = 20) -> bool:
         with self._call("remove"):
@@ -280,6 +304,23 @@ class FakeRuntime:
                 server_version="fake",
                 depth=depth,
                 address_pool=address_pool(depth),
+            )
+
+    async def wait_display(self, session_id: str, started_at: float, limit_s: float) -> DisplayReady:
+        with self._call("wait_display"):
+            desktop = self.containers.get(session_id)
+            if desktop is None or not desktop.running:
+                raise DesktopError("desktop_exited", "the desktop exited before its display was ready")
+            if desktop.display is None:  # a minimal desktop's start-display never writes one
+                raise DesktopError("display_timeout", "the desktop's display was not ready (a minimal desktop)")
+            return DisplayReady(
+                duration_ms=2,
+                width=desktop.display.width,
+                height=desktop.display.height,
+                depth=24,
+                since_init_ms=1,
+                start_ms=1,
+                restarts=0,
             )
 
     async def answers(self, session_id: str) -> bool:

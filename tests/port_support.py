@@ -44,7 +44,9 @@ class LoopbackAccess:
     upstream); refused connections are 502 ``port_closed``, as the real route says it."""
 
     def __init__(self) -> None:
-        self.opened: list[tuple[str, int, str]] = []  # (session, port, by), in order
+        self.ports_opened: list[tuple[str, int, str]] = []  # (session, port, by), in order
+        # By road, as AccessRouter.opened counts them (the metrics read it): the loopback is direct.
+        self.opened: dict[str, int] = {}
         self._bridges: set[asyncio.Task[None]] = set()
 
     async def open_port(self, record: SessionRecord, port: int, *, by: str) -> Channel:
@@ -58,7 +60,8 @@ class LoopbackAccess:
         task = asyncio.create_task(bridge(StreamChannel(far_reader, far_writer), reader, writer))
         self._bridges.add(task)
         task.add_done_callback(self._bridges.discard)
-        self.opened.append((record.id, port, by))
+        self.ports_opened.append((record.id, port, by))
+        self.opened["direct"] = self.opened.get("direct", 0) + 1
         return StreamChannel(near_reader, near_writer)
 
     @property

@@ -1,5 +1,6 @@
 """The Docker steps of a bring-up (create and start), each under its deadline: the volume
-and the desktop, then its start and its dockerd, then the images it asked for. Their order,
+and the desktop, then its start, its dockerd and (graphical desktops) its screen, then the
+images it asked for. Their order,
 the transitions between them and the error policy are the lifecycle's (lifecycle.py)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from orchestrator.schemas import DesktopStarted, DockerdReady, ImagesLoaded, Ses
 from orchestrator.states import SessionState
 
 from .runtime import Desktop, DesktopError, Runtime
+from .runtime.display import display_of
 
 S = SessionState
 # Publishes an event of the session (type, data); Lifecycle._event.
@@ -24,7 +26,8 @@ Publish = Callable[[SessionRecord, str, dict[str, Any]], Awaitable[None]]
 
 class Phases:
     """Where a bring-up's time went, in ms, for the ``session.ready`` event: ``queue`` (from
-    the request to the job's start), then each step, and ``total`` from the request."""
+    the request to the job's start), then each step (``display`` on graphical desktops only:
+    from dockerd.ready to display.ready), and ``total`` from the request."""
 
     def __init__(self, requested_at: str) -> None:
         self._requested = _epoch(requested_at)
@@ -70,7 +73,9 @@ class BringUpSteps:
                     # A resume must find the volume: a new empty one would silently lose the data.
                     raise DesktopError("volume_lost", f"the session's volume {volume_name(session_id)} is gone")
                 phases.mark("volume")
-                desktop = await self.runtime.desktops.create(session_id, record.generation, record.spec.resources, env)
+                desktop = await self.runtime.desktops.create(
+                    session_id, record.generation, record.spec.resources, env, display_of(record.spec)
+                )
                 self._fault("create:after_container")
                 phases.mark("create")
                 return desktop
@@ -83,7 +88,8 @@ class BringUpSteps:
     async def start_and_wait(
         self, record: SessionRecord, desktop: Desktop, phases: Phases, timeout_s: float
     ) -> DockerdReady:
-        """Start the desktop and wait for its dockerd (``desktop.started``, ``dockerd.ready``)."""
+        """Start the desktop and wait for its dockerd (``desktop.started``, ``dockerd.ready``),
+        then for a graphical desktop's screen (``display.ready``), all under one deadline."""
         started_at = time.monotonic()
         await self.runtime.desktops.start(record.id)
         self._fault("create:after_start")
@@ -101,6 +107,10 @@ class BringUpSteps:
         phases.mark("dockerd")
         self._fault("create:before_ready_event")
         await self._event(record, "dockerd.ready", to_data(ready))
+        if display_of(record.spec) is not None:
+            screen = await self.runtime.inner.wait_display(record.id, started_at, timeout_s)
+            phases.mark("display")
+            await self._event(record, "display.ready", to_data(screen))
         return ready
 
     async def preload(self, record: SessionRecord, timeout_s: float) -> None:

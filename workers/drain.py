@@ -102,7 +102,7 @@ class Drain:
         started = time.monotonic()
         self.status = SandboxStatus.DRAINING
         await self.registry.request_drain(self.sandbox_id, request)  # placement skips us from now on
-        self.pool.target = 0  # pooled desktops cannot be claimed any more: the pool loop removes them
+        self.pool.stop_refilling()  # pooled desktops cannot be claimed any more: the pool loop removes them
         log.info("draining sandbox %s (by %s, stop desktops: %s)", self.sandbox_id, request.by, request.stop_desktops)
         data: dict[str, object] = {"by": request.by, "stop_desktops": request.stop_desktops}
         await self.bus.publish(make_event("sandbox.draining", sandbox=self.sandbox_id, data=data))

@@ -25,7 +25,7 @@ from orchestrator.events import EventBus, command_request, command_request_of, m
 from orchestrator.locks import LeaseLost, SessionLocks
 from orchestrator.placement import resource_problem
 from orchestrator.queue import Operation
-from orchestrator.schemas import SessionRecord
+from orchestrator.schemas import Flavor, SessionRecord
 from orchestrator.states import SessionState, TransitionError
 from orchestrator.store import SessionNotFound, SessionStore, StaleGeneration
 
@@ -85,8 +85,9 @@ class Lifecycle:
         )
         self.limits = limits
         self.fault_kill_at = fault_kill_at
-        # Called before each desktop is made (the worker settles its privilege profile there).
-        self.before_bring_up: Callable[[], Awaitable[None]] | None = None
+        # Called before each desktop is made, with its flavor (the worker settles its privilege
+        # profile and ensures the flavor's image there).
+        self.before_bring_up: Callable[[Flavor], Awaitable[None]] | None = None
         # Told each dockerd readiness time (seconds from desktop start), for the worker's metrics.
         self.on_dockerd_ready: Callable[[float], None] | None = None
         # The bring-up's Docker steps (bring_up.py). Their deadlines stay here and are passed at
@@ -246,7 +247,7 @@ class Lifecycle:
             raise DesktopError("resources_exceed_sandbox", problem[1])
         env = await self.store.get_env(record.id) if record.spec.env_keys else {}
         if self.before_bring_up is not None:
-            await self.before_bring_up()
+            await self.before_bring_up(record.spec.flavor)
         phases.mark("prepare")
         desktop = await self.steps.provision(record, env, phases, self.provision_timeout_s)
         if record.state is S.CREATING:

@@ -40,6 +40,8 @@ class Snapshot:
     status: SandboxStatus
     # Labelled desktops and volumes the last reconcile pass kept for want of evidence (H3).
     unknown_objects: int = 0
+    # The pool per flavor (workers/pool.py): flavor -> (ready, target).
+    pool_by_flavor: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _Gauges(Collector):
@@ -72,6 +74,14 @@ class _Gauges(Collector):
         yield gauge("orchestrator_sandbox_capacity", "Sessions this sandbox takes.", s.capacity)
         yield gauge("orchestrator_pool_ready", "Warm desktops ready and unclaimed.", s.pool_ready)
         yield gauge("orchestrator_pool_target", "Warm desktops to keep ready.", s.pool_target)
+        for name, doc, index in (
+            ("orchestrator_pool_flavor_ready", "Warm desktops ready and unclaimed, per flavor.", 0),
+            ("orchestrator_pool_flavor_target", "Warm desktops to keep ready, per flavor.", 1),
+        ):
+            per_flavor = GaugeMetricFamily(name, doc, labels=["sandbox", "flavor"])
+            for flavor, counts in s.pool_by_flavor.items():
+                per_flavor.add_metric([self.sandbox_id, flavor], counts[index])
+            yield per_flavor
         yield gauge(
             "orchestrator_reconcile_unknown_objects",
             "Labelled desktops and volumes no record, tombstone or pool entry explains: kept, not removed.",

@@ -1,6 +1,7 @@
 """What must be true before a desktop is made: the desktop image is on the sandbox's daemon
-(pulled from this level's registry when missing) and a privilege profile has been chosen by
-trying the candidates on that daemon (workers/privilege.py says which to try)."""
+(pulled from this level's registry when missing), the graphical one too before a graphical
+desktop, and a privilege profile has been chosen by trying the candidates on that daemon
+(workers/privilege.py says which to try)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import time
 
 from orchestrator.config import WorkerSettings
+from orchestrator.schemas import Flavor
 
 from .privilege import PrivilegeProfile, candidates, read_bounding_set, read_uid_map, refusal
 from .runtime import DesktopError, DesktopRuntime
@@ -35,18 +37,51 @@ class DesktopPreparation:
         self.refused: PrivilegeRefused | None = None
         self.refused_event = asyncio.Event()
         self._lock = asyncio.Lock()
+        # Seen on the daemon once: not looked for again (a removal later fails the create
+        # with image_missing all the same).
+        self.graphical_seen = False
+        self._graphical_lock = asyncio.Lock()
 
     async def at_start(self) -> None:
         await self.ensure_desktop_image()
         await self.choose_privilege()
 
-    async def before_desktop(self) -> None:
-        """Before each desktop (lifecycle and pool): retry what start-up could not do yet."""
+    async def before_desktop(self, flavor: Flavor = "minimal") -> None:
+        """Before each desktop (lifecycle and pool): retry what start-up could not do yet; a
+        graphical desktop needs its image (``image_missing`` fails that session, not the worker)."""
         if self.refused is not None:
             raise self.refused
         await self.ensure_desktop_image()
         if not self.decided:
             await self.choose_privilege()
+        if flavor == "graphical":
+            await self.ensure_graphical_image()
+
+    async def ensure_graphical_image(self) -> None:
+        """The graphical image on the sandbox's daemon, pulled from this level's registry when
+        missing, at the first graphical desktop rather than at start-up (1.9 GB that a sandbox
+        serving none never needs). One pull at a time: concurrent creates wait for it."""
+        if self.graphical_seen:
+            return
+        image, registry = self.settings.graphical_image, self.settings.registry
+        async with self._graphical_lock:
+            if self.graphical_seen:
+                return
+            if await self.runtime.images.has(image):
+                self.graphical_seen = True
+                return
+            why = "scripts/build-images.sh --graphical builds it"
+            if registry is not None:
+                log.info("pulling the graphical desktop image %s from %s", image, registry)
+                started = time.monotonic()
+                # A failing pull (image_pull_failed) fails this session; the next one tries again.
+                found = await self.runtime.images.pull(registry, image)
+                if found:
+                    log.info("pulled %s from %s in %.1f s", image, registry, time.monotonic() - started)
+                    self.graphical_seen = True
+                    return
+                why = f"{registry} has none either (push it: scripts/stack.sh push)"
+            raise DesktopError("image_missing", f"the graphical desktop image {image!r} is missing: {why}")
 
     async def choose_privilege(self) -> PrivilegeProfile:
         """Try the candidate profiles on the sandbox's daemon; the first that runs is used.

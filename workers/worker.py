@@ -75,7 +75,7 @@ class SandboxWorker:
             self.redis,
             self.keys,
             settings.sandbox_id,
-            target=settings.pool_size,
+            targets={"minimal": settings.pool_size, "graphical": settings.pool_graphical_size},
             ready_timeout_s=settings.ready_timeout_s,
             prepare=self.preparation.before_desktop,
         )
@@ -217,15 +217,17 @@ class SandboxWorker:
         queue = self.jobs.queue_name
         depth = int(await self.redis.zcard(queue))
         oldest = await self.redis.zrange(queue, 0, 0, withscores=True)
+        ready = await self.pool.ready_by_flavor()
         return Snapshot(
             queue_depth=depth,
             oldest_queued_age_s=round(oldest_age_s(oldest, time.time()), 3),
             jobs_running=self.jobs.running(),
             sessions_by_state=await sessions_by_state(self.store, self.settings.sandbox_id),
             capacity=self.settings.max_sessions,
-            pool_ready=len(await self.pool.pooled()),
+            pool_ready=sum(ready.values()),
             pool_target=self.pool.target,
             status=self.drain.status,
+            pool_by_flavor={f: (n, self.pool.targets[f]) for f, n in ready.items()},
             unknown_objects=self.reconciler.unknown_objects,
         )
 
@@ -287,6 +289,7 @@ def _runtime(settings: WorkerSettings) -> DesktopRuntime:
     return DesktopRuntime(
         docker_host=settings.docker_host,
         image=settings.desktop_image,
+        graphical_image=settings.graphical_image,
         sandbox_id=settings.sandbox_id,
         depth=settings.depth,
         socket_dir=settings.socket_dir,

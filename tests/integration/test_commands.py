@@ -475,7 +475,11 @@ async def test_a_stale_command_is_refused_overloaded(settings: Settings, redis: 
 
 @contextlib.asynccontextmanager
 async def consumer(
-    settings: Settings, name: str, fault: Callable[[str], Awaitable[None]] | None = None, deadline_s: float = 300.0
+    settings: Settings,
+    name: str,
+    fault: Callable[[str], Awaitable[None]] | None = None,
+    deadline_s: float = 300.0,
+    forget_after_s: float = 3600.0,
 ) -> AsyncIterator[tuple[CommandConsumer, Core]]:
     core = connect(settings)
     sessions = Sessions(core.store, core.queue, core.sandboxes, settings)
@@ -489,6 +493,7 @@ async def consumer(
         consumer=name,
         claim_idle_s=0.5,
         deadline_s=deadline_s,
+        forget_after_s=forget_after_s,
         fault=fault,
     )
     try:
@@ -554,3 +559,28 @@ async def test_the_lag_counts_what_waits_and_what_a_dead_consumer_holds(
         assert (await idle.lag())[DEFAULT_TENANT] == StreamLag(lag=3, pending=0)
         await redis.xreadgroup("control", "dead", {Keys(settings.key_prefix).commands(): ">"}, count=1)
         assert (await idle.lag())[DEFAULT_TENANT] == StreamLag(lag=2, pending=1)
+
+
+async def test_consumers_of_gone_processes_are_forgotten_unless_they_hold_commands(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """Each API process reads as its own consumer: without pruning, every restart would leave
+    one in the group for ever. One holding an unacknowledged command is kept (deleting it would
+    drop the command's pending entry before anyone claims it)."""
+    stream = Keys(settings.key_prefix).commands()
+    producer = producer_for(settings)
+    async with consumer(settings, "pruner", forget_after_s=0.0) as (pruner, _):
+        await pruner._ensure_groups()
+        for n in range(3):
+            await producer.send({"op": "create", "request_id": f"held-{n}"})
+        [[_, [(done, _)]]] = await redis.xreadgroup("control", "gone", {stream: ">"}, count=1)
+        await redis.xack(stream, "control", done)  # handled: holds none
+        await redis.xreadgroup("control", "holder", {stream: ">"}, count=1)
+        await redis.xreadgroup("control", "pruner", {stream: ">"}, count=1)
+
+        def names(listed: list[dict[str, Any]]) -> set[str]:
+            return {c["name"].decode() for c in listed}
+
+        assert names(await redis.xinfo_consumers(stream, "control")) == {"gone", "holder", "pruner"}
+        await pruner._forget_consumers(stream)
+        assert names(await redis.xinfo_consumers(stream, "control")) == {"holder", "pruner"}

@@ -39,6 +39,7 @@ TOKENS = {
     "writer": (["sessions:write"], None),
     "reader": (["events:read"], None),
     "beta-exec": (["sessions:exec"], "beta"),
+    "admin": (["admin"], None),
 }
 RAW = {name: f"raw-port-token-of-{name}" for name in TOKENS}
 MAX_BODY = 4 * 2**20
@@ -151,7 +152,7 @@ async def test_a_get_reaches_the_upstream_with_its_path_query_and_rewritten_head
     # The upstream's answer, not the API's: none of the API's page policy on it.
     assert answer.headers["content-type"].startswith("application/json")
     assert "content-security-policy" not in answer.headers and "x-frame-options" not in answer.headers
-    assert ports.access.opened[-1] == (ports.session, ports.upstream.port, "exec")
+    assert ports.access.ports_opened[-1] == (ports.session, ports.upstream.port, "exec")
 
 
 async def test_the_bare_prefix_is_the_upstreams_root(ports: Ports) -> None:
@@ -251,9 +252,13 @@ async def test_requests_one_after_another_share_one_kept_connection(ports: Ports
     for n in range(5):
         answer = await ports.http.get(ports.at(f"/echo/{n}"), headers=bearer("exec"))
         assert answer.json()["path_qs"] == f"/echo/{n}"
-    assert len(ports.access.opened) == 1  # one route into the desktop for all five
+    assert len(ports.access.ports_opened) == 1  # one route into the desktop for all five
     assert len(ports.upstream.requests) == 5
     assert all("connection" not in r["headers"] for r in ports.upstream.requests)  # HTTP/1.1 keep-alive
+    metrics = (await ports.http.get(f"{ports.url}/metrics", headers=bearer("admin"))).text
+    assert "orchestrator_port_connections_kept 1.0" in metrics
+    assert "orchestrator_port_connections_opened_total 1.0" in metrics
+    assert "orchestrator_port_connections_reused_total 4.0" in metrics
 
 
 async def test_a_request_with_a_body_takes_a_new_connection_then_leaves_it_for_the_next(ports: Ports) -> None:
@@ -261,9 +266,9 @@ async def test_a_request_with_a_body_takes_a_new_connection_then_leaves_it_for_t
     for _ in range(2):  # a body could not be sent again if a kept connection broke under it
         answer = await ports.http.post(ports.at("/echo/p"), headers=bearer("exec"), content=b"x" * 1000)
         assert answer.json()["body_bytes"] == 1000
-    assert len(ports.access.opened) == 3
+    assert len(ports.access.ports_opened) == 3
     await ports.http.get(ports.at("/echo/b"), headers=bearer("exec"))
-    assert len(ports.access.opened) == 3  # a kept one
+    assert len(ports.access.ports_opened) == 3  # a kept one
 
 
 async def test_a_kept_connection_the_upstream_closes_is_dropped_and_never_reused(ports: Ports) -> None:
@@ -273,7 +278,7 @@ async def test_a_kept_connection_the_upstream_closes_is_dropped_and_never_reused
         while ports.access.bridges:
             await asyncio.sleep(0.02)
     answer = await ports.http.get(ports.at("/echo/y"), headers=bearer("exec"))
-    assert answer.status_code == 200 and len(ports.access.opened) == 2
+    assert answer.status_code == 200 and len(ports.access.ports_opened) == 2
 
 
 async def test_a_request_lost_on_a_kept_connection_is_sent_again_on_a_new_one(ports: Ports) -> None:
@@ -283,7 +288,7 @@ async def test_a_request_lost_on_a_kept_connection_is_sent_again_on_a_new_one(po
     ports.upstream.drop_next = 1
     answer = await ports.http.get(ports.at("/echo/again"), headers=bearer("exec"))
     assert answer.status_code == 200 and answer.json()["path_qs"] == "/echo/again"
-    assert len(ports.access.opened) == 2
+    assert len(ports.access.ports_opened) == 2
     assert [r["path_qs"] for r in ports.upstream.requests] == ["/echo/first", "/echo/again"]
 
 
@@ -298,7 +303,7 @@ async def test_a_lost_post_is_never_sent_twice(ports: Ports) -> None:
 async def test_without_keepalive_every_channel_is_closed_once_its_answer_is_sent(ports: Ports) -> None:
     for _ in range(5):
         assert (await ports.http.get(ports.at("/echo/x"), headers=bearer("exec"))).status_code == 200
-    assert len(ports.access.opened) == 5
+    assert len(ports.access.ports_opened) == 5
     async with asyncio.timeout(5):
         while ports.access.bridges:
             await asyncio.sleep(0.02)
@@ -315,7 +320,7 @@ async def test_no_token_is_401_and_no_exec_scope_is_403(ports: Ports) -> None:
         for name in ("reader", "writer"):
             answer = await ports.http.request(method, ports.at(path), headers=bearer(name))
             assert await error_of(answer) == (403, "forbidden"), (method, path, name)
-    assert not ports.upstream.requests and not ports.access.opened
+    assert not ports.upstream.requests and not ports.access.ports_opened
 
 
 async def test_another_tenants_session_is_404_and_bad_input_is_precise(ports: Ports) -> None:

@@ -301,6 +301,8 @@ return {placed, warm, claimed, exists, redis.call('GET', KEYS[1]) or ''}
         entry = await api_redis.xadd(keys.commands(), {"command": "{}"})
         assert await api_redis.xreadgroup("control", "api-1", {keys.commands(): ">"}, count=1)
         await api_redis.xautoclaim(keys.commands(), "control", "api-2", min_idle_time=0, start_id="0-0")
+        await api_redis.xinfo_consumers(keys.commands(), "control")
+        await api_redis.xgroup_delconsumer(keys.commands(), "control", "api-2")
         await api_redis.xack(keys.commands(), "control", entry)
         await api_redis.xdel(keys.commands(), entry)
         await api_redis.set(keys.command_done("default", "r1"), "{}", ex=60)

@@ -1,11 +1,16 @@
 """The warm pool on a real dockerd and Redis: desktops made ahead, claimed atomically by creates
-that take the defaults, refilled in the background, never mistaken for orphans, never reused."""
+that take the defaults, refilled in the background, never mistaken for orphans, never reused;
+a pool per flavor, each claimed by its own flavor only."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import time
 from dataclasses import replace
 
+import pytest
 import redis.asyncio as aioredis
 
 from orchestrator.client import Client
@@ -16,6 +21,8 @@ from tests.conftest import awaited
 from workers.worker import SandboxWorker
 
 from .conftest import TOKENS, adocker, count_objects, running_api, running_worker
+
+GRAPHICAL_IMAGE = os.environ.get("ORCH_GRAPHICAL_IMAGE", "orchestrator/desktop-graphical:dev")
 
 
 async def pool_ready(worker: SandboxWorker, size: int, timeout: float = 90) -> list[str]:
@@ -94,3 +101,42 @@ async def test_creates_claim_distinct_warm_desktops_and_the_pool_refills(
                 await asyncio.sleep(0.2)
         assert await awaited(redis.llen(Keys(settings.key_prefix).pool(settings.sandbox_id))) == 0
         assert await adocker("volume", "ls", "-q", "--filter", f"name={volume_name(refilled[0])}", host=host) == ""
+
+
+async def test_a_graphical_create_claims_a_warm_graphical_desktop_and_a_minimal_one_never_does(
+    docker_settings: Settings,
+) -> None:
+    host = docker_settings.docker_host
+    assert host
+    if not await adocker("image", "inspect", "--format", "{{.Id}}", GRAPHICAL_IMAGE, host=host, check=False):
+        pytest.skip(f"no graphical image {GRAPHICAL_IMAGE}: scripts/build-images.sh --graphical builds it")
+    settings = replace(docker_settings, pool_size=0, pool_graphical_size=1, graphical_image=GRAPHICAL_IMAGE)
+    async with running_worker(settings) as worker, running_api(settings) as url:
+        [warm_id] = await pool_ready(worker, 1, timeout=120)
+        assert await worker.pool.pooled("graphical") == [warm_id]
+        async with Client(url, token=TOKENS["admin"]) as client:
+            # A minimal create finds no minimal desktop pooled: made cold, never the graphical one.
+            minimal = await client.create()
+            assert minimal.state == "pending" and minimal.id != warm_id
+            assert await worker.pool.pooled("graphical") == [warm_id]
+
+            # Another screen size than the pool's: cold too.
+            other = await client.create(flavor="graphical", display={"width": 800, "height": 600})
+            assert other.state == "pending" and other.id != warm_id
+
+            started = time.perf_counter()
+            record = await client.create(flavor="graphical")
+            events = await client.wait_for(record.id, {"session.ready"}, timeout=10)
+            took = time.perf_counter() - started
+            assert (record.id, record.state, record.spec.flavor) == (warm_id, "ready", "graphical")
+            assert events[-1].data["data"] == {"warm": True}
+            assert took < 5, f"a warm claim took {took:.1f} s"
+            # Its screen is up (the pool waited for display.ready) at the default size.
+            geometry = await client.exec(warm_id, ["orch-screen", "geometry"])
+            assert geometry.exit_code == 0, geometry
+            assert (json.loads(geometry.stdout)["width"], json.loads(geometry.stdout)["height"]) == (1280, 800)
+
+            for cold in (minimal.id, other.id):
+                assert (await client.wait_ready(cold, timeout=120)).state == "ready"
+            inspected = json.loads(await adocker("inspect", desktop_name(minimal.id), host=host))[0]
+            assert inspected["Config"]["Image"] == settings.desktop_image

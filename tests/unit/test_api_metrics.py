@@ -3,9 +3,11 @@ labels and values as the hand-written exposition it replaced, which EXPECTED is 
 
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.api_metrics import ApiSnapshot, render
+from orchestrator.api_metrics import ApiSnapshot, PortPoolStats, render
 from orchestrator.schemas import SandboxInfo
 from orchestrator.states import SandboxStatus
 
@@ -166,6 +168,17 @@ def test_the_counter_keeps_its_total_name() -> None:
     assert refusals.type == "counter"
     assert [(s.name, s.value) for s in refusals.samples] == [("orchestrator_capacity_refusals_total", 3.0)]
     assert "orchestrator_capacity_refusals_created" not in render(SNAPSHOT)
+
+
+def test_the_port_pool_appears_once_used() -> None:
+    assert "orchestrator_port_connections" not in render(SNAPSHOT)
+    used = dataclasses.replace(SNAPSHOT, port_connections=PortPoolStats(kept=2, opened=3, reused=7))
+    _, samples = split(render(used))
+    assert samples[-3:] == [
+        ("orchestrator_port_connections_kept", 2.0),
+        ("orchestrator_port_connections_opened_total", 3.0),
+        ("orchestrator_port_connections_reused_total", 7.0),
+    ]
 
 
 def test_no_sandbox_yet() -> None:

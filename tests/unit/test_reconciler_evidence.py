@@ -114,13 +114,13 @@ async def test_a_new_record_under_a_deleted_id_drops_the_tombstone(stack: Stack)
 
 async def test_the_pools_own_half_made_desktop_is_removed(stack: Stack) -> None:
     def pool() -> WarmPool:
-        return WarmPool(stack.runtime, stack.redis, stack.keys, "fake", target=1, ready_timeout_s=1)
+        return WarmPool(stack.runtime, stack.redis, stack.keys, "fake", targets={"minimal": 1}, ready_timeout_s=1)
 
     # A make that fails and whose cleanup fails too: its objects stay, its id in pool-making.
     stack.runtime.fail_next("wait_ready", "dockerd_timeout")
     stack.runtime.fail_next("remove", "desktop_remove_failed")
     with pytest.raises(DesktopError):
-        await pool()._make_one()
+        await pool()._make_one("minimal")
     [made] = stack.runtime.containers
     assert await stack.redis.smembers(stack.keys.pool_making("fake")) == {made.encode()}  # type: ignore[misc]
 
@@ -134,8 +134,8 @@ async def test_the_pools_own_half_made_desktop_is_removed(stack: Stack) -> None:
 
 
 async def test_a_made_warm_desktop_leaves_the_making_set(stack: Stack) -> None:
-    pool = WarmPool(stack.runtime, stack.redis, stack.keys, "fake", target=1, ready_timeout_s=1)
-    await pool._make_one()
+    pool = WarmPool(stack.runtime, stack.redis, stack.keys, "fake", targets={"minimal": 1}, ready_timeout_s=1)
+    await pool._make_one("minimal")
     assert len(await pool.pooled()) == 1
     assert not await stack.redis.exists(stack.keys.pool_making("fake"))
     await pool.shrink()

@@ -73,6 +73,7 @@ EVERYTHING = Settings(
     depth=3,
     docker_host="unix:///run/inner.sock",
     desktop_image="example/desktop:1",
+    graphical_image="example/desktop-graphical:1",
     registry="registry:5000",
     socket_dir="/tmp/desktops",
     privilege="runtime:sysbox-runc",
@@ -94,6 +95,7 @@ EVERYTHING = Settings(
     poll_fallback_s=2.5,
     max_jobs=4,
     pool_size=2,
+    pool_graphical_size=1,
     exec_max_running=64,
     sandbox_labels={"gpu": "true", "zone": "a"},
     drain_timeout_s=9.0,
@@ -115,7 +117,7 @@ def env_fields(cls: type[RedisSettings]) -> list[dataclasses.Field[Any]]:
 
 def test_every_field_is_declared_with_a_variable() -> None:
     fields = dataclasses.fields(Settings)
-    assert len(fields) == 89
+    assert len(fields) == 91
     specs = {f.name: config.spec_of(f) for f in fields}  # raises for a field made without setting()
     assert {name for name, spec in specs.items() if spec.env is None} == NOT_FROM_ENV
     names = [spec.env for spec in specs.values() if spec.env is not None]

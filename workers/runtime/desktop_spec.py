@@ -20,9 +20,10 @@ from orchestrator.names import (
     desktop_name,
     volume_name,
 )
-from orchestrator.schemas import Resources
+from orchestrator.schemas import DisplaySize, Resources
 
 from ..privilege import PrivilegeProfile
+from .display import display_env
 from .port import DockerObject
 
 
@@ -45,13 +46,15 @@ def desktop_labels(sandbox_id: str, depth: int, session_id: str, generation: int
     return labels
 
 
-def own_env(depth: int, session_id: str) -> dict[str, str]:
+def own_env(depth: int, session_id: str, display: DisplaySize | None = None) -> dict[str, str]:
     """The orchestrator's own variables (not secret): the container's ``Env``. They win over a
-    session's variables of the same name, which are left out of the session's env file."""
+    session's variables of the same name, which are left out of the session's env file.
+    ``display``: a graphical desktop's screen (display.py)."""
     return {
         "ORCH_DEPTH": str(depth + 1),
         "ORCH_SESSION": session_id,
         "ORCH_EXTERNAL_SOCKET": "/run/orchestrator/docker.sock",
+        **display_env(display),
     }
 
 

@@ -20,12 +20,13 @@ from aiodocker.exceptions import DockerError
 from aiodocker.utils import clean_filters
 
 from orchestrator.names import LABEL_ROLE, LABEL_SANDBOX, desktop_name
-from orchestrator.schemas import Resources
+from orchestrator.schemas import DisplaySize, Resources
 
 from ..privilege import USERNS_ENV, PrivilegeKind, PrivilegeProfile
 from ..uid_ranges import SlotLedger
 from . import desktop_spec
 from .desktop_spec import desktop_object, generation_of, socket_path
+from .display import DISPLAY_ENV, clear_marker
 from .errors import DesktopError, existed, unless_absent
 from .port import Desktop, DockerObject
 from .session_env import SESSION_ENV_DIR, env_archive
@@ -45,11 +46,14 @@ class DockerDesktops:
         socket_dir: str,
         profile: PrivilegeProfile,
         ledger: SlotLedger | None = None,
+        graphical_image: str | None = None,
     ) -> None:
         self._docker = docker
         # The session volumes; the machine's uid range ledger is theirs (``volumes.ledger``).
         self.volumes = DockerVolumes(docker, sandbox_id=sandbox_id, depth=depth, ledger=ledger)
         self.image = image
+        # The graphical flavor's (docs/graphical.md); None: this worker makes minimal ones only.
+        self.graphical_image = graphical_image
         self.sandbox_id = sandbox_id
         self.depth = depth  # of the sandbox; desktops run at depth + 1
         self.socket_dir = socket_dir
@@ -127,9 +131,17 @@ class DockerDesktops:
             exit_code=state.get("ExitCode"),
         )
 
-    def own_env(self, session_id: str) -> dict[str, str]:
+    def own_env(self, session_id: str, display: DisplaySize | None = None) -> dict[str, str]:
         """The orchestrator's own variables (desktop_spec.own_env), which win over a session's."""
-        return desktop_spec.own_env(self.depth, session_id)
+        return desktop_spec.own_env(self.depth, session_id, display)
+
+    def image_for(self, display: DisplaySize | None) -> str:
+        """The image of a desktop with ``display`` (None: a minimal one)."""
+        if display is None:
+            return self.image
+        if self.graphical_image is None:
+            raise DesktopError("image_missing", "this worker has no graphical desktop image")
+        return self.graphical_image
 
     async def create(
         self,
@@ -137,26 +149,30 @@ class DockerDesktops:
         generation: int,
         resources: Resources | None = None,
         env: dict[str, str] | None = None,
+        display: DisplaySize | None = None,
     ) -> Desktop:
         desktop = await self.inspect(session_id)
         if desktop is None or desktop.generation != generation:
             if desktop is not None:
                 await self.remove(session_id)
-            desktop = await self._create(session_id, generation, resources)
+            desktop = await self._create(session_id, generation, resources, display)
         # Also into an adopted desktop: a create that died between the container and its file
         # left one without it (never started: only a bring-up starts a desktop).
         await self.deliver_env(session_id, env or {})
         return desktop
 
-    async def _create(self, session_id: str, generation: int, resources: Resources | None) -> Desktop:
+    async def _create(
+        self, session_id: str, generation: int, resources: Resources | None, display: DisplaySize | None
+    ) -> Desktop:
         os.makedirs(os.path.dirname(socket_path(self.socket_dir, session_id)), exist_ok=True)
+        image = self.image_for(display)
         config = desktop_spec.container_config(
             session_id,
-            image=self.image,
+            image=image,
             network=self.network,
             socket_dir=self.socket_dir,
             labels=desktop_spec.desktop_labels(self.sandbox_id, self.depth, session_id, generation),
-            variables=self.own_env(session_id),
+            variables=self.own_env(session_id, display),
             profile=self.profile,
             resources=resources,
             userns_slot=await self.userns_slot(session_id),
@@ -167,7 +183,7 @@ class DockerDesktops:
             if e.status == 409:  # created concurrently by a retry of this job: adopt it
                 pass
             elif e.status == 404:
-                raise DesktopError("image_missing", f"desktop image {self.image!r} is missing") from e
+                raise DesktopError("image_missing", f"desktop image {image!r} is missing") from e
             else:
                 raise DesktopError("desktop_create_failed", f"could not create the desktop: {e.message}") from e
         created = await self.inspect(session_id)
@@ -180,8 +196,10 @@ class DockerDesktops:
         file (``session_env.py``), which desktop-init reads at start. Our own variables are
         left out: the container's ``Env`` has them, and they win."""
         own = self.own_env(session_id)
-        # Nor the userns profile's: a session must not choose its desktop's uid range.
-        variables = {k: v for k, v in env.items() if k not in own and k not in USERNS_ENV}
+        # Nor the userns profile's (a session must not choose its desktop's uid range) nor the
+        # flavor's (its image flavor, screen or VNC port), whatever the desktop's flavor.
+        reserved = {*own, *USERNS_ENV, *DISPLAY_ENV}
+        variables = {k: v for k, v in env.items() if k not in reserved}
         if not variables:
             return
         try:
@@ -193,6 +211,9 @@ class DockerDesktops:
             raise DesktopError("desktop_create_failed", f"could not write the session's env: {e.message}") from e
 
     async def start(self, session_id: str) -> None:
+        # Every start (a create's, a resume's, the reconciler's restart): the display.ready a
+        # previous run left must not pass for this one's (a minimal desktop has none to clear).
+        clear_marker(self.socket_dir, session_id)
         # An already running desktop answers 304, which aiodocker takes for success.
         try:
             await self._container(session_id).start()

@@ -25,6 +25,7 @@ class DesktopRuntime:
         *,
         docker_host: str | None,
         image: str,
+        graphical_image: str | None = None,
         sandbox_id: str,
         depth: int,
         socket_dir: str,
@@ -39,7 +40,13 @@ class DesktopRuntime:
         # a hundred long commands never keep a lifecycle job from reaching the daemon.
         self._exec_docker = _docker_with_pool(docker_host, exec_connections)
         self.desktops = DockerDesktops(
-            self._docker, image=image, sandbox_id=sandbox_id, depth=depth, socket_dir=socket_dir, profile=profile
+            self._docker,
+            image=image,
+            graphical_image=graphical_image,
+            sandbox_id=sandbox_id,
+            depth=depth,
+            socket_dir=socket_dir,
+            profile=profile,
         )
         self.inner = DockerInnerDaemon(self.desktops, read_timeout_s=read_timeout_s)
         self.images = DockerImages(

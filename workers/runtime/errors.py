@@ -20,6 +20,7 @@ DesktopErrorCode = Literal[
     "desktop_not_userns",
     "desktop_remove_failed",
     "desktop_start_failed",
+    "display_timeout",
     "dockerd_timeout",
     "exec_failed",
     "image_missing",

@@ -17,11 +17,12 @@ import aiohttp
 from aiodocker.exceptions import DockerError
 
 from orchestrator.names import address_pool
-from orchestrator.schemas import DockerdReady
+from orchestrator.schemas import DisplayReady, DockerdReady
 
 from ..privilege import USERNS_SIZE, slot_base
 from .desktop_spec import socket_path
 from .desktops import DockerDesktops
+from .display import MarkerInvalid, marker_path, read_marker
 from .errors import DesktopError, unless_absent
 
 log = logging.getLogger("workers.runtime.inner")
@@ -131,6 +132,41 @@ class DockerInnerDaemon:
             address_pool=address_pool(depth),
         )
 
+    async def wait_display(self, session_id: str, started_at: float, limit_s: float) -> DisplayReady:
+        """Wait until the graphical desktop's start-display writes display.ready (display.py),
+        under the same deadline as its dockerd (``limit_s`` from ``started_at``): ``desktop_exited``
+        if the desktop stops first, ``display_timeout`` after it. A marker that does not parse
+        is waited past (start-display renames a whole line into place) and named if it stays."""
+        deadline = started_at + limit_s
+        next_check = time.monotonic() + EXIT_CHECK_S
+        path = marker_path(self._desktops.socket_dir, session_id)
+        invalid = ""
+        while True:
+            try:
+                marker = read_marker(path)
+            except MarkerInvalid as e:
+                marker, invalid = None, str(e)
+            if marker is not None:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                why = f" ({invalid})" if invalid else ""
+                raise DesktopError("display_timeout", f"the desktop's display was not ready within {limit_s:g} s{why}")
+            if now >= next_check:
+                next_check = now + EXIT_CHECK_S
+                await self._fail_if_exited(session_id, "its display")
+            await asyncio.sleep(0.02)
+        return DisplayReady(
+            duration_ms=int((time.monotonic() - started_at) * 1000),
+            width=marker.width,
+            height=marker.height,
+            depth=marker.depth,
+            display=marker.display,
+            since_init_ms=marker.since_init_ms,
+            start_ms=marker.start_ms,
+            restarts=marker.restarts,
+        )
+
     async def _check_userns(self, session_id: str) -> None:
         """Under userns, the socket must be the namespaced dockerd's: made by its root, a uid of
         the desktop's range. A dockerd running as the sandbox's root (an image without the
@@ -151,13 +187,13 @@ class DockerInnerDaemon:
                 f"expected {base}..{base + USERNS_SIZE - 1}): does the desktop image have userns-desktop?",
             )
 
-    async def _fail_if_exited(self, session_id: str) -> None:
+    async def _fail_if_exited(self, session_id: str, what: str = "its dockerd") -> None:
         desktop = await self._desktops.inspect(session_id)
         if desktop is None or not desktop.running:
             logs = await self._desktops.logs(session_id)
             code = "?" if desktop is None else desktop.exit_code
             raise DesktopError(
-                "desktop_exited", f"the desktop exited (status {code}) before its dockerd was ready: {logs[-500:]}"
+                "desktop_exited", f"the desktop exited (status {code}) before {what} was ready: {logs[-500:]}"
             )
 
     async def has_image(self, session_id: str, image: str) -> bool:

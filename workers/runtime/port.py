@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from orchestrator.schemas import DockerdReady, Resources
+from orchestrator.schemas import DisplayReady, DisplaySize, DockerdReady, Resources
 
 from ..privilege import PrivilegeProfile
 
@@ -59,11 +59,15 @@ class Desktops(Protocol):
         generation: int,
         resources: Resources | None = None,
         env: dict[str, str] | None = None,
+        display: DisplaySize | None = None,
     ) -> Desktop:
-        """Create the desktop for ``generation``; adopt one that exists for it, replace an older one."""
+        """Create the desktop for ``generation``; adopt one that exists for it, replace an older one.
+        ``display``: a graphical desktop's screen (the graphical image); None: a minimal one."""
         ...
 
-    async def start(self, session_id: str) -> None: ...
+    async def start(self, session_id: str) -> None:
+        """Start the desktop, first removing the display.ready a previous run left."""
+        ...
 
     async def remove(self, session_id: str, stop_timeout: int = 20) -> bool:
         """Stop (gracefully) and remove the desktop; False if there was none."""
@@ -108,6 +112,12 @@ class InnerDaemon(Protocol):
     async def wait_ready(self, session_id: str, started_at: float, limit_s: float) -> DockerdReady:
         """Wait until it answers ``/_ping`` (``desktop_exited`` if the desktop stops first,
         ``dockerd_timeout`` after ``limit_s`` from ``started_at``, a monotonic time)."""
+        ...
+
+    async def wait_display(self, session_id: str, started_at: float, limit_s: float) -> DisplayReady:
+        """Wait until a graphical desktop's screen answers (its display.ready marker):
+        ``desktop_exited`` if the desktop stops first, ``display_timeout`` after ``limit_s``
+        from ``started_at``, a monotonic time."""
         ...
 
     async def answers(self, session_id: str) -> bool:
