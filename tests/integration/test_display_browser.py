@@ -7,9 +7,10 @@ the RFB level a pointer event never reaches Xvnc while the pixel requests after 
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +20,9 @@ import pytest
 
 from orchestrator.api_display import VNC_PORT
 from orchestrator.client import Client
-from workers.worker import SandboxWorker
+from orchestrator.config import Settings
 
-from .conftest import TOKENS
+from .conftest import TOKENS, docker, running_worker
 from .test_dashboard import chromium, dashboard_page, violations
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parents[2]
+GRAPHICAL_IMAGE = os.environ.get("ORCH_GRAPHICAL_IMAGE", "orchestrator/desktop-graphical:dev")
 SCREENSHOT = ROOT / "build" / "dashboard-graphical.png"
 ADMIN = {"Authorization": f"Bearer {TOKENS['admin']}"}
 # How many distinct colours the canvas has (a sample of its pixels): more than one once drawn.
@@ -83,15 +85,21 @@ class Graphical:
 
 
 @pytest.fixture
-async def graphical(api: str, client: Client, worker: SandboxWorker) -> AsyncIterator[Graphical]:
-    record = await client.create(labels={"test": "display"}, flavor="graphical")
-    await client.wait_ready(record.id, timeout=120)
+async def graphical(api: str, client: Client, docker_settings: Settings) -> AsyncIterator[Graphical]:
+    """A graphical session through the API and a real worker, ready (its display up)."""
+    host = docker_settings.docker_host
+    assert host
+    if not docker("image", "inspect", "--format", "{{.Id}}", GRAPHICAL_IMAGE, host=host, check=False):
+        pytest.fail(f"no graphical image {GRAPHICAL_IMAGE}: scripts/build-images.sh --graphical builds it")
+    async with running_worker(replace(docker_settings, graphical_image=GRAPHICAL_IMAGE)):
+        record = await client.create(labels={"test": "display"}, flavor="graphical")
+        await client.wait_ready(record.id, timeout=120)
 
-    async def run(command: str) -> tuple[int, str]:
-        done = await client.exec(record.id, ["sh", "-c", command])
-        return done.exit_code or 0, (done.stdout or "") + (done.stderr or "")
+        async def run(command: str) -> tuple[int, str]:
+            done = await client.exec(record.id, ["sh", "-c", command])
+            return done.exit_code or 0, (done.stdout or "") + (done.stderr or "")
 
-    yield Graphical(api, record.id, run, client)
+        yield Graphical(api, record.id, run, client)
 
 
 async def open_screen(page: Page, mode: str) -> None:
