@@ -156,29 +156,36 @@ async def display(socket: WebSocket[Any, Any, Any], session_id: FromPath[str]) -
         await refuse_handshake(socket, e.status, e.code, e.message)
         return
     pump = _DisplayPump(socket, channel, ViewFilter() if who.mode is DisplayMode.VIEW else None)
+    opened = False
     try:
         # noVNC offers no subprotocol by default; an older one offers "binary": take it then.
         offered = list(socket.scope.get("subprotocols", []))
         await socket.accept(subprotocols="binary" if "binary" in offered else None)
+        opened = True
         await _publish(state, record, "display.opened", {"by": who.by, "mode": who.mode.value})
         await pump.run()
     finally:
         with contextlib.suppress(Exception):
             await channel.aclose()
-        closed: dict[str, Any] = {
-            "by": who.by,
-            "mode": who.mode.value,
-            "reason": pump.ended_by,
-            "duration_ms": round((time.monotonic() - pump.started) * 1000),
-            "bytes_in": pump.bytes_in,
-            "bytes_out": pump.bytes_out,
-        }
-        if pump.filter is not None:
-            closed["dropped"] = dict(pump.filter.dropped)
-            if pump.filter.violation is not None:
-                closed["violation"] = pump.filter.violation.code
-        with contextlib.suppress(Exception):
-            await _publish(state, record, "display.closed", closed)
+        if opened:
+            await _closed(state, record, who, pump)
+
+
+async def _closed(state: State, record: SessionRecord, who: DisplayCaller, pump: _DisplayPump) -> None:
+    closed: dict[str, Any] = {
+        "by": who.by,
+        "mode": who.mode.value,
+        "reason": pump.ended_by,
+        "duration_ms": round((time.monotonic() - pump.started) * 1000),
+        "bytes_in": pump.bytes_in,
+        "bytes_out": pump.bytes_out,
+    }
+    if pump.filter is not None:
+        closed["dropped"] = dict(pump.filter.dropped)
+        if pump.filter.violation is not None:
+            closed["violation"] = pump.filter.violation.code
+    with contextlib.suppress(Exception):
+        await _publish(state, record, "display.closed", closed)
 
 
 @dataclass

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -44,6 +46,9 @@ ENCODINGS = struct.pack("!BBHi", 2, 0, 1, 0)
 KEY = struct.pack("!BBxxI", 4, 1, 0x61)
 POINTER = struct.pack("!BBHH", 5, 1, 10, 20)
 CUT = struct.pack("!Bxxxi", 6, 5) + b"hello"
+
+
+VENDOR = Path(__file__).resolve().parents[2] / "orchestrator" / "static" / "vendor"
 
 
 def bearer(name: str) -> dict[str, str]:
@@ -317,3 +322,22 @@ async def test_issues_and_connections_are_audited_without_tokens(display: Displa
     assert closed["by"] == "grant:exec" and closed["mode"] == "view" and closed["reason"] == "client_closed"
     assert closed["dropped"] == {"KeyEvent": 1, "PointerEvent": 1}
     assert token not in str(await display.events(session))
+
+
+async def test_the_assets_route_serves_novncs_modules_as_javascript(display: Display) -> None:
+    async with httpx.AsyncClient(base_url=display.url) as http:
+        served = {
+            p: await http.get(f"/dashboard/assets/novnc/{p}")
+            for p in ("core/rfb.js", "vendor/pako/lib/zlib/inflate.js")
+        }
+        refused = [
+            await http.get(f"/dashboard/assets/novnc/{p}")
+            for p in ("core/../../PINS", "core/rfb.js.map", "package.json", "core/RFB.js", "core/nothing.js")
+        ]
+    sums = dict(line.split()[::-1] for line in (VENDOR / "SHA256SUMS").read_text().splitlines())
+    for path, answer in served.items():
+        assert answer.status_code == 200, path
+        assert answer.headers["content-type"] == "text/javascript; charset=utf-8", path
+        assert hashlib.sha256(answer.content).hexdigest() == sums[f"novnc/{path}"], path
+    assert b"export default class RFB " in served["core/rfb.js"].content
+    assert [a.status_code for a in refused] == [404] * len(refused)

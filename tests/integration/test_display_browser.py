@@ -267,20 +267,3 @@ async def test_a_minimal_sessions_display_is_409_not_graphical(api: str, client:
             async with session.ws_connect(url, headers=ADMIN):
                 pass
         assert refused.value.status == 409
-
-
-async def test_the_assets_route_serves_novncs_modules_as_javascript(api: str) -> None:
-    async with httpx.AsyncClient(base_url=api) as http:
-        served = {
-            p: await http.get(f"/dashboard/assets/novnc/{p}")
-            for p in ("core/rfb.js", "vendor/pako/lib/zlib/inflate.js")
-        }
-        refused = [
-            await http.get(f"/dashboard/assets/novnc/{p}")
-            for p in ("core/../../PINS", "core/rfb.js.map", "package.json", "core/RFB.js", "core/nothing.js")
-        ]
-    for path, answer in served.items():
-        assert answer.status_code == 200, path
-        assert answer.headers["content-type"] == "text/javascript; charset=utf-8", path
-    assert b"export default class RFB " in served["core/rfb.js"].content
-    assert [a.status_code for a in refused] == [404] * len(refused)
