@@ -106,7 +106,9 @@ async def open_screen(page: Page, mode: str) -> None:
     await page.wait_for_selector("#screen-panel:not([hidden])", timeout=20_000)
     await page.select_option("#screen-mode", mode)
     await page.click("#screen-open")
-    await page.wait_for_selector("#screen[data-state='open']", timeout=20_000)
+    await page.wait_for_selector("#screen:is([data-state='open'], [data-state='closed'])", timeout=20_000)
+    status = await page.inner_text("#screen-status")
+    assert await page.get_attribute("#screen", "data-state") == "open", status
     async with asyncio.timeout(20):  # the first update drawn
         while await page.evaluate(CANVAS_COLOURS) < 2:
             await asyncio.sleep(0.1)
