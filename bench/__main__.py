@@ -10,16 +10,24 @@ import argparse
 import asyncio
 import sys
 
-from . import access, commands, graphical, idle, scenarios
+from . import access, commands, graphical, idle, scenarios, screen
 from .harness import Result, print_table, write_results
 
-SCENARIOS = {**scenarios.SCENARIOS, **access.SCENARIOS, **commands.SCENARIOS, **idle.SCENARIOS, **graphical.SCENARIOS}
+SCENARIOS = {
+    **scenarios.SCENARIOS,
+    **access.SCENARIOS,
+    **commands.SCENARIOS,
+    **idle.SCENARIOS,
+    **graphical.SCENARIOS,
+    **screen.SCENARIOS,
+}
 DEFAULT_N = {
     **scenarios.DEFAULT_N,
     **access.DEFAULT_N,
     **commands.DEFAULT_N,
     **idle.DEFAULT_N,
     **graphical.DEFAULT_N,
+    **screen.DEFAULT_N,
 }
 
 

@@ -13,6 +13,8 @@ import secrets
 
 import msgspec
 
+from .screen_types import ScreenOp
+
 TICKET_TTL_MS = 15_000
 
 
@@ -22,6 +24,7 @@ class AccessKind(enum.StrEnum):
     FILE_READ = "file_read"
     FILE_LIST = "file_list"
     PORT = "port"
+    SCREEN = "screen"  # a screenshot or an input action (orchestrator/screen_types.py)
 
 
 class AccessRoute(enum.StrEnum):
@@ -53,6 +56,8 @@ class AccessTicket(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True
     tar: bool = False
     # port
     port: int | None = None
+    # screen
+    screen: ScreenOp | None = None
 
 
 def new_ticket_id() -> str:

@@ -33,6 +33,7 @@ from . import (
     api_files,
     api_metrics,
     api_ports,
+    api_screen,
     api_terminal,
     auth,
     tracing,
@@ -417,6 +418,7 @@ ROUTES = [
     *api_files.ROUTES,
     *api_ports.ROUTES,
     *api_display.ROUTES,
+    *api_screen.ROUTES,
 ]
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ServiceError: _service_error,

@@ -197,6 +197,10 @@ async def _sessions(args: argparse.Namespace) -> int:
             return await _shell(client, args)
         if args.action == "cp":
             return await _cp(client, args)
+        if args.action == "screenshot":
+            return await _screenshot(client, args)
+        if args.action == "input":
+            return await _input(client, args)
         # --wait follows only what happens from now on: remember where the stream is.
         after = None
         if args.wait:
@@ -318,6 +322,58 @@ async def _cp(client: Client, args: argparse.Namespace) -> int:
     assert source is not None
     total = await client.download_to(source[0], source[1], args.dst)
     print(f"{total} bytes from {source[0]}:{source[1]}")
+    return 0
+
+
+async def _screenshot(client: Client, args: argparse.Namespace) -> int:
+    """A graphical session's screen to a file (or stdout, ``-o -``); its sizes on stderr."""
+    shot = await client.screenshot(
+        args.id, format=args.format, quality=args.quality, scale=args.scale, max_width=args.max_width
+    )
+    if args.output == "-":
+        sys.stdout.buffer.write(shot.data)
+        sys.stdout.buffer.flush()
+    else:
+        await anyio.Path(args.output).write_bytes(shot.data)
+    print(
+        f"{len(shot.data)} bytes of {shot.format}: {shot.image_width}x{shot.image_height} of the"
+        f" {shot.screen_width}x{shot.screen_height} screen, scale {shot.scale:g}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# The positional values each input action takes, by name (the body's fields).
+INPUT_POINTS = {
+    "move": ("x", "y"),
+    "click": ("x", "y"),
+    "double_click": ("x", "y"),
+    "drag": ("x", "y", "to_x", "to_y"),
+    "scroll": ("x", "y"),
+}
+
+
+async def _input(client: Client, args: argparse.Namespace) -> int:
+    """One input action; prints where the pointer is after it (JSON)."""
+    fields: dict[str, Any] = {}
+    if args.input_action in INPUT_POINTS:
+        names = INPUT_POINTS[args.input_action]
+        if len(args.values) != len(names) or not all(v.lstrip("-").isdigit() for v in args.values):
+            raise UsageError(f"input {args.input_action}: give {' '.join(n.upper() for n in names)} as integers")
+        fields = {name: int(value) for name, value in zip(names, args.values, strict=True)}
+        fields |= {"scale": args.scale, "button": args.button if args.input_action not in ("move", "scroll") else None}
+        if args.input_action == "scroll":
+            fields |= {"dx": args.dx, "dy": args.dy}
+    elif args.input_action == "type":
+        if len(args.values) != 1:
+            raise UsageError("input type: give the TEXT as one argument (quote it), or - to read stdin")
+        fields["text"] = sys.stdin.read() if args.values == ["-"] else args.values[0]
+    else:
+        if not args.values:
+            raise UsageError("input key: give one or more combinations, e.g. ctrl+c Return")
+        fields["keys"] = list(args.values)
+    done = await client.input(args.id, args.input_action, **fields)
+    _print_json(msgspec.to_builtins(done))
     return 0
 
 
@@ -463,6 +519,24 @@ def _add_sessions(sessions: argparse._SubParsersAction[argparse.ArgumentParser])
     cp = sessions.add_parser("cp", help="copy a file or a directory's contents: cp SRC DST, one of them ID:/path")
     cp.add_argument("src")
     cp.add_argument("dst")
+    shot = sessions.add_parser("screenshot", help="a graphical session's screen as PNG or JPEG: screenshot ID -o FILE")
+    shot.add_argument("id")
+    shot.add_argument("-o", "--output", required=True, help="the file to write (- for stdout)")
+    shot.add_argument("--format", choices=["png", "jpeg"], default="png")
+    shot.add_argument("--quality", type=int, help="jpeg only, 1..100")
+    shot.add_argument("--scale", type=float, help="0.05..1: the image's size against the screen's")
+    shot.add_argument("--max-width", type=int, help="scale down to at most this width")
+    act = sessions.add_parser(
+        "input",
+        help="an input action on a graphical session: input ID click X Y | type TEXT | key COMBO...",
+    )
+    act.add_argument("id")
+    act.add_argument("input_action", choices=[*INPUT_POINTS, "type", "key"], metavar="ACTION")
+    act.add_argument("values", nargs="*", help="X Y (drag: X Y TO_X TO_Y), the TEXT, or the key combinations")
+    act.add_argument("--button", choices=["left", "middle", "right"], default="left")
+    act.add_argument("--scale", type=float, help="the coordinates are on a screenshot taken at this scale")
+    act.add_argument("--dx", type=int, default=0, help="scroll: wheel steps, positive right")
+    act.add_argument("--dy", type=int, default=0, help="scroll: wheel steps, positive down")
     for verb, text in (("stop", "stop (keeps the volume)"), ("start", "start again"), ("rm", "delete")):
         p = sessions.add_parser(verb, help=text)
         p.add_argument("id")

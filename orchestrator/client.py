@@ -18,6 +18,7 @@ import msgspec
 from . import client_files
 from .exec_types import ExecRecord, ExecResult
 from .schemas import SandboxInfo, SandboxList, SandboxRetired, SessionList, SessionRecord
+from .screen_types import InputDone
 
 T = TypeVar("T")
 
@@ -36,6 +37,19 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True)
+class ScreenImage:
+    """A screenshot: its bytes, and the sizes to aim on it (``scale`` goes back with a click)."""
+
+    data: bytes
+    format: str
+    screen_width: int
+    screen_height: int
+    image_width: int
+    image_height: int
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -203,6 +217,41 @@ class Client:
         response = await self._http.get(f"/v1/sessions/{session_id}/files/list", params={"path": path})
         entries: builtins.list[dict[str, Any]] = _checked(response).json()["entries"]
         return entries
+
+    # -- the screen of a graphical session ---------------------------------------------------
+
+    async def screenshot(
+        self,
+        session_id: str,
+        *,
+        format: str = "png",
+        quality: int | None = None,
+        scale: float | None = None,
+        max_width: int | None = None,
+        max_height: int | None = None,
+    ) -> ScreenImage:
+        asked = {"format": format, "quality": quality, "scale": scale, "max_width": max_width, "max_height": max_height}
+        params = {name: str(value) for name, value in asked.items() if value is not None}
+        response = _checked(await self._http.get(f"/v1/sessions/{session_id}/screenshot", params=params))
+        headers = response.headers
+        return ScreenImage(
+            data=response.content,
+            format=response.headers.get("content-type", "").removeprefix("image/"),
+            screen_width=int(headers["x-screen-width"]),
+            screen_height=int(headers["x-screen-height"]),
+            image_width=int(headers["x-image-width"]),
+            image_height=int(headers["x-image-height"]),
+            scale=float(headers["x-scale"]),
+        )
+
+    async def input(self, session_id: str, action: str, **fields: Any) -> InputDone:
+        """One input action (``move``, ``click``, ``double_click``, ``drag``, ``scroll``, ``type``,
+        ``key``) with its fields as ``POST .../input`` takes them, e.g. ``input(sid, "click",
+        x=10, y=20, scale=0.5)``; where the pointer is after it."""
+        body = {"action": action, **{name: value for name, value in fields.items() if value is not None}}
+        timeout = 300.0 if action == "type" else None  # 10,000 characters take two minutes to type
+        kwargs: dict[str, Any] = {"timeout": timeout} if timeout else {}
+        return await self._call(InputDone, "POST", f"/v1/sessions/{session_id}/input", json=body, **kwargs)
 
     async def sandboxes(self) -> builtins.list[SandboxInfo]:
         return (await self._call(SandboxList, "GET", "/v1/sandboxes")).sandboxes

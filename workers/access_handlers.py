@@ -20,10 +20,12 @@ from orchestrator.access_bridge import bridge
 from orchestrator.access_channel import Channel, ChannelClosed, Control, FrameKind, decode_control
 from orchestrator.access_types import AccessKind, AccessTicket
 from orchestrator.events import EventBus, make_event
+from orchestrator.screen_types import InputAction, Screenshot, action_name, audit
 
 from .runtime.errors import DesktopError
 from .runtime.files import DesktopFiles, FileError
 from .runtime.netns import DesktopPorts, PortError
+from .runtime.screen import DesktopScreen, ScreenError
 from .runtime.terminals import DockerTerminals, TerminalProcess
 
 log = logging.getLogger("workers.access_handlers")
@@ -33,11 +35,19 @@ PORT_CONNECT_TIMEOUT_S = 5.0
 
 class AccessHandlers:
     def __init__(
-        self, terminals: DockerTerminals, files: DesktopFiles, ports: DesktopPorts, bus: EventBus, *, sandbox_id: str
+        self,
+        terminals: DockerTerminals,
+        files: DesktopFiles,
+        ports: DesktopPorts,
+        bus: EventBus,
+        *,
+        sandbox_id: str,
+        screen: DesktopScreen | None = None,
     ) -> None:
         self.terminals = terminals
         self.files = files
         self.ports = ports
+        self.screen = screen
         self.bus = bus
         self.sandbox_id = sandbox_id
 
@@ -53,6 +63,8 @@ class AccessHandlers:
                 await self.file_list(ticket, channel)
             case AccessKind.PORT:
                 await self.port(ticket, channel)
+            case AccessKind.SCREEN if self.screen is not None:
+                await self.screen_op(ticket, channel, self.screen)
             case _:
                 await _refuse(channel, "invalid_request", f"this worker does not serve {ticket.kind} accesses")
 
@@ -181,6 +193,38 @@ class AccessHandlers:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    # -- the screen ---------------------------------------------------------------------------
+
+    async def screen_op(self, ticket: AccessTicket, channel: Channel, screen: DesktopScreen) -> None:
+        """A screenshot or an input action. ``ready`` at once (typing 10,000 characters outlasts
+        the API's wait for a first frame), then the answer's bytes and EOF, or an ``error``.
+        A screenshot's bytes are its ``Captured`` JSON line, then the image."""
+        op = ticket.screen
+        assert op is not None
+        await channel.send_control(Control(type="ready"))
+        began = time.monotonic()
+        try:
+            if isinstance(op, Screenshot):
+                shot = await screen.screenshot(ticket.session, op)
+                answer = msgspec.json.encode(shot.captured) + b"\n" + shot.image
+            else:
+                try:
+                    done = await screen.act(ticket.session, op)
+                except ScreenError as e:
+                    if e.code == "input_failed":  # it may have half happened: audited too
+                        await self._publish(ticket, f"input.{action_name(op)}", {**_audited(op), "error": e.code})
+                    raise
+                duration_ms = round((time.monotonic() - began) * 1000)
+                answer = msgspec.json.encode({**done, "duration_ms": duration_ms})
+                # Audited once done (a refusal sent nothing to the screen): who, what, where.
+                await self._publish(ticket, f"input.{action_name(op)}", {**_audited(op), "duration_ms": duration_ms})
+        except ScreenError as e:
+            await _refuse(channel, e.code, e.message)
+            return
+        with contextlib.suppress(ChannelClosed):
+            await channel.send(answer)
+            await channel.send_eof()
+
     async def _publish(self, ticket: AccessTicket, type: str, data: dict[str, Any]) -> None:
         try:
             await self.bus.publish(
@@ -232,6 +276,10 @@ class _TerminalPumps:
                 self.ended_by = "client_closed"
                 scope.cancel()
                 return
+
+
+def _audited(action: InputAction) -> dict[str, object]:
+    return {"action": action_name(action), **audit(action)}
 
 
 async def _refuse(channel: Channel, code: str, message: str) -> None:

@@ -81,6 +81,9 @@ class WarmPool:
         self.removing: set[str] = set()
         self.made = 0
         self.failures = 0
+        # Per flavor, after a failed make: when it may try again, and the wait it got.
+        self._retry_at: dict[Flavor, float] = {}
+        self._backoff: dict[Flavor, float] = {}
 
     @property
     def target(self) -> int:
@@ -133,16 +136,23 @@ class WarmPool:
                     last_audit = time.monotonic()
                     running = {d.session for d in await self.runtime.desktops.list_desktops() if d.running}
                 wanting: Flavor | None = None
+                now = time.monotonic()
                 for flavor in FLAVORS:
                     making = sum(1 for f in self.making.values() if f == flavor)
                     plan = plan_pool(self.targets[flavor], await self.pooled(flavor), running, making)
                     for session_id in plan.drop:
                         await self._drop(flavor, session_id)
-                    if plan.make and wanting is None:
+                    if plan.make and wanting is None and self._retry_at.get(flavor, 0.0) <= now:
                         wanting = flavor
                 if wanting is not None:
                     # One at a time: refilling should not starve the creates that emptied the pool.
-                    await self._make_one(wanting)
+                    try:
+                        await self._make_one(wanting)
+                    except DesktopError as e:
+                        self._hold(wanting, e)
+                        continue
+                    self._retry_at.pop(wanting, None)
+                    self._backoff.pop(wanting, None)
                     backoff = self.check_interval_s
                     continue
             except asyncio.CancelledError:
@@ -155,6 +165,15 @@ class WarmPool:
                 continue
             # With the pool off, only the (rare) audit has work: dropping what an earlier run left.
             await asyncio.sleep(self.check_interval_s if self.target else self.audit_interval_s)
+
+    def _hold(self, flavor: Flavor, error: DesktopError) -> None:
+        """A coded failure (the graphical image missing, a dockerd too slow) holds back that
+        flavor's pool alone, with its own backoff: the other flavor's refills go on."""
+        self.failures += 1
+        wait = min(30.0, self._backoff.get(flavor, self.check_interval_s) * 4)
+        self._backoff[flavor] = wait
+        self._retry_at[flavor] = time.monotonic() + wait
+        log.warning("warm pool: making a %s desktop failed (%s); that pool retries in %.1f s", flavor, error, wait)
 
     async def _make_one(self, flavor: Flavor) -> None:
         if self.prepare is not None:

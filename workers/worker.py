@@ -272,7 +272,9 @@ def _exec_runner(settings: WorkerSettings, core: Core, runtime: DesktopRuntime, 
 def _access_server(
     settings: WorkerSettings, core: Core, relay_redis: Redis, runtime: DesktopRuntime, worker_id: str
 ) -> AccessServer:
-    handlers = AccessHandlers(runtime.terminals, runtime.files, runtime.ports, core.bus, sandbox_id=settings.sandbox_id)
+    handlers = AccessHandlers(
+        runtime.terminals, runtime.files, runtime.ports, core.bus, sandbox_id=settings.sandbox_id, screen=runtime.screen
+    )
     return AccessServer(
         core.redis,
         relay_redis,

@@ -146,3 +146,22 @@ async def test_a_graphical_desktop_runs_its_own_dockerd(stack: tuple[Client, San
     assert (dockerd["storage_driver"], dockerd["backing_filesystem"], dockerd["depth"]) == ("overlay2", "extfs", 2)
     ran = await client.exec(record.id, ["docker", "run", "--rm", TEST_IMAGE, "echo", "nested in a graphical desktop"])
     assert (ran.exit_code, ran.stdout) == (0, "nested in a graphical desktop\n"), ran
+
+
+async def test_a_graphical_session_without_its_image_fails_alone(docker_settings: Settings) -> None:
+    # Not on the daemon, and no registry to pull it from: that session fails, coded.
+    settings = replace(docker_settings, graphical_image="orchestrator/no-such-graphical:missing", registry=None)
+    async with (
+        running_worker(settings) as worker,
+        running_api(settings) as url,
+        Client(url, token=TOKENS["admin"]) as client,
+    ):
+        record = await client.create(flavor="graphical")
+        events = await client.wait_for(record.id, {"session.ready", "session.failed"}, timeout=READY_TIMEOUT)
+        assert events[-1].type == "session.failed", types(events)
+        assert events[-1].data["data"]["code"] == "image_missing", events[-1].data
+        assert "build-images.sh --graphical" in events[-1].data["data"]["message"]
+        # The worker goes on serving: a minimal session is ready next.
+        minimal = await client.create()
+        assert (await client.wait_ready(minimal.id, timeout=READY_TIMEOUT)).state == "ready"
+        assert worker.preparation.refused is None

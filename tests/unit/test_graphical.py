@@ -5,6 +5,8 @@ screen after dockerd and before session.ready, and the graphical image is ensure
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -317,3 +319,34 @@ async def test_a_drain_stops_refilling_every_flavor(stack: Stack) -> None:
     assert await pool.shrink() == 1
     assert pool.targets == {"minimal": 0, "graphical": 0} and pool.target == 0
     assert not stack.runtime.containers and await pool.pooled() == []
+
+
+async def test_a_flavor_that_cannot_be_made_holds_back_its_own_pool_only(stack: Stack) -> None:
+    stack.runtime.images_present.discard(stack.runtime.graphical_image)
+    pool = WarmPool(
+        stack.runtime,
+        stack.redis,
+        stack.keys,
+        "fake",
+        targets={"minimal": 0, "graphical": 1},
+        ready_timeout_s=1,
+        check_interval_s=0.001,
+    )
+    task = asyncio.create_task(pool.run_forever())
+    try:
+        # The graphical pool fails again and again: its waits grow (4 ms, 16 ms... 4 s by now).
+        async with asyncio.timeout(20):
+            while pool.failures < 6:
+                await asyncio.sleep(0.005)
+        # The minimal pool is not held back by the other's backoff: it refills at once.
+        pool.targets["minimal"] = 1
+        async with asyncio.timeout(2):
+            while len(await pool.pooled("minimal")) < 1:
+                await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert await pool.pooled("graphical") == []
+    # The failed makes left nothing behind: every desktop there is the pooled minimal one.
+    assert set(stack.runtime.containers) == set(await pool.pooled("minimal"))

@@ -16,6 +16,7 @@ from .images import DockerImages
 from .inner import DockerInnerDaemon
 from .netns import DesktopPorts
 from .probe import DockerPrivilegeProbe
+from .screen import DesktopScreen
 from .terminals import DockerTerminals
 
 
@@ -58,6 +59,7 @@ class DesktopRuntime:
         self.terminals = DockerTerminals(self._exec_docker)
         self.files = DesktopFiles(self._exec_docker)
         self.ports = DesktopPorts(self._docker)
+        self.screen = DesktopScreen(self._exec_docker)
 
     @property
     def profile(self) -> PrivilegeProfile:
