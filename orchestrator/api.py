@@ -28,6 +28,7 @@ from redis.exceptions import NoPermissionError, RedisError
 from . import (
     __version__,
     api_dashboard,
+    api_display,
     api_execs,
     api_files,
     api_metrics,
@@ -416,6 +417,7 @@ ROUTES = [
     *api_terminal.ROUTES,
     *api_files.ROUTES,
     *api_ports.ROUTES,
+    *api_display.ROUTES,
     *api_screen.ROUTES,
 ]
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
