@@ -95,6 +95,11 @@ def _describe(event_type: str, data: dict[str, Any]) -> str:
             f"{data.get('server_version')}, depth {data.get('depth')}, pool {data.get('address_pool')}, "
             f"{data.get('duration_ms')} ms after start"
         )
+    if event_type == "display.ready":
+        return (
+            f"{data.get('width')}x{data.get('height')}x{data.get('depth')} on {data.get('display')}, "
+            f"{data.get('duration_ms')} ms after start"
+        )
     if event_type == "session.failed":
         return f"{data.get('code')}: {data.get('message')}"
     return ""

@@ -62,12 +62,12 @@ return 1
 # otherwise the marker is set and every sandbox key but the placed set goes (the placed set
 # empties as the API deletes its sessions, then goes too: ``forget_placed``). Idempotent, so
 # a retire interrupted half-way is finished by asking again.
-# KEYS: retired, alive, info, index, drain, lost, pool, queue. ARGV: ts, id.
+# KEYS: retired, alive, info, index, drain, lost, pool, queue, graphical pool. ARGV: ts, id.
 # Returns 1 when retired (now or before), 0 when the sandbox is live.
 RETIRE_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[3], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+redis.call('DEL', KEYS[3], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 redis.call('SREM', KEYS[4], ARGV[2])
 return 1
 """
@@ -218,6 +218,7 @@ class SandboxRegistry:
                 k.sandbox_lost(sid),
                 k.pool(sid),
                 k.queue(sid),
+                k.pool(sid, "graphical"),
             ],
             args=[now_rfc3339(), sid],
         )

@@ -97,6 +97,7 @@ async def leave_a_dead_sandbox(parts: Parts, redis: aioredis.Redis, settings: Se
                 await parts.store.transition(sid, state)
     k = parts.keys
     await awaited(redis.rpush(k.pool(GONE), "r-ready"))
+    await awaited(redis.rpush(k.pool(GONE, "graphical"), "r-ready-graphical"))
     await redis.zadd(k.queue(GONE), {"delete_session:r-deleting:1": 1})
     await awaited(redis.sadd(k.placed(GONE), "a-ghost"))  # its record is long gone
     await parts.registry.request_drain(GONE, DrainRequest(by="api"))
@@ -133,6 +134,7 @@ async def test_a_retired_sandbox_ends_every_session_and_leaves_nothing(
         k.sandbox_drain(GONE),
         k.sandbox_lost(GONE),
         k.pool(GONE),
+        k.pool(GONE, "graphical"),
         k.queue(GONE),
         k.placed(GONE),
         *(k.session(s) for s in PATHS),
