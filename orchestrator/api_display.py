@@ -32,8 +32,8 @@ from litestar.params import FromPath, JSONBody
 
 from . import auth
 from .access_channel import Channel, ChannelClosed, FrameKind
-from .api_ports import PortAccess
-from .api_ports import _refuse as refuse_handshake
+from .api_ports import PortAccess, refuse_handshake
+from .api_screen import graphical_record
 from .auth import AuthError, authenticate
 from .display_grants import DisplayGrants
 from .errors import ServiceError
@@ -41,8 +41,6 @@ from .events import EventBus, make_event
 from .guards import EXEC, caller
 from .rfb import DisplayMode, ViewFilter
 from .schemas import SessionRecord
-from .service import Sessions
-from .states import SessionState
 
 log = logging.getLogger("orchestrator.api_display")
 
@@ -58,22 +56,6 @@ class DisplayUrl(msgspec.Struct, frozen=True, kw_only=True):
     url: str  # a WebSocket URL: hand it to noVNC as it is (the grant is in its query)
     mode: DisplayMode
     expires_at: float  # Unix seconds: the time left to open it (once)
-
-
-async def graphical_record(state: State, session_id: str, tenant: str | None) -> SessionRecord:
-    """The session, graphical and ready: 404 (unknown, another tenant's), 409 ``not_graphical``
-    (decided by the record's flavor, whatever runs), 409 ``session_not_ready``."""
-    sessions: Sessions = state.sessions
-    record = await sessions.get(session_id, tenant)
-    if record.spec.flavor != "graphical":
-        raise ServiceError(
-            409, "not_graphical", f"session {session_id} is a {record.spec.flavor} desktop: it has no display"
-        )
-    if record.state is not SessionState.READY or record.sandbox is None:
-        raise ServiceError(
-            409, "session_not_ready", f"session {session_id} is {record.state.value}; its display needs it ready"
-        )
-    return record
 
 
 async def _publish(state: State, record: SessionRecord, type: str, data: dict[str, Any]) -> None:

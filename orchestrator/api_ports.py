@@ -349,7 +349,7 @@ async def proxy_websocket(socket: WebSocket[Any, Any, Any], session_id: FromPath
                 await channel.aclose()
             raise
     except (ServiceError, AuthError) as e:
-        await _refuse(socket, e.status, e.code, e.message)
+        await refuse_handshake(socket, e.status, e.code, e.message)
         return
     cookie = [(b"set-cookie", grant_cookie(who, forwarded.prefix, forwarded.scheme == "https"))] if who.grant else []
     try:
@@ -360,7 +360,7 @@ async def proxy_websocket(socket: WebSocket[Any, Any, Any], session_id: FromPath
     await relay_websocket(upstream, socket.receive, socket.send, close_wait_s=5.0)
 
 
-async def _refuse(socket: WebSocket[Any, Any, Any], status: int, code: str, message: str) -> None:
+async def refuse_handshake(socket: WebSocket[Any, Any, Any], status: int, code: str, message: str) -> None:
     """Before the accept: an HTTP answer where the server can send one (ASGI's
     websocket.http.response, which uvicorn has), else a close (the handshake's 403)."""
     await socket.receive()  # websocket.connect

@@ -57,7 +57,9 @@ async def graphical_record(state: State, session_id: str, tenant: str | None) ->
     record = await sessions.get(session_id, tenant)
     if record.spec.flavor != "graphical":
         raise ServiceError(
-            409, "not_graphical", f"session {session_id} is a {record.spec.flavor} desktop: it has no screen"
+            409,
+            "not_graphical",
+            f"session {session_id} is a {record.spec.flavor} desktop: it has no screen (flavor graphical has)",
         )
     if record.state is not SessionState.READY or record.sandbox is None:
         raise ServiceError(
