@@ -23,7 +23,16 @@ import pytest_asyncio
 from orchestrator.client import ApiError, Client, ScreenImage
 from orchestrator.config import Settings
 
-from .conftest import TOKENS, docker, make_settings, remove_sandbox_objects, require_images, running_api, running_worker
+from .conftest import (
+    TEST_IMAGE,
+    TOKENS,
+    docker,
+    make_settings,
+    remove_sandbox_objects,
+    require_images,
+    running_api,
+    running_worker,
+)
 from .test_cli import cli
 from .test_graphical_image import png_facts
 
@@ -83,7 +92,9 @@ async def desktop(docker_host: str, redis_url: str, tmp_path_factory: pytest.Tem
             Client(url, token=TOKENS["admin"], timeout=60) as admin,
             Client(url, token=TOKENS["sessions:exec"], timeout=60) as user,
         ):
-            record = await admin.create(flavor="graphical", display={"width": SIZE[0], "height": SIZE[1]})
+            record = await admin.create(
+                flavor="graphical", display={"width": SIZE[0], "height": SIZE[1]}, preload_images=[TEST_IMAGE]
+            )
             await admin.wait_ready(record.id, timeout=READY_S)
             await _screen_up(user, record.id)
             yield Desktop(url, record.id, settings, admin, user)
@@ -205,6 +216,21 @@ async def test_typed_text_reaches_the_focused_terminal_and_actions_are_audited(d
     assert enter["keys"] == ["Return"] and keys["keys"] == ["*", "ctrl+l"]  # a bare letter is text
     assert all(isinstance(e["data"], dict) and isinstance(e["data"]["duration_ms"], int) for e in seen)
     assert "typed-" not in json.dumps(seen) and "6*7" not in json.dumps(seen)
+
+
+async def test_docker_run_works_in_the_desktops_terminal(desktop: Desktop) -> None:
+    """The terminal's shell reaches the desktop's own dockerd: a container run from it."""
+    user = desktop.user
+    await user.input(desktop.sid, "click", x=200, y=150)  # into the terminal
+    await user.input(desktop.sid, "key", keys=["ctrl+u"])  # whatever an earlier test left on the line
+    await user.input(
+        desktop.sid, "type", text=f"docker run --rm {TEST_IMAGE} busybox echo from-a-container > /tmp/docker-ran"
+    )
+    await user.input(desktop.sid, "key", keys=["Return"])
+    deadline = time.monotonic() + 30
+    while (done := await desktop.admin.exec(desktop.sid, ["cat", "/tmp/docker-ran"])).stdout != "from-a-container\n":
+        assert time.monotonic() < deadline, f"docker run from the terminal never wrote its line: {done}"
+        await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize(
