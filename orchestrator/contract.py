@@ -18,6 +18,7 @@ from .exec_types import ExecRecord, ExecRequest
 from .schemas import (
     DesktopStarted,
     DisplayReady,
+    DisplayRestarted,
     DockerdReady,
     ErrorBody,
     Event,
@@ -47,6 +48,7 @@ SCHEMAS: dict[str, Any] = {
     "event-data-desktop-started": DesktopStarted,
     "event-data-dockerd-ready": DockerdReady,
     "event-data-display-ready": DisplayReady,
+    "event-data-display-restarted": DisplayRestarted,
     "event-data-images-loaded": ImagesLoaded,
     "event-data-sandbox-heartbeat": SandboxInfo,
     "error": ErrorBody,

@@ -254,6 +254,17 @@ class DisplayReady(Stored):
     restarts: int = 0
 
 
+class DisplayRestarted(Stored):
+    """``display.restarted``: a ready graphical desktop's display server died and start-display
+    brought it back (the marker's ``restarts`` grew since the worker last looked). Its windows
+    were restarted with it: an agent's open applications are gone."""
+
+    restarts: int
+    width: int
+    height: int
+    start_ms: int | None = None
+
+
 class SandboxInfo(Stored):
     id: str
     depth: int

@@ -40,6 +40,7 @@ from workers.lifecycle import Lifecycle
 from workers.privilege import PrivilegeKind, PrivilegeProfile
 from workers.reconciler import Reconciler
 from workers.runtime import Desktop, DesktopError, Desktops, DockerObject, Images, InnerDaemon, PrivilegeProbe
+from workers.runtime.display import DisplayMarker
 from workers.runtime.errors import DesktopErrorCode
 
 DESKTOP_IMAGE = "orchestrator/desktop:dev"
@@ -61,6 +62,9 @@ class FakeDesktop:
     display: DisplaySize | None = None
     # Starts since it was made: a fake display.ready says how often its screen came up.
     starts: int = 0
+    # The screen's server: up (what a look at display.ready finds) and restarted how often.
+    display_up: bool = True
+    display_restarts: int = 0
 
 
 @dataclass
@@ -326,6 +330,16 @@ class FakeRuntime:
     async def answers(self, session_id: str) -> bool:
         with self._call("answers"):
             return self._running(session_id)
+
+    async def display_marker(self, session_id: str) -> DisplayMarker | None:
+        with self._call("display_marker"):
+            desktop = self.containers.get(session_id)
+            if desktop is None or not desktop.running or desktop.display is None or not desktop.display_up:
+                return None
+            size = desktop.display
+            return DisplayMarker(
+                display=":0", width=size.width, height=size.height, depth=24, restarts=desktop.display_restarts
+            )
 
     async def stop_containers(self, session_id: str, timeout_s: int) -> int:
         with self._call("stop_containers"):

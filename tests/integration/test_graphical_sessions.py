@@ -6,6 +6,7 @@ dockerd runs nested containers as a minimal desktop's does."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
@@ -165,3 +166,29 @@ async def test_a_graphical_session_without_its_image_fails_alone(docker_settings
         minimal = await client.create()
         assert (await client.wait_ready(minimal.id, timeout=READY_TIMEOUT)).state == "ready"
         assert worker.preparation.refused is None
+
+
+async def test_a_display_server_that_dies_comes_back_and_is_announced(stack: tuple[Client, SandboxWorker]) -> None:
+    """start-display restarts a dead Xvnc inside the desktop; the worker's health check sees the
+    marker's restarts grow and says display.restarted (the session stays ready)."""
+    client, worker = stack
+    record = await client.create(flavor="graphical")
+    sid = record.id
+    await client.wait_ready(sid, timeout=READY_TIMEOUT)
+    await worker.health.check()  # the baseline: restarts 0
+    last = [e async for e in client.events(sid, follow=False)][-1].id
+    killed = await client.exec(sid, shell="kill -KILL $(pidof Xvnc)")
+    assert killed.exit_code == 0, killed
+    deadline = asyncio.get_running_loop().time() + 40
+    restarted: list[ServerEvent] = []
+    while not restarted:
+        assert asyncio.get_running_loop().time() < deadline, "no display.restarted within 40 s"
+        await worker.health.check()
+        restarted = [e async for e in client.events(sid, after=last, follow=False) if e.type == "display.restarted"]
+        await asyncio.sleep(0.2)
+    assert restarted[0].data["data"]["restarts"] == 1
+    assert (await client.get(sid)).state == "ready"
+    shot = await client.exec(sid, ["orch-screen", "geometry", "--plain"])
+    assert shot.exit_code == 0, shot  # the new screen answers
+    await client.delete(sid)
+    await client.wait_for(sid, {"session.deleted"}, timeout=READY_TIMEOUT)

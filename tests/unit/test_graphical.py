@@ -19,6 +19,7 @@ from orchestrator.schemas import DisplaySize, SessionCreate, SessionSpec, Stored
 from orchestrator.service import warm_eligible
 from orchestrator.states import SessionState
 from tests.fakes import Stack, open_stack
+from workers.health import HealthCheck
 from workers.pool import WarmPool
 from workers.prepare import DesktopPreparation
 from workers.privilege import PrivilegeKind, PrivilegeProfile
@@ -350,3 +351,38 @@ async def test_a_flavor_that_cannot_be_made_holds_back_its_own_pool_only(stack: 
     assert await pool.pooled("graphical") == []
     # The failed makes left nothing behind: every desktop there is the pooled minimal one.
     assert set(stack.runtime.containers) == set(await pool.pooled("minimal"))
+
+
+# -- the health check's look at the screen -------------------------------------------------
+
+
+async def test_the_health_check_reports_a_restarted_and_a_down_display(stack: Stack) -> None:
+    await stack.create(SID, SessionCreate(flavor="graphical"))
+    await stack.create("s-minimal", SessionCreate())
+    assert await stack.run_queued() == ["ready", "ready"]
+    health = HealthCheck(stack.settings, stack.store, stack.bus, stack.runtime)
+    before = len(await stack.events(SID))
+
+    async def new_events() -> list[tuple[str, dict[str, object]]]:
+        return [(e.type, e.data) for e in (await stack.events(SID))[before:]]
+
+    await health.check()  # the baseline: healthy, restarts 0, nothing to say
+    assert await new_events() == []
+    desktop = stack.runtime.containers[SID]
+    desktop.display_restarts = 2  # Xvnc died twice since; start-display brought it back
+    await health.check()
+    [(kind, data)] = await new_events()
+    assert (kind, data["restarts"], data["width"], data["height"]) == ("display.restarted", 2, 1280, 800)
+    await health.check()  # seen: not again
+    assert len(await new_events()) == 1
+
+    desktop.display_up = False  # between a death and the restart
+    await health.check()
+    kind, data = (await new_events())[-1]
+    assert (kind, data["status"]) == ("desktop.health", "unhealthy")
+    assert "display is down" in str(data["reason"])
+    desktop.display_up = True
+    await health.check()
+    assert (await new_events())[-1][1]["status"] == "healthy"
+    # A minimal desktop's screen is never looked at.
+    assert [e.type for e in await stack.events("s-minimal")][-1] == "session.ready"

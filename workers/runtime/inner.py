@@ -22,7 +22,7 @@ from orchestrator.schemas import DisplayReady, DockerdReady
 from ..privilege import USERNS_SIZE, slot_base
 from .desktop_spec import socket_path
 from .desktops import DockerDesktops
-from .display import MarkerInvalid, marker_path, read_marker
+from .display import DisplayMarker, MarkerInvalid, marker_path, read_marker
 from .errors import DesktopError, unless_absent
 
 log = logging.getLogger("workers.runtime.inner")
@@ -166,6 +166,12 @@ class DockerInnerDaemon:
             start_ms=marker.start_ms,
             restarts=marker.restarts,
         )
+
+    async def display_marker(self, session_id: str) -> DisplayMarker | None:
+        try:
+            return read_marker(marker_path(self._desktops.socket_dir, session_id))
+        except MarkerInvalid:
+            return None
 
     async def _check_userns(self, session_id: str) -> None:
         """Under userns, the socket must be the namespaced dockerd's: made by its root, a uid of

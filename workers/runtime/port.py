@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from orchestrator.schemas import DisplayReady, DisplaySize, DockerdReady, Resources
 
 from ..privilege import PrivilegeProfile
+from .display import DisplayMarker
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,11 @@ class InnerDaemon(Protocol):
 
     async def answers(self, session_id: str) -> bool:
         """One health probe: does it answer ``/_ping``?"""
+        ...
+
+    async def display_marker(self, session_id: str) -> DisplayMarker | None:
+        """One look at a graphical desktop's display.ready: None while its screen is down
+        (restarting) or the marker is not start-display's."""
         ...
 
     async def stop_containers(self, session_id: str, timeout_s: int) -> int:
