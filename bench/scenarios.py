@@ -450,10 +450,10 @@ async def queue(n: int) -> list[Result]:
     arrived: dict[str, asyncio.Event] = {}
     real_run = sandbox.lifecycle.run
 
-    async def timed_run(operation: Operation, session_id: str, generation: int) -> str:
+    async def timed_run(operation: Operation, session_id: str, generation: int, *, resumed: bool = False) -> str:
         started[session_id] = time.perf_counter()
         arrived[session_id].set()
-        return await real_run(operation, session_id, generation)
+        return await real_run(operation, session_id, generation, resumed=resumed)
 
     sandbox.lifecycle.run = timed_run  # type: ignore[method-assign]
     stop = asyncio.Event()

@@ -114,8 +114,11 @@ class Lifecycle:
             make_event(type, sandbox=self.sandbox_id, session=record.id, generation=record.generation, data=data)
         )
 
-    async def run(self, operation: Operation, session_id: str, generation: int) -> str:
+    async def run(self, operation: Operation, session_id: str, generation: int, *, resumed: bool = False) -> str:
         """Run ``operation`` under the session's lease, within the operation deadline.
+        ``resumed``: the reconciler carries on an operation whose job no worker ran (the
+        record's in-progress state); its events carry the request id of the command that moved
+        the record there, as the job's own would have.
         Raises locks.Busy when another operation holds it (the caller retries later), and
         locks.LeaseLost when the lease was lost midway (the operation was stopped)."""
         async with self.locks.hold(session_id, operation.verb) as lease:
@@ -125,8 +128,12 @@ class Lifecycle:
                 record = await self._current(session_id, generation)
                 if record is None:
                     return "skipped"
-                # The job a command enqueued: its events carry the command's request id.
-                command_request.set(command_request_of(record.request_id, record.tenant, tracing.current.get()))
+                # The job a command enqueued (or its resumption): its events carry the command's
+                # request id.
+                if resumed:
+                    command_request.set(record.request_id)
+                else:
+                    command_request.set(command_request_of(record.request_id, record.tenant, tracing.current.get()))
                 with anyio.move_on_after(self.operation_timeout_s):
                     return await self._dispatch(operation, record)
                 return await self._timed_out(operation, record)

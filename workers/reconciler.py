@@ -481,7 +481,7 @@ class Reconciler:
 
     async def _resume(self, operation: Operation, session_id: str, generation: int) -> None:
         try:
-            result = await self.lifecycle.run(operation, session_id, generation)
+            result = await self.lifecycle.run(operation, session_id, generation, resumed=True)
             log.info("reconcile: resumed %s of %s: %s", operation, session_id, result)
         except Busy:
             log.info("reconcile: %s of %s is already being worked on", operation, session_id)

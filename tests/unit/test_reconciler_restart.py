@@ -67,3 +67,21 @@ async def test_a_desktop_removed_meanwhile_fails_the_session_at_once(stack: Stac
     assert record is not None and record.state is SessionState.FAILED
     assert record.error is not None
     assert (record.error.code, record.error.message) == ("desktop_lost", "the desktop is gone")
+
+
+async def test_a_commands_operation_the_reconciler_resumes_still_carries_its_request_id(stack: Stack) -> None:
+    """A command's start whose job no worker ran yet (the reconciler got there first): the
+    resumption finishes what the command asked, so a producer following its request id sees
+    the session ready (this raced in CI: the producer waited for ever)."""
+    await stack.sessions.stop(SID)
+    assert await stack.run_queued() == ["stopped"]
+    await stack.sessions.start(SID, request_id="rq-start")
+    stack.queue.jobs.clear()  # the job is lost: only the reconciler's pass brings it up
+    reconciler = stack.reconciler()
+    await reconciler.pass_once()
+    for task in list(reconciler._tasks):
+        await task
+    events = [e for _, e in await stack.bus.history(stack.keys.session_events(SID))]
+    ready = [e for e in events if e.type == "session.ready"][-1]
+    assert ready.data["request_id"] == "rq-start"
+    assert "reconcile.resumed" in [e.type for e in events]
