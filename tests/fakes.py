@@ -39,7 +39,16 @@ from orchestrator.store import SessionStore
 from workers.lifecycle import Lifecycle
 from workers.privilege import PrivilegeKind, PrivilegeProfile
 from workers.reconciler import Reconciler
-from workers.runtime import Desktop, DesktopError, Desktops, DockerObject, Images, InnerDaemon, PrivilegeProbe
+from workers.runtime import (
+    Desktop,
+    DesktopError,
+    DesktopRuntime,
+    Desktops,
+    DockerObject,
+    Images,
+    InnerDaemon,
+    PrivilegeProbe,
+)
 from workers.runtime.display import DisplayMarker
 from workers.runtime.errors import DesktopErrorCode
 
@@ -457,3 +466,21 @@ async def open_stack(redis_url: str, runtime: FakeRuntime | None = None) -> Asyn
         if stale:
             await redis.delete(*stale)
         await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def offline_runtime(profile: PrivilegeProfile) -> AsyncIterator[DesktopRuntime]:
+    """A real DesktopRuntime that never reaches a daemon: for tests that replace the parts it
+    asks (its probe, its images) and check the logic around them."""
+    made = DesktopRuntime(
+        docker_host="unix:///nonexistent/docker.sock",
+        image="orchestrator/desktop:dev",
+        sandbox_id="t",
+        depth=1,
+        socket_dir="/nonexistent",
+        profile=profile,
+    )
+    try:
+        yield made
+    finally:
+        await made.close()

@@ -206,8 +206,9 @@ class Rfb:
     async def handshake(self) -> tuple[int, int]:
         assert await self.read(12) == b"RFB 003.008\n"
         await self.ws.send_bytes(b"RFB 003.008\n")
-        types = await self.read((await self.read(1))[0])
-        assert 1 in types, types  # None: the desktop's Xvnc has no password (docs/graphical.md)
+        offered = await self.read((await self.read(1))[0])
+        # Only security type 1, None: the desktop's Xvnc has no password (docs/graphical.md).
+        assert list(offered) == [1], offered
         await self.ws.send_bytes(b"\x01")
         assert await self.read(4) == b"\0\0\0\0"
         await self.ws.send_bytes(b"\x01")

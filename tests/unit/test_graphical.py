@@ -18,7 +18,7 @@ from orchestrator.records import new_record
 from orchestrator.schemas import DisplaySize, SessionCreate, SessionSpec, StoredDisplaySize
 from orchestrator.service import warm_eligible
 from orchestrator.states import SessionState
-from tests.fakes import Stack, open_stack
+from tests.fakes import Stack, offline_runtime, open_stack
 from workers.health import HealthCheck
 from workers.pool import WarmPool
 from workers.prepare import DesktopPreparation
@@ -192,16 +192,8 @@ class Images:
 
 @pytest.fixture
 async def runtime() -> AsyncIterator[DesktopRuntime]:
-    made = DesktopRuntime(
-        docker_host="unix:///nonexistent/docker.sock",
-        image="orchestrator/desktop:dev",
-        sandbox_id="t",
-        depth=1,
-        socket_dir="/nonexistent",
-        profile=PrivilegeProfile(PrivilegeKind.USERNS, "userns"),
-    )
-    yield made
-    await made.close()
+    async with offline_runtime(PrivilegeProfile(PrivilegeKind.USERNS, "userns")) as made:
+        yield made
 
 
 @pytest.mark.parametrize("registry", [None, "registry:5000"])

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orchestrator.config import Settings
+from tests.fakes import offline_runtime
 from workers.prepare import DesktopPreparation, PrivilegeRefused
 from workers.privilege import CONFINED, PrivilegeKind, PrivilegeProfile
 from workers.runtime import DesktopRuntime
@@ -32,16 +33,8 @@ class Probe:
 @pytest.fixture
 async def runtime() -> AsyncIterator[DesktopRuntime]:
     # A real runtime that never reaches a daemon here: only its probe is asked, and answered above.
-    made = DesktopRuntime(
-        docker_host="unix:///nonexistent/docker.sock",
-        image="orchestrator/desktop:dev",
-        sandbox_id="t",
-        depth=1,
-        socket_dir="/nonexistent",
-        profile=PrivilegeProfile(PrivilegeKind.USERNS, "auto"),
-    )
-    yield made
-    await made.close()
+    async with offline_runtime(PrivilegeProfile(PrivilegeKind.USERNS, "auto")) as made:
+        yield made
 
 
 def prepared(
